@@ -1,0 +1,345 @@
+//! The pvrun guest/host ABI, shared by `host-vmm` and `guest-sdk` so the two can never drift.
+//!
+//! `docs/ABI.md` is the human-readable specification of exactly what this crate defines:
+//! the memory layout a guest finds at entry, the boot-info block, the hypercall
+//! convention and call numbers, the argument structs, the status codes and the ELF note
+//! that marks a guest binary. Everything here is `#[repr(C)]` with explicit padding and
+//! fixed-width fields so a guest in any language can use it.
+#![no_std]
+
+/// The ABI version this crate describes. A guest carries it in its `.note.pvrun` ELF note;
+/// the host refuses a guest whose version it does not speak.
+pub const ABI_VERSION: u32 = 1;
+
+/// Magic value at the start of [`BootInfo`] (`"PVRUNBI\0"` little-endian).
+pub const BOOT_INFO_MAGIC: u64 = u64::from_le_bytes(*b"PVRUNBI\0");
+
+/// ELF note owner name (`n_name`) of the ABI-version note, without the trailing NUL.
+pub const NOTE_NAME: &[u8] = b"pvrun";
+/// ELF note type (`n_type`) of the ABI-version note; its descriptor is one little-endian `u32`.
+pub const NOTE_TYPE_ABI_VERSION: u32 = 1;
+/// Section the SDK places the ABI note in.
+pub const NOTE_SECTION: &str = ".note.pvrun";
+
+/// Guest memory layout. Guest virtual addresses equal guest physical addresses.
+pub mod layout {
+    /// Size of a small page.
+    pub const PAGE_SIZE: u64 = 0x1000;
+    /// Size of a large page; big regions are aligned to it and mapped with 2 MiB pages.
+    pub const LARGE_PAGE_SIZE: u64 = 0x20_0000;
+    /// Guest physical address of the [`BootInfo`](crate::BootInfo) block (user read-only).
+    /// Argument, environment and memory-map data follow it in the same region.
+    pub const BOOT_INFO_ADDR: u64 = 0x1_0000;
+    /// End (exclusive) of the read-only boot-info region.
+    pub const BOOT_INFO_END: u64 = 0x10_0000;
+    /// Lowest address a guest ELF segment may occupy: everything below belongs to the host
+    /// (null guard page, descriptor tables, ring-0 stub, boot info, page tables).
+    pub const GUEST_IMAGE_BASE: u64 = 0x20_0000;
+    /// Size of the guest stack (top of guest memory). A 2 MiB unmapped guard lies below it.
+    pub const STACK_SIZE: u64 = 0x20_0000;
+    /// Size of the unmapped guard region below the stack.
+    pub const STACK_GUARD_SIZE: u64 = 0x20_0000;
+}
+
+/// Hypercall convention: `out dx, al` with `dx` = [`HYPERCALL_PORT_BASE`] + call number and
+/// `rdi` = guest address of the call's argument struct (8-byte aligned, or 0 for calls
+/// without arguments). The host answers in `rax` with a [`status`] value (0 or positive on
+/// success, negative on error). No other register is changed.
+pub const HYPERCALL_PORT_BASE: u16 = 0x500;
+/// Number of hypercall ports open to the guest: `HYPERCALL_PORT_BASE .. + HYPERCALL_PORT_COUNT`.
+/// An `out` to any other port raises #GP in the guest. A number inside this window that
+/// names no call returns [`status::UNKNOWN_CALL`].
+pub const HYPERCALL_PORT_COUNT: u16 = 0x40;
+/// Port used only by the host's ring-0 exception stub; closed to ring 3.
+pub const EXCEPTION_PORT: u16 = 0x5ff;
+
+/// Hypercall numbers (port = [`HYPERCALL_PORT_BASE`] + number).
+pub mod call {
+    /// Write bytes to the console: args [`ConsoleWrite`](crate::ConsoleWrite). Returns the
+    /// number of bytes written.
+    pub const CONSOLE_WRITE: u16 = 1;
+    /// Stop the guest with an exit code: args [`Exit`](crate::Exit). Does not return.
+    pub const EXIT: u16 = 2;
+    /// Stop the guest abnormally with a message (a panic): args [`Abort`](crate::Abort).
+    /// Does not return; the run ends with exit status 101.
+    pub const ABORT: u16 = 3;
+    /// Sleep until a deadline or an event: args [`Wait`](crate::Wait). Returns 0.
+    pub const WAIT: u16 = 4;
+}
+
+/// Hypercall status values returned in `rax`.
+pub mod status {
+    /// Success.
+    pub const OK: i64 = 0;
+    /// The call number names no call.
+    pub const UNKNOWN_CALL: i64 = -1;
+    /// An address (the argument struct or a buffer it names) is outside the guest memory the
+    /// guest may access for this purpose.
+    pub const BAD_ADDRESS: i64 = -2;
+    /// A length is too large or an address + length overflows.
+    pub const BAD_LENGTH: i64 = -3;
+    /// The argument struct is not 8-byte aligned.
+    pub const UNALIGNED: i64 = -4;
+    /// Some other field has an invalid value (an unknown stream, reserved bits set, ...).
+    pub const BAD_ARGUMENT: i64 = -5;
+}
+
+/// Console streams for [`ConsoleWrite::stream`].
+pub mod stream {
+    /// Standard output.
+    pub const STDOUT: u32 = 1;
+    /// Standard error.
+    pub const STDERR: u32 = 2;
+}
+
+/// Largest buffer one [`call::CONSOLE_WRITE`] accepts; longer writes fail with
+/// [`status::BAD_LENGTH`] (the SDK splits them).
+pub const CONSOLE_WRITE_MAX: u64 = 64 * 1024;
+/// Largest message one [`call::ABORT`] reports; longer messages are truncated by the host.
+pub const ABORT_MESSAGE_MAX: u64 = 4096;
+
+/// Arguments of [`call::CONSOLE_WRITE`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConsoleWrite {
+    /// [`stream::STDOUT`] or [`stream::STDERR`].
+    pub stream: u32,
+    /// Must be zero.
+    pub reserved: u32,
+    /// Guest address of the bytes.
+    pub buf: u64,
+    /// Number of bytes (at most [`CONSOLE_WRITE_MAX`]).
+    pub len: u64,
+}
+
+/// Arguments of [`call::EXIT`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Exit {
+    /// The exit code; the host process exits with `code & 0xff`.
+    pub code: i32,
+    /// Must be zero.
+    pub reserved: u32,
+}
+
+/// Arguments of [`call::ABORT`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Abort {
+    /// Guest address of a UTF-8 message (invalid UTF-8 is shown lossily).
+    pub msg: u64,
+    /// Length of the message in bytes (longer than [`ABORT_MESSAGE_MAX`] is truncated).
+    pub len: u64,
+}
+
+/// Arguments of [`call::WAIT`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Wait {
+    /// Deadline in nanoseconds of the guest monotonic clock (see [`BootInfo::tsc_at_boot`]);
+    /// `u64::MAX` waits for an event only. A deadline in the past returns at once.
+    pub deadline_ns: u64,
+}
+
+/// Kinds of [`MemRegion`].
+pub mod region {
+    /// ELF segment with R+X permissions.
+    pub const TEXT: u32 = 1;
+    /// ELF segment, read-only.
+    pub const RODATA: u32 = 2;
+    /// ELF segment, read-write (data and bss).
+    pub const DATA: u32 = 3;
+    /// The heap: read-write, free for the guest allocator.
+    pub const HEAP: u32 = 4;
+    /// The stack: read-write; `rsp` starts at its end.
+    pub const STACK: u32 = 5;
+    /// The boot-info region: read-only.
+    pub const BOOT_INFO: u32 = 6;
+}
+
+/// Permission bits of [`MemRegion::flags`].
+pub mod perm {
+    /// Readable.
+    pub const R: u32 = 1;
+    /// Writable.
+    pub const W: u32 = 2;
+    /// Executable.
+    pub const X: u32 = 4;
+}
+
+/// One guest-accessible memory region. Everything not listed is unmapped for the guest.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MemRegion {
+    /// First address.
+    pub start: u64,
+    /// Length in bytes (a multiple of 4 KiB).
+    pub len: u64,
+    /// One of the [`region`] kinds.
+    pub kind: u32,
+    /// [`perm`] bits.
+    pub flags: u32,
+}
+
+/// A byte string in guest memory (used for argv and environment entries).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Str {
+    /// Guest address of the first byte (UTF-8, not NUL-terminated).
+    pub ptr: u64,
+    /// Length in bytes.
+    pub len: u64,
+}
+
+/// Feature bits of [`BootInfo::features`].
+pub mod feature {
+    /// The CPU has `rdrand` usable at CPL3.
+    pub const RDRAND: u64 = 1 << 0;
+    /// The CPU has `rdseed` usable at CPL3.
+    pub const RDSEED: u64 = 1 << 1;
+    /// The TSC is invariant (constant rate); clocks read it without exits.
+    pub const INVARIANT_TSC: u64 = 1 << 2;
+    /// AVX state is enabled in XCR0.
+    pub const AVX: u64 = 1 << 3;
+}
+
+/// Maximum number of entries in [`BootInfo::regions`].
+pub const MAX_REGIONS: usize = 16;
+/// Maximum number of entries in the device list (devices arrive with the ring ABI).
+pub const MAX_DEVICES: usize = 16;
+
+/// Boot information the host writes at [`layout::BOOT_INFO_ADDR`] before entry; `rdi` holds
+/// its address at entry. All pointers are guest addresses inside the boot-info region.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct BootInfo {
+    /// [`BOOT_INFO_MAGIC`].
+    pub magic: u64,
+    /// [`ABI_VERSION`] of the host.
+    pub abi_version: u32,
+    /// Size of this struct in bytes (for forward compatibility).
+    pub size: u32,
+    /// [`feature`] bits.
+    pub features: u64,
+    /// Total guest memory in bytes.
+    pub mem_size: u64,
+    /// Start of the heap (2 MiB aligned).
+    pub heap_start: u64,
+    /// Length of the heap in bytes.
+    pub heap_len: u64,
+    /// Lowest stack address (the guard region lies below).
+    pub stack_start: u64,
+    /// Length of the stack; the initial `rsp` is `stack_start + stack_len`.
+    pub stack_len: u64,
+    /// TSC ticks per second.
+    pub tsc_hz: u64,
+    /// TSC value at the boot instant; the guest monotonic clock is
+    /// `(rdtsc - tsc_at_boot) / tsc_hz` seconds.
+    pub tsc_at_boot: u64,
+    /// Wall-clock time at the boot instant, nanoseconds since the UNIX epoch (UTC).
+    pub wall_ns_at_boot: u64,
+    /// 32 random bytes from the host, for seeding when the CPU has no `rdrand`.
+    pub random_seed: [u8; 32],
+    /// Number of argument strings.
+    pub argc: u64,
+    /// Guest address of `argc` [`Str`] entries.
+    pub argv: u64,
+    /// Number of environment strings.
+    pub envc: u64,
+    /// Guest address of `envc` [`Str`] entries, each `KEY=VALUE`.
+    pub envp: u64,
+    /// Number of valid entries in `regions`.
+    pub region_count: u32,
+    /// Number of valid entries in the device list (0 in ABI v1).
+    pub device_count: u32,
+    /// The guest-accessible memory map.
+    pub regions: [MemRegion; MAX_REGIONS],
+    /// Reserved for the device list; zero in ABI v1.
+    pub devices_reserved: [u64; MAX_DEVICES * 8],
+}
+
+impl BootInfo {
+    /// An all-zero boot info (the host fills it in).
+    pub const fn zeroed() -> Self {
+        BootInfo {
+            magic: 0,
+            abi_version: 0,
+            size: 0,
+            features: 0,
+            mem_size: 0,
+            heap_start: 0,
+            heap_len: 0,
+            stack_start: 0,
+            stack_len: 0,
+            tsc_hz: 0,
+            tsc_at_boot: 0,
+            wall_ns_at_boot: 0,
+            random_seed: [0; 32],
+            argc: 0,
+            argv: 0,
+            envc: 0,
+            envp: 0,
+            region_count: 0,
+            device_count: 0,
+            regions: [MemRegion {
+                start: 0,
+                len: 0,
+                kind: 0,
+                flags: 0,
+            }; MAX_REGIONS],
+            devices_reserved: [0; MAX_DEVICES * 8],
+        }
+    }
+}
+
+/// Exception vectors the host reports (see `docs/ABI.md`); the names printed for them.
+pub fn exception_name(vector: u64) -> &'static str {
+    match vector {
+        0 => "divide error (#DE)",
+        1 => "debug exception (#DB)",
+        2 => "non-maskable interrupt (NMI)",
+        3 => "breakpoint (#BP)",
+        4 => "overflow (#OF)",
+        5 => "bound range exceeded (#BR)",
+        6 => "invalid opcode (#UD)",
+        7 => "device not available (#NM)",
+        8 => "double fault (#DF)",
+        10 => "invalid TSS (#TS)",
+        11 => "segment not present (#NP)",
+        12 => "stack-segment fault (#SS)",
+        13 => "general protection fault (#GP)",
+        14 => "page fault (#PF)",
+        16 => "x87 floating-point error (#MF)",
+        17 => "alignment check (#AC)",
+        18 => "machine check (#MC)",
+        19 => "SIMD floating-point exception (#XM)",
+        20 => "virtualization exception (#VE)",
+        21 => "control protection exception (#CP)",
+        _ => "reserved exception",
+    }
+}
+
+// Layout checks: these sizes are part of the ABI.
+const _: () = assert!(core::mem::size_of::<ConsoleWrite>() == 24);
+const _: () = assert!(core::mem::size_of::<Exit>() == 8);
+const _: () = assert!(core::mem::size_of::<Abort>() == 16);
+const _: () = assert!(core::mem::size_of::<Wait>() == 8);
+const _: () = assert!(core::mem::size_of::<MemRegion>() == 24);
+const _: () = assert!(core::mem::size_of::<Str>() == 16);
+const _: () = assert!(core::mem::size_of::<BootInfo>() == 160 + 24 * MAX_REGIONS + 8 * 8 * MAX_DEVICES);
+
+// With the `vm-memory` feature (the host's), the structs can be read from and written to
+// guest memory through vm-memory's checked accessors.
+#[cfg(feature = "vm-memory")]
+mod byte_valued {
+    use super::*;
+    // SAFETY: all of these are `#[repr(C)]` plain old data with explicit padding fields, no
+    // references and no invalid bit patterns.
+    unsafe impl vm_memory::ByteValued for ConsoleWrite {}
+    unsafe impl vm_memory::ByteValued for Exit {}
+    unsafe impl vm_memory::ByteValued for Abort {}
+    unsafe impl vm_memory::ByteValued for Wait {}
+    unsafe impl vm_memory::ByteValued for MemRegion {}
+    unsafe impl vm_memory::ByteValued for Str {}
+    unsafe impl vm_memory::ByteValued for BootInfo {}
+}

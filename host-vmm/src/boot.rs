@@ -1,0 +1,123 @@
+//! The boot-info block: what the guest learns from the host before its first instruction
+//! (ABI version, memory map, heap and stack, argv, environment, clock calibration, a random
+//! seed, feature bits), written into the user read-only region at [`BOOT_INFO_ADDR`].
+
+use pvrun_abi::{ABI_VERSION, BOOT_INFO_MAGIC, BootInfo, MAX_REGIONS, MemRegion, Str};
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::error::Error;
+use crate::layout::{BOOT_INFO_ADDR, BOOT_INFO_END};
+use crate::memory::{GuestRam, MemoryMap};
+
+/// Clock calibration and other per-boot facts.
+pub struct BootFacts {
+    /// TSC ticks per second.
+    pub tsc_hz: u64,
+    /// Guest TSC at the boot instant.
+    pub tsc_at_boot: u64,
+    /// Wall clock at the boot instant (ns since the UNIX epoch).
+    pub wall_ns_at_boot: u64,
+    /// Feature bits.
+    pub features: u64,
+}
+
+/// Bump allocator over the boot-info region, after the fixed struct.
+struct Area {
+    bytes: Vec<u8>,
+}
+
+impl Area {
+    fn addr(&self) -> u64 {
+        BOOT_INFO_ADDR + self.bytes.len() as u64
+    }
+    fn align8(&mut self) {
+        while self.bytes.len() % 8 != 0 {
+            self.bytes.push(0);
+        }
+    }
+    /// Appends strings and then their [`Str`] table; returns the table's address.
+    fn strings<'a>(&mut self, items: impl Iterator<Item = &'a [u8]> + Clone) -> u64 {
+        let mut table = Vec::new();
+        for s in items {
+            table.push(Str {
+                ptr: self.addr(),
+                len: s.len() as u64,
+            });
+            self.bytes.extend_from_slice(s);
+        }
+        self.align8();
+        let at = self.addr();
+        for t in table {
+            self.bytes.extend_from_slice(&t.ptr.to_le_bytes());
+            self.bytes.extend_from_slice(&t.len.to_le_bytes());
+        }
+        at
+    }
+}
+
+/// Writes boot info for the given map, heap, stack, argv and environment.
+pub fn write(
+    ram: &GuestRam,
+    map: &MemoryMap,
+    heap: (u64, u64),
+    stack: (u64, u64),
+    args: &[String],
+    env: &[(String, String)],
+    facts: &BootFacts,
+) -> Result<(), Error> {
+    let mut info = BootInfo::zeroed();
+    info.magic = BOOT_INFO_MAGIC;
+    info.abi_version = ABI_VERSION;
+    info.size = size_of::<BootInfo>() as u32;
+    info.features = facts.features;
+    info.mem_size = ram.size();
+    info.heap_start = heap.0;
+    info.heap_len = heap.1 - heap.0;
+    info.stack_start = stack.0;
+    info.stack_len = stack.1 - stack.0;
+    info.tsc_hz = facts.tsc_hz;
+    info.tsc_at_boot = facts.tsc_at_boot;
+    info.wall_ns_at_boot = facts.wall_ns_at_boot;
+    // SAFETY: getrandom writes at most 32 bytes into the 32-byte array.
+    let got = unsafe { libc::getrandom(info.random_seed.as_mut_ptr().cast(), 32, 0) };
+    if got != 32 {
+        return Err(Error::Io(std::io::Error::last_os_error()));
+    }
+    let mut n = 0;
+    for r in map.user_regions() {
+        if n == MAX_REGIONS {
+            break;
+        }
+        info.regions[n] = MemRegion {
+            start: r.start,
+            len: r.end - r.start,
+            kind: r.kind,
+            flags: r.perm,
+        };
+        n += 1;
+    }
+    info.region_count = n as u32;
+
+    let mut area = Area {
+        bytes: vec![0u8; size_of::<BootInfo>()],
+    };
+    info.argc = args.len() as u64;
+    info.argv = area.strings(args.iter().map(|a| a.as_bytes()));
+    let env_strings: Vec<Vec<u8>> = env
+        .iter()
+        .map(|(k, v)| format!("{k}={v}").into_bytes())
+        .collect();
+    info.envc = env_strings.len() as u64;
+    info.envp = area.strings(env_strings.iter().map(|e| e.as_slice()));
+    let total = area.bytes.len() as u64;
+    if BOOT_INFO_ADDR + total > BOOT_INFO_END {
+        return Err(Error::ArgsTooLarge(total));
+    }
+    // SAFETY-free: BootInfo is ByteValued (repr(C), no padding holes).
+    area.bytes[..size_of::<BootInfo>()]
+        .copy_from_slice(vm_memory::ByteValued::as_slice(&info));
+    ram.mem()
+        .write_slice(&area.bytes, GuestAddress(BOOT_INFO_ADDR))
+        .map_err(|e| Error::Layout(format!("cannot write boot info: {e}")))?;
+    Ok(())
+}

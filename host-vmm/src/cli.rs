@@ -1,0 +1,83 @@
+//! Command-line pieces shared by `pvrun` and `cargo pvrun`: option parsing helpers and
+//! running a guest to a process exit status.
+
+use std::path::Path;
+use std::time::Duration;
+
+use crate::vm::{EXIT_HOST_ERROR, VmConfig, run_file};
+
+/// Parses a memory size: bytes, or a number with K/M/G (KiB/MiB/GiB) suffix.
+pub fn parse_mem(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let lower = t.to_ascii_lowercase();
+    let (num, mult) = if let Some(n) = lower.strip_suffix("gib").or(lower.strip_suffix("g")) {
+        (n, 1u64 << 30)
+    } else if let Some(n) = lower.strip_suffix("mib").or(lower.strip_suffix("m")) {
+        (n, 1 << 20)
+    } else if let Some(n) = lower.strip_suffix("kib").or(lower.strip_suffix("k")) {
+        (n, 1 << 10)
+    } else {
+        (lower.as_str(), 1)
+    };
+    let n: u64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size (use e.g. 64M or 1G)"))?;
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("`{s}` is too large"))
+}
+
+/// Parses a timeout in seconds (fractions allowed).
+pub fn parse_timeout(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s
+        .parse()
+        .map_err(|_| format!("`{s}` is not a number of seconds"))?;
+    if !(secs > 0.0 && secs.is_finite()) {
+        return Err(format!("timeout `{s}` must be a positive number of seconds"));
+    }
+    Duration::try_from_secs_f64(secs).map_err(|e| e.to_string())
+}
+
+/// Parses `KEY=VALUE`.
+pub fn parse_env(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("`{s}` is not KEY=VALUE")),
+    }
+}
+
+/// Boots `elf` with `config`, prints the outcome's report (if any) on stderr, and returns
+/// the process exit status. Host errors are printed as one `pvrun: error:` line.
+pub fn run_to_status(elf: &Path, config: VmConfig) -> i32 {
+    match run_file(elf, config) {
+        Ok(outcome) => {
+            if let Some(report) = outcome.report() {
+                eprintln!("{report}");
+            }
+            outcome.exit_status()
+        }
+        Err(e) => {
+            eprintln!("pvrun: error: {e}");
+            EXIT_HOST_ERROR
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_suffixes() {
+        assert_eq!(parse_mem("64M"), Ok(64 << 20));
+        assert_eq!(parse_mem("1g"), Ok(1 << 30));
+        assert_eq!(parse_mem("2MiB"), Ok(2 << 20));
+        assert_eq!(parse_mem("4096"), Ok(4096));
+        assert!(parse_mem("lots").is_err());
+        assert!(parse_mem("99999999999999G").is_err());
+        assert!(parse_timeout("0").is_err());
+        assert_eq!(parse_timeout("0.5"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_env("A=b=c"), Ok(("A".into(), "b=c".into())));
+        assert!(parse_env("=x").is_err());
+    }
+}

@@ -1,0 +1,70 @@
+//! Errors that stop a guest from starting, each worded as one line a person can act on.
+
+use thiserror::Error;
+
+/// Why a VM could not be created or started. (What a running guest does is not an error:
+/// see [`crate::Outcome`].)
+#[derive(Debug, Error)]
+pub enum Error {
+    /// /dev/kvm is missing.
+    #[error("/dev/kvm does not exist: KVM is not available on this machine (enable virtualization or load the kvm module)")]
+    NoKvm,
+    /// /dev/kvm exists but may not be opened.
+    #[error("cannot open /dev/kvm: permission denied (add yourself to the `kvm` group or run as root)")]
+    KvmPermission,
+    /// Any other failure to open /dev/kvm.
+    #[error("cannot open /dev/kvm: {0}")]
+    KvmOpen(std::io::Error),
+    /// A KVM ioctl failed.
+    #[error("KVM call {0} failed: {1}")]
+    Kvm(&'static str, kvm_ioctls::Error),
+    /// The guest file could not be read.
+    #[error("cannot read guest `{path}`: {source}")]
+    ReadGuest {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The guest file is not a usable guest ELF.
+    #[error("guest `{path}` {reason}")]
+    BadElf {
+        /// The file.
+        path: String,
+        /// What is wrong, as the end of a sentence.
+        reason: String,
+    },
+    /// The guest speaks another ABI version.
+    #[error("guest `{path}` was built for pvrun ABI v{guest}, but this host speaks v{host}; rebuild it with this version's guest-sdk")]
+    AbiMismatch {
+        /// The file.
+        path: String,
+        /// The guest's version.
+        guest: u32,
+        /// Ours.
+        host: u32,
+    },
+    /// The image (plus heap and stack) does not fit the guest memory.
+    #[error("the guest needs at least {needed} bytes of memory but has {available}; raise --mem")]
+    DoesNotFit {
+        /// Bytes needed.
+        needed: u64,
+        /// Bytes available.
+        available: u64,
+    },
+    /// A bad memory size.
+    #[error("guest memory size {0} is out of range (8 MiB to 64 GiB, a multiple of 2 MiB)")]
+    BadMemSize(u64),
+    /// Arguments or environment do not fit in the boot-info region.
+    #[error("arguments and environment are too large ({0} bytes; at most 960 KiB fit)")]
+    ArgsTooLarge(u64),
+    /// Mapping guest memory failed.
+    #[error("cannot allocate guest memory: {0}")]
+    Mmap(std::io::Error),
+    /// An internal layout problem (should not happen with a valid guest).
+    #[error("guest memory layout: {0}")]
+    Layout(String),
+    /// A host-side failure while the guest runs (writing its output, for instance).
+    #[error("host I/O error: {0}")]
+    Io(#[from] std::io::Error),
+}

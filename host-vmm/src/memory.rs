@@ -1,0 +1,285 @@
+//! Guest memory: the host mapping that backs it, and the guest's memory map (which ranges
+//! the guest may read, write or execute).
+//!
+//! [`GuestRam`] is one anonymous mapping, 2 MiB aligned in the host and advised
+//! `MADV_HUGEPAGE`, so the guest's 2 MiB pages land on host huge pages (first touch is ~20x
+//! cheaper on our KVM). All access goes through vm-memory's checked accessors.
+//!
+//! [`MemoryMap`] is the list of guest-accessible regions the page tables are built from. The
+//! hypercall layer checks every guest buffer against it, so a guest cannot make the host
+//! read or write host-owned structures (page tables, descriptor tables) on its behalf.
+
+use std::ptr::NonNull;
+
+use pvrun_abi::{perm, region};
+use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+
+use crate::error::Error;
+use crate::layout::{LARGE_PAGE_SIZE, PAGE_SIZE};
+
+/// Owns the raw host mapping behind the guest memory and unmaps it on drop.
+struct HostMapping {
+    base: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain memory; access is coordinated through vm-memory.
+unsafe impl Send for HostMapping {}
+// SAFETY: as above; the struct itself holds no interior state.
+unsafe impl Sync for HostMapping {}
+
+impl Drop for HostMapping {
+    fn drop(&mut self) {
+        // SAFETY: we created this mapping in `GuestRam::new` and nothing refers to it once
+        // the GuestMemoryMmap (dropped first, see field order) is gone.
+        unsafe { libc::munmap(self.base.as_ptr().cast(), self.len) };
+    }
+}
+
+/// The guest's physical memory.
+pub struct GuestRam {
+    // Field order matters: `mem` must drop before `_mapping` unmaps the memory.
+    mem: GuestMemoryMmap,
+    _mapping: HostMapping,
+    size: u64,
+}
+
+impl GuestRam {
+    /// Maps `size` bytes of zeroed guest memory at guest address 0.
+    pub fn new(size: u64) -> Result<Self, Error> {
+        let len = usize::try_from(size).map_err(|_| Error::BadMemSize(size))?;
+        let align = LARGE_PAGE_SIZE as usize;
+        let reserve = len + align;
+        // SAFETY: a fresh private anonymous mapping; the result is checked below.
+        let raw = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                reserve,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if raw == libc::MAP_FAILED {
+            return Err(Error::Mmap(std::io::Error::last_os_error()));
+        }
+        // Trim the reservation to a 2 MiB aligned window so guest large pages can be backed
+        // by host huge pages.
+        let raw_addr = raw as usize;
+        let base = raw_addr.next_multiple_of(align);
+        let head = base - raw_addr;
+        let tail = reserve - head - len;
+        // SAFETY: both ranges are inside the reservation we just made and not used.
+        unsafe {
+            if head > 0 {
+                libc::munmap(raw, head);
+            }
+            if tail > 0 {
+                libc::munmap((base + len) as *mut libc::c_void, tail);
+            }
+            libc::madvise(base as *mut libc::c_void, len, libc::MADV_HUGEPAGE);
+        }
+        let mapping = HostMapping {
+            base: NonNull::new(base as *mut u8).expect("mmap returned a non-null address"),
+            len,
+        };
+        // SAFETY: [base, base+len) is a valid mapping we own for as long as `mapping` lives,
+        // and `mapping` outlives the region (field order in GuestRam).
+        let region = unsafe {
+            MmapRegion::build_raw(
+                mapping.base.as_ptr(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            )
+        }
+        .map_err(|e| Error::Mmap(std::io::Error::other(e.to_string())))?;
+        let region = GuestRegionMmap::new(region, GuestAddress(0))
+            .ok_or_else(|| Error::Mmap(std::io::Error::other("guest region overflows")))?;
+        let mem = GuestMemoryMmap::from_regions(vec![region])
+            .map_err(|e| Error::Mmap(std::io::Error::other(e.to_string())))?;
+        Ok(GuestRam {
+            mem,
+            _mapping: mapping,
+            size,
+        })
+    }
+
+    /// The vm-memory view, for checked reads and writes.
+    pub fn mem(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Host address of guest address 0 (only for registering the memory slot with KVM).
+    pub fn host_base(&self) -> u64 {
+        self._mapping.base.as_ptr() as u64
+    }
+
+    /// Pre-faults `[start, start+len)` in the host so the guest's first touch is cheap
+    /// (`MADV_POPULATE_WRITE`; silently skipped where the kernel lacks it).
+    pub fn populate(&self, start: u64, len: u64) {
+        let Some(end) = start.checked_add(len) else {
+            return;
+        };
+        if end > self.size || len == 0 {
+            return;
+        }
+        const MADV_POPULATE_WRITE: libc::c_int = 23;
+        let addr = self.host_base() + start;
+        // SAFETY: the range lies inside our own mapping; madvise does not change contents.
+        unsafe {
+            libc::madvise(addr as *mut libc::c_void, len as usize, MADV_POPULATE_WRITE);
+        }
+    }
+}
+
+/// One region of the guest memory map.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Region {
+    /// First address (4 KiB aligned).
+    pub start: u64,
+    /// End address, exclusive (4 KiB aligned).
+    pub end: u64,
+    /// A [`pvrun_abi::region`] kind, or [`HOST_ONLY`] for host structures.
+    pub kind: u32,
+    /// [`pvrun_abi::perm`] bits.
+    pub perm: u32,
+    /// Whether ring 3 may access it (false: supervisor-only host structures).
+    pub user: bool,
+}
+
+/// Region kind of host-owned structures mapped supervisor-only (GDT, IDT, TSS, stubs).
+pub const HOST_ONLY: u32 = 0x100;
+
+/// Why a guest buffer was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AccessError {
+    /// `addr + len` overflows.
+    Overflow,
+    /// Some byte is outside the regions the guest may access this way.
+    Outside,
+}
+
+/// The guest memory map: every mapped region with its permissions, sorted by address.
+#[derive(Clone, Debug, Default)]
+pub struct MemoryMap {
+    regions: Vec<Region>,
+}
+
+impl MemoryMap {
+    /// Builds a map from regions; they must not overlap.
+    pub fn new(mut regions: Vec<Region>) -> Result<Self, Error> {
+        regions.sort_by_key(|r| r.start);
+        for r in &regions {
+            if r.start % PAGE_SIZE != 0 || r.end % PAGE_SIZE != 0 || r.end <= r.start {
+                return Err(Error::Layout(format!(
+                    "region {:#x}..{:#x} is not page aligned",
+                    r.start, r.end
+                )));
+            }
+        }
+        for w in regions.windows(2) {
+            if w[0].end > w[1].start {
+                return Err(Error::Layout(format!(
+                    "regions {:#x}..{:#x} and {:#x}..{:#x} overlap",
+                    w[0].start, w[0].end, w[1].start, w[1].end
+                )));
+            }
+        }
+        Ok(MemoryMap { regions })
+    }
+
+    /// All regions, sorted by start address.
+    pub fn regions(&self) -> &[Region] {
+        &self.regions
+    }
+
+    /// The regions the guest can see (listed in boot info).
+    pub fn user_regions(&self) -> impl Iterator<Item = &Region> {
+        self.regions.iter().filter(|r| r.user)
+    }
+
+    /// The region containing `addr`, if any.
+    pub fn find(&self, addr: u64) -> Option<&Region> {
+        let i = self.regions.partition_point(|r| r.end <= addr);
+        self.regions.get(i).filter(|r| r.start <= addr)
+    }
+
+    /// Checks that ring 3 may read (or, with `write`, write) every byte of
+    /// `[addr, addr+len)`. A zero-length range is always allowed.
+    pub fn check_user(&self, addr: u64, len: u64, write: bool) -> Result<(), AccessError> {
+        if len == 0 {
+            return Ok(());
+        }
+        let end = addr.checked_add(len).ok_or(AccessError::Overflow)?;
+        let need = if write { perm::R | perm::W } else { perm::R };
+        let mut cur = addr;
+        while cur < end {
+            let r = self.find(cur).ok_or(AccessError::Outside)?;
+            if !r.user || r.perm & need != need {
+                return Err(AccessError::Outside);
+            }
+            cur = r.end;
+        }
+        Ok(())
+    }
+
+    /// The stack guard range, if the map has a stack: the unmapped range right below it.
+    pub fn stack_guard(&self) -> Option<(u64, u64)> {
+        let stack = self.regions.iter().find(|r| r.kind == region::STACK)?;
+        let below = self
+            .regions
+            .iter()
+            .filter(|r| r.end <= stack.start)
+            .map(|r| r.end)
+            .max()
+            .unwrap_or(0);
+        Some((below, stack.start))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map() -> MemoryMap {
+        MemoryMap::new(vec![
+            Region { start: 0x1000, end: 0x2000, kind: HOST_ONLY, perm: perm::R | perm::W, user: false },
+            Region { start: 0x10000, end: 0x20000, kind: region::BOOT_INFO, perm: perm::R, user: true },
+            Region { start: 0x200000, end: 0x400000, kind: region::TEXT, perm: perm::R | perm::X, user: true },
+            Region { start: 0x400000, end: 0x600000, kind: region::DATA, perm: perm::R | perm::W, user: true },
+            Region { start: 0x600000, end: 0x800000, kind: region::HEAP, perm: perm::R | perm::W, user: true },
+            Region { start: 0xa00000, end: 0xc00000, kind: region::STACK, perm: perm::R | perm::W, user: true },
+        ])
+        .unwrap()
+    }
+
+    #[test]
+    fn user_ranges_span_adjacent_regions_but_not_gaps() {
+        let m = map();
+        assert_eq!(m.check_user(0x5ffff0, 0x20, true), Ok(()));
+        assert_eq!(m.check_user(0x7ffff0, 0x20, false), Err(AccessError::Outside));
+        assert_eq!(m.check_user(0x10000, 8, true), Err(AccessError::Outside));
+        assert_eq!(m.check_user(0x10000, 8, false), Ok(()));
+        assert_eq!(m.check_user(0x1000, 8, false), Err(AccessError::Outside));
+        assert_eq!(m.check_user(0, 8, false), Err(AccessError::Outside));
+        assert_eq!(m.check_user(u64::MAX - 3, 8, false), Err(AccessError::Overflow));
+        assert_eq!(m.check_user(0xdead, 0, false), Ok(()));
+        assert_eq!(m.stack_guard(), Some((0x800000, 0xa00000)));
+    }
+
+    #[test]
+    fn overlapping_regions_are_refused() {
+        let r = MemoryMap::new(vec![
+            Region { start: 0x1000, end: 0x3000, kind: HOST_ONLY, perm: perm::R, user: false },
+            Region { start: 0x2000, end: 0x4000, kind: HOST_ONLY, perm: perm::R, user: false },
+        ]);
+        assert!(r.is_err());
+    }
+}

@@ -1,0 +1,598 @@
+//! A VM running one guest: builds it from a validated image and a configuration, runs the
+//! vCPU on the calling thread, dispatches hypercalls, and turns whatever the guest does
+//! into an [`Outcome`].
+//!
+//! Stopping a running guest from another thread (a timeout, [`KillHandle::kill`]) sets the
+//! vCPU's `immediate_exit` flag and sends the vCPU thread a real-time signal, so `KVM_RUN`
+//! returns whether the guest is in the middle of an instruction loop, about to enter, or
+//! sleeping in `wait`.
+
+use std::io::Write;
+use std::path::Path;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, Once, OnceLock};
+use std::thread::Thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use kvm_bindings::{Msrs, kvm_msr_entry, kvm_run, kvm_userspace_memory_region};
+use kvm_ioctls::{Cap, Kvm, SyncReg, VcpuExit, VcpuFd, VmFd};
+use pvrun_abi::{EXCEPTION_PORT, HYPERCALL_PORT_BASE, HYPERCALL_PORT_COUNT, perm, region};
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::arch::cpu::CpuSetup;
+use crate::arch::paging;
+use crate::boot::{self, BootFacts};
+use crate::elf::GuestImage;
+use crate::error::Error;
+use crate::fault::{self, Fault};
+use crate::hypercall::{self, Action, Console, GuestView};
+use crate::layout::*;
+use crate::memory::{GuestRam, HOST_ONLY, MemoryMap, Region};
+
+/// Exit status when the guest panics (or calls `abort`).
+pub const EXIT_PANIC: i32 = 101;
+/// Exit status when the guest takes a CPU exception or otherwise crashes.
+pub const EXIT_FAULT: i32 = 139;
+/// Exit status when the guest runs past its timeout.
+pub const EXIT_TIMEOUT: i32 = 124;
+/// Exit status when the guest is killed from the host.
+pub const EXIT_KILLED: i32 = 137;
+/// Exit status when the host could not start the guest at all.
+pub const EXIT_HOST_ERROR: i32 = 125;
+
+/// How a VM is set up.
+pub struct VmConfig {
+    /// Guest memory in bytes (a multiple of 2 MiB).
+    pub mem_size: u64,
+    /// Arguments, including `argv[0]`.
+    pub args: Vec<String>,
+    /// Environment, as (key, value).
+    pub env: Vec<(String, String)>,
+    /// Stop the guest after this long.
+    pub timeout: Option<Duration>,
+    /// Where guest stdout goes.
+    pub stdout: Box<dyn Write + Send>,
+    /// Where guest stderr goes.
+    pub stderr: Box<dyn Write + Send>,
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        VmConfig {
+            mem_size: DEFAULT_MEM_SIZE,
+            args: vec!["guest".into()],
+            env: Vec::new(),
+            timeout: None,
+            stdout: Box::new(std::io::stdout()),
+            stderr: Box::new(std::io::stderr()),
+        }
+    }
+}
+
+/// How a guest run ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The guest called `exit(code)`.
+    Exited(i32),
+    /// The guest panicked or aborted with this message.
+    Panicked(String),
+    /// The guest crashed (CPU exception, triple fault, protocol violation).
+    Fault(Fault),
+    /// The guest ran past its timeout and was stopped.
+    TimedOut(Duration),
+    /// The guest was killed through a [`KillHandle`].
+    Killed,
+}
+
+impl Outcome {
+    /// The process exit status of this outcome (see the README's contract).
+    pub fn exit_status(&self) -> i32 {
+        match self {
+            Outcome::Exited(c) => *c,
+            Outcome::Panicked(_) => EXIT_PANIC,
+            Outcome::Fault(_) => EXIT_FAULT,
+            Outcome::TimedOut(_) => EXIT_TIMEOUT,
+            Outcome::Killed => EXIT_KILLED,
+        }
+    }
+
+    /// The one-line report for stderr, if the outcome is not a normal exit.
+    pub fn report(&self) -> Option<String> {
+        match self {
+            Outcome::Exited(_) => None,
+            Outcome::Panicked(m) => Some(format!("pvrun: guest {m}")),
+            Outcome::Fault(f) => Some(format!("pvrun: guest crashed: {f}")),
+            Outcome::TimedOut(t) => Some(format!(
+                "pvrun: guest timed out after {:.3} s and was stopped",
+                t.as_secs_f64()
+            )),
+            Outcome::Killed => Some("pvrun: guest was killed".into()),
+        }
+    }
+}
+
+static KVM: OnceLock<Kvm> = OnceLock::new();
+static CPU: OnceLock<(CpuSetup, bool)> = OnceLock::new();
+
+/// The process-wide KVM handle, opened on first use with a clear error.
+pub fn kvm() -> Result<&'static Kvm, Error> {
+    if let Some(k) = KVM.get() {
+        return Ok(k);
+    }
+    let k = Kvm::new().map_err(|e| match e.errno() {
+        libc::ENOENT => Error::NoKvm,
+        libc::EACCES | libc::EPERM => Error::KvmPermission,
+        _ => Error::KvmOpen(std::io::Error::from_raw_os_error(e.errno())),
+    })?;
+    Ok(KVM.get_or_init(|| k))
+}
+
+fn cpu_setup(kvm: &Kvm) -> Result<&'static (CpuSetup, bool), Error> {
+    if let Some(c) = CPU.get() {
+        return Ok(c);
+    }
+    let c = CpuSetup::new(kvm)?;
+    let sync = kvm.check_extension(Cap::SyncRegs);
+    Ok(CPU.get_or_init(|| (c, sync)))
+}
+
+const STOP_NONE: u8 = 0;
+const STOP_TIMEOUT: u8 = 1;
+const STOP_KILL: u8 = 2;
+
+/// The running vCPU thread, as another thread needs it to interrupt `KVM_RUN`.
+struct Target {
+    tid: libc::pthread_t,
+    run: *mut kvm_run,
+    thread: Thread,
+}
+
+// SAFETY: `run` points at the vCPU's kvm_run mapping and is only used while the vCPU is
+// alive (the target is cleared under the mutex before the vCPU can be dropped).
+unsafe impl Send for Target {}
+
+struct RunControl {
+    reason: AtomicU8,
+    target: Mutex<Option<Target>>,
+}
+
+impl RunControl {
+    fn stop(&self, reason: u8) {
+        let _ = self
+            .reason
+            .compare_exchange(STOP_NONE, reason, Ordering::SeqCst, Ordering::SeqCst);
+        let guard = self.target.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(t) = guard.as_ref() {
+            // SAFETY: the vCPU (and its kvm_run mapping) is alive while `target` is set.
+            unsafe { std::ptr::addr_of_mut!((*t.run).immediate_exit).write_volatile(1) };
+            t.thread.unpark();
+            // SAFETY: the thread is alive while registered; the signal's handler is a no-op.
+            unsafe { libc::pthread_kill(t.tid, kick_signal()) };
+        }
+    }
+}
+
+/// Stops a running guest from another thread.
+#[derive(Clone)]
+pub struct KillHandle(Arc<RunControl>);
+
+impl KillHandle {
+    /// Stops the guest; its run ends with [`Outcome::Killed`]. Harmless if it has ended.
+    pub fn kill(&self) {
+        self.0.stop(STOP_KILL);
+    }
+}
+
+fn kick_signal() -> libc::c_int {
+    libc::SIGRTMIN()
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+fn install_kick_handler() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        // Without SA_RESTART, so KVM_RUN returns EINTR.
+        let _ = vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick);
+    });
+}
+
+/// A booted VM, ready to run its guest.
+pub struct Vm {
+    // Drop order: vcpu, then the VM, then memory.
+    vcpu: VcpuFd,
+    _vm: VmFd,
+    ram: GuestRam,
+    map: MemoryMap,
+    image: Arc<GuestImage>,
+    console: Console,
+    control: Arc<RunControl>,
+    timeout: Option<Duration>,
+    boot_instant: Instant,
+}
+
+impl Vm {
+    /// Creates the VM, loads the image, writes boot info and sets the vCPU at the entry.
+    pub fn new(image: Arc<GuestImage>, config: VmConfig) -> Result<Vm, Error> {
+        let mem_size = config.mem_size;
+        if !(MIN_MEM_SIZE..=MAX_MEM_SIZE).contains(&mem_size) || mem_size % LARGE_PAGE_SIZE != 0 {
+            return Err(Error::BadMemSize(mem_size));
+        }
+        let kvm = kvm()?;
+        let (cpu, sync_regs) = cpu_setup(kvm)?;
+
+        // Layout: image, heap up to the guard, guard, stack at the top.
+        let heap_start = align_up(image.image_end(), LARGE_PAGE_SIZE).unwrap_or(u64::MAX);
+        let stack_start = mem_size - STACK_SIZE;
+        let heap_end = stack_start - STACK_GUARD_SIZE;
+        if heap_start.saturating_add(MIN_HEAP_SIZE) > heap_end {
+            return Err(Error::DoesNotFit {
+                needed: heap_start
+                    .saturating_add(MIN_HEAP_SIZE + STACK_GUARD_SIZE + STACK_SIZE),
+                available: mem_size,
+            });
+        }
+        let host = |start, end, perm| Region {
+            start,
+            end,
+            kind: HOST_ONLY,
+            perm,
+            user: false,
+        };
+        let mut regions = vec![
+            host(GDT_ADDR, GDT_ADDR + PAGE_SIZE, perm::R | perm::W),
+            host(IDT_ADDR, IDT_ADDR + PAGE_SIZE, perm::R),
+            host(TSS_ADDR, TSS_ADDR + PAGE_SIZE, perm::R | perm::W),
+            host(STUBS_ADDR, STUBS_ADDR + PAGE_SIZE, perm::R | perm::X),
+            host(R0_STACK_BOTTOM, R0_STACK_TOP, perm::R | perm::W),
+            Region {
+                start: BOOT_INFO_ADDR,
+                end: BOOT_INFO_END,
+                kind: region::BOOT_INFO,
+                perm: perm::R,
+                user: true,
+            },
+        ];
+        for s in &image.segments {
+            let kind = if s.perm & perm::X != 0 {
+                region::TEXT
+            } else if s.perm & perm::W != 0 {
+                region::DATA
+            } else {
+                region::RODATA
+            };
+            regions.push(Region {
+                start: s.page_start,
+                end: s.page_end,
+                kind,
+                perm: s.perm,
+                user: true,
+            });
+        }
+        regions.push(Region {
+            start: heap_start,
+            end: heap_end,
+            kind: region::HEAP,
+            perm: perm::R | perm::W,
+            user: true,
+        });
+        regions.push(Region {
+            start: stack_start,
+            end: mem_size,
+            kind: region::STACK,
+            perm: perm::R | perm::W,
+            user: true,
+        });
+        let map = MemoryMap::new(regions)?;
+
+        let ram = GuestRam::new(mem_size)?;
+        image.load(&ram)?;
+        crate::arch::cpu::write_system_tables(&ram)?;
+        let cr3 = paging::build(&ram, &map)?;
+
+        let vm = kvm.create_vm().map_err(|e| Error::Kvm("KVM_CREATE_VM", e))?;
+        let slot = kvm_userspace_memory_region {
+            slot: 0,
+            flags: 0,
+            guest_phys_addr: 0,
+            memory_size: mem_size,
+            userspace_addr: ram.host_base(),
+        };
+        // SAFETY: the region is our own mapping of exactly `mem_size` bytes, and it outlives
+        // the VM (field order of `Vm`).
+        unsafe { vm.set_user_memory_region(slot) }
+            .map_err(|e| Error::Kvm("KVM_SET_USER_MEMORY_REGION", e))?;
+        let mut vcpu = vm
+            .create_vcpu(0)
+            .map_err(|e| Error::Kvm("KVM_CREATE_VCPU", e))?;
+        cpu.setup_vcpu(&vcpu, cr3, image.entry, mem_size, BOOT_INFO_ADDR)?;
+        if *sync_regs {
+            vcpu.set_sync_valid_reg(SyncReg::Register);
+        }
+
+        // Clock calibration: the guest TSC now, and the host clocks at the same instant.
+        let tsc_hz = vcpu
+            .get_tsc_khz()
+            .map_err(|e| Error::Kvm("KVM_GET_TSC_KHZ", e))? as u64
+            * 1000;
+        let mut msrs = Msrs::from_entries(&[kvm_msr_entry {
+            index: 0x10, // IA32_TIME_STAMP_COUNTER
+            ..Default::default()
+        }])
+        .map_err(|_| Error::Layout("MSR list".into()))?;
+        vcpu.get_msrs(&mut msrs)
+            .map_err(|e| Error::Kvm("KVM_GET_MSRS", e))?;
+        let boot_instant = Instant::now();
+        let wall = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos() as u64;
+        let facts = BootFacts {
+            tsc_hz,
+            tsc_at_boot: msrs.as_slice()[0].data,
+            wall_ns_at_boot: wall,
+            features: cpu.features,
+        };
+        boot::write(
+            &ram,
+            &map,
+            (heap_start, heap_end),
+            (stack_start, mem_size),
+            &config.args,
+            &config.env,
+            &facts,
+        )?;
+
+        install_kick_handler();
+        Ok(Vm {
+            vcpu,
+            _vm: vm,
+            ram,
+            map,
+            image,
+            console: Console::new(config.stdout, config.stderr),
+            control: Arc::new(RunControl {
+                reason: AtomicU8::new(STOP_NONE),
+                target: Mutex::new(None),
+            }),
+            timeout: config.timeout,
+            boot_instant,
+        })
+    }
+
+    /// A handle that stops this VM's guest from another thread.
+    pub fn kill_handle(&self) -> KillHandle {
+        KillHandle(self.control.clone())
+    }
+
+    /// Runs the guest until it exits, crashes, times out or is killed.
+    pub fn run(&mut self) -> Result<Outcome, Error> {
+        let started = Instant::now();
+        {
+            let mut t = self.control.target.lock().unwrap_or_else(|p| p.into_inner());
+            *t = Some(Target {
+                // SAFETY: pthread_self has no preconditions.
+                tid: unsafe { libc::pthread_self() },
+                run: self.vcpu.get_kvm_run() as *mut kvm_run,
+                thread: std::thread::current(),
+            });
+        }
+        let (cancel, watchdog) = match self.timeout {
+            Some(t) => {
+                let (tx, rx) = std::sync::mpsc::channel::<()>();
+                let control = self.control.clone();
+                let h = std::thread::spawn(move || {
+                    if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(t) {
+                        control.stop(STOP_TIMEOUT);
+                    }
+                });
+                (Some(tx), Some(h))
+            }
+            None => (None, None),
+        };
+        let r = self.run_loop();
+        drop(cancel);
+        if let Some(h) = watchdog {
+            let _ = h.join();
+        }
+        *self.control.target.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        r.map(|o| match o {
+            Outcome::TimedOut(_) => Outcome::TimedOut(started.elapsed()),
+            o => o,
+        })
+    }
+
+    fn stopped(&self) -> Option<Outcome> {
+        match self.control.reason.load(Ordering::SeqCst) {
+            STOP_TIMEOUT => Some(Outcome::TimedOut(Duration::ZERO)),
+            STOP_KILL => Some(Outcome::Killed),
+            _ => None,
+        }
+    }
+
+    fn run_loop(&mut self) -> Result<Outcome, Error> {
+        enum Exit {
+            Out(u16),
+            In(u16),
+            Mmio(u64),
+            Shutdown,
+            Hlt,
+            Interrupted,
+            Other(String),
+        }
+        loop {
+            if let Some(o) = self.stopped() {
+                return Ok(o);
+            }
+            let exit = match self.vcpu.run() {
+                Ok(VcpuExit::IoOut(port, _)) => Exit::Out(port),
+                Ok(VcpuExit::IoIn(port, data)) => {
+                    data.fill(0xff);
+                    Exit::In(port)
+                }
+                Ok(VcpuExit::MmioRead(addr, data)) => {
+                    data.fill(0xff);
+                    Exit::Mmio(addr)
+                }
+                Ok(VcpuExit::MmioWrite(addr, _)) => Exit::Mmio(addr),
+                Ok(VcpuExit::Shutdown) => Exit::Shutdown,
+                Ok(VcpuExit::Hlt) => Exit::Hlt,
+                Ok(VcpuExit::Intr) => Exit::Interrupted,
+                Ok(other) => Exit::Other(format!("{other:?}")),
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Exit::Interrupted,
+                Err(e) => return Err(Error::Kvm("KVM_RUN", e)),
+            };
+            match exit {
+                Exit::Out(port)
+                    if (HYPERCALL_PORT_BASE..HYPERCALL_PORT_BASE + HYPERCALL_PORT_COUNT)
+                        .contains(&port) =>
+                {
+                    let rdi = self.rdi()?;
+                    let view = GuestView {
+                        mem: self.ram.mem(),
+                        map: &self.map,
+                    };
+                    let action =
+                        hypercall::dispatch(port - HYPERCALL_PORT_BASE, rdi, &view, &mut self.console);
+                    match action {
+                        Action::Return(v) => self.set_rax(v as u64)?,
+                        Action::Exit(code) => return Ok(Outcome::Exited(code)),
+                        Action::Abort(msg) => return Ok(Outcome::Panicked(msg)),
+                        Action::Wait(deadline_ns) => {
+                            if let Some(o) = self.wait(deadline_ns) {
+                                return Ok(o);
+                            }
+                            self.set_rax(0)?;
+                        }
+                    }
+                }
+                Exit::Out(EXCEPTION_PORT) => return Ok(Outcome::Fault(self.exception())),
+                Exit::Out(port) => {
+                    return Ok(Outcome::Fault(Fault::protocol(format!(
+                        "unexpected write to I/O port {port:#x}"
+                    ))));
+                }
+                Exit::In(port) => {
+                    return Ok(Outcome::Fault(Fault::protocol(format!(
+                        "read from I/O port {port:#x} (hypercalls use `out`)"
+                    ))));
+                }
+                Exit::Mmio(addr) => {
+                    return Ok(Outcome::Fault(Fault::protocol(format!(
+                        "access to unbacked guest-physical address {addr:#x}"
+                    ))));
+                }
+                Exit::Shutdown => {
+                    return Ok(Outcome::Fault(Fault::protocol(
+                        "triple fault (the CPU could not deliver an exception)".into(),
+                    )));
+                }
+                Exit::Hlt => {
+                    return Ok(Outcome::Fault(Fault::protocol("halted".into())));
+                }
+                Exit::Interrupted => {
+                    if let Some(o) = self.stopped() {
+                        return Ok(o);
+                    }
+                    self.vcpu.set_kvm_immediate_exit(0);
+                }
+                Exit::Other(what) => {
+                    return Ok(Outcome::Fault(Fault::protocol(format!(
+                        "unexpected VM exit {what}"
+                    ))));
+                }
+            }
+        }
+    }
+
+    fn rdi(&mut self) -> Result<u64, Error> {
+        if CPU.get().is_some_and(|c| c.1) {
+            Ok(self.vcpu.sync_regs_mut().regs.rdi)
+        } else {
+            Ok(self
+                .vcpu
+                .get_regs()
+                .map_err(|e| Error::Kvm("KVM_GET_REGS", e))?
+                .rdi)
+        }
+    }
+
+    fn set_rax(&mut self, v: u64) -> Result<(), Error> {
+        if CPU.get().is_some_and(|c| c.1) {
+            self.vcpu.sync_regs_mut().regs.rax = v;
+            self.vcpu.set_sync_dirty_reg(SyncReg::Register);
+            Ok(())
+        } else {
+            let mut regs = self
+                .vcpu
+                .get_regs()
+                .map_err(|e| Error::Kvm("KVM_GET_REGS", e))?;
+            regs.rax = v;
+            self.vcpu
+                .set_regs(&regs)
+                .map_err(|e| Error::Kvm("KVM_SET_REGS", e))
+        }
+    }
+
+    /// Sleeps until the guest deadline, a stop request, or the timeout; `Some` if stopped.
+    fn wait(&mut self, deadline_ns: u64) -> Option<Outcome> {
+        let target = self
+            .boot_instant
+            .checked_add(Duration::from_nanos(deadline_ns));
+        loop {
+            if let Some(o) = self.stopped() {
+                return Some(o);
+            }
+            let now = Instant::now();
+            match target {
+                Some(t) if now >= t => return None,
+                Some(t) => std::thread::park_timeout(t - now),
+                // No deadline and no devices yet: only a stop can end this wait.
+                None => std::thread::park_timeout(Duration::from_secs(1)),
+            }
+        }
+    }
+
+    /// Reads the exception frame the ring-0 stub left and describes the fault.
+    fn exception(&mut self) -> Fault {
+        let rsp = match self.vcpu.get_regs() {
+            Ok(r) => r.rsp,
+            Err(e) => return Fault::protocol(format!("cannot read registers: {e}")),
+        };
+        let cr2 = self.vcpu.get_sregs().map(|s| s.cr2).unwrap_or(0);
+        // The stub pushed [vector, error code] on top of the CPU's frame
+        // [rip, cs, rflags, rsp, ss], all on the host-owned ring-0 stack.
+        if !(R0_STACK_BOTTOM..=R0_STACK_TOP - 7 * 8).contains(&rsp) {
+            return Fault::protocol(format!("exception stub ran with a bad stack {rsp:#x}"));
+        }
+        let mut frame = [0u64; 7];
+        for (i, slot) in frame.iter_mut().enumerate() {
+            *slot = self
+                .ram
+                .mem()
+                .read_obj::<u64>(GuestAddress(rsp + 8 * i as u64))
+                .unwrap_or(0);
+        }
+        fault::describe(
+            frame[0],
+            frame[1],
+            frame[2],
+            frame[3],
+            cr2,
+            &self.image,
+            &self.map,
+        )
+    }
+
+    /// The guest memory (for inspection in tests and tools).
+    pub fn ram(&self) -> &GuestRam {
+        &self.ram
+    }
+}
+
+/// Loads `path`, boots it with `config` and runs it to the end.
+pub fn run_file(path: &Path, config: VmConfig) -> Result<Outcome, Error> {
+    let image = Arc::new(GuestImage::from_file(path)?);
+    let mut vm = Vm::new(image, config)?;
+    vm.run()
+}
