@@ -21,6 +21,7 @@ pub mod fault;
 pub mod hypercall;
 pub mod layout;
 pub mod memory;
+pub mod raw_guest;
 pub mod vm;
 
 pub use elf::GuestImage;

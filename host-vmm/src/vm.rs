@@ -100,7 +100,8 @@ impl Outcome {
     pub fn report(&self) -> Option<String> {
         match self {
             Outcome::Exited(_) => None,
-            Outcome::Panicked(m) => Some(format!("pvrun: guest {m}")),
+            Outcome::Panicked(m) if m.starts_with("panicked") => Some(format!("pvrun: guest {m}")),
+            Outcome::Panicked(m) => Some(format!("pvrun: guest aborted: {m}")),
             Outcome::Fault(f) => Some(format!("pvrun: guest crashed: {f}")),
             Outcome::TimedOut(t) => Some(format!(
                 "pvrun: guest timed out after {:.3} s and was stopped",
@@ -582,6 +583,23 @@ impl Vm {
             &self.image,
             &self.map,
         )
+    }
+
+    /// Benchmark support: re-enters the guest for `n` exits of any kind without handling
+    /// them, and returns the time taken. With [`crate::raw_guest::EXIT_LOOP`] as the guest
+    /// this is the raw KVM exit floor of this machine.
+    pub fn raw_exit_loop(&mut self, n: u64) -> Result<Duration, Error> {
+        let t = Instant::now();
+        for _ in 0..n {
+            match self.vcpu.run() {
+                Ok(VcpuExit::IoOut(..)) => {}
+                Ok(other) => {
+                    return Err(Error::Layout(format!("raw exit loop: unexpected exit {other:?}")));
+                }
+                Err(e) => return Err(Error::Kvm("KVM_RUN", e)),
+            }
+        }
+        Ok(t.elapsed())
     }
 
     /// The guest memory (for inspection in tests and tools).
