@@ -113,7 +113,7 @@ pub struct ConsoleWrite {
 }
 
 /// Arguments of [`call::EXIT`].
-#[repr(C)]
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Exit {
     /// The exit code; the host process exits with `code & 0xff`.

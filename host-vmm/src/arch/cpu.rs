@@ -148,11 +148,14 @@ impl CpuSetup {
         if l7.ecx & (1 << 2) != 0 {
             cr4_extra |= 1 << 11; // UMIP: no sgdt/sidt/str from ring 3
         }
+        // rdrand/rdseed are unprivileged and run natively at CPL3 (on PVM hosts even where
+        // KVM's supported CPUID omits them), so the host CPU's own CPUID decides.
+        let (n1, n7) = (std::arch::x86_64::__cpuid(1), std::arch::x86_64::__cpuid_count(7, 0));
         let mut features = 0;
-        if l1.ecx & (1 << 30) != 0 {
+        if n1.ecx & (1 << 30) != 0 {
             features |= feature::RDRAND;
         }
-        if l7.ebx & (1 << 18) != 0 {
+        if n7.ebx & (1 << 18) != 0 {
             features |= feature::RDSEED;
         }
         if leaf(&cpuid, 0x8000_0007, 0).is_some_and(|l| l.edx & (1 << 8) != 0) {

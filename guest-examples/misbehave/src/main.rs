@@ -1,0 +1,275 @@
+//! A guest that misbehaves on purpose, one way per mode (first argument), to test that the
+//! host contains every kind of fault and rejects every bad hypercall.
+//!
+//! Modes that should stop the guest do exactly one bad thing. Modes that probe hypercall
+//! validation print the host's status (`status=<n>`) and exit 0. An unknown mode prints
+//! `unknown mode` and exits 2.
+#![no_std]
+#![no_main]
+
+extern crate alloc;
+
+use alloc::boxed::Box;
+use alloc::vec;
+use alloc::vec::Vec;
+use core::arch::asm;
+use core::hint::black_box;
+
+use pvrun::abi::{self, Abort, ConsoleWrite, layout, stream};
+use pvrun::hypercall::{call, hypercall};
+use pvrun::println;
+
+pvrun::entry!(main);
+
+/// A static string whose address the hypercall probes use.
+static MESSAGE: &str = "a real static string\n";
+
+/// Code buffer in `.data` for `exec-data`.
+static mut DATA_CODE: [u8; 16] = [0; 16];
+
+/// Reads a u64 from `addr` with an explicit `mov` the compiler cannot remove or check.
+fn peek(addr: u64) -> u64 {
+    let v: u64;
+    // SAFETY: deliberately not safe: this is meant to fault.
+    unsafe { asm!("mov {v}, qword ptr [{a}]", a = in(reg) addr, v = out(reg) v, options(nostack)) };
+    v
+}
+
+/// Writes a u64 to `addr` with an explicit `mov` the compiler cannot remove or check.
+fn poke(addr: u64, value: u64) {
+    // SAFETY: deliberately not safe: this is meant to fault.
+    unsafe {
+        asm!("mov qword ptr [{a}], {v}", a = in(reg) addr, v = in(reg) value, options(nostack))
+    };
+}
+
+/// Calls the code at `addr` as `extern "C" fn()`.
+fn call_at(addr: *const u8) {
+    // SAFETY: deliberately not safe: the code lies in non-executable memory.
+    let f: extern "C" fn() = unsafe { core::mem::transmute(black_box(addr)) };
+    f();
+}
+
+/// Recurses without bound, using a page of stack per frame (the depth check never fires).
+fn recurse(depth: u64) -> u64 {
+    let mut frame = [0u8; 4096];
+    frame[(depth % 4096) as usize] = depth as u8;
+    black_box(&mut frame);
+    if depth == u64::MAX {
+        return 0;
+    }
+    recurse(depth + 1).wrapping_add(frame[(depth % 7) as usize] as u64)
+}
+
+/// Executes the instruction named by `mode`, which ring 3 may not (or should not) run.
+fn privileged(mode: &str) {
+    // SAFETY: deliberately not safe: each of these must fault in ring 3.
+    unsafe {
+        match mode {
+            "cli" => asm!("cli", options(nomem, nostack)),
+            "hlt" => asm!("hlt", options(nomem, nostack)),
+            "mov-cr3" => asm!("mov cr3, rax", in("rax") 0x10_0000u64, options(nostack)),
+            "wrmsr" => {
+                asm!("wrmsr", in("ecx") 0x10u32, in("eax") 0u32, in("edx") 0u32, options(nostack))
+            }
+            "rdmsr" => {
+                asm!("rdmsr", in("ecx") 0x10u32, out("eax") _, out("edx") _, options(nostack))
+            }
+            "out-port" => asm!("out 0x80, al", in("al") 0u8, options(nomem, nostack)),
+            "int3" => asm!("int3", options(nomem, nostack)),
+            "ud2" => asm!("ud2", options(nomem, nostack)),
+            _ => {}
+        }
+    }
+}
+
+/// A CONSOLE_WRITE to stdout with the given buffer and length (no validation by the SDK).
+fn console_write(buf: u64, len: u64) -> i64 {
+    call(&ConsoleWrite {
+        stream: stream::STDOUT,
+        reserved: 0,
+        buf,
+        len,
+    })
+}
+
+/// Square root by Newton's iteration (core has no `f64::sqrt`).
+fn sqrt(x: f64) -> f64 {
+    if x <= 0.0 {
+        return 0.0;
+    }
+    let mut r = if x > 1.0 { x / 2.0 } else { 1.0 };
+    for _ in 0..64 {
+        let next = 0.5 * (r + x / r);
+        if next == r {
+            break;
+        }
+        r = next;
+    }
+    r
+}
+
+fn main() -> i32 {
+    let args: Vec<&'static str> = pvrun::env::args().collect();
+    let mode = args.get(1).copied().unwrap_or("");
+    match mode {
+        "null-read" => {
+            peek(black_box(0));
+        }
+        "null-write" => poke(black_box(8), 0x1234),
+        "write-text" => poke(main as *const () as u64, 0x9090_9090_9090_9090),
+        "exec-data" => {
+            let p = &raw mut DATA_CODE as *mut u8;
+            // SAFETY: writing one byte of our own static buffer.
+            unsafe { p.write_volatile(0xC3) };
+            call_at(p);
+        }
+        "exec-stack" => {
+            let mut code = [0u8; 16];
+            let p = code.as_mut_ptr();
+            // SAFETY: writing one byte of a local buffer.
+            unsafe { p.write_volatile(0xC3) };
+            call_at(p);
+            black_box(&mut code);
+        }
+        "exec-heap" => {
+            let mut code: Box<[u8; 16]> = Box::new([0; 16]);
+            let p = code.as_mut_ptr();
+            // SAFETY: writing one byte of a heap buffer.
+            unsafe { p.write_volatile(0xC3) };
+            call_at(p);
+            black_box(&mut code);
+        }
+        "stack-overflow" => {
+            let r = recurse(black_box(0));
+            println!("recursion returned {r}");
+        }
+        "cli" | "hlt" | "mov-cr3" | "wrmsr" | "rdmsr" | "out-port" | "int3" | "ud2" => {
+            privileged(mode)
+        }
+        "div-zero" => {
+            let divisor: u64 = black_box(0);
+            let q: u64;
+            // SAFETY: deliberately not safe: divides by zero (#DE).
+            unsafe {
+                asm!("div {d}", d = in(reg) divisor, inout("rax") 1u64 => q, inout("rdx") 0u64 => _,
+                    options(nomem, nostack))
+            };
+            println!("quotient {q}");
+        }
+        "loop" => {
+            println!("looping");
+            loop {
+                core::hint::spin_loop();
+            }
+        }
+        "panic" => panic!("guest panicked on purpose: {}", 42),
+        "big-alloc" => {
+            let mut v: Vec<u8> = Vec::with_capacity(black_box(1usize << 36));
+            v.push(1);
+            black_box(&mut v);
+            println!("allocated {} bytes", v.capacity());
+        }
+        "exit" => {
+            let code = args.get(2).and_then(|a| a.parse::<i32>().ok()).unwrap_or(0);
+            pvrun::process::exit(code);
+        }
+        "hc-wild-pointer" => println!("status={}", console_write(0xdead_beef_0000, 16)),
+        "hc-null-buf" => println!("status={}", console_write(0, 16)),
+        "hc-overflow-len" => {
+            let buf = MESSAGE.as_ptr() as u64;
+            println!("status={}", console_write(buf, u64::MAX));
+            println!(
+                "status2={}",
+                console_write(buf, (u64::MAX - buf).wrapping_add(2))
+            );
+        }
+        "hc-too-long" => {
+            let big = vec![b'x'; abi::CONSOLE_WRITE_MAX as usize + 1];
+            println!(
+                "status={}",
+                console_write(big.as_ptr() as u64, big.len() as u64)
+            );
+        }
+        "hc-unknown" => {
+            // SAFETY: unassigned call numbers take no argument; the host must just refuse them.
+            let s = unsafe { hypercall(0x3f, 0) };
+            // SAFETY: as above.
+            let s0 = unsafe { hypercall(0, 0) };
+            println!("status={s}");
+            println!("status0={s0}");
+        }
+        "hc-unaligned" => {
+            #[repr(C, align(8))]
+            struct Buf([u8; 64]);
+            let mut b = Buf([0; 64]);
+            let args = ConsoleWrite {
+                stream: stream::STDOUT,
+                reserved: 0,
+                buf: MESSAGE.as_ptr() as u64,
+                len: MESSAGE.len() as u64,
+            };
+            let p = b.0.as_mut_ptr().wrapping_add(4);
+            // SAFETY: p..p+24 lies inside the 64-byte buffer; unaligned write on purpose.
+            unsafe { (p as *mut ConsoleWrite).write_unaligned(args) };
+            // SAFETY: the struct is valid, only misaligned; the host must refuse it.
+            let s = unsafe { hypercall(abi::call::CONSOLE_WRITE, black_box(p) as u64) };
+            black_box(&mut b);
+            println!("status={s}");
+        }
+        "hc-arg-outside" => {
+            // SAFETY: the argument addresses are outside guest memory; the host must refuse them.
+            let s = unsafe { hypercall(abi::call::CONSOLE_WRITE, 0x7fff_ffff_f000) };
+            // SAFETY: as above.
+            let s2 = unsafe { hypercall(abi::call::CONSOLE_WRITE, u64::MAX - 7) };
+            println!("status={s}");
+            println!("status2={s2}");
+        }
+        "hc-host-region" => {
+            println!("status={}", console_write(0x10_0000, 64));
+            println!("status2={}", console_write(0x1000, 64));
+        }
+        "hc-bad-stream" => {
+            let s = call(&ConsoleWrite {
+                stream: 7,
+                reserved: 0,
+                buf: MESSAGE.as_ptr() as u64,
+                len: MESSAGE.len() as u64,
+            });
+            println!("status={s}");
+        }
+        "hc-exit-bad-arg" => {
+            // SAFETY: the argument address is outside guest memory; the host must refuse it.
+            let s = unsafe { hypercall(abi::call::EXIT, 0x7fff_ffff_f000) };
+            println!("status={s}");
+            pvrun::process::exit(0);
+        }
+        "hc-abort-wild" => {
+            let s = call(&Abort {
+                msg: 0xdead_beef_0000,
+                len: 10,
+            });
+            // Only reached if the host let the guest continue after ABORT (it should not).
+            println!("status={s}");
+            return 1;
+        }
+        "sse" => {
+            let mut sum = 0.0f64;
+            for i in 0..1000 {
+                sum += sqrt(black_box(i as f64));
+            }
+            println!("sse={sum:.3}");
+        }
+        "write-bootinfo" => poke(layout::BOOT_INFO_ADDR, 0),
+        "read-pagetables" => {
+            let v = peek(black_box(0x10_0000));
+            println!("read {v:#x}");
+        }
+        _ => {
+            println!("unknown mode");
+            return 2;
+        }
+    }
+    // Reached only by modes that print a status, or if a fault did not happen.
+    0
+}
