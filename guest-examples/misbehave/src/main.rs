@@ -260,6 +260,38 @@ fn main() -> i32 {
             }
             println!("sse={sum:.3}");
         }
+        "sleep-forever" => {
+            println!("sleeping");
+            let s = call(&pvrun::abi::Wait {
+                deadline_ns: u64::MAX,
+            });
+            println!("woke status={s}");
+        }
+        "hc-wait-past" => {
+            let t = pvrun::time::Instant::now();
+            let s = call(&pvrun::abi::Wait { deadline_ns: 0 });
+            println!("status={s} waited_ms={}", t.elapsed().as_millis());
+        }
+        "hc-storm" => {
+            // Many bad and empty calls in a row: the host must answer each, not degrade.
+            let n = args.get(2).and_then(|a| a.parse::<u64>().ok()).unwrap_or(10_000);
+            let mut bad = 0u64;
+            for i in 0..n {
+                let nr = (i % 64) as u16;
+                if nr == abi::call::ABORT {
+                    continue; // an abort ends the guest whatever its arguments
+                }
+                // SAFETY: wild arguments on purpose; the host validates them.
+                let s = unsafe { hypercall(nr, black_box(i.wrapping_mul(0x9e37_79b9_7f4a_7c15))) };
+                if s < 0 {
+                    bad += 1;
+                }
+                if console_write(MESSAGE.as_ptr() as u64, 0) != 0 {
+                    return 3;
+                }
+            }
+            println!("storm calls={} errors={bad}", 2 * n);
+        }
         "write-bootinfo" => poke(layout::BOOT_INFO_ADDR, 0),
         "read-pagetables" => {
             let v = peek(black_box(0x10_0000));

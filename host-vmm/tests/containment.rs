@@ -1,0 +1,173 @@
+//! Misbehaving guests are contained: every crash is reported in one clear line with the
+//! documented exit status, every bad hypercall gets an error status back, and the host
+//! never panics, hangs or touches memory outside the guest.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{guest, misbehave};
+use host_vmm::{GuestImage, Outcome, Vm, VmConfig};
+
+/// Runs a mode that must crash the guest; checks status 139 and the report's words.
+fn crashes(mode: &str, words: &[&str]) {
+    let r = misbehave(&[mode]);
+    assert_eq!(r.status, 139, "{mode}: status {} stderr {}", r.status, r.stderr);
+    let line = r.stderr.trim_end();
+    assert_eq!(line.lines().count(), 1, "{mode}: report must be one line: {line}");
+    assert!(line.starts_with("pvrun: guest crashed: "), "{mode}: {line}");
+    for w in words {
+        assert!(line.contains(w), "{mode}: report lacks `{w}`: {line}");
+    }
+}
+
+#[test]
+fn null_pointer_dereference_is_reported() {
+    crashes("null-read", &["page fault (#PF)", "reading 0x0", "null pointer", "misbehave::"]);
+    crashes("null-write", &["writing 0x8", "null pointer"]);
+}
+
+#[test]
+fn writing_to_text_is_refused() {
+    crashes("write-text", &["page fault", "writing", "read-only", "misbehave::main+0x"]);
+}
+
+#[test]
+fn executing_data_stack_or_heap_is_refused() {
+    crashes("exec-data", &["executing 0x6", "not executable (W^X)"]);
+    crashes("exec-stack", &["executing", "not executable (W^X)"]);
+    crashes("exec-heap", &["executing", "not executable (W^X)"]);
+}
+
+#[test]
+fn stack_overflow_hits_the_guard() {
+    crashes("stack-overflow", &["stack overflow", "guard", "misbehave::recurse"]);
+}
+
+#[test]
+fn privileged_instructions_fault_in_ring_3() {
+    crashes("cli", &["general protection fault (#GP)", "`cli`"]);
+    crashes("hlt", &["#GP", "`hlt`"]);
+    crashes("mov-cr3", &["#GP", "control register"]);
+    crashes("wrmsr", &["#GP", "`wrmsr`"]);
+    crashes("rdmsr", &["#GP", "`rdmsr`"]);
+    crashes("out-port", &["#GP", "port I/O outside the hypercall ports"]);
+}
+
+#[test]
+fn other_exceptions_are_named() {
+    crashes("int3", &["breakpoint (#BP)"]);
+    crashes("ud2", &["invalid opcode (#UD)"]);
+    crashes("div-zero", &["divide error (#DE)"]);
+}
+
+#[test]
+fn host_structures_are_out_of_reach() {
+    crashes("write-bootinfo", &["writing 0x10000", "read-only"]);
+    crashes("read-pagetables", &["reading 0x100000", "belongs to the host"]);
+}
+
+#[test]
+fn panic_reports_message_and_location_with_status_101() {
+    let r = misbehave(&["panic"]);
+    assert_eq!(r.status, 101);
+    assert!(r.stderr.contains("panicked at misbehave/src/main.rs:"), "{}", r.stderr);
+    assert!(r.stderr.contains("guest panicked on purpose: 42"), "{}", r.stderr);
+}
+
+#[test]
+fn allocation_larger_than_the_heap_panics_cleanly() {
+    let r = misbehave(&["big-alloc"]);
+    assert_eq!(r.status, 101, "{}", r.stderr);
+    assert!(r.stderr.contains("memory allocation of 68719476736 bytes failed"), "{}", r.stderr);
+}
+
+#[test]
+fn infinite_loop_is_stopped_by_the_timeout() {
+    let t = Instant::now();
+    let r = common::pvrun(&guest("misbehave"), &["--timeout", "0.3"], &["loop"]);
+    assert_eq!(r.status, 124, "{}", r.stderr);
+    assert!(r.stdout.contains("looping"));
+    assert!(r.stderr.contains("timed out after"), "{}", r.stderr);
+    assert!(t.elapsed() < Duration::from_secs(10), "the timeout did not stop the guest");
+}
+
+#[test]
+fn a_guest_sleeping_forever_is_stopped_by_the_timeout() {
+    let r = common::pvrun(&guest("misbehave"), &["--timeout", "0.2"], &["sleep-forever"]);
+    assert_eq!(r.status, 124, "{}", r.stderr);
+    assert!(r.stdout.contains("sleeping") && !r.stdout.contains("woke"));
+}
+
+#[test]
+fn a_running_guest_can_be_killed_from_another_thread() {
+    let image = Arc::new(GuestImage::from_file(&guest("misbehave")).unwrap());
+    for mode in ["loop", "sleep-forever"] {
+        let cfg = VmConfig {
+            args: vec!["misbehave".into(), mode.into()],
+            stdout: Box::new(std::io::sink()),
+            ..VmConfig::default()
+        };
+        let mut vm = Vm::new(image.clone(), cfg).unwrap();
+        let kill = vm.kill_handle();
+        let killer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            kill.kill();
+        });
+        assert_eq!(vm.run().unwrap(), Outcome::Killed, "{mode}");
+        killer.join().unwrap();
+    }
+}
+
+/// Runs a hypercall-probe mode and returns its stdout (the guest must exit 0).
+fn probe(mode: &str) -> String {
+    let r = misbehave(&[mode]);
+    assert_eq!(r.status, 0, "{mode}: {} {}", r.stdout, r.stderr);
+    r.stdout
+}
+
+#[test]
+fn hypercalls_with_wild_pointers_get_bad_address() {
+    assert_eq!(probe("hc-wild-pointer"), "status=-2\n");
+    assert_eq!(probe("hc-null-buf"), "status=-2\n");
+    assert_eq!(probe("hc-arg-outside"), "status=-2\nstatus2=-2\n");
+    assert_eq!(probe("hc-host-region"), "status=-2\nstatus2=-2\n");
+}
+
+#[test]
+fn hypercalls_with_overflowing_or_huge_lengths_get_bad_length() {
+    assert_eq!(probe("hc-overflow-len"), "status=-3\nstatus2=-3\n");
+    assert_eq!(probe("hc-too-long"), "status=-3\n");
+}
+
+#[test]
+fn unknown_calls_unaligned_structs_and_bad_fields_get_errors() {
+    assert_eq!(probe("hc-unknown"), "status=-1\nstatus0=-1\n");
+    assert_eq!(probe("hc-unaligned"), "status=-4\n");
+    assert_eq!(probe("hc-bad-stream"), "status=-5\n");
+    assert_eq!(probe("hc-exit-bad-arg"), "status=-2\n");
+}
+
+#[test]
+fn abort_with_an_unreadable_message_still_stops_the_guest() {
+    let r = misbehave(&["hc-abort-wild"]);
+    assert_eq!(r.status, 101);
+    assert!(r.stderr.contains("message unreadable"), "{}", r.stderr);
+    assert!(!r.stdout.contains("status="));
+}
+
+#[test]
+fn wait_with_a_past_deadline_returns_at_once() {
+    let out = probe("hc-wait-past");
+    assert!(out.starts_with("status=0 waited_ms="), "{out}");
+}
+
+#[test]
+fn a_storm_of_bad_hypercalls_is_answered_one_by_one() {
+    let out = probe("hc-storm");
+    // 10,000 rounds of a wild call (aborts skipped) and an empty write.
+    assert!(out.starts_with("storm calls=20000 errors="), "{out}");
+    let errors: u64 = out.trim().rsplit('=').next().unwrap().parse().unwrap();
+    assert!(errors > 9000, "{out}");
+}
