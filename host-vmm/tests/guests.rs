@@ -20,7 +20,7 @@ fn hello_prints_args_env_and_exits_with_the_chosen_code() {
     assert_eq!(lines[6], "arg[4]=42");
     assert_eq!(lines[7], "GREETING=bonjour");
     assert_eq!(lines[8], "heap: sum=500500 string=pvrun-42");
-    assert!(r.stdout.contains("\nslept-ok\n"), "{}", r.stdout);
+    assert!(!r.stdout.contains("slept"), "slept without --sleep: {}", r.stdout);
     assert!(r.stderr.is_empty(), "unexpected stderr: {}", r.stderr);
 }
 
@@ -34,7 +34,8 @@ fn hello_defaults_exit_zero_and_unset_env() {
 
 #[test]
 fn hello_clocks_random_and_wall_time_are_sane() {
-    let r = pvrun(&guest("hello"), &[], &[]);
+    let r = pvrun(&guest("hello"), &[], &["--sleep", "5"]);
+    assert!(r.stdout.contains("\nslept-ok\n"), "{}", r.stdout);
     let field = |name: &str| -> String {
         r.stdout
             .lines()

@@ -1,5 +1,6 @@
 //! The hello-world guest: prints its arguments, an environment variable, uses the heap,
-//! sleeps, draws random bytes and reads the wall clock.
+//! draws random bytes, reads the wall clock, sleeps with `--sleep MS` and exits with the
+//! code given by `--exit N`.
 #![no_std]
 #![no_main]
 
@@ -33,12 +34,15 @@ fn main() -> i32 {
     let s = format!("pvrun-{}", 42);
     println!("heap: sum={sum} string={s}");
 
-    let start = Instant::now();
-    pvrun::time::sleep(Duration::from_millis(5));
-    let slept = start.elapsed();
-    println!("slept: {} ms (asked 5)", slept.as_millis());
-    if slept >= Duration::from_millis(5) {
-        println!("slept-ok");
+    // `--sleep MS` exercises the clock and the host's wait call.
+    if let Some(ms) = flag(&args, "--sleep") {
+        let start = Instant::now();
+        pvrun::time::sleep(Duration::from_millis(ms as u64));
+        let slept = start.elapsed();
+        println!("slept: {} ms (asked {ms})", slept.as_millis());
+        if slept >= Duration::from_millis(ms as u64) {
+            println!("slept-ok");
+        }
     }
 
     let mut bytes = [0u8; 16];
@@ -53,8 +57,12 @@ fn main() -> i32 {
 
     println!("wall: {}", pvrun::time::wall_clock().as_secs());
 
+    flag(&args, "--exit").unwrap_or(0)
+}
+
+/// The number after `name` in the arguments, if any.
+fn flag(args: &[&str], name: &str) -> Option<i32> {
     args.windows(2)
-        .find(|w| w[0] == "--exit")
+        .find(|w| w[0] == name)
         .and_then(|w| w[1].parse::<i32>().ok())
-        .unwrap_or(0)
 }

@@ -1,0 +1,171 @@
+//! Boot and hypercall benchmarks: prints a table of medians, each beside the raw KVM exit
+//! floor (or the fork+exec floor) measured in the same run, so ratios mean the same thing
+//! on any machine. Run with `cargo bench -p host-vmm --bench vmm`.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use host_vmm::raw_guest::{self, EXIT_LOOP, RawElf};
+use host_vmm::{GuestImage, Outcome, Vm, VmConfig};
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn guest(name: &str) -> PathBuf {
+    let req = guest_build::BuildRequest {
+        manifest_path: Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest-examples/Cargo.toml")),
+        package: Some(name.into()),
+        release: true,
+        quiet: true,
+        ..Default::default()
+    };
+    guest_build::build(&req).expect("build guest").elf
+}
+
+/// A Write that keeps what the guest printed, for reading results back.
+#[derive(Clone, Default)]
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Capture {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Per-exit time of a CPL3 `out` loop with nothing behind it: median of batch averages.
+fn exit_floor() -> Duration {
+    let img = Arc::new(
+        GuestImage::from_bytes(Path::new("floor"), raw_guest::elf(EXIT_LOOP, RawElf::default()))
+            .unwrap(),
+    );
+    let mut vm = Vm::new(img, VmConfig::default()).expect("KVM is needed for the benchmark");
+    vm.raw_exit_loop(2000).unwrap();
+    let per = 2000u32;
+    median((0..15).map(|_| vm.raw_exit_loop(per as u64).unwrap() / per).collect())
+}
+
+fn hypercall(bench: &Path) -> Duration {
+    let img = Arc::new(GuestImage::from_file(bench).unwrap());
+    let err = Capture::default();
+    let cfg = VmConfig {
+        args: vec!["bench".into(), "hypercall".into(), "15".into(), "2000".into()],
+        stdout: Box::new(std::io::sink()),
+        stderr: Box::new(err.clone()),
+        ..VmConfig::default()
+    };
+    let out = Vm::new(img, cfg).unwrap().run().unwrap();
+    assert_eq!(out, Outcome::Exited(0));
+    let text = String::from_utf8(err.0.lock().unwrap().clone()).unwrap();
+    let ns: u64 = text
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("median="))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("bench guest said: {text}"));
+    Duration::from_nanos(ns)
+}
+
+fn boot_in_process(hello: &Path, runs: usize) -> (Duration, Duration) {
+    let img = Arc::new(GuestImage::from_file(hello).unwrap());
+    let run = |img: Arc<GuestImage>| {
+        let cfg = VmConfig {
+            args: vec!["hello".into()],
+            stdout: Box::new(std::io::sink()),
+            ..VmConfig::default()
+        };
+        let mut vm = Vm::new(img, cfg).unwrap();
+        assert_eq!(vm.run().unwrap(), Outcome::Exited(0));
+    };
+    run(img.clone());
+    let warm = median(
+        (0..runs)
+            .map(|_| {
+                let t = Instant::now();
+                run(img.clone());
+                t.elapsed()
+            })
+            .collect(),
+    );
+    let with_elf = median(
+        (0..runs)
+            .map(|_| {
+                let t = Instant::now();
+                run(Arc::new(GuestImage::from_file(hello).unwrap()));
+                t.elapsed()
+            })
+            .collect(),
+    );
+    (warm, with_elf)
+}
+
+fn spawn(cmd: &Path, args: &[&Path], runs: usize) -> Duration {
+    let once = || {
+        let t = Instant::now();
+        let st = Command::new(cmd)
+            .args(args)
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(st.success());
+        t.elapsed()
+    };
+    once();
+    median((0..runs).map(|_| once()).collect())
+}
+
+fn us(d: Duration) -> String {
+    format!("{:.1} µs", d.as_nanos() as f64 / 1000.0)
+}
+
+fn main() {
+    // `cargo bench` passes --bench; `cargo test --benches` does not: keep that run short.
+    let quick = !std::env::args().any(|a| a == "--bench");
+    let runs = if quick { 3 } else { 51 };
+    let hello = guest("hello");
+    let bench = guest("bench");
+
+    let floor = exit_floor();
+    let hc = hypercall(&bench);
+    let (boot, boot_elf) = boot_in_process(&hello, runs);
+    let pvrun = Path::new(env!("CARGO_BIN_EXE_pvrun"));
+    let whole = spawn(pvrun, &[&hello], runs);
+    let fork_exec = spawn(Path::new("/bin/true"), &[], runs);
+
+    println!("pvrun benchmark (medians; floors measured in this run)");
+    println!();
+    println!("| measurement | median | floor | ratio | target |");
+    println!("|---|---|---|---|---|");
+    println!("| raw KVM exit floor (CPL3 `out` round trip) | {} | - | 1.00x | - |", us(floor));
+    println!(
+        "| console-write hypercall round trip | {} | {} | {:.2}x | <= 1.1x floor |",
+        us(hc),
+        us(floor),
+        hc.as_secs_f64() / floor.as_secs_f64()
+    );
+    println!(
+        "| boot-to-exit `hello`, in-process (VM create .. exit) | {} | {} | {:.0} exits | <= 1 ms |",
+        us(boot),
+        us(floor),
+        boot.as_secs_f64() / floor.as_secs_f64()
+    );
+    println!(
+        "| same, including reading + validating the ELF | {} | {} | {:.0} exits | - |",
+        us(boot_elf),
+        us(floor),
+        boot_elf.as_secs_f64() / floor.as_secs_f64()
+    );
+    println!(
+        "| whole process `pvrun hello` | {} | {} (fork+exec /bin/true) | {:.2}x | <= 3 ms |",
+        us(whole),
+        us(fork_exec),
+        whole.as_secs_f64() / fork_exec.as_secs_f64()
+    );
+}
