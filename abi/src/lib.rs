@@ -27,6 +27,12 @@ pub mod layout {
     pub const PAGE_SIZE: u64 = 0x1000;
     /// Size of a large page; big regions are aligned to it and mapped with 2 MiB pages.
     pub const LARGE_PAGE_SIZE: u64 = 0x20_0000;
+    /// Guest address of the [`ConsoleRing`](crate::ConsoleRing) header (user read-write).
+    pub const CONSOLE_RING_ADDR: u64 = 0x8000;
+    /// Guest address of the console ring's data bytes (user read-write).
+    pub const CONSOLE_DATA_ADDR: u64 = 0x9000;
+    /// Size of the console ring's data area (a power of two).
+    pub const CONSOLE_DATA_SIZE: u64 = 0x4000;
     /// Guest physical address of the [`BootInfo`](crate::BootInfo) block (user read-only).
     /// Argument, environment and memory-map data follow it in the same region.
     pub const BOOT_INFO_ADDR: u64 = 0x1_0000;
@@ -65,6 +71,10 @@ pub mod call {
     pub const ABORT: u16 = 3;
     /// Sleep until a deadline or an event: args [`Wait`](crate::Wait). Returns 0.
     pub const WAIT: u16 = 4;
+    /// Deliver everything in the console ring now (no arguments; `rdi` is ignored).
+    /// Returns 0, or [`status::BAD_ARGUMENT`](crate::status::BAD_ARGUMENT) if the ring is
+    /// corrupt (the host then stops the guest).
+    pub const CONSOLE_FLUSH: u16 = 5;
 }
 
 /// Hypercall status values returned in `rax`.
@@ -97,6 +107,30 @@ pub mod stream {
 pub const CONSOLE_WRITE_MAX: u64 = 64 * 1024;
 /// Largest message one [`call::ABORT`] reports; longer messages are truncated by the host.
 pub const ABORT_MESSAGE_MAX: u64 = 4096;
+
+/// Header of the console ring: a single-producer byte ring in guest memory that carries
+/// console output without a VM exit per write. The guest appends records at `producer`;
+/// the host copies them out at every VM exit (any hypercall, exit, crash, timeout) and on
+/// [`call::CONSOLE_FLUSH`], then sets `consumer`. Indices are free-running byte counts;
+/// byte `i` lives at `data[i % size]`. A record is a 3-byte header (stream as `u8`, length
+/// as little-endian `u16`) followed by that many bytes; records may wrap around the end.
+/// Ordering: the guest writes the record bytes, then stores `producer` (release); the host
+/// loads `producer` (acquire), then reads the bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConsoleRing {
+    /// Bytes ever published by the guest.
+    pub producer: u64,
+    /// Keeps `consumer` on its own cache line.
+    pub pad0: [u64; 7],
+    /// Bytes ever consumed by the host.
+    pub consumer: u64,
+    /// Pads the header to two cache lines.
+    pub pad1: [u64; 7],
+}
+
+/// Size of a console record header: stream (`u8`) and length (`u16` LE).
+pub const CONSOLE_RECORD_HEADER: u64 = 3;
 
 /// Arguments of [`call::CONSOLE_WRITE`].
 #[repr(C)]
@@ -155,6 +189,8 @@ pub mod region {
     pub const STACK: u32 = 5;
     /// The boot-info region: read-only.
     pub const BOOT_INFO: u32 = 6;
+    /// The console ring (header and data): read-write.
+    pub const CONSOLE: u32 = 7;
 }
 
 /// Permission bits of [`MemRegion::flags`].
@@ -248,6 +284,12 @@ pub struct BootInfo {
     pub envc: u64,
     /// Guest address of `envc` [`Str`] entries, each `KEY=VALUE`.
     pub envp: u64,
+    /// Guest address of the [`ConsoleRing`] header (0: no ring, use `CONSOLE_WRITE`).
+    pub console_ring: u64,
+    /// Guest address of the console ring's data bytes.
+    pub console_data: u64,
+    /// Size of the console ring's data area (a power of two).
+    pub console_size: u64,
     /// Number of valid entries in `regions`.
     pub region_count: u32,
     /// Number of valid entries in the device list (0 in ABI v1).
@@ -279,6 +321,9 @@ impl BootInfo {
             argv: 0,
             envc: 0,
             envp: 0,
+            console_ring: 0,
+            console_data: 0,
+            console_size: 0,
             region_count: 0,
             device_count: 0,
             regions: [MemRegion {
@@ -326,7 +371,9 @@ const _: () = assert!(core::mem::size_of::<Abort>() == 16);
 const _: () = assert!(core::mem::size_of::<Wait>() == 8);
 const _: () = assert!(core::mem::size_of::<MemRegion>() == 24);
 const _: () = assert!(core::mem::size_of::<Str>() == 16);
-const _: () = assert!(core::mem::size_of::<BootInfo>() == 160 + 24 * MAX_REGIONS + 8 * 8 * MAX_DEVICES);
+const _: () = assert!(core::mem::size_of::<ConsoleRing>() == 128);
+const _: () =
+    assert!(core::mem::size_of::<BootInfo>() == 184 + 24 * MAX_REGIONS + 8 * 8 * MAX_DEVICES);
 
 // With the `vm-memory` feature (the host's), the structs can be read from and written to
 // guest memory through vm-memory's checked accessors.
@@ -342,4 +389,5 @@ mod byte_valued {
     unsafe impl vm_memory::ByteValued for MemRegion {}
     unsafe impl vm_memory::ByteValued for Str {}
     unsafe impl vm_memory::ByteValued for BootInfo {}
+    unsafe impl vm_memory::ByteValued for ConsoleRing {}
 }

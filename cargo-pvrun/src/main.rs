@@ -127,6 +127,7 @@ fn main() {
             .unwrap_or_else(|| elf.clone());
         eprintln!("     Running `pvrun {}`", shown.display());
     }
+    host_vmm::vm::stop_guest_on_signals();
     let mut args = vec![elf.display().to_string()];
     args.extend(cli.args);
     let config = VmConfig {

@@ -9,7 +9,10 @@ fn examples() -> PathBuf {
 }
 
 fn cargo_pvrun(dir: &Path, args: &[&str]) -> Output {
-    assert!(Path::new("/dev/kvm").exists(), "cargo pvrun tests boot guests and need /dev/kvm");
+    assert!(
+        Path::new("/dev/kvm").exists(),
+        "cargo pvrun tests boot guests and need /dev/kvm"
+    );
     Command::new(env!("CARGO_BIN_EXE_cargo-pvrun"))
         .arg("pvrun")
         .args(args)
@@ -26,30 +29,62 @@ fn text(b: &[u8]) -> String {
 fn runs_the_guest_crate_in_the_current_directory_with_args_env_and_exit_code() {
     let out = cargo_pvrun(
         &examples().join("hello"),
-        &["--release", "--env", "GREETING=hi", "--", "x", "--exit", "5"],
+        &[
+            "--release",
+            "--env",
+            "GREETING=hi",
+            "--",
+            "x",
+            "--exit",
+            "5",
+        ],
     );
     let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
     assert_eq!(out.status.code(), Some(5), "{stderr}");
-    assert!(stdout.starts_with("Hello from pvrun!\nargc=4\n"), "{stdout}");
-    assert!(stdout.contains("arg[1]=x\n") && stdout.contains("GREETING=hi\n"), "{stdout}");
+    assert!(
+        stdout.starts_with("Hello from pvrun!\nargc=4\n"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("arg[1]=x\n") && stdout.contains("GREETING=hi\n"),
+        "{stdout}"
+    );
     // Cargo's own progress stays visible, followed by our Running line.
-    assert!(stderr.contains("Finished") && stderr.contains("Running `pvrun "), "{stderr}");
+    assert!(
+        stderr.contains("Finished") && stderr.contains("Running `pvrun "),
+        "{stderr}"
+    );
 }
 
 #[test]
 fn selects_a_package_with_p_from_the_workspace_root() {
-    let out = cargo_pvrun(&examples(), &["-q", "--release", "-p", "misbehave", "--", "exit", "9"]);
+    let out = cargo_pvrun(
+        &examples(),
+        &["-q", "--release", "-p", "misbehave", "--", "exit", "9"],
+    );
     assert_eq!(out.status.code(), Some(9), "{}", text(&out.stderr));
-    assert!(out.stderr.is_empty(), "quiet run printed: {}", text(&out.stderr));
+    assert!(
+        out.stderr.is_empty(),
+        "quiet run printed: {}",
+        text(&out.stderr)
+    );
 }
 
 #[test]
 fn panics_crashes_and_timeouts_become_the_exit_status() {
     let root = examples();
-    let run = |args: &[&str]| cargo_pvrun(&root, &[&["-q", "--release", "-p", "misbehave"], args].concat());
+    let run = |args: &[&str]| {
+        cargo_pvrun(
+            &root,
+            &[&["-q", "--release", "-p", "misbehave"], args].concat(),
+        )
+    };
     assert_eq!(run(&["--", "panic"]).status.code(), Some(101));
     assert_eq!(run(&["--", "null-read"]).status.code(), Some(139));
-    assert_eq!(run(&["--timeout", "0.2", "--", "loop"]).status.code(), Some(124));
+    assert_eq!(
+        run(&["--timeout", "0.2", "--", "loop"]).status.code(),
+        Some(124)
+    );
 }
 
 #[test]
@@ -57,7 +92,10 @@ fn a_workspace_with_several_guests_needs_p() {
     let out = cargo_pvrun(&examples(), &["-q"]);
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(125), "{stderr}");
-    assert!(stderr.contains("several guest packages") && stderr.contains("-p NAME"), "{stderr}");
+    assert!(
+        stderr.contains("several guest packages") && stderr.contains("-p NAME"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -75,7 +113,10 @@ fn a_crate_that_is_not_a_guest_gets_a_clear_error() {
     let stderr = text(&out.stderr);
     let _ = std::fs::remove_dir_all(&dir);
     assert_eq!(out.status.code(), Some(125), "{stderr}");
-    assert!(stderr.contains("package `plain` is not a pvrun guest"), "{stderr}");
+    assert!(
+        stderr.contains("package `plain` is not a pvrun guest"),
+        "{stderr}"
+    );
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
 }
 

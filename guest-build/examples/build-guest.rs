@@ -1,7 +1,9 @@
 //! Builds the guest crate at the given manifest path and prints the ELF path (a dev tool).
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
-    let manifest = args.next().expect("usage: build-guest MANIFEST [--release] [--bin NAME]");
+    let manifest = args
+        .next()
+        .expect("usage: build-guest MANIFEST [--release] [--bin NAME]");
     let mut req = guest_build::BuildRequest {
         manifest_path: Some(manifest.into()),
         ..Default::default()

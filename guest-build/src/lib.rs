@@ -120,7 +120,11 @@ pub fn guest_rustflags(script: &Path) -> Vec<String> {
 }
 
 /// Resolves the package to build, the same way `cargo run` does.
-fn select_package<'m>(meta: &'m Metadata, req: &BuildRequest, start_manifest: &Path) -> Result<&'m Package> {
+fn select_package<'m>(
+    meta: &'m Metadata,
+    req: &BuildRequest,
+    start_manifest: &Path,
+) -> Result<&'m Package> {
     let members: Vec<&Package> = meta.workspace_packages();
     if let Some(name) = &req.package {
         return members
@@ -147,7 +151,10 @@ fn select_package<'m>(meta: &'m Metadata, req: &BuildRequest, start_manifest: &P
         ),
         many => bail!(
             "the workspace has several guest packages ({}); choose one with `-p NAME`",
-            many.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join(", ")
+            many.iter()
+                .map(|p| p.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
         ),
     }
 }
@@ -181,7 +188,11 @@ pub fn build(req: &BuildRequest) -> Result<BuiltGuest> {
     };
     let manifest = match &req.manifest_path {
         Some(m) => {
-            let m = if m.is_absolute() { m.clone() } else { cwd.join(m) };
+            let m = if m.is_absolute() {
+                m.clone()
+            } else {
+                cwd.join(m)
+            };
             if !m.is_file() {
                 bail!("manifest `{}` does not exist", m.display());
             }
@@ -276,10 +287,13 @@ pub fn build(req: &BuildRequest) -> Result<BuiltGuest> {
         cmd.arg("--quiet");
     }
     cmd.args(&req.extra_cargo_args);
-    cmd.env("CARGO_ENCODED_RUSTFLAGS", guest_rustflags(&script).join("\x1f"))
-        .env_remove("RUSTFLAGS")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
+    cmd.env(
+        "CARGO_ENCODED_RUSTFLAGS",
+        guest_rustflags(&script).join("\x1f"),
+    )
+    .env_remove("RUSTFLAGS")
+    .stdout(Stdio::piped())
+    .stderr(Stdio::inherit());
     let mut child = cmd.spawn().context("cannot run cargo")?;
     let stdout = child.stdout.take().expect("piped stdout");
     let mut elf = None;
@@ -299,9 +313,13 @@ pub fn build(req: &BuildRequest) -> Result<BuiltGuest> {
     }
     let status = child.wait().context("cannot wait for cargo")?;
     if !status.success() {
-        bail!("could not build guest `{}` (cargo exited with {status})", target_name);
+        bail!(
+            "could not build guest `{}` (cargo exited with {status})",
+            target_name
+        );
     }
-    let elf = elf.ok_or_else(|| anyhow!("cargo built `{target_name}` but reported no executable"))?;
+    let elf =
+        elf.ok_or_else(|| anyhow!("cargo built `{target_name}` but reported no executable"))?;
     Ok(BuiltGuest {
         elf,
         package: pkg.name.to_string(),

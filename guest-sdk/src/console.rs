@@ -1,21 +1,81 @@
 //! Console output: the `print!`/`println!`/`eprint!`/`eprintln!` macros and raw writes.
 //!
-//! Formatted output is collected in a 1 KiB stack buffer and sent with one
-//! `CONSOLE_WRITE` hypercall per macro call (more only if the text is longer than the
-//! buffer), because every hypercall is a VM exit. Writes longer than
+//! Output goes into the console ring the host set up (see `pvrun_abi::ConsoleRing`):
+//! writing costs no VM exit. The host delivers the ring's contents at the guest's next
+//! exit of any kind (a hypercall, `sleep`, `exit`, a panic or a crash), so nothing is lost
+//! and output stays in order with crash reports; [`flush`] delivers it at once. Only when
+//! the ring is full does a write cost an exit (a flush). Without a ring (an older host),
+//! each macro call is one `CONSOLE_WRITE` hypercall; writes longer than
 //! [`CONSOLE_WRITE_MAX`] are split.
 
 use core::fmt::{self, Write};
+use core::sync::atomic::{Ordering, fence};
 
-use pvrun_abi::{CONSOLE_WRITE_MAX, ConsoleWrite, stream};
+use pvrun_abi::{CONSOLE_RECORD_HEADER, CONSOLE_WRITE_MAX, ConsoleWrite, call as nr, stream};
 
-use crate::hypercall::call;
+use crate::hypercall::{call, hypercall};
+
+/// Asks the host to deliver everything in the console ring now (one VM exit).
+pub fn flush() {
+    // SAFETY: CONSOLE_FLUSH takes no arguments and touches only the console ring.
+    unsafe { hypercall(nr::CONSOLE_FLUSH, 0) };
+}
+
+/// Appends `bytes` to the console ring as records for `stream`; false if there is no ring.
+fn ring_write(stream: u32, mut bytes: &[u8]) -> bool {
+    let bi = crate::boot_info();
+    let size = bi.console_size;
+    if bi.console_ring == 0 || size < 2 * CONSOLE_RECORD_HEADER || !size.is_power_of_two() {
+        return false;
+    }
+    let prod_ptr = bi.console_ring as *mut u64;
+    // `consumer` sits on the header's second cache line (offset 64).
+    let cons_ptr = (bi.console_ring + 64) as *const u64;
+    let data = bi.console_data as *mut u8;
+    let max_chunk = (size - CONSOLE_RECORD_HEADER).min(u16::MAX as u64) as usize;
+    while !bytes.is_empty() {
+        let chunk = bytes.len().min(max_chunk);
+        let need = CONSOLE_RECORD_HEADER + chunk as u64;
+        // SAFETY: the host mapped the ring header read-write for the guest at this address.
+        let producer = unsafe { prod_ptr.read_volatile() };
+        let mut tries = 0;
+        loop {
+            // SAFETY: as above; the host updates `consumer`, so it is read volatile.
+            let consumer = unsafe { cons_ptr.read_volatile() };
+            if size - producer.wrapping_sub(consumer) >= need {
+                break;
+            }
+            if tries == 2 {
+                return false; // the host does not drain: fall back to CONSOLE_WRITE
+            }
+            flush();
+            tries += 1;
+        }
+        let len = (chunk as u16).to_le_bytes();
+        let header = [stream as u8, len[0], len[1]];
+        let mut at = producer;
+        for &b in header.iter().chain(&bytes[..chunk]) {
+            // SAFETY: `at % size` is inside the data area the host mapped for the guest.
+            unsafe { data.add((at % size) as usize).write_volatile(b) };
+            at = at.wrapping_add(1);
+        }
+        // Publish the record only after its bytes (pairs with the host's acquire).
+        fence(Ordering::Release);
+        // SAFETY: as above.
+        unsafe { prod_ptr.write_volatile(at) };
+        bytes = &bytes[chunk..];
+    }
+    true
+}
 
 /// Size of the stack buffer formatted output is collected in.
 const BUF_SIZE: usize = 1024;
 
 /// Writes `bytes` to the console stream `stream`; returns false if the host refused them.
 fn write_stream(stream: u32, mut bytes: &[u8]) -> bool {
+    if ring_write(stream, bytes) {
+        return true;
+    }
     while !bytes.is_empty() {
         let chunk = bytes.len().min(CONSOLE_WRITE_MAX as usize);
         let r = call(&ConsoleWrite {

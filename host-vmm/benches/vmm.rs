@@ -18,7 +18,9 @@ fn median(mut v: Vec<Duration>) -> Duration {
 
 fn guest(name: &str) -> PathBuf {
     let req = guest_build::BuildRequest {
-        manifest_path: Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest-examples/Cargo.toml")),
+        manifest_path: Some(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest-examples/Cargo.toml"),
+        ),
         package: Some(name.into()),
         release: true,
         quiet: true,
@@ -44,20 +46,32 @@ impl Write for Capture {
 /// Per-exit time of a CPL3 `out` loop with nothing behind it: median of batch averages.
 fn exit_floor() -> Duration {
     let img = Arc::new(
-        GuestImage::from_bytes(Path::new("floor"), raw_guest::elf(EXIT_LOOP, RawElf::default()))
-            .unwrap(),
+        GuestImage::from_bytes(
+            Path::new("floor"),
+            raw_guest::elf(EXIT_LOOP, RawElf::default()),
+        )
+        .unwrap(),
     );
     let mut vm = Vm::new(img, VmConfig::default()).expect("KVM is needed for the benchmark");
     vm.raw_exit_loop(2000).unwrap();
     let per = 2000u32;
-    median((0..15).map(|_| vm.raw_exit_loop(per as u64).unwrap() / per).collect())
+    median(
+        (0..15)
+            .map(|_| vm.raw_exit_loop(per as u64).unwrap() / per)
+            .collect(),
+    )
 }
 
 fn hypercall(bench: &Path) -> Duration {
     let img = Arc::new(GuestImage::from_file(bench).unwrap());
     let err = Capture::default();
     let cfg = VmConfig {
-        args: vec!["bench".into(), "hypercall".into(), "15".into(), "2000".into()],
+        args: vec![
+            "bench".into(),
+            "hypercall".into(),
+            "15".into(),
+            "2000".into(),
+        ],
         stdout: Box::new(std::io::sink()),
         stderr: Box::new(err.clone()),
         ..VmConfig::default()
@@ -143,7 +157,10 @@ fn main() {
     println!();
     println!("| measurement | median | floor | ratio | target |");
     println!("|---|---|---|---|---|");
-    println!("| raw KVM exit floor (CPL3 `out` round trip) | {} | - | 1.00x | - |", us(floor));
+    println!(
+        "| raw KVM exit floor (CPL3 `out` round trip) | {} | - | 1.00x | - |",
+        us(floor)
+    );
     println!(
         "| console-write hypercall round trip | {} | {} | {:.2}x | <= 1.1x floor |",
         us(hc),

@@ -6,7 +6,9 @@ use pvrun_abi::{ABI_VERSION, BOOT_INFO_MAGIC, BootInfo, MAX_REGIONS, MemRegion, 
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::error::Error;
-use crate::layout::{BOOT_INFO_ADDR, BOOT_INFO_END};
+use crate::layout::{
+    BOOT_INFO_ADDR, BOOT_INFO_END, CONSOLE_DATA_ADDR, CONSOLE_DATA_SIZE, CONSOLE_RING_ADDR,
+};
 use crate::memory::{GuestRam, MemoryMap};
 
 /// Clock calibration and other per-boot facts.
@@ -78,6 +80,9 @@ pub fn write(
     info.tsc_hz = facts.tsc_hz;
     info.tsc_at_boot = facts.tsc_at_boot;
     info.wall_ns_at_boot = facts.wall_ns_at_boot;
+    info.console_ring = CONSOLE_RING_ADDR;
+    info.console_data = CONSOLE_DATA_ADDR;
+    info.console_size = CONSOLE_DATA_SIZE;
     // SAFETY: getrandom writes at most 32 bytes into the 32-byte array.
     let got = unsafe { libc::getrandom(info.random_seed.as_mut_ptr().cast(), 32, 0) };
     if got != 32 {
@@ -114,8 +119,7 @@ pub fn write(
         return Err(Error::ArgsTooLarge(total));
     }
     // SAFETY-free: BootInfo is ByteValued (repr(C), no padding holes).
-    area.bytes[..size_of::<BootInfo>()]
-        .copy_from_slice(vm_memory::ByteValued::as_slice(&info));
+    area.bytes[..size_of::<BootInfo>()].copy_from_slice(vm_memory::ByteValued::as_slice(&info));
     ram.mem()
         .write_slice(&area.bytes, GuestAddress(BOOT_INFO_ADDR))
         .map_err(|e| Error::Layout(format!("cannot write boot info: {e}")))?;

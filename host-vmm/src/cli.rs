@@ -33,7 +33,9 @@ pub fn parse_timeout(s: &str) -> Result<Duration, String> {
         .parse()
         .map_err(|_| format!("`{s}` is not a number of seconds"))?;
     if !(secs > 0.0 && secs.is_finite()) {
-        return Err(format!("timeout `{s}` must be a positive number of seconds"));
+        return Err(format!(
+            "timeout `{s}` must be a positive number of seconds"
+        ));
     }
     Duration::try_from_secs_f64(secs).map_err(|e| e.to_string())
 }

@@ -79,7 +79,10 @@ impl GuestImage {
             return Err(bad(path, "is not an ELF file"));
         }
         if bytes.len() < 5 || bytes[4] != elf::ELFCLASS64.0 {
-            return Err(bad(path, "is a 32-bit ELF; pvrun guests are x86-64 (ELFCLASS64) binaries"));
+            return Err(bad(
+                path,
+                "is a 32-bit ELF; pvrun guests are x86-64 (ELFCLASS64) binaries",
+            ));
         }
         let file = ElfFile64::<Endianness>::parse(&bytes[..])
             .map_err(|e| bad(path, format!("is a malformed ELF ({e})")))?;
@@ -89,11 +92,16 @@ impl GuestImage {
         if machine != elf::EM_X86_64 {
             return Err(bad(
                 path,
-                format!("is built for another architecture (e_machine {machine}); pvrun runs x86-64 guests"),
+                format!(
+                    "is built for another architecture (e_machine {machine}); pvrun runs x86-64 guests"
+                ),
             ));
         }
         if endian != Endianness::Little {
-            return Err(bad(path, "is big-endian; pvrun runs little-endian x86-64 guests"));
+            return Err(bad(
+                path,
+                "is big-endian; pvrun runs little-endian x86-64 guests",
+            ));
         }
         match hdr.e_type(endian) {
             elf::ET_EXEC => {}
@@ -104,7 +112,10 @@ impl GuestImage {
                 ));
             }
             elf::ET_REL => {
-                return Err(bad(path, "is a relocatable object (ET_REL), not a linked executable"));
+                return Err(bad(
+                    path,
+                    "is a relocatable object (ET_REL), not a linked executable",
+                ));
             }
             t => return Err(bad(path, format!("has ELF type {t}, not an executable"))),
         }
@@ -125,18 +136,37 @@ impl GuestImage {
                         continue;
                     }
                     if vaddr != paddr {
-                        return Err(bad(path, format!("segment at {vaddr:#x} has a different physical address ({paddr:#x})")));
+                        return Err(bad(
+                            path,
+                            format!(
+                                "segment at {vaddr:#x} has a different physical address ({paddr:#x})"
+                            ),
+                        ));
                     }
                     if filesz > memsz {
-                        return Err(bad(path, format!("segment at {vaddr:#x} has file size larger than memory size")));
+                        return Err(bad(
+                            path,
+                            format!("segment at {vaddr:#x} has file size larger than memory size"),
+                        ));
                     }
-                    if offset.checked_add(filesz).is_none_or(|end| end > bytes.len() as u64) {
-                        return Err(bad(path, format!("segment at {vaddr:#x} extends past the end of the file")));
+                    if offset
+                        .checked_add(filesz)
+                        .is_none_or(|end| end > bytes.len() as u64)
+                    {
+                        return Err(bad(
+                            path,
+                            format!("segment at {vaddr:#x} extends past the end of the file"),
+                        ));
                     }
                     let end = vaddr
                         .checked_add(memsz)
                         .and_then(|e| align_up(e, PAGE_SIZE))
-                        .ok_or_else(|| bad(path, format!("segment at {vaddr:#x} overflows the address space")))?;
+                        .ok_or_else(|| {
+                            bad(
+                                path,
+                                format!("segment at {vaddr:#x} overflows the address space"),
+                            )
+                        })?;
                     if vaddr < GUEST_IMAGE_BASE {
                         return Err(bad(
                             path,
@@ -153,7 +183,12 @@ impl GuestImage {
                         p |= perm::X;
                     }
                     if p & perm::W != 0 && p & perm::X != 0 {
-                        return Err(bad(path, format!("segment at {vaddr:#x} is both writable and executable (pvrun enforces W^X)")));
+                        return Err(bad(
+                            path,
+                            format!(
+                                "segment at {vaddr:#x} is both writable and executable (pvrun enforces W^X)"
+                            ),
+                        ));
                     }
                     segments.push(Segment {
                         vaddr,
@@ -165,18 +200,27 @@ impl GuestImage {
                     });
                 }
                 elf::PT_INTERP | elf::PT_DYNAMIC => {
-                    return Err(bad(path, "is dynamically linked; pvrun guests are static executables built with `cargo pvrun`"));
+                    return Err(bad(
+                        path,
+                        "is dynamically linked; pvrun guests are static executables built with `cargo pvrun`",
+                    ));
                 }
                 elf::PT_TLS => {
-                    return Err(bad(path, "uses thread-local storage, which pvrun guests do not support"));
+                    return Err(bad(
+                        path,
+                        "uses thread-local storage, which pvrun guests do not support",
+                    ));
                 }
                 elf::PT_NOTE => {
                     if let Ok(Some(mut notes)) = ph.notes(endian, &bytes[..]) {
                         while let Ok(Some(note)) = notes.next() {
-                            if note.name() == NOTE_NAME && note.n_type(endian).0 == NOTE_TYPE_ABI_VERSION {
+                            if note.name() == NOTE_NAME
+                                && note.n_type(endian).0 == NOTE_TYPE_ABI_VERSION
+                            {
                                 let d = note.desc();
                                 if d.len() >= 4 {
-                                    abi_version = Some(u32::from_le_bytes([d[0], d[1], d[2], d[3]]));
+                                    abi_version =
+                                        Some(u32::from_le_bytes([d[0], d[1], d[2], d[3]]));
                                 }
                             }
                         }
@@ -206,13 +250,22 @@ impl GuestImage {
             if w[0].page_end > w[1].page_start {
                 return Err(bad(
                     path,
-                    format!("segments at {:#x} and {:#x} share a page (link with 4 KiB aligned segments)", w[0].vaddr, w[1].vaddr),
+                    format!(
+                        "segments at {:#x} and {:#x} share a page (link with 4 KiB aligned segments)",
+                        w[0].vaddr, w[1].vaddr
+                    ),
                 ));
             }
         }
         let entry = hdr.e_entry(endian);
-        if !segments.iter().any(|s| s.perm & perm::X != 0 && entry >= s.vaddr && entry < s.vaddr + s.memsz) {
-            return Err(bad(path, format!("entry point {entry:#x} is not inside an executable segment")));
+        if !segments
+            .iter()
+            .any(|s| s.perm & perm::X != 0 && entry >= s.vaddr && entry < s.vaddr + s.memsz)
+        {
+            return Err(bad(
+                path,
+                format!("entry point {entry:#x} is not inside an executable segment"),
+            ));
         }
 
         let mut symbols: Vec<Symbol> = file
@@ -240,7 +293,11 @@ impl GuestImage {
 
     /// End of the highest segment (page aligned).
     pub fn image_end(&self) -> u64 {
-        self.segments.iter().map(|s| s.page_end).max().unwrap_or(GUEST_IMAGE_BASE)
+        self.segments
+            .iter()
+            .map(|s| s.page_end)
+            .max()
+            .unwrap_or(GUEST_IMAGE_BASE)
     }
 
     /// Copies the segments into guest memory and zeroes their BSS.
@@ -258,7 +315,8 @@ impl GuestImage {
             // a fresh VM are already zero, so only the partial page after the file data is
             // written (the memory is never reused between guests).
             let bss_start = s.vaddr + s.filesz;
-            let bss_end = (s.vaddr + s.memsz).min(align_up(bss_start, PAGE_SIZE).unwrap_or(u64::MAX));
+            let bss_end =
+                (s.vaddr + s.memsz).min(align_up(bss_start, PAGE_SIZE).unwrap_or(u64::MAX));
             if bss_end > bss_start {
                 let zeros = vec![0u8; (bss_end - bss_start) as usize];
                 ram.mem()

@@ -7,10 +7,14 @@ use thiserror::Error;
 #[derive(Debug, Error)]
 pub enum Error {
     /// /dev/kvm is missing.
-    #[error("/dev/kvm does not exist: KVM is not available on this machine (enable virtualization or load the kvm module)")]
+    #[error(
+        "/dev/kvm does not exist: KVM is not available on this machine (enable virtualization or load the kvm module)"
+    )]
     NoKvm,
     /// /dev/kvm exists but may not be opened.
-    #[error("cannot open /dev/kvm: permission denied (add yourself to the `kvm` group or run as root)")]
+    #[error(
+        "cannot open /dev/kvm: permission denied (add yourself to the `kvm` group or run as root)"
+    )]
     KvmPermission,
     /// Any other failure to open /dev/kvm.
     #[error("cannot open /dev/kvm: {0}")]
@@ -35,7 +39,9 @@ pub enum Error {
         reason: String,
     },
     /// The guest speaks another ABI version.
-    #[error("guest `{path}` was built for pvrun ABI v{guest}, but this host speaks v{host}; rebuild it with this version's guest-sdk")]
+    #[error(
+        "guest `{path}` was built for pvrun ABI v{guest}, but this host speaks v{host}; rebuild it with this version's guest-sdk"
+    )]
     AbiMismatch {
         /// The file.
         path: String,

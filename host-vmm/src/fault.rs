@@ -57,7 +57,9 @@ fn privileged_instruction(code: &[u8]) -> Option<&'static str> {
         [0xfa, ..] => "cli",
         [0xfb, ..] => "sti",
         [0xf4, ..] => "hlt",
-        [0xe4..=0xe7, ..] | [0xec..=0xef, ..] | [0x6c..=0x6f, ..] => "port I/O outside the hypercall ports",
+        [0xe4..=0xe7, ..] | [0xec..=0xef, ..] | [0x6c..=0x6f, ..] => {
+            "port I/O outside the hypercall ports"
+        }
         [0xcd, ..] => "int n",
         [0x0f, 0x22, ..] => "mov to a control register",
         [0x0f, 0x20, ..] => "mov from a control register",
@@ -103,7 +105,10 @@ pub fn describe(
         };
         let cause = if cr2 < PAGE_SIZE {
             "null pointer dereference".to_string()
-        } else if map.stack_guard().is_some_and(|(lo, hi)| (lo..hi).contains(&cr2)) {
+        } else if map
+            .stack_guard()
+            .is_some_and(|(lo, hi)| (lo..hi).contains(&cr2))
+        {
             "stack overflow (hit the guard region below the stack)".to_string()
         } else if error_code & 0x1 == 0 {
             if cr2 < GUEST_IMAGE_BASE {
@@ -151,9 +156,15 @@ mod tests {
     #[test]
     fn privileged_instructions_are_named() {
         assert_eq!(privileged_instruction(&[0xfa]), Some("cli"));
-        assert_eq!(privileged_instruction(&[0x0f, 0x22, 0xd8]), Some("mov to a control register"));
+        assert_eq!(
+            privileged_instruction(&[0x0f, 0x22, 0xd8]),
+            Some("mov to a control register")
+        );
         assert_eq!(privileged_instruction(&[0x0f, 0x30]), Some("wrmsr"));
-        assert_eq!(privileged_instruction(&[0xe6, 0x80]), Some("port I/O outside the hypercall ports"));
+        assert_eq!(
+            privileged_instruction(&[0xe6, 0x80]),
+            Some("port I/O outside the hypercall ports")
+        );
         assert_eq!(privileged_instruction(&[0x90]), None);
     }
 }

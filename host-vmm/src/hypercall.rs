@@ -7,8 +7,10 @@
 
 use std::io::Write;
 
+use pvrun_abi::layout::{CONSOLE_DATA_ADDR, CONSOLE_DATA_SIZE, CONSOLE_RING_ADDR};
 use pvrun_abi::{
-    ABORT_MESSAGE_MAX, Abort, CONSOLE_WRITE_MAX, ConsoleWrite, Exit, Wait, call, status, stream,
+    ABORT_MESSAGE_MAX, Abort, CONSOLE_RECORD_HEADER, CONSOLE_WRITE_MAX, ConsoleWrite, Exit, Wait,
+    call, status, stream,
 };
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -25,6 +27,8 @@ pub enum Action {
     Abort(String),
     /// Sleep until this guest-monotonic deadline (ns), then resume with `rax` = 0.
     Wait(u64),
+    /// The guest broke the protocol badly enough to be stopped (a corrupt console ring).
+    Fault(String),
 }
 
 /// Where guest console output goes.
@@ -34,6 +38,9 @@ pub struct Console {
     /// Guest stderr.
     pub stderr: Box<dyn Write + Send>,
     scratch: Vec<u8>,
+    /// Bytes of the console ring consumed so far. The host keeps its own count and never
+    /// trusts the copy it publishes to the guest.
+    consumed: u64,
 }
 
 impl Console {
@@ -43,7 +50,77 @@ impl Console {
             stdout,
             stderr,
             scratch: Vec::new(),
+            consumed: 0,
         }
+    }
+
+    /// Copies every complete record out of the guest's console ring to the sinks. An error
+    /// (an impossible producer index, a record with a bad stream or cut short) means the
+    /// guest corrupted the ring; the caller stops it.
+    pub fn drain(&mut self, mem: &GuestMemoryMmap) -> Result<(), String> {
+        let producer: u64 = mem
+            .read_obj(GuestAddress(CONSOLE_RING_ADDR))
+            .map_err(|e| format!("console ring unreadable: {e}"))?;
+        if producer == self.consumed {
+            return Ok(());
+        }
+        // Pairs with the guest's release store of `producer`: the bytes are read after it.
+        std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
+        let avail = producer.wrapping_sub(self.consumed);
+        if avail > CONSOLE_DATA_SIZE {
+            return Err(format!(
+                "console ring corrupted: producer index {producer} is {avail} bytes ahead of the consumer {} (ring size {CONSOLE_DATA_SIZE})",
+                self.consumed
+            ));
+        }
+        let mut buf = std::mem::take(&mut self.scratch);
+        buf.clear();
+        buf.resize(avail as usize, 0);
+        let start = self.consumed % CONSOLE_DATA_SIZE;
+        let first = (CONSOLE_DATA_SIZE - start).min(avail) as usize;
+        let r = mem
+            .read_slice(&mut buf[..first], GuestAddress(CONSOLE_DATA_ADDR + start))
+            .and_then(|_| mem.read_slice(&mut buf[first..], GuestAddress(CONSOLE_DATA_ADDR)));
+        let result = match r {
+            Err(e) => Err(format!("console ring unreadable: {e}")),
+            Ok(()) => self.deliver(&buf),
+        };
+        self.scratch = buf;
+        // Everything published is consumed, even a corrupt tail, so the guest never spins.
+        self.consumed = producer;
+        let _ = mem.write_obj(producer, GuestAddress(CONSOLE_RING_ADDR + 64));
+        result
+    }
+
+    /// Writes the records in `bytes` (a copy of the ring) to their streams.
+    fn deliver(&mut self, mut bytes: &[u8]) -> Result<(), String> {
+        let h = CONSOLE_RECORD_HEADER as usize;
+        while !bytes.is_empty() {
+            if bytes.len() < h {
+                return Err("console ring corrupted: a record header is cut short".into());
+            }
+            let stream = bytes[0] as u32;
+            let len = u16::from_le_bytes([bytes[1], bytes[2]]) as usize;
+            let Some(data) = bytes.get(h..h + len) else {
+                return Err(format!(
+                    "console ring corrupted: a record of {len} bytes extends past the published data"
+                ));
+            };
+            let sink = match stream {
+                stream::STDOUT => &mut self.stdout,
+                stream::STDERR => &mut self.stderr,
+                s => {
+                    return Err(format!(
+                        "console ring corrupted: record for unknown stream {s}"
+                    ));
+                }
+            };
+            let _ = sink.write_all(data);
+            bytes = &bytes[h + len..];
+        }
+        let _ = self.stdout.flush();
+        let _ = self.stderr.flush();
+        Ok(())
     }
 }
 
@@ -95,6 +172,10 @@ pub fn dispatch(nr: u16, arg: u64, guest: &GuestView<'_>, console: &mut Console)
             Err(e) => Err(e),
         },
         call::ABORT => return abort(arg, guest),
+        call::CONSOLE_FLUSH => match console.drain(guest.mem) {
+            Ok(()) => Ok(0),
+            Err(e) => return Action::Fault(e),
+        },
         call::WAIT => match guest.read_args::<Wait>(arg) {
             Ok(a) => return Action::Wait(a.deadline_ns),
             Err(e) => Err(e),

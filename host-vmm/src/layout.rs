@@ -8,6 +8,7 @@
 //! 0x0000_3000  TSS + I/O bitmap     supervisor-only
 //! 0x0000_4000  ring-0 exception stubs (supervisor-only, R+X)
 //! 0x0000_5000  ring-0 stack (3 pages, supervisor-only, RW+NX)
+//! 0x0000_8000  console ring header, then 16 KiB of ring data (user RW+NX)
 //! 0x0001_0000  boot info, argv, env (user read-only)
 //! 0x0010_0000  page tables (not mapped at all)
 //! 0x0020_0000  guest ELF segments (2 MiB aligned), then the heap

@@ -266,12 +266,48 @@ mod tests {
 
     fn map() -> MemoryMap {
         MemoryMap::new(vec![
-            Region { start: 0x1000, end: 0x2000, kind: HOST_ONLY, perm: perm::R | perm::W, user: false },
-            Region { start: 0x10000, end: 0x20000, kind: region::BOOT_INFO, perm: perm::R, user: true },
-            Region { start: 0x200000, end: 0x400000, kind: region::TEXT, perm: perm::R | perm::X, user: true },
-            Region { start: 0x400000, end: 0x600000, kind: region::DATA, perm: perm::R | perm::W, user: true },
-            Region { start: 0x600000, end: 0x800000, kind: region::HEAP, perm: perm::R | perm::W, user: true },
-            Region { start: 0xa00000, end: 0xc00000, kind: region::STACK, perm: perm::R | perm::W, user: true },
+            Region {
+                start: 0x1000,
+                end: 0x2000,
+                kind: HOST_ONLY,
+                perm: perm::R | perm::W,
+                user: false,
+            },
+            Region {
+                start: 0x10000,
+                end: 0x20000,
+                kind: region::BOOT_INFO,
+                perm: perm::R,
+                user: true,
+            },
+            Region {
+                start: 0x200000,
+                end: 0x400000,
+                kind: region::TEXT,
+                perm: perm::R | perm::X,
+                user: true,
+            },
+            Region {
+                start: 0x400000,
+                end: 0x600000,
+                kind: region::DATA,
+                perm: perm::R | perm::W,
+                user: true,
+            },
+            Region {
+                start: 0x600000,
+                end: 0x800000,
+                kind: region::HEAP,
+                perm: perm::R | perm::W,
+                user: true,
+            },
+            Region {
+                start: 0xa00000,
+                end: 0xc00000,
+                kind: region::STACK,
+                perm: perm::R | perm::W,
+                user: true,
+            },
         ])
         .unwrap()
     }
@@ -280,12 +316,18 @@ mod tests {
     fn user_ranges_span_adjacent_regions_but_not_gaps() {
         let m = map();
         assert_eq!(m.check_user(0x5ffff0, 0x20, true), Ok(()));
-        assert_eq!(m.check_user(0x7ffff0, 0x20, false), Err(AccessError::Outside));
+        assert_eq!(
+            m.check_user(0x7ffff0, 0x20, false),
+            Err(AccessError::Outside)
+        );
         assert_eq!(m.check_user(0x10000, 8, true), Err(AccessError::Outside));
         assert_eq!(m.check_user(0x10000, 8, false), Ok(()));
         assert_eq!(m.check_user(0x1000, 8, false), Err(AccessError::Outside));
         assert_eq!(m.check_user(0, 8, false), Err(AccessError::Outside));
-        assert_eq!(m.check_user(u64::MAX - 3, 8, false), Err(AccessError::Overflow));
+        assert_eq!(
+            m.check_user(u64::MAX - 3, 8, false),
+            Err(AccessError::Overflow)
+        );
         assert_eq!(m.check_user(0xdead, 0, false), Ok(()));
         assert_eq!(m.stack_guard(), Some((0x800000, 0xa00000)));
     }
@@ -293,8 +335,20 @@ mod tests {
     #[test]
     fn overlapping_regions_are_refused() {
         let r = MemoryMap::new(vec![
-            Region { start: 0x1000, end: 0x3000, kind: HOST_ONLY, perm: perm::R, user: false },
-            Region { start: 0x2000, end: 0x4000, kind: HOST_ONLY, perm: perm::R, user: false },
+            Region {
+                start: 0x1000,
+                end: 0x3000,
+                kind: HOST_ONLY,
+                perm: perm::R,
+                user: false,
+            },
+            Region {
+                start: 0x2000,
+                end: 0x4000,
+                kind: HOST_ONLY,
+                perm: perm::R,
+                user: false,
+            },
         ]);
         assert!(r.is_err());
     }

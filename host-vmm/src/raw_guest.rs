@@ -81,7 +81,14 @@ pub fn elf(code: &[u8], opts: RawElf) -> Vec<u8> {
     out.extend_from_slice(&0u16.to_le_bytes()); // e_shnum
     out.extend_from_slice(&0u16.to_le_bytes()); // e_shstrndx
     // PT_LOAD.
-    let ph = |out: &mut Vec<u8>, ty: u32, flags: u32, off: u64, vaddr: u64, filesz: u64, memsz: u64, align: u64| {
+    let ph = |out: &mut Vec<u8>,
+              ty: u32,
+              flags: u32,
+              off: u64,
+              vaddr: u64,
+              filesz: u64,
+              memsz: u64,
+              align: u64| {
         out.extend_from_slice(&ty.to_le_bytes());
         out.extend_from_slice(&flags.to_le_bytes());
         out.extend_from_slice(&off.to_le_bytes());
@@ -92,9 +99,27 @@ pub fn elf(code: &[u8], opts: RawElf) -> Vec<u8> {
         out.extend_from_slice(&align.to_le_bytes());
     };
     let len = code.len() as u64;
-    ph(&mut out, 1, opts.flags, code_off, opts.vaddr, len, len + opts.bss, 0x1000);
+    ph(
+        &mut out,
+        1,
+        opts.flags,
+        code_off,
+        opts.vaddr,
+        len,
+        len + opts.bss,
+        0x1000,
+    );
     if !note.is_empty() {
-        ph(&mut out, 4, 4, note_off, 0, note.len() as u64, note.len() as u64, 4);
+        ph(
+            &mut out,
+            4,
+            4,
+            note_off,
+            0,
+            note.len() as u64,
+            note.len() as u64,
+            4,
+        );
     }
     out.extend_from_slice(&note);
     out.resize(code_off as usize, 0);

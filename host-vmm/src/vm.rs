@@ -82,6 +82,8 @@ pub enum Outcome {
     TimedOut(Duration),
     /// The guest was killed through a [`KillHandle`].
     Killed,
+    /// The host process got this signal (SIGINT, SIGTERM) and stopped the guest.
+    Interrupted(i32),
 }
 
 impl Outcome {
@@ -93,6 +95,7 @@ impl Outcome {
             Outcome::Fault(_) => EXIT_FAULT,
             Outcome::TimedOut(_) => EXIT_TIMEOUT,
             Outcome::Killed => EXIT_KILLED,
+            Outcome::Interrupted(sig) => 128 + sig,
         }
     }
 
@@ -108,6 +111,9 @@ impl Outcome {
                 t.as_secs_f64()
             )),
             Outcome::Killed => Some("pvrun: guest was killed".into()),
+            Outcome::Interrupted(sig) => {
+                Some(format!("pvrun: interrupted by signal {sig}; guest stopped"))
+            }
         }
     }
 }
@@ -190,6 +196,37 @@ fn kick_signal() -> libc::c_int {
 
 extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
+/// The terminating signal the process got, if any (0: none).
+static INTERRUPTED: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+/// The thread running a vCPU in this process, for the signal handler to kick (0: none).
+static VCPU_THREAD: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+extern "C" fn on_terminate(sig: libc::c_int) {
+    INTERRUPTED.store(sig, Ordering::SeqCst);
+    let t = VCPU_THREAD.load(Ordering::SeqCst);
+    if t != 0 {
+        // SAFETY: pthread_kill is async-signal-safe; the kick handler does nothing.
+        unsafe { libc::pthread_kill(t as libc::pthread_t, kick_signal()) };
+    }
+}
+
+/// Makes SIGINT and SIGTERM stop the running guest cleanly (its console output is
+/// delivered and the run ends with [`Outcome::Interrupted`]) instead of killing the
+/// process. For single-VM programs such as the `pvrun` runner.
+pub fn stop_guest_on_signals() {
+    install_kick_handler();
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: a plain handler that only touches atomics and calls pthread_kill;
+        // no SA_RESTART, so a blocking KVM_RUN returns EINTR.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_terminate as extern "C" fn(libc::c_int) as usize;
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(sig, &sa, std::ptr::null_mut());
+        }
+    }
+}
+
 fn install_kick_handler() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
@@ -228,8 +265,7 @@ impl Vm {
         let heap_end = stack_start - STACK_GUARD_SIZE;
         if heap_start.saturating_add(MIN_HEAP_SIZE) > heap_end {
             return Err(Error::DoesNotFit {
-                needed: heap_start
-                    .saturating_add(MIN_HEAP_SIZE + STACK_GUARD_SIZE + STACK_SIZE),
+                needed: heap_start.saturating_add(MIN_HEAP_SIZE + STACK_GUARD_SIZE + STACK_SIZE),
                 available: mem_size,
             });
         }
@@ -246,6 +282,13 @@ impl Vm {
             host(TSS_ADDR, TSS_ADDR + PAGE_SIZE, perm::R | perm::W),
             host(STUBS_ADDR, STUBS_ADDR + PAGE_SIZE, perm::R | perm::X),
             host(R0_STACK_BOTTOM, R0_STACK_TOP, perm::R | perm::W),
+            Region {
+                start: CONSOLE_RING_ADDR,
+                end: CONSOLE_DATA_ADDR + CONSOLE_DATA_SIZE,
+                kind: region::CONSOLE,
+                perm: perm::R | perm::W,
+                user: true,
+            },
             Region {
                 start: BOOT_INFO_ADDR,
                 end: BOOT_INFO_END,
@@ -299,7 +342,9 @@ impl Vm {
         crate::arch::cpu::write_system_tables(&ram)?;
         let cr3 = paging::build(&ram, &map)?;
 
-        let vm = kvm.create_vm().map_err(|e| Error::Kvm("KVM_CREATE_VM", e))?;
+        let vm = kvm
+            .create_vm()
+            .map_err(|e| Error::Kvm("KVM_CREATE_VM", e))?;
         let slot = kvm_userspace_memory_region {
             slot: 0,
             flags: 0,
@@ -378,7 +423,11 @@ impl Vm {
     pub fn run(&mut self) -> Result<Outcome, Error> {
         let started = Instant::now();
         {
-            let mut t = self.control.target.lock().unwrap_or_else(|p| p.into_inner());
+            let mut t = self
+                .control
+                .target
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
             *t = Some(Target {
                 // SAFETY: pthread_self has no preconditions.
                 tid: unsafe { libc::pthread_self() },
@@ -386,6 +435,8 @@ impl Vm {
                 thread: std::thread::current(),
             });
         }
+        // SAFETY: pthread_self has no preconditions.
+        VCPU_THREAD.store(unsafe { libc::pthread_self() } as u64, Ordering::SeqCst);
         let (cancel, watchdog) = match self.timeout {
             Some(t) => {
                 let (tx, rx) = std::sync::mpsc::channel::<()>();
@@ -404,7 +455,12 @@ impl Vm {
         if let Some(h) = watchdog {
             let _ = h.join();
         }
-        *self.control.target.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        *self
+            .control
+            .target
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = None;
+        VCPU_THREAD.store(0, Ordering::SeqCst);
         r.map(|o| match o {
             Outcome::TimedOut(_) => Outcome::TimedOut(started.elapsed()),
             o => o,
@@ -412,6 +468,10 @@ impl Vm {
     }
 
     fn stopped(&self) -> Option<Outcome> {
+        let sig = INTERRUPTED.load(Ordering::SeqCst);
+        if sig != 0 {
+            return Some(Outcome::Interrupted(sig));
+        }
         match self.control.reason.load(Ordering::SeqCst) {
             STOP_TIMEOUT => Some(Outcome::TimedOut(Duration::ZERO)),
             STOP_KILL => Some(Outcome::Killed),
@@ -448,9 +508,16 @@ impl Vm {
                 Ok(VcpuExit::Hlt) => Exit::Hlt,
                 Ok(VcpuExit::Intr) => Exit::Interrupted,
                 Ok(other) => Exit::Other(format!("{other:?}")),
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Exit::Interrupted,
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    Exit::Interrupted
+                }
                 Err(e) => return Err(Error::Kvm("KVM_RUN", e)),
             };
+            // Console output travels in the ring; deliver it at every exit, before anything
+            // else happens, so it is never lost or reordered against a crash report.
+            if let Err(msg) = self.console.drain(self.ram.mem()) {
+                return Ok(Outcome::Fault(Fault::protocol(msg)));
+            }
             match exit {
                 Exit::Out(port)
                     if (HYPERCALL_PORT_BASE..HYPERCALL_PORT_BASE + HYPERCALL_PORT_COUNT)
@@ -461,12 +528,17 @@ impl Vm {
                         mem: self.ram.mem(),
                         map: &self.map,
                     };
-                    let action =
-                        hypercall::dispatch(port - HYPERCALL_PORT_BASE, rdi, &view, &mut self.console);
+                    let action = hypercall::dispatch(
+                        port - HYPERCALL_PORT_BASE,
+                        rdi,
+                        &view,
+                        &mut self.console,
+                    );
                     match action {
                         Action::Return(v) => self.set_rax(v as u64)?,
                         Action::Exit(code) => return Ok(Outcome::Exited(code)),
                         Action::Abort(msg) => return Ok(Outcome::Panicked(msg)),
+                        Action::Fault(msg) => return Ok(Outcome::Fault(Fault::protocol(msg))),
                         Action::Wait(deadline_ns) => {
                             if let Some(o) = self.wait(deadline_ns) {
                                 return Ok(o);
@@ -602,7 +674,9 @@ impl Vm {
             match self.vcpu.run() {
                 Ok(VcpuExit::IoOut(..)) => {}
                 Ok(other) => {
-                    return Err(Error::Layout(format!("raw exit loop: unexpected exit {other:?}")));
+                    return Err(Error::Layout(format!(
+                        "raw exit loop: unexpected exit {other:?}"
+                    )));
                 }
                 Err(e) => return Err(Error::Kvm("KVM_RUN", e)),
             }

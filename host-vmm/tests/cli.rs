@@ -22,7 +22,10 @@ fn host_error(args: &[&str]) -> String {
 #[test]
 fn missing_file_is_one_clear_line() {
     let e = host_error(&["/nonexistent/guest.elf"]);
-    assert!(e.contains("cannot read guest `/nonexistent/guest.elf`") && e.contains("No such file"), "{e}");
+    assert!(
+        e.contains("cannot read guest `/nonexistent/guest.elf`") && e.contains("No such file"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -35,13 +38,19 @@ fn non_elf_file_is_one_clear_line() {
 fn a_host_program_is_refused_as_pie_or_not_a_guest() {
     // /bin/true on Debian is a PIE; either way it is not a pvrun guest.
     let e = host_error(&["/bin/true"]);
-    assert!(e.contains("position-independent") || e.contains("not a pvrun guest"), "{e}");
+    assert!(
+        e.contains("position-independent") || e.contains("not a pvrun guest"),
+        "{e}"
+    );
 }
 
 #[test]
 fn too_little_memory_says_to_raise_mem() {
     let e = host_error(&["--mem", "4M", guest("hello").to_str().unwrap()]);
-    assert!(e.contains("memory size") && e.contains("out of range"), "{e}");
+    assert!(
+        e.contains("memory size") && e.contains("out of range"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -61,5 +70,9 @@ fn memory_option_changes_the_guest_heap() {
     assert_eq!(pvrun(&elf, &["--mem", "64M"], &["4"]).status, 0);
     let small = pvrun(&elf, &["--mem", "14M"], &["4"]);
     assert_eq!(small.status, 101, "{}", small.stderr);
-    assert!(small.stderr.contains("memory allocation of"), "{}", small.stderr);
+    assert!(
+        small.stderr.contains("memory allocation of"),
+        "{}",
+        small.stderr
+    );
 }

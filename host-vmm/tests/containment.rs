@@ -13,9 +13,17 @@ use host_vmm::{GuestImage, Outcome, Vm, VmConfig};
 /// Runs a mode that must crash the guest; checks status 139 and the report's words.
 fn crashes(mode: &str, words: &[&str]) {
     let r = misbehave(&[mode]);
-    assert_eq!(r.status, 139, "{mode}: status {} stderr {}", r.status, r.stderr);
+    assert_eq!(
+        r.status, 139,
+        "{mode}: status {} stderr {}",
+        r.status, r.stderr
+    );
     let line = r.stderr.trim_end();
-    assert_eq!(line.lines().count(), 1, "{mode}: report must be one line: {line}");
+    assert_eq!(
+        line.lines().count(),
+        1,
+        "{mode}: report must be one line: {line}"
+    );
     assert!(line.starts_with("pvrun: guest crashed: "), "{mode}: {line}");
     for w in words {
         assert!(line.contains(w), "{mode}: report lacks `{w}`: {line}");
@@ -24,13 +32,24 @@ fn crashes(mode: &str, words: &[&str]) {
 
 #[test]
 fn null_pointer_dereference_is_reported() {
-    crashes("null-read", &["page fault (#PF)", "reading 0x0", "null pointer", "misbehave::"]);
+    crashes(
+        "null-read",
+        &[
+            "page fault (#PF)",
+            "reading 0x0",
+            "null pointer",
+            "misbehave::",
+        ],
+    );
     crashes("null-write", &["writing 0x8", "null pointer"]);
 }
 
 #[test]
 fn writing_to_text_is_refused() {
-    crashes("write-text", &["page fault", "writing", "read-only", "misbehave::main+0x"]);
+    crashes(
+        "write-text",
+        &["page fault", "writing", "read-only", "misbehave::main+0x"],
+    );
 }
 
 #[test]
@@ -42,7 +61,10 @@ fn executing_data_stack_or_heap_is_refused() {
 
 #[test]
 fn stack_overflow_hits_the_guard() {
-    crashes("stack-overflow", &["stack overflow", "guard", "misbehave::recurse"]);
+    crashes(
+        "stack-overflow",
+        &["stack overflow", "guard", "misbehave::recurse"],
+    );
 }
 
 #[test]
@@ -65,22 +87,38 @@ fn other_exceptions_are_named() {
 #[test]
 fn host_structures_are_out_of_reach() {
     crashes("write-bootinfo", &["writing 0x10000", "read-only"]);
-    crashes("read-pagetables", &["reading 0x100000", "belongs to the host"]);
+    crashes(
+        "read-pagetables",
+        &["reading 0x100000", "belongs to the host"],
+    );
 }
 
 #[test]
 fn panic_reports_message_and_location_with_status_101() {
     let r = misbehave(&["panic"]);
     assert_eq!(r.status, 101);
-    assert!(r.stderr.contains("panicked at misbehave/src/main.rs:"), "{}", r.stderr);
-    assert!(r.stderr.contains("guest panicked on purpose: 42"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("panicked at misbehave/src/main.rs:"),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        r.stderr.contains("guest panicked on purpose: 42"),
+        "{}",
+        r.stderr
+    );
 }
 
 #[test]
 fn allocation_larger_than_the_heap_panics_cleanly() {
     let r = misbehave(&["big-alloc"]);
     assert_eq!(r.status, 101, "{}", r.stderr);
-    assert!(r.stderr.contains("memory allocation of 68719476736 bytes failed"), "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("memory allocation of 68719476736 bytes failed"),
+        "{}",
+        r.stderr
+    );
 }
 
 #[test]
@@ -90,12 +128,19 @@ fn infinite_loop_is_stopped_by_the_timeout() {
     assert_eq!(r.status, 124, "{}", r.stderr);
     assert!(r.stdout.contains("looping"));
     assert!(r.stderr.contains("timed out after"), "{}", r.stderr);
-    assert!(t.elapsed() < Duration::from_secs(10), "the timeout did not stop the guest");
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "the timeout did not stop the guest"
+    );
 }
 
 #[test]
 fn a_guest_sleeping_forever_is_stopped_by_the_timeout() {
-    let r = common::pvrun(&guest("misbehave"), &["--timeout", "0.2"], &["sleep-forever"]);
+    let r = common::pvrun(
+        &guest("misbehave"),
+        &["--timeout", "0.2"],
+        &["sleep-forever"],
+    );
     assert_eq!(r.status, 124, "{}", r.stderr);
     assert!(r.stdout.contains("sleeping") && !r.stdout.contains("woke"));
 }
@@ -170,4 +215,64 @@ fn a_storm_of_bad_hypercalls_is_answered_one_by_one() {
     assert!(out.starts_with("storm calls=20000 errors="), "{out}");
     let errors: u64 = out.trim().rsplit('=').next().unwrap().parse().unwrap();
     assert!(errors > 9000, "{out}");
+}
+
+#[test]
+fn console_ring_output_arrives_complete_and_in_order() {
+    let r = misbehave(&["print-lots"]);
+    assert_eq!(r.status, 0, "{}", r.stderr);
+    let mut lines = r.stdout.lines();
+    for i in 0..2000 {
+        assert_eq!(lines.next(), Some(format!("line {i}").as_str()));
+    }
+    let long = lines.next().unwrap();
+    assert_eq!(long.len(), 100_000);
+    assert!(long.bytes().all(|b| b == b'x'));
+    assert_eq!(lines.next(), Some("done"));
+    assert_eq!(lines.next(), None);
+    assert_eq!(r.stderr, "to stderr\n");
+}
+
+#[test]
+fn output_written_before_a_crash_is_delivered_before_the_report() {
+    let r = misbehave(&["print-then-crash"]);
+    assert_eq!(r.status, 139);
+    assert_eq!(r.stdout, "before crash\n");
+    let mut err = r.stderr.lines();
+    assert_eq!(err.next(), Some("stderr before crash"));
+    assert!(err.next().unwrap().contains("null pointer dereference"));
+}
+
+#[test]
+fn a_corrupted_console_ring_stops_the_guest_with_a_report() {
+    for (mode, words) in [
+        ("ring-huge-producer", "ahead of the consumer"),
+        ("ring-bad-stream", "unknown stream 9"),
+        ("ring-cut-record", "extends past the published data"),
+    ] {
+        let r = misbehave(&[mode]);
+        assert_eq!(r.status, 139, "{mode}: {}", r.stderr);
+        assert!(
+            r.stderr.contains("console ring corrupted") && r.stderr.contains(words),
+            "{mode}: {}",
+            r.stderr
+        );
+        assert!(!r.stdout.contains("survived"), "{mode}");
+    }
+}
+
+#[test]
+fn a_scribbled_consumer_index_does_not_confuse_the_host() {
+    // The host keeps its own consumer count; the guest's copy is only advice to the guest.
+    let r = misbehave(&["ring-scribble-consumer"]);
+    assert!(
+        r.status == 0 || r.status == 139,
+        "{} {}",
+        r.status,
+        r.stderr
+    );
+    assert!(!r.stderr.contains("panicked at host"), "{}", r.stderr);
+    if r.status == 0 {
+        assert!(r.stdout.contains("still here"), "{}", r.stdout);
+    }
 }

@@ -8,7 +8,11 @@ use common::{guest, pvrun};
 #[test]
 fn hello_prints_args_env_and_exits_with_the_chosen_code() {
     let elf = guest("hello");
-    let r = pvrun(&elf, &["--env", "GREETING=bonjour"], &["one", "two words", "--exit", "42"]);
+    let r = pvrun(
+        &elf,
+        &["--env", "GREETING=bonjour"],
+        &["one", "two words", "--exit", "42"],
+    );
     assert_eq!(r.status, 42, "stderr: {}", r.stderr);
     let lines: Vec<&str> = r.stdout.lines().collect();
     assert_eq!(lines[0], "Hello from pvrun!");
@@ -20,7 +24,11 @@ fn hello_prints_args_env_and_exits_with_the_chosen_code() {
     assert_eq!(lines[6], "arg[4]=42");
     assert_eq!(lines[7], "GREETING=bonjour");
     assert_eq!(lines[8], "heap: sum=500500 string=pvrun-42");
-    assert!(!r.stdout.contains("slept"), "slept without --sleep: {}", r.stdout);
+    assert!(
+        !r.stdout.contains("slept"),
+        "slept without --sleep: {}",
+        r.stdout
+    );
     assert!(r.stderr.is_empty(), "unexpected stderr: {}", r.stderr);
 }
 
@@ -44,18 +52,27 @@ fn hello_clocks_random_and_wall_time_are_sane() {
             .to_string()
     };
     let slept: u64 = field("slept: ").split(' ').next().unwrap().parse().unwrap();
-    assert!((5..1000).contains(&slept), "slept {slept} ms for a 5 ms sleep");
+    assert!(
+        (5..1000).contains(&slept),
+        "slept {slept} ms for a 5 ms sleep"
+    );
     let random = field("random: ");
     assert_eq!(random.len(), 32);
     assert!(random.chars().all(|c| c.is_ascii_hexdigit()));
     let r2 = pvrun(&guest("hello"), &[], &[]);
-    assert!(!r2.stdout.contains(&random), "two boots produced the same random bytes");
+    assert!(
+        !r2.stdout.contains(&random),
+        "two boots produced the same random bytes"
+    );
     let wall: u64 = field("wall: ").parse().unwrap();
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs();
-    assert!(wall.abs_diff(now) < 60, "guest wall clock {wall} vs host {now}");
+    assert!(
+        wall.abs_diff(now) < 60,
+        "guest wall clock {wall} vs host {now}"
+    );
 }
 
 #[test]

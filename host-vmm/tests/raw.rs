@@ -55,17 +55,44 @@ fn broken_elf_files_are_refused_with_a_reason() {
     assert!(pie.contains("position-independent"), "{pie}");
     let rel = refused(raw_guest::elf(EXIT_LOOP, RawElf { e_type: 1, ..ok }));
     assert!(rel.contains("relocatable"), "{rel}");
-    let no_note = refused(raw_guest::elf(EXIT_LOOP, RawElf { abi_version: None, ..ok }));
+    let no_note = refused(raw_guest::elf(
+        EXIT_LOOP,
+        RawElf {
+            abi_version: None,
+            ..ok
+        },
+    ));
     assert!(no_note.contains("not a pvrun guest"), "{no_note}");
-    let future = refused(raw_guest::elf(EXIT_LOOP, RawElf { abi_version: Some(99), ..ok }));
-    assert!(future.contains("ABI v99") && future.contains("rebuild"), "{future}");
-    let low = refused(raw_guest::elf(EXIT_LOOP, RawElf { vaddr: 0x1000, ..ok }));
+    let future = refused(raw_guest::elf(
+        EXIT_LOOP,
+        RawElf {
+            abi_version: Some(99),
+            ..ok
+        },
+    ));
+    assert!(
+        future.contains("ABI v99") && future.contains("rebuild"),
+        "{future}"
+    );
+    let low = refused(raw_guest::elf(
+        EXIT_LOOP,
+        RawElf {
+            vaddr: 0x1000,
+            ..ok
+        },
+    ));
     assert!(low.contains("below 0x200000"), "{low}");
     let null = refused(raw_guest::elf(EXIT_LOOP, RawElf { vaddr: 0, ..ok }));
     assert!(null.contains("below 0x200000"), "{null}");
     let wx = refused(raw_guest::elf(EXIT_LOOP, RawElf { flags: 7, ..ok }));
     assert!(wx.contains("W^X"), "{wx}");
-    let wrap = refused(raw_guest::elf(EXIT_LOOP, RawElf { vaddr: u64::MAX - 0xfff, ..ok }));
+    let wrap = refused(raw_guest::elf(
+        EXIT_LOOP,
+        RawElf {
+            vaddr: u64::MAX - 0xfff,
+            ..ok
+        },
+    ));
     assert!(wrap.contains("overflows"), "{wrap}");
     // Truncated file: the segment claims bytes past the end.
     let mut cut = raw_guest::elf(EXIT_LOOP, ok);
@@ -76,12 +103,24 @@ fn broken_elf_files_are_refused_with_a_reason() {
 #[test]
 fn a_guest_larger_than_memory_is_refused_before_boot() {
     let img = Arc::new(
-        image(EXIT_LOOP, RawElf { bss: 1 << 30, ..RawElf::default() }).unwrap(),
+        image(
+            EXIT_LOOP,
+            RawElf {
+                bss: 1 << 30,
+                ..RawElf::default()
+            },
+        )
+        .unwrap(),
     );
-    let err = Vm::new(img.clone(), VmConfig::default()).err().expect("must not fit");
+    let err = Vm::new(img.clone(), VmConfig::default())
+        .err()
+        .expect("must not fit");
     assert!(err.to_string().contains("raise --mem"), "{err}");
     // With enough memory the same image boots.
-    let cfg = VmConfig { mem_size: 2 << 30, ..VmConfig::default() };
+    let cfg = VmConfig {
+        mem_size: 2 << 30,
+        ..VmConfig::default()
+    };
     assert!(Vm::new(img, cfg).is_ok());
 }
 
@@ -89,7 +128,10 @@ fn a_guest_larger_than_memory_is_refused_before_boot() {
 fn bad_memory_sizes_are_refused() {
     let img = Arc::new(image(EXIT_LOOP, RawElf::default()).unwrap());
     for size in [0, 4 << 20, (64 << 20) + 4096, 1 << 40] {
-        let cfg = VmConfig { mem_size: size, ..VmConfig::default() };
+        let cfg = VmConfig {
+            mem_size: size,
+            ..VmConfig::default()
+        };
         let err = Vm::new(img.clone(), cfg).err().expect("bad size accepted");
         assert!(matches!(err, Error::BadMemSize(_)), "{err}");
     }

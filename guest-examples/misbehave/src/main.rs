@@ -292,6 +292,57 @@ fn main() -> i32 {
             }
             println!("storm calls={} errors={bad}", 2 * n);
         }
+        "print-lots" => {
+            for i in 0..2000 {
+                println!("line {i}");
+            }
+            let long: Vec<u8> = vec![b'x'; 100_000];
+            pvrun::console::write_stdout(&long);
+            println!();
+            pvrun::eprintln!("to stderr");
+            println!("done");
+        }
+        "print-then-crash" => {
+            println!("before crash");
+            pvrun::eprintln!("stderr before crash");
+            peek(black_box(0));
+        }
+        "ring-huge-producer" => {
+            let p = pvrun::boot_info().console_ring as *mut u64;
+            // SAFETY: the ring header is guest memory; corrupting it is the point.
+            unsafe { p.write_volatile(p.read_volatile().wrapping_add(1 << 40)) };
+            pvrun::console::flush();
+            println!("survived");
+        }
+        "ring-bad-stream" | "ring-cut-record" => {
+            let bi = pvrun::boot_info();
+            let p = bi.console_ring as *mut u64;
+            let data = bi.console_data as *mut u8;
+            let size = bi.console_size;
+            // SAFETY: guest memory of the ring; publishing a broken record is the point.
+            unsafe {
+                let prod = p.read_volatile();
+                let rec: [u8; 5] = if mode == "ring-bad-stream" {
+                    [9, 2, 0, b'h', b'i']
+                } else {
+                    [1, 100, 0, b'h', b'i'] // claims 100 bytes, publishes 2
+                };
+                for (i, b) in rec.iter().enumerate() {
+                    data.add(((prod + i as u64) % size) as usize).write_volatile(*b);
+                }
+                p.write_volatile(prod + rec.len() as u64);
+            }
+            pvrun::console::flush();
+            println!("survived");
+        }
+        "ring-scribble-consumer" => {
+            let c = (pvrun::boot_info().console_ring + 64) as *mut u64;
+            // SAFETY: guest memory of the ring header; scribbling on it is the point.
+            unsafe { c.write_volatile(0xdead_beef_dead_beef) };
+            println!("after scribble");
+            pvrun::console::flush();
+            println!("still here");
+        }
         "write-bootinfo" => poke(layout::BOOT_INFO_ADDR, 0),
         "read-pagetables" => {
             let v = peek(black_box(0x10_0000));

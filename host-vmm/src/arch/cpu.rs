@@ -150,7 +150,10 @@ impl CpuSetup {
         }
         // rdrand/rdseed are unprivileged and run natively at CPL3 (on PVM hosts even where
         // KVM's supported CPUID omits them), so the host CPU's own CPUID decides.
-        let (n1, n7) = (std::arch::x86_64::__cpuid(1), std::arch::x86_64::__cpuid_count(7, 0));
+        let (n1, n7) = (
+            std::arch::x86_64::__cpuid(1),
+            std::arch::x86_64::__cpuid_count(7, 0),
+        );
         let mut features = 0;
         if n1.ecx & (1 << 30) != 0 {
             features |= feature::RDRAND;
@@ -175,7 +178,14 @@ impl CpuSetup {
 
     /// Puts a fresh vCPU into 64-bit mode at CPL3 at `entry` with stack `rsp` and `rdi` =
     /// `arg`, paging through `cr3`.
-    pub fn setup_vcpu(&self, vcpu: &VcpuFd, cr3: u64, entry: u64, rsp: u64, arg: u64) -> Result<(), Error> {
+    pub fn setup_vcpu(
+        &self,
+        vcpu: &VcpuFd,
+        cr3: u64,
+        entry: u64,
+        rsp: u64,
+        arg: u64,
+    ) -> Result<(), Error> {
         vcpu.set_cpuid2(&self.cpuid)
             .map_err(|e| Error::Kvm("KVM_SET_CPUID2", e))?;
         let mut sregs = vcpu
@@ -256,7 +266,8 @@ impl CpuSetup {
             mxcsr: 0x1f80,
             ..Default::default()
         };
-        vcpu.set_fpu(&fpu).map_err(|e| Error::Kvm("KVM_SET_FPU", e))?;
+        vcpu.set_fpu(&fpu)
+            .map_err(|e| Error::Kvm("KVM_SET_FPU", e))?;
         let regs = kvm_regs {
             rip: entry,
             rsp,
@@ -264,7 +275,8 @@ impl CpuSetup {
             rflags: 0x2, // IF=0, IOPL=0: cli/sti/hlt and port I/O outside the bitmap #GP
             ..Default::default()
         };
-        vcpu.set_regs(&regs).map_err(|e| Error::Kvm("KVM_SET_REGS", e))?;
+        vcpu.set_regs(&regs)
+            .map_err(|e| Error::Kvm("KVM_SET_REGS", e))?;
         Ok(())
     }
 }

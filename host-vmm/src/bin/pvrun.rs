@@ -32,6 +32,7 @@ struct Cli {
 
 fn main() {
     let cli = Cli::parse();
+    host_vmm::vm::stop_guest_on_signals();
     let mut args = vec![cli.guest.display().to_string()];
     args.extend(cli.args);
     let config = VmConfig {
