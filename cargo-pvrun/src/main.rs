@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use host_vmm::VmConfig;
-use host_vmm::cli::{parse_env, parse_mem, parse_timeout, run_to_status};
+use host_vmm::cli::{parse_env, parse_mem, parse_timeout, run_and_exit};
 
 /// Build a pvrun guest crate and run it in a KVM VM (like `cargo run`).
 ///
@@ -137,5 +137,5 @@ fn main() {
         timeout: cli.timeout,
         ..VmConfig::default()
     };
-    std::process::exit(run_to_status(&elf, config));
+    run_and_exit(&elf, config)
 }

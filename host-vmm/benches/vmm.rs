@@ -87,9 +87,11 @@ fn hypercall(bench: &Path) -> Duration {
     Duration::from_nanos(ns)
 }
 
-fn boot_in_process(hello: &Path, runs: usize) -> (Duration, Duration) {
+/// Medians of (VM creation .. guest exit, the same including the ELF read, VM teardown).
+fn boot_in_process(hello: &Path, runs: usize) -> (Duration, Duration, Duration) {
     let img = Arc::new(GuestImage::from_file(hello).unwrap());
-    let run = |img: Arc<GuestImage>| {
+    // Returns (create..exit, teardown).
+    let run = |img: Arc<GuestImage>, t: Instant| {
         let cfg = VmConfig {
             args: vec!["hello".into()],
             stdout: Box::new(std::io::sink()),
@@ -97,27 +99,21 @@ fn boot_in_process(hello: &Path, runs: usize) -> (Duration, Duration) {
         };
         let mut vm = Vm::new(img, cfg).unwrap();
         assert_eq!(vm.run().unwrap(), Outcome::Exited(0));
+        let booted = t.elapsed();
+        let t = Instant::now();
+        drop(vm);
+        (booted, t.elapsed())
     };
-    run(img.clone());
-    let warm = median(
-        (0..runs)
-            .map(|_| {
-                let t = Instant::now();
-                run(img.clone());
-                t.elapsed()
-            })
-            .collect(),
-    );
-    let with_elf = median(
-        (0..runs)
-            .map(|_| {
-                let t = Instant::now();
-                run(Arc::new(GuestImage::from_file(hello).unwrap()));
-                t.elapsed()
-            })
-            .collect(),
-    );
-    (warm, with_elf)
+    run(img.clone(), Instant::now());
+    let (warm, teardown): (Vec<_>, Vec<_>) =
+        (0..runs).map(|_| run(img.clone(), Instant::now())).unzip();
+    let with_elf = (0..runs)
+        .map(|_| {
+            let t = Instant::now();
+            run(Arc::new(GuestImage::from_file(hello).unwrap()), t).0
+        })
+        .collect();
+    (median(warm), median(with_elf), median(teardown))
 }
 
 fn spawn(cmd: &Path, args: &[&Path], runs: usize) -> Duration {
@@ -148,7 +144,7 @@ fn main() {
 
     let floor = exit_floor();
     let hc = hypercall(&bench);
-    let (boot, boot_elf) = boot_in_process(&hello, runs);
+    let (boot, boot_elf, teardown) = boot_in_process(&hello, runs);
     let pvrun = Path::new(env!("CARGO_BIN_EXE_pvrun"));
     let whole = spawn(pvrun, &[&hello], runs);
     let fork_exec = spawn(Path::new("/bin/true"), &[], runs);
@@ -178,6 +174,12 @@ fn main() {
         us(boot_elf),
         us(floor),
         boot_elf.as_secs_f64() / floor.as_secs_f64()
+    );
+    println!(
+        "| VM teardown after exit (KVM VM destroy; not part of boot) | {} | {} | {:.0} exits | - |",
+        us(teardown),
+        us(floor),
+        teardown.as_secs_f64() / floor.as_secs_f64()
     );
     println!(
         "| whole process `pvrun hello` | {} | {} (fork+exec /bin/true) | {:.2}x | <= 3 ms |",

@@ -33,7 +33,7 @@ impl Area {
         BOOT_INFO_ADDR + self.bytes.len() as u64
     }
     fn align8(&mut self) {
-        while self.bytes.len() % 8 != 0 {
+        while !self.bytes.len().is_multiple_of(8) {
             self.bytes.push(0);
         }
     }

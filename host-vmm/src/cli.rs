@@ -4,7 +4,10 @@
 use std::path::Path;
 use std::time::Duration;
 
-use crate::vm::{EXIT_HOST_ERROR, VmConfig, run_file};
+use std::sync::Arc;
+
+use crate::elf::GuestImage;
+use crate::vm::{EXIT_HOST_ERROR, Vm, VmConfig};
 
 /// Parses a memory size: bytes, or a number with K/M/G (KiB/MiB/GiB) suffix.
 pub fn parse_mem(s: &str) -> Result<u64, String> {
@@ -48,21 +51,29 @@ pub fn parse_env(s: &str) -> Result<(String, String), String> {
     }
 }
 
-/// Boots `elf` with `config`, prints the outcome's report (if any) on stderr, and returns
-/// the process exit status. Host errors are printed as one `pvrun: error:` line.
-pub fn run_to_status(elf: &Path, config: VmConfig) -> i32 {
-    match run_file(elf, config) {
+/// Boots `elf` with `config`, prints the outcome's report (if any) on stderr, and exits
+/// the process with the documented status. Host errors are one `pvrun: error:` line and
+/// status 125.
+pub fn run_and_exit(elf: &Path, config: VmConfig) -> ! {
+    let vm = GuestImage::from_file(elf).and_then(|image| Vm::new(Arc::new(image), config));
+    let mut vm = match vm {
+        Ok(vm) => vm,
+        Err(e) => host_error(e),
+    };
+    match vm.run() {
         Ok(outcome) => {
             if let Some(report) = outcome.report() {
                 eprintln!("{report}");
             }
-            outcome.exit_status()
+            vm.exit_process(outcome.exit_status())
         }
-        Err(e) => {
-            eprintln!("pvrun: error: {e}");
-            EXIT_HOST_ERROR
-        }
+        Err(e) => host_error(e),
     }
+}
+
+fn host_error(e: crate::Error) -> ! {
+    eprintln!("pvrun: error: {e}");
+    std::process::exit(EXIT_HOST_ERROR)
 }
 
 #[cfg(test)]

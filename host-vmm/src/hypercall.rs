@@ -92,35 +92,56 @@ impl Console {
         result
     }
 
-    /// Writes the records in `bytes` (a copy of the ring) to their streams.
+    /// Writes the records in `bytes` (a copy of the ring) to their streams, joining runs of
+    /// records for the same stream into one write.
     fn deliver(&mut self, mut bytes: &[u8]) -> Result<(), String> {
         let h = CONSOLE_RECORD_HEADER as usize;
+        let mut run: Vec<u8> = Vec::new();
+        let mut run_stream = stream::STDOUT;
+        let mut result = Ok(());
         while !bytes.is_empty() {
             if bytes.len() < h {
-                return Err("console ring corrupted: a record header is cut short".into());
+                result = Err("console ring corrupted: a record header is cut short".into());
+                break;
             }
             let stream = bytes[0] as u32;
             let len = u16::from_le_bytes([bytes[1], bytes[2]]) as usize;
             let Some(data) = bytes.get(h..h + len) else {
-                return Err(format!(
+                result = Err(format!(
                     "console ring corrupted: a record of {len} bytes extends past the published data"
                 ));
+                break;
             };
-            let sink = match stream {
-                stream::STDOUT => &mut self.stdout,
-                stream::STDERR => &mut self.stderr,
-                s => {
-                    return Err(format!(
-                        "console ring corrupted: record for unknown stream {s}"
-                    ));
-                }
-            };
-            let _ = sink.write_all(data);
+            if stream != stream::STDOUT && stream != stream::STDERR {
+                result = Err(format!(
+                    "console ring corrupted: record for unknown stream {stream}"
+                ));
+                break;
+            }
+            if stream != run_stream {
+                self.emit(run_stream, &run);
+                run.clear();
+                run_stream = stream;
+            }
+            run.extend_from_slice(data);
             bytes = &bytes[h + len..];
         }
-        let _ = self.stdout.flush();
-        let _ = self.stderr.flush();
-        Ok(())
+        // Records before a corrupt one are still delivered.
+        self.emit(run_stream, &run);
+        result
+    }
+
+    fn emit(&mut self, stream: u32, data: &[u8]) {
+        if data.is_empty() {
+            return;
+        }
+        let sink = if stream == stream::STDERR {
+            &mut self.stderr
+        } else {
+            &mut self.stdout
+        };
+        // Host-side output errors (a closed pipe) are not the guest's fault.
+        let _ = sink.write_all(data).and_then(|_| sink.flush());
     }
 }
 
@@ -135,7 +156,7 @@ pub struct GuestView<'a> {
 impl GuestView<'_> {
     /// Copies the argument struct at `addr` out of guest memory, once.
     pub fn read_args<T: ByteValued>(&self, addr: u64) -> Result<T, i64> {
-        if addr % 8 != 0 {
+        if !addr.is_multiple_of(8) {
             return Err(status::UNALIGNED);
         }
         self.map

@@ -94,7 +94,7 @@ pub fn build(ram: &GuestRam, map: &MemoryMap) -> Result<u64, Error> {
             let l2 = ((addr >> 21) & 511) as usize;
             let pdpt = b.child(pml4, l4)?;
             let pd = b.child(pdpt, l3)?;
-            if addr % LARGE_PAGE_SIZE == 0 && addr + LARGE_PAGE_SIZE <= r.end {
+            if addr.is_multiple_of(LARGE_PAGE_SIZE) && addr + LARGE_PAGE_SIZE <= r.end {
                 b.tables[pd].entries[l2] = addr | leaf_flags(&r) | PS;
                 addr += LARGE_PAGE_SIZE;
             } else {

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use host_vmm::VmConfig;
-use host_vmm::cli::{parse_env, parse_mem, parse_timeout, run_to_status};
+use host_vmm::cli::{parse_env, parse_mem, parse_timeout, run_and_exit};
 
 /// Run a pvrun unikernel (a guest ELF built with `cargo pvrun`) in a KVM VM.
 ///
@@ -42,5 +42,5 @@ fn main() {
         timeout: cli.timeout,
         ..VmConfig::default()
     };
-    std::process::exit(run_to_status(&cli.guest, config));
+    run_and_exit(&cli.guest, config)
 }
