@@ -6,19 +6,19 @@ use thiserror::Error;
 /// see [`crate::Outcome`].)
 #[derive(Debug, Error)]
 pub enum Error {
-    /// /dev/kvm is missing.
+    /// The KVM device is missing.
     #[error(
-        "/dev/kvm does not exist: KVM is not available on this machine (enable virtualization or load the kvm module)"
+        "{0} does not exist: KVM is not available on this machine (enable virtualization in the BIOS or hypervisor, and load the kvm module)"
     )]
-    NoKvm,
-    /// /dev/kvm exists but may not be opened.
+    NoKvm(String),
+    /// The KVM device exists but may not be opened.
     #[error(
-        "cannot open /dev/kvm: permission denied (add yourself to the `kvm` group or run as root)"
+        "cannot open {0}: permission denied (add yourself to the `kvm` group, e.g. `sudo usermod -aG kvm $USER`, or run as root)"
     )]
-    KvmPermission,
-    /// Any other failure to open /dev/kvm.
-    #[error("cannot open /dev/kvm: {0}")]
-    KvmOpen(std::io::Error),
+    KvmPermission(String),
+    /// Any other failure to open the KVM device.
+    #[error("cannot open {0}: {1}")]
+    KvmOpen(String, std::io::Error),
     /// A KVM ioctl failed.
     #[error("KVM call {0} failed: {1}")]
     Kvm(&'static str, kvm_ioctls::Error),

@@ -121,16 +121,26 @@ impl Outcome {
 static KVM: OnceLock<Kvm> = OnceLock::new();
 static CPU: OnceLock<(CpuSetup, bool)> = OnceLock::new();
 
-/// The process-wide KVM handle, opened on first use with a clear error.
+/// The process-wide KVM handle, opened on first use with a clear error. The device is
+/// `/dev/kvm`, or the path in `PVRUN_KVM_DEVICE` (for tests of the error paths).
 pub fn kvm() -> Result<&'static Kvm, Error> {
     if let Some(k) = KVM.get() {
         return Ok(k);
     }
-    let k = Kvm::new().map_err(|e| match e.errno() {
-        libc::ENOENT => Error::NoKvm,
-        libc::EACCES | libc::EPERM => Error::KvmPermission,
-        _ => Error::KvmOpen(std::io::Error::from_raw_os_error(e.errno())),
+    let path = std::env::var("PVRUN_KVM_DEVICE").unwrap_or_else(|_| "/dev/kvm".into());
+    let cpath = std::ffi::CString::new(path.clone())
+        .map_err(|_| Error::KvmOpen(path.clone(), std::io::ErrorKind::InvalidInput.into()))?;
+    let k = Kvm::new_with_path(cpath).map_err(|e| match e.errno() {
+        libc::ENOENT => Error::NoKvm(path.clone()),
+        libc::EACCES | libc::EPERM => Error::KvmPermission(path.clone()),
+        _ => Error::KvmOpen(path.clone(), std::io::Error::from_raw_os_error(e.errno())),
     })?;
+    if k.get_api_version() != 12 {
+        return Err(Error::KvmOpen(
+            path,
+            std::io::Error::other("it is not a KVM device (KVM_GET_API_VERSION did not answer 12)"),
+        ));
+    }
     Ok(KVM.get_or_init(|| k))
 }
 

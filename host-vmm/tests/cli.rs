@@ -76,3 +76,35 @@ fn memory_option_changes_the_guest_heap() {
         small.stderr
     );
 }
+
+#[test]
+fn missing_kvm_is_one_clear_line() {
+    let out = Command::new(env!("CARGO_BIN_EXE_pvrun"))
+        .env("PVRUN_KVM_DEVICE", "/nonexistent/kvm")
+        .arg(guest("hello"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("/nonexistent/kvm does not exist: KVM is not available"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_device_that_is_not_kvm_is_one_clear_line() {
+    let out = Command::new(env!("CARGO_BIN_EXE_pvrun"))
+        .env("PVRUN_KVM_DEVICE", "/dev/null")
+        .arg(guest("hello"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("cannot open /dev/null: it is not a KVM device"),
+        "{stderr}"
+    );
+}
