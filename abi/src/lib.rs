@@ -9,7 +9,7 @@
 
 /// The ABI version this crate describes. A guest carries it in its `.note.pvrun` ELF note;
 /// the host refuses a guest whose version it does not speak.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 /// Magic value at the start of [`BootInfo`] (`"PVRUNBI\0"` little-endian).
 pub const BOOT_INFO_MAGIC: u64 = u64::from_le_bytes(*b"PVRUNBI\0");
@@ -18,6 +18,19 @@ pub const BOOT_INFO_MAGIC: u64 = u64::from_le_bytes(*b"PVRUNBI\0");
 pub const NOTE_NAME: &[u8] = b"pvrun";
 /// ELF note type (`n_type`) of the ABI-version note; its descriptor is one little-endian `u32`.
 pub const NOTE_TYPE_ABI_VERSION: u32 = 1;
+/// ELF note type of a device the guest requires; its descriptor is a [`DeviceNote`].
+pub const NOTE_TYPE_DEVICE: u32 = 2;
+
+/// Descriptor of a [`NOTE_TYPE_DEVICE`] note: the host refuses to boot the guest unless a
+/// device of this kind and name is attached.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeviceNote {
+    /// A [`device`] kind.
+    pub kind: u32,
+    /// The device name, UTF-8, NUL-padded.
+    pub name: [u8; 32],
+}
 /// Section the SDK places the ABI note in.
 pub const NOTE_SECTION: &str = ".note.pvrun";
 
@@ -37,7 +50,11 @@ pub mod layout {
     /// Argument, environment and memory-map data follow it in the same region.
     pub const BOOT_INFO_ADDR: u64 = 0x1_0000;
     /// End (exclusive) of the read-only boot-info region.
-    pub const BOOT_INFO_END: u64 = 0x10_0000;
+    pub const BOOT_INFO_END: u64 = 0x4_0000;
+    /// Start of the device-ring area (user read-write): each device's rings live here.
+    pub const DEVICE_AREA_ADDR: u64 = 0x4_0000;
+    /// End (exclusive) of the device-ring area.
+    pub const DEVICE_AREA_END: u64 = 0x10_0000;
     /// Lowest address a guest ELF segment may occupy: everything below belongs to the host
     /// (null guard page, descriptor tables, ring-0 stub, boot info, page tables).
     pub const GUEST_IMAGE_BASE: u64 = 0x20_0000;
@@ -71,6 +88,10 @@ pub mod call {
     pub const ABORT: u16 = 3;
     /// Sleep until a deadline or an event: args [`Wait`](crate::Wait). Returns 0.
     pub const WAIT: u16 = 4;
+    /// First doorbell: `out` to call number `DOORBELL_BASE + i` tells the host that device
+    /// `i` has new requests. No arguments; `rax` is left unchanged (the host may serve
+    /// doorbells in the kernel, without returning to host user space).
+    pub const DOORBELL_BASE: u16 = 0x20;
     /// Deliver everything in the console ring now (no arguments; `rdi` is ignored).
     /// Returns 0, or [`status::BAD_ARGUMENT`](crate::status::BAD_ARGUMENT) if the ring is
     /// corrupt (the host then stops the guest).
@@ -92,6 +113,163 @@ pub mod status {
     pub const UNALIGNED: i64 = -4;
     /// Some other field has an invalid value (an unknown stream, reserved bits set, ...).
     pub const BAD_ARGUMENT: i64 = -5;
+    /// The host's I/O on the backing file failed.
+    pub const IO_ERROR: i64 = -6;
+    /// A write to a read-only device.
+    pub const READ_ONLY: i64 = -7;
+    /// A block request past the end of the device, or not sector aligned.
+    pub const OUT_OF_RANGE: i64 = -8;
+    /// The device is broken (the guest corrupted its ring); nothing more is served.
+    pub const BROKEN: i64 = -9;
+}
+
+/// Device kinds in [`DeviceInfo::kind`].
+pub mod device {
+    /// A block device (a disk): [`BlockRequest`](crate::BlockRequest) ring.
+    pub const BLOCK: u32 = 1;
+    /// A network interface: transmit and receive rings.
+    pub const NET: u32 = 2;
+    /// [`DeviceInfo::flags`] bit: the device is read-only.
+    pub const FLAG_READ_ONLY: u32 = 1;
+}
+
+/// One attached device, as listed in [`BootInfo::devices`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeviceInfo {
+    /// The device name (`--disk NAME=...`), UTF-8, NUL-padded.
+    pub name: [u8; 32],
+    /// A [`device`] kind.
+    pub kind: u32,
+    /// Device number: its doorbell is call number `call::DOORBELL_BASE + index`.
+    pub index: u32,
+    /// Address of the device's (first) [`RingHeader`] (block: requests; net: transmit).
+    pub ring: u64,
+    /// Address of a second ring (net: receive), or 0.
+    pub ring2: u64,
+    /// Number of slots in each ring (a power of two).
+    pub slots: u32,
+    /// Bytes per slot.
+    pub slot_size: u32,
+    /// [`device`] flag bits.
+    pub flags: u32,
+    /// Block: bytes per sector.
+    pub sector_size: u32,
+    /// Block: capacity in bytes (a multiple of the sector size).
+    pub capacity: u64,
+    /// Block: the largest request in bytes.
+    pub max_request: u64,
+    /// Net: the MAC address (6 bytes, then zero).
+    pub mac: [u8; 8],
+    /// Zero.
+    pub reserved: [u64; 4],
+}
+
+impl DeviceInfo {
+    /// An all-zero entry.
+    pub const fn zeroed() -> Self {
+        DeviceInfo {
+            name: [0; 32],
+            kind: 0,
+            index: 0,
+            ring: 0,
+            ring2: 0,
+            slots: 0,
+            slot_size: 0,
+            flags: 0,
+            sector_size: 0,
+            capacity: 0,
+            max_request: 0,
+            mac: [0; 8],
+            reserved: [0; 4],
+        }
+    }
+
+    /// The name as a string (up to the first NUL).
+    pub fn name(&self) -> &str {
+        let n = self
+            .name
+            .iter()
+            .position(|&b| b == 0)
+            .unwrap_or(self.name.len());
+        core::str::from_utf8(&self.name[..n]).unwrap_or("")
+    }
+}
+
+/// Header of a shared ring (Xen `ring.h` style), followed at offset [`RING_SLOTS_OFFSET`]
+/// by `slots` fixed-size slots. Each index sits on its own cache line. Indices are
+/// free-running `u32` counters; slot `i` is at `i % slots`. The guest produces requests,
+/// the host consumes each request slot once and writes its response into the same slot.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RingHeader {
+    /// Requests produced by the guest.
+    pub req_prod: u32,
+    /// Padding to the next cache line.
+    pub pad0: [u32; 15],
+    /// Written by the host: the guest rings the doorbell when it moves `req_prod` past
+    /// this value (event-index notification suppression).
+    pub req_event: u32,
+    /// Padding to the next cache line.
+    pub pad1: [u32; 15],
+    /// Responses produced by the host.
+    pub rsp_prod: u32,
+    /// Padding to the next cache line.
+    pub pad2: [u32; 15],
+    /// Written by the host: 0 while the ring is served, [`RING_BROKEN`] once the host gave
+    /// up on it because the guest corrupted it.
+    pub status: u32,
+    /// Padding to the next cache line.
+    pub pad3: [u32; 15],
+}
+
+/// [`RingHeader::status`] value of a ring the host no longer serves.
+pub const RING_BROKEN: u32 = 1;
+/// Offset of the first slot from the ring header.
+pub const RING_SLOTS_OFFSET: u64 = 256;
+/// Bytes per slot of every ring.
+pub const RING_SLOT_SIZE: u64 = 64;
+
+/// Block operations for [`BlockRequest::op`].
+pub mod block_op {
+    /// Read `len` bytes at `sector` into guest memory at `addr`.
+    pub const READ: u32 = 1;
+    /// Write `len` bytes from guest memory at `addr` to `sector`.
+    pub const WRITE: u32 = 2;
+    /// Make every completed write durable (the host calls `fdatasync`).
+    pub const FLUSH: u32 = 3;
+}
+
+/// A block request slot (64 bytes).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BlockRequest {
+    /// Chosen by the guest; copied into the response.
+    pub id: u64,
+    /// A [`block_op`].
+    pub op: u32,
+    /// Must be zero.
+    pub reserved: u32,
+    /// First sector.
+    pub sector: u64,
+    /// Guest address of the data buffer (writable guest memory for reads).
+    pub addr: u64,
+    /// Bytes: a multiple of the sector size, at most `max_request`.
+    pub len: u64,
+    /// Must be zero.
+    pub reserved2: [u64; 3],
+}
+
+/// A block response slot (64 bytes), written over the request it answers.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BlockResponse {
+    /// The request's `id`.
+    pub id: u64,
+    /// Bytes transferred (>= 0), or a negative [`status`].
+    pub status: i64,
+    /// Zero.
+    pub reserved: [u64; 6],
 }
 
 /// Console streams for [`ConsoleWrite::stream`].
@@ -191,6 +369,8 @@ pub mod region {
     pub const BOOT_INFO: u32 = 6;
     /// The console ring (header and data): read-write.
     pub const CONSOLE: u32 = 7;
+    /// The device rings: read-write.
+    pub const DEVICES: u32 = 8;
 }
 
 /// Permission bits of [`MemRegion::flags`].
@@ -241,7 +421,7 @@ pub mod feature {
 
 /// Maximum number of entries in [`BootInfo::regions`].
 pub const MAX_REGIONS: usize = 16;
-/// Maximum number of entries in the device list (devices arrive with the ring ABI).
+/// Maximum number of entries in [`BootInfo::devices`].
 pub const MAX_DEVICES: usize = 16;
 
 /// Boot information the host writes at [`layout::BOOT_INFO_ADDR`] before entry; `rdi` holds
@@ -292,12 +472,12 @@ pub struct BootInfo {
     pub console_size: u64,
     /// Number of valid entries in `regions`.
     pub region_count: u32,
-    /// Number of valid entries in the device list (0 in ABI v1).
+    /// Number of valid entries in `devices`.
     pub device_count: u32,
     /// The guest-accessible memory map.
     pub regions: [MemRegion; MAX_REGIONS],
-    /// Reserved for the device list; zero in ABI v1.
-    pub devices_reserved: [u64; MAX_DEVICES * 8],
+    /// The attached devices.
+    pub devices: [DeviceInfo; MAX_DEVICES],
 }
 
 impl BootInfo {
@@ -332,7 +512,7 @@ impl BootInfo {
                 kind: 0,
                 flags: 0,
             }; MAX_REGIONS],
-            devices_reserved: [0; MAX_DEVICES * 8],
+            devices: [DeviceInfo::zeroed(); MAX_DEVICES],
         }
     }
 }
@@ -372,8 +552,13 @@ const _: () = assert!(core::mem::size_of::<Wait>() == 8);
 const _: () = assert!(core::mem::size_of::<MemRegion>() == 24);
 const _: () = assert!(core::mem::size_of::<Str>() == 16);
 const _: () = assert!(core::mem::size_of::<ConsoleRing>() == 128);
+const _: () = assert!(core::mem::size_of::<DeviceInfo>() == 128);
+const _: () = assert!(core::mem::size_of::<DeviceNote>() == 36);
+const _: () = assert!(core::mem::size_of::<RingHeader>() as u64 == RING_SLOTS_OFFSET);
+const _: () = assert!(core::mem::size_of::<BlockRequest>() as u64 == RING_SLOT_SIZE);
+const _: () = assert!(core::mem::size_of::<BlockResponse>() as u64 == RING_SLOT_SIZE);
 const _: () =
-    assert!(core::mem::size_of::<BootInfo>() == 184 + 24 * MAX_REGIONS + 8 * 8 * MAX_DEVICES);
+    assert!(core::mem::size_of::<BootInfo>() == 184 + 24 * MAX_REGIONS + 128 * MAX_DEVICES);
 
 // With the `vm-memory` feature (the host's), the structs can be read from and written to
 // guest memory through vm-memory's checked accessors.
@@ -390,4 +575,9 @@ mod byte_valued {
     unsafe impl vm_memory::ByteValued for Str {}
     unsafe impl vm_memory::ByteValued for BootInfo {}
     unsafe impl vm_memory::ByteValued for ConsoleRing {}
+    unsafe impl vm_memory::ByteValued for DeviceInfo {}
+    unsafe impl vm_memory::ByteValued for DeviceNote {}
+    unsafe impl vm_memory::ByteValued for RingHeader {}
+    unsafe impl vm_memory::ByteValued for BlockRequest {}
+    unsafe impl vm_memory::ByteValued for BlockResponse {}
 }

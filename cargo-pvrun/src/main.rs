@@ -63,6 +63,9 @@ struct Cli {
     /// Set an environment variable for the guest (repeatable).
     #[arg(long = "env", value_name = "KEY=VALUE", value_parser = parse_env)]
     env: Vec<(String, String)>,
+    /// Attach a disk image as block device NAME (repeatable; `,ro` for read-only).
+    #[arg(long = "disk", value_name = "NAME=PATH[,ro]", value_parser = host_vmm::block::DiskConfig::parse)]
+    disks: Vec<host_vmm::block::DiskConfig>,
     /// Arguments for the guest (after `--`).
     #[arg(last = true)]
     args: Vec<String>,
@@ -135,6 +138,7 @@ fn main() {
         args,
         env: cli.env,
         timeout: cli.timeout,
+        disks: cli.disks,
         ..VmConfig::default()
     };
     run_and_exit(&elf, config)

@@ -2,7 +2,7 @@
 //! (ABI version, memory map, heap and stack, argv, environment, clock calibration, a random
 //! seed, feature bits), written into the user read-only region at [`BOOT_INFO_ADDR`].
 
-use pvrun_abi::{ABI_VERSION, BOOT_INFO_MAGIC, BootInfo, MAX_REGIONS, MemRegion, Str};
+use pvrun_abi::{ABI_VERSION, BOOT_INFO_MAGIC, BootInfo, DeviceInfo, MAX_REGIONS, MemRegion, Str};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::error::Error;
@@ -65,6 +65,7 @@ pub fn write(
     stack: (u64, u64),
     args: &[String],
     env: &[(String, String)],
+    devices: &[DeviceInfo],
     facts: &BootFacts,
 ) -> Result<(), Error> {
     let mut info = BootInfo::zeroed();
@@ -102,6 +103,10 @@ pub fn write(
         n += 1;
     }
     info.region_count = n as u32;
+    for (slot, d) in info.devices.iter_mut().zip(devices) {
+        *slot = *d;
+    }
+    info.device_count = devices.len().min(info.devices.len()) as u32;
 
     let mut area = Area {
         bytes: vec![0u8; size_of::<BootInfo>()],

@@ -12,7 +12,7 @@ use linux_loader::loader::{KernelLoader, elf::Elf as ElfLoader};
 use object::elf;
 use object::read::elf::{ElfFile64, FileHeader, ProgramHeader};
 use object::{Endianness, Object, ObjectSymbol, SymbolKind};
-use pvrun_abi::{ABI_VERSION, NOTE_NAME, NOTE_TYPE_ABI_VERSION, perm};
+use pvrun_abi::{ABI_VERSION, NOTE_NAME, NOTE_TYPE_ABI_VERSION, NOTE_TYPE_DEVICE, perm};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::error::Error;
@@ -53,6 +53,10 @@ pub struct GuestImage {
     pub segments: Vec<Segment>,
     /// The ABI version from the guest's note.
     pub abi_version: u32,
+    /// Devices the guest declares it needs: (kind, name).
+    pub required_devices: Vec<(u32, String)>,
+    /// The path it was loaded from (for messages).
+    pub path: String,
     symbols: Vec<Symbol>,
 }
 
@@ -122,6 +126,7 @@ impl GuestImage {
 
         let mut segments = Vec::new();
         let mut abi_version = None;
+        let mut required_devices = Vec::new();
         let phdrs = file.elf_program_headers();
         for ph in phdrs {
             match ph.p_type(endian) {
@@ -214,14 +219,19 @@ impl GuestImage {
                 elf::PT_NOTE => {
                     if let Ok(Some(mut notes)) = ph.notes(endian, &bytes[..]) {
                         while let Ok(Some(note)) = notes.next() {
-                            if note.name() == NOTE_NAME
-                                && note.n_type(endian).0 == NOTE_TYPE_ABI_VERSION
-                            {
-                                let d = note.desc();
-                                if d.len() >= 4 {
-                                    abi_version =
-                                        Some(u32::from_le_bytes([d[0], d[1], d[2], d[3]]));
-                                }
+                            if note.name() != NOTE_NAME {
+                                continue;
+                            }
+                            let d = note.desc();
+                            let ty = note.n_type(endian).0;
+                            if ty == NOTE_TYPE_ABI_VERSION && d.len() >= 4 {
+                                abi_version = Some(u32::from_le_bytes([d[0], d[1], d[2], d[3]]));
+                            } else if ty == NOTE_TYPE_DEVICE && d.len() >= 36 {
+                                let kind = u32::from_le_bytes([d[0], d[1], d[2], d[3]]);
+                                let name = &d[4..36];
+                                let end = name.iter().position(|&b| b == 0).unwrap_or(32);
+                                let name = String::from_utf8_lossy(&name[..end]).into_owned();
+                                required_devices.push((kind, name));
                             }
                         }
                     }
@@ -287,6 +297,8 @@ impl GuestImage {
             entry,
             segments,
             abi_version,
+            required_devices,
+            path: path.display().to_string(),
             symbols,
         })
     }

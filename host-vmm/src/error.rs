@@ -62,7 +62,7 @@ pub enum Error {
     #[error("guest memory size {0} is out of range (8 MiB to 64 GiB, a multiple of 2 MiB)")]
     BadMemSize(u64),
     /// Arguments or environment do not fit in the boot-info region.
-    #[error("arguments and environment are too large ({0} bytes; at most 960 KiB fit)")]
+    #[error("arguments and environment are too large ({0} bytes; at most 190 KiB fit)")]
     ArgsTooLarge(u64),
     /// Mapping guest memory failed.
     #[error("cannot allocate guest memory: {0}")]
@@ -70,6 +70,33 @@ pub enum Error {
     /// An internal layout problem (should not happen with a valid guest).
     #[error("guest memory layout: {0}")]
     Layout(String),
+    /// A disk image could not be attached.
+    #[error("disk `{name}` ({path}): {why}")]
+    Disk {
+        /// Device name.
+        name: String,
+        /// Image path.
+        path: String,
+        /// What is wrong and what to do.
+        why: String,
+    },
+    /// The guest declares a device that is not attached.
+    #[error(
+        "guest `{path}` needs a {kind} device named `{name}`, which is not attached (add `{flag} {name}=...`)"
+    )]
+    MissingDevice {
+        /// The guest file.
+        path: String,
+        /// Device kind ("block", "net").
+        kind: &'static str,
+        /// Device name.
+        name: String,
+        /// The option that attaches one.
+        flag: &'static str,
+    },
+    /// An invalid configuration (device names, counts).
+    #[error("{0}")]
+    Config(String),
     /// A host-side failure while the guest runs (writing its output, for instance).
     #[error("host I/O error: {0}")]
     Io(#[from] std::io::Error),

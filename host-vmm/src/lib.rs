@@ -13,8 +13,10 @@
 //! ```
 
 pub mod arch;
+pub mod block;
 pub mod boot;
 pub mod cli;
+pub mod devices;
 pub mod elf;
 pub mod error;
 pub mod fault;
@@ -22,6 +24,7 @@ pub mod hypercall;
 pub mod layout;
 pub mod memory;
 pub mod raw_guest;
+pub mod ring;
 pub mod vm;
 
 pub use elf::GuestImage;

@@ -21,7 +21,9 @@ use vm_memory::{Bytes, GuestAddress};
 
 use crate::arch::cpu::CpuSetup;
 use crate::arch::paging;
+use crate::block::DiskConfig;
 use crate::boot::{self, BootFacts};
+use crate::devices::{self, DeviceCounters, Devices, Notify};
 use crate::elf::GuestImage;
 use crate::error::Error;
 use crate::fault::{self, Fault};
@@ -54,6 +56,11 @@ pub struct VmConfig {
     pub stdout: Box<dyn Write + Send>,
     /// Where guest stderr goes.
     pub stderr: Box<dyn Write + Send>,
+    /// Disks to attach.
+    pub disks: Vec<DiskConfig>,
+    /// Serve doorbells through KVM ioeventfds (true) or as exits to the run loop (false;
+    /// slower, for measurement).
+    pub ioeventfd: bool,
 }
 
 impl Default for VmConfig {
@@ -65,6 +72,8 @@ impl Default for VmConfig {
             timeout: None,
             stdout: Box::new(std::io::stdout()),
             stderr: Box::new(std::io::stderr()),
+            disks: Vec::new(),
+            ioeventfd: true,
         }
     }
 }
@@ -171,6 +180,7 @@ unsafe impl Send for Target {}
 struct RunControl {
     reason: AtomicU8,
     target: Mutex<Option<Target>>,
+    notify: Arc<Notify>,
 }
 
 impl RunControl {
@@ -183,6 +193,7 @@ impl RunControl {
             // SAFETY: the vCPU (and its kvm_run mapping) is alive while `target` is set.
             unsafe { std::ptr::addr_of_mut!((*t.run).immediate_exit).write_volatile(1) };
             t.thread.unpark();
+            self.notify.signal();
             // SAFETY: the thread is alive while registered; the signal's handler is a no-op.
             unsafe { libc::pthread_kill(t.tid, kick_signal()) };
         }
@@ -247,7 +258,8 @@ fn install_kick_handler() {
 
 /// A booted VM, ready to run its guest.
 pub struct Vm {
-    // Drop order: vcpu, then the VM, then memory.
+    // Drop order: device threads, vcpu, then the VM, then memory.
+    devices: Devices,
     vcpu: VcpuFd,
     _vm: VmFd,
     ram: GuestRam,
@@ -344,6 +356,34 @@ impl Vm {
             perm: perm::R | perm::W,
             user: true,
         });
+        // Devices: open the images and lay out their rings before anything is mapped.
+        for (kind, name) in &image.required_devices {
+            let attached =
+                *kind == pvrun_abi::device::BLOCK && config.disks.iter().any(|d| &d.name == name);
+            if !attached {
+                let (kind, flag) = match *kind {
+                    pvrun_abi::device::BLOCK => ("block", "--disk"),
+                    pvrun_abi::device::NET => ("network", "--net"),
+                    _ => ("unknown", "--disk"),
+                };
+                return Err(Error::MissingDevice {
+                    path: image.path.clone(),
+                    kind,
+                    name: name.clone(),
+                    flag,
+                });
+            }
+        }
+        let planned = devices::plan(&config.disks)?;
+        if planned.area_end > DEVICE_AREA_ADDR {
+            regions.push(Region {
+                start: DEVICE_AREA_ADDR,
+                end: planned.area_end,
+                kind: region::DEVICES,
+                perm: perm::R | perm::W,
+                user: true,
+            });
+        }
         let map = MemoryMap::new(regions)?;
 
         let ram = GuestRam::new(mem_size)?;
@@ -417,11 +457,15 @@ impl Vm {
             (stack_start, mem_size),
             &config.args,
             &config.env,
+            &planned.infos,
             &facts,
         )?;
+        let notify = Arc::new(Notify::default());
+        let devices = Devices::start(planned, &vm, ram.mem(), &map, &notify, config.ioeventfd)?;
 
         install_kick_handler();
         Ok(Vm {
+            devices,
             vcpu,
             _vm: vm,
             ram,
@@ -431,6 +475,7 @@ impl Vm {
             control: Arc::new(RunControl {
                 reason: AtomicU8::new(STOP_NONE),
                 target: Mutex::new(None),
+                notify,
             }),
             timeout: config.timeout,
             boot_instant,
@@ -542,6 +587,8 @@ impl Vm {
                 return Ok(Outcome::Fault(Fault::protocol(msg)));
             }
             match exit {
+                // A doorbell that was not served in the kernel: hand it to the device.
+                Exit::Out(port) if self.devices.ring_doorbell(port) => {}
                 Exit::Out(port)
                     if (HYPERCALL_PORT_BASE..HYPERCALL_PORT_BASE + HYPERCALL_PORT_COUNT)
                         .contains(&port) =>
@@ -638,7 +685,7 @@ impl Vm {
         }
     }
 
-    /// Sleeps until the guest deadline, a stop request, or the timeout; `Some` if stopped.
+    /// Sleeps until the guest deadline, a device event, or a stop; `Some` if stopped.
     fn wait(&mut self, deadline_ns: u64) -> Option<Outcome> {
         let target = self
             .boot_instant
@@ -648,11 +695,15 @@ impl Vm {
                 return Some(o);
             }
             let now = Instant::now();
-            match target {
+            let left = match target {
                 Some(t) if now >= t => return None,
-                Some(t) => std::thread::park_timeout(t - now),
-                // No deadline and no devices yet: only a stop can end this wait.
-                None => std::thread::park_timeout(Duration::from_secs(1)),
+                Some(t) => t - now,
+                None => Duration::from_secs(1),
+            };
+            if self.control.notify.wait(left) {
+                // A device published responses (or a stop was requested: checked above
+                // on the next turn).
+                return self.stopped();
             }
         }
     }
@@ -719,6 +770,16 @@ impl Vm {
         deferred_teardown();
         // SAFETY: _exit ends the process; nothing else runs afterwards.
         unsafe { libc::_exit(status) }
+    }
+
+    /// Counters of the attached devices, by name.
+    pub fn device_counters(&self) -> Vec<(String, DeviceCounters)> {
+        self.devices.counters()
+    }
+
+    /// Whether doorbells are served by KVM ioeventfds.
+    pub fn ioeventfd(&self) -> bool {
+        self.devices.ioeventfd
     }
 
     /// The guest memory (for inspection in tests and tools).

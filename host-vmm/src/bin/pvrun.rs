@@ -23,6 +23,9 @@ struct Cli {
     /// Set an environment variable for the guest (repeatable).
     #[arg(long = "env", value_name = "KEY=VALUE", value_parser = parse_env)]
     env: Vec<(String, String)>,
+    /// Attach a disk image as block device NAME (repeatable; `,ro` for read-only).
+    #[arg(long = "disk", value_name = "NAME=PATH[,ro]", value_parser = host_vmm::block::DiskConfig::parse)]
+    disks: Vec<host_vmm::block::DiskConfig>,
     /// The guest ELF.
     guest: PathBuf,
     /// Arguments for the guest (after `--`).
@@ -40,6 +43,7 @@ fn main() {
         args,
         env: cli.env,
         timeout: cli.timeout,
+        disks: cli.disks,
         ..VmConfig::default()
     };
     run_and_exit(&cli.guest, config)
