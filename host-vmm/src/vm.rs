@@ -269,6 +269,7 @@ pub struct Vm {
     control: Arc<RunControl>,
     timeout: Option<Duration>,
     boot_instant: Instant,
+    exits: u64,
 }
 
 impl Vm {
@@ -479,6 +480,7 @@ impl Vm {
             }),
             timeout: config.timeout,
             boot_instant,
+            exits: 0,
         })
     }
 
@@ -561,6 +563,7 @@ impl Vm {
             if let Some(o) = self.stopped() {
                 return Ok(o);
             }
+            self.exits += 1;
             let exit = match self.vcpu.run() {
                 Ok(VcpuExit::IoOut(port, _)) => Exit::Out(port),
                 Ok(VcpuExit::IoIn(port, data)) => {
@@ -775,6 +778,12 @@ impl Vm {
     /// Counters of the attached devices, by name.
     pub fn device_counters(&self) -> Vec<(String, DeviceCounters)> {
         self.devices.counters()
+    }
+
+    /// VM exits to host user space so far (doorbells served by ioeventfds are not
+    /// among them; see [`Vm::device_counters`]).
+    pub fn exits(&self) -> u64 {
+        self.exits
     }
 
     /// Whether doorbells are served by KVM ioeventfds.

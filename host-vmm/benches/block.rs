@@ -1,0 +1,123 @@
+//! Block storage benchmark: sequential and random I/O from the page cache through the
+//! ring, with exits per request, beside the raw KVM exit floor from the same run.
+//! Run with `cargo bench -p host-vmm --bench block`.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use host_vmm::block::DiskConfig;
+use host_vmm::raw_guest::{self, EXIT_LOOP, RawElf};
+use host_vmm::{GuestImage, Outcome, Vm, VmConfig};
+
+fn guest(name: &str) -> PathBuf {
+    let req = guest_build::BuildRequest {
+        manifest_path: Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest-examples/Cargo.toml")),
+        package: Some(name.into()),
+        release: true,
+        quiet: true,
+        ..Default::default()
+    };
+    guest_build::build(&req).expect("build guest").elf
+}
+
+fn exit_floor() -> Duration {
+    let img = Arc::new(
+        GuestImage::from_bytes(Path::new("floor"), raw_guest::elf(EXIT_LOOP, RawElf::default()))
+            .unwrap(),
+    );
+    let mut vm = Vm::new(img, VmConfig::default()).expect("KVM is needed for the benchmark");
+    vm.raw_exit_loop(2000).unwrap();
+    let mut v: Vec<Duration> = (0..15).map(|_| vm.raw_exit_loop(2000).unwrap() / 2000).collect();
+    v.sort();
+    v[v.len() / 2]
+}
+
+#[derive(Clone, Default)]
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Capture {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+struct Result {
+    bytes: f64,
+    reqs: f64,
+    ns: f64,
+    exits_per_req: f64,
+}
+
+fn run(elf: &Path, disk: &Path, args: &[&str], ioeventfd: bool) -> Result {
+    let out = Capture::default();
+    let cfg = VmConfig {
+        mem_size: 256 << 20,
+        args: std::iter::once("blockbench").chain(args.iter().copied()).map(String::from).collect(),
+        stdout: Box::new(out.clone()),
+        disks: vec![DiskConfig { name: "bench".into(), path: disk.into(), read_only: false }],
+        ioeventfd,
+        ..VmConfig::default()
+    };
+    let mut vm = Vm::new(Arc::new(GuestImage::from_file(elf).unwrap()), cfg).unwrap();
+    let o = vm.run().unwrap();
+    let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+    assert_eq!(o, Outcome::Exited(0), "blockbench {args:?}: {text}");
+    let field = |k: &str| -> f64 {
+        text.split_whitespace()
+            .find_map(|w| w.strip_prefix(k))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {k} in {text}"))
+    };
+    let doorbells: u64 = vm.device_counters().iter().map(|(_, c)| c.doorbells).sum();
+    let reqs = field("reqs=");
+    Result {
+        bytes: field("bytes="),
+        reqs,
+        ns: field("ns="),
+        // Exits to user space plus doorbells served in the kernel, per request.
+        exits_per_req: (vm.exits() as f64 + if ioeventfd { doorbells as f64 } else { 0.0 }) / reqs,
+    }
+}
+
+fn main() {
+    let quick = !std::env::args().any(|a| a == "--bench");
+    let mib: u64 = if quick { 8 } else { 64 };
+    let elf = guest("blockbench");
+    let dir = std::env::temp_dir().join(format!("pvrun-blockbench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let disk = dir.join("bench.img");
+    // A filled image, read once so the reads below come from the page cache.
+    let data: Vec<u8> = (0..(mib + 16) << 20).map(|i: u64| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    std::fs::write(&disk, &data).unwrap();
+    drop(std::fs::read(&disk).unwrap());
+
+    let floor = exit_floor();
+    let m = mib.to_string();
+    let seq_r = run(&elf, &disk, &["seq-read", &m, "1024"], true);
+    let seq_w = run(&elf, &disk, &["seq-write", &m, "1024"], true);
+    let count = if quick { "2000" } else { "20000" };
+    let qd1 = run(&elf, &disk, &["rand-read", "1", count], true);
+    let qd32 = run(&elf, &disk, &["rand-read", "32", count], true);
+    let qd1_exit = run(&elf, &disk, &["rand-read", "1", count], false);
+    let qd32_exit = run(&elf, &disk, &["rand-read", "32", count], false);
+    let _ = std::fs::remove_dir_all(&dir);
+
+    let gbs = |r: &Result| r.bytes / r.ns; // bytes per ns = GB/s
+    let iops = |r: &Result| r.reqs / r.ns * 1e9;
+    let us = |r: &Result| r.ns / r.reqs / 1e3;
+    println!("pvrun block benchmark ({mib} MiB image in the page cache; raw KVM exit floor {:.1} µs in this run)", floor.as_nanos() as f64 / 1e3);
+    println!();
+    println!("| measurement | result | per request | exits/request | floor | target |");
+    println!("|---|---|---|---|---|---|");
+    println!("| sequential read, 1 MiB requests | {:.2} GB/s | {:.1} µs | {:.3} | {:.1} µs | >= 1 GB/s |", gbs(&seq_r), us(&seq_r), seq_r.exits_per_req, floor.as_nanos() as f64 / 1e3);
+    println!("| sequential write, 1 MiB requests | {:.2} GB/s | {:.1} µs | {:.3} | | - |", gbs(&seq_w), us(&seq_w), seq_w.exits_per_req);
+    println!("| 4 KiB random read, QD1 | {:.0} IOPS | {:.1} µs | {:.3} | | - |", iops(&qd1), us(&qd1), qd1.exits_per_req);
+    println!("| 4 KiB random read, QD32 | {:.0} IOPS | {:.1} µs | {:.3} | | >= 50,000 IOPS, <= 0.1 exits/req |", iops(&qd32), us(&qd32), qd32.exits_per_req);
+    println!("| same, QD1, doorbells as exits (no ioeventfd) | {:.0} IOPS | {:.1} µs | {:.3} | | - |", iops(&qd1_exit), us(&qd1_exit), qd1_exit.exits_per_req);
+    println!("| same, QD32, doorbells as exits (no ioeventfd) | {:.0} IOPS | {:.1} µs | {:.3} | | - |", iops(&qd32_exit), us(&qd32_exit), qd32_exit.exits_per_req);
+}

@@ -1,0 +1,191 @@
+//! Block storage over shared rings: the kvstore unikernel keeps its data across reboots
+//! and crashes, data round-trips byte-exactly, read-only disks stay untouched, and
+//! guests that scribble on their rings cannot hurt the host.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Run, guest, pvrun};
+
+/// A fresh disk image of `mib` MiB in a per-test temporary directory.
+fn image(test: &str, mib: u64) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("pvrun-block-{}-{test}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("disk.img");
+    let f = std::fs::File::create(&path).unwrap();
+    f.set_len(mib << 20).unwrap();
+    path
+}
+
+fn disk_opt(name: &str, path: &Path, ro: bool) -> String {
+    format!("{name}={}{}", path.display(), if ro { ",ro" } else { "" })
+}
+
+fn kv(img: &Path, args: &[&str]) -> Run {
+    let d = disk_opt("data", img, false);
+    pvrun(&guest("kvstore"), &["--timeout", "60", "--disk", &d], args)
+}
+
+#[test]
+fn kvstore_keeps_data_across_reboots() {
+    let img = image("reboot", 16);
+    let r = kv(&img, &["put", "alpha", "1", ";", "put", "beta", "two words", ";", "get", "alpha"]);
+    assert_eq!(r.status, 0, "{} {}", r.stdout, r.stderr);
+    assert!(r.stdout.contains("recovered 0 records"), "{}", r.stdout);
+    assert!(r.stdout.contains("alpha=1\n"), "{}", r.stdout);
+
+    let r = kv(&img, &["get", "beta", ";", "del", "alpha", ";", "get", "alpha"]);
+    assert_eq!(r.status, 0, "{}", r.stderr);
+    assert!(r.stdout.contains("recovered 2 records, 2 keys"), "{}", r.stdout);
+    assert!(r.stdout.contains("beta=two words\n"), "{}", r.stdout);
+    assert!(r.stdout.contains("alpha not found\n"), "{}", r.stdout);
+
+    let r = kv(&img, &["list", ";", "count"]);
+    assert_eq!(r.status, 0, "{}", r.stderr);
+    assert!(r.stdout.contains("recovered 3 records, 1 keys"), "{}", r.stdout);
+    assert!(r.stdout.ends_with("beta=two words\n1\n"), "{}", r.stdout);
+}
+
+#[test]
+fn kvstore_survives_a_host_side_kill_in_the_middle_of_writes() {
+    let img = image("crash", 32);
+    let d = disk_opt("data", &img, false);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pvrun"))
+        .args(["--timeout", "120", "--disk", &d])
+        .arg(guest("kvstore"))
+        .args(["--", "fill", "100000", "k"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut last = None;
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let t = Instant::now();
+    while let Some(Ok(line)) = lines.next() {
+        if let Some(k) = line.strip_prefix("flushed k-") {
+            last = Some(k.parse::<u64>().unwrap());
+            if last >= Some(300) {
+                break;
+            }
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "fill is too slow");
+    }
+    // SIGKILL: no chance to finish the write in progress or flush anything.
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let flushed = last.expect("the guest reported no flushed key") + 1;
+
+    let r = kv(&img, &["verify", "100000", "k"]);
+    assert_eq!(r.status, 0, "{} {}", r.stdout, r.stderr);
+    let v = r.stdout.lines().find(|l| l.starts_with("verified ")).unwrap();
+    let n: u64 = v.split(' ').nth(1).unwrap().parse().unwrap();
+    assert!(n >= flushed, "only {n} keys survived but {flushed} were reported flushed: {v}");
+    assert!(v.contains(" bad 0"), "corrupted values after the crash: {v}");
+    assert!(!v.contains("gap"), "a hole in the recovered log: {v}");
+    // The store still works after recovery.
+    let r = kv(&img, &["put", "after", "crash", ";", "get", "after"]);
+    assert!(r.stdout.contains("after=crash\n"), "{} {}", r.stdout, r.stderr);
+}
+
+#[test]
+fn a_guest_that_declares_a_disk_does_not_boot_without_it() {
+    let r = pvrun(&guest("kvstore"), &[], &["count"]);
+    assert_eq!(r.status, 125, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("needs a block device named `data`") && r.stderr.contains("--disk data="),
+        "{}",
+        r.stderr
+    );
+}
+
+#[test]
+fn disk_image_problems_are_one_clear_line() {
+    let missing = Path::new("/nonexistent/disk.img");
+    let r = pvrun(&guest("kvstore"), &["--disk", &disk_opt("data", missing, false)], &["count"]);
+    assert_eq!(r.status, 125);
+    assert!(r.stderr.contains("does not exist (create one with `truncate -s 64M"), "{}", r.stderr);
+    assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
+
+    // The same image cannot be attached read-write to two VMs at once.
+    let img = image("locked", 4);
+    let d = disk_opt("data", &img, false);
+    let mut first = Command::new(env!("CARGO_BIN_EXE_pvrun"))
+        .args(["--timeout", "20", "--disk", &d])
+        .arg(guest("misbehave"))
+        .args(["--", "sleep-forever"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(first.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
+    assert_eq!(line, "sleeping\n");
+    let r = kv(&img, &["count"]);
+    first.kill().unwrap();
+    first.wait().unwrap();
+    assert_eq!(r.status, 125, "{}", r.stderr);
+    assert!(r.stderr.contains("in use by another VM"), "{}", r.stderr);
+}
+
+fn blk(mode: &[&str], ro: bool) -> Run {
+    let img = image(&format!("{}-{ro}", mode[0]), 4);
+    std::fs::write(&img, vec![0xabu8; 4 << 20]).unwrap();
+    let d = disk_opt("disk", &img, ro);
+    let r = pvrun(&guest("misbehave"), &["--timeout", "20", "--disk", &d], mode);
+    if ro {
+        let after = std::fs::read(&img).unwrap();
+        assert!(after.iter().all(|&b| b == 0xab), "a read-only image was modified");
+    }
+    r
+}
+
+#[test]
+fn requests_with_bad_buffers_get_bad_address_and_touch_nothing() {
+    for mode in ["blk-bad-addr", "blk-pagetables", "blk-text", "blk-bootinfo"] {
+        let r = blk(&[mode], false);
+        assert_eq!(r.status, 0, "{mode}: {}", r.stderr);
+        assert_eq!(r.stdout, "status=-2\n", "{mode}");
+    }
+}
+
+#[test]
+fn requests_with_bad_lengths_ranges_or_ops_get_errors() {
+    assert_eq!(blk(&["blk-len-overflow"], false).stdout, "status=-3 -3 -3\n");
+    assert_eq!(blk(&["blk-past-end"], false).stdout, "status=-8 -8\n");
+    assert_eq!(blk(&["blk-bad-op"], false).stdout, "status=-5\n");
+}
+
+#[test]
+fn read_only_disks_refuse_writes() {
+    assert_eq!(blk(&["blk-write"], true).stdout, "status=-7\n");
+    assert_eq!(blk(&["blk-write"], false).stdout, "status=512\n");
+}
+
+#[test]
+fn ring_indices_far_ahead_break_only_that_ring() {
+    for mode in ["blk-idx-far", "blk-overflow-queue"] {
+        let r = blk(&[mode], false);
+        assert_eq!(r.status, 0, "{mode}: {}", r.stderr);
+        assert_eq!(r.stdout, "ring status=1\n", "{mode}: {}", r.stderr);
+        assert!(r.stderr.contains("pvrun: device `disk` broken: req_prod"), "{mode}: {}", r.stderr);
+    }
+}
+
+#[test]
+fn a_doorbell_storm_is_harmless() {
+    let r = blk(&["blk-doorbell-storm", "100000"], false);
+    assert_eq!(r.status, 0, "{}", r.stderr);
+    assert_eq!(r.stdout, "storm done status=512\n");
+}
+
+#[test]
+fn a_guest_rewriting_its_ring_while_the_host_reads_it_cannot_hurt_the_host() {
+    let r = blk(&["blk-scribble"], false);
+    assert_eq!(r.status, 0, "{} {}", r.stdout, r.stderr);
+    assert!(r.stdout.starts_with("scribble done ring status="), "{}", r.stdout);
+    assert!(!r.stderr.contains("panicked"), "{}", r.stderr);
+}
