@@ -96,6 +96,19 @@ pub mod call {
     /// Returns 0, or [`status::BAD_ARGUMENT`](crate::status::BAD_ARGUMENT) if the ring is
     /// corrupt (the host then stops the guest).
     pub const CONSOLE_FLUSH: u16 = 5;
+    /// Function sandboxes: the guest finished initialising and is ready for calls: args
+    /// [`FnReady`](crate::FnReady). Returns 0 when a call arrives (its [`FnCall`](crate::FnCall)
+    /// header and input are then in the input buffer).
+    pub const FN_READY: u16 = 6;
+    /// Function sandboxes: the current call is done: args [`FnReturn`](crate::FnReturn).
+    /// Returns 0 when the next call arrives (when the host does not reset the sandbox
+    /// between calls; otherwise the guest resumes from its `FN_READY` instead).
+    pub const FN_RETURN: u16 = 7;
+    /// Call a function the host offers by name: args [`HostCall`](crate::HostCall).
+    /// Returns the output length, or [`status::NOT_FOUND`](crate::status::NOT_FOUND),
+    /// [`status::BAD_LENGTH`](crate::status::BAD_LENGTH) (output larger than the buffer),
+    /// [`status::HOST_FN_FAILED`](crate::status::HOST_FN_FAILED).
+    pub const HOST_CALL: u16 = 8;
 }
 
 /// Hypercall status values returned in `rax`.
@@ -121,6 +134,10 @@ pub mod status {
     pub const OUT_OF_RANGE: i64 = -8;
     /// The device is broken (the guest corrupted its ring); nothing more is served.
     pub const BROKEN: i64 = -9;
+    /// No host function has this name.
+    pub const NOT_FOUND: i64 = -10;
+    /// The host function failed.
+    pub const HOST_FN_FAILED: i64 = -11;
 }
 
 /// Device kinds in [`DeviceInfo::kind`].
@@ -309,6 +326,64 @@ pub struct ConsoleRing {
 
 /// Size of a console record header: stream (`u8`) and length (`u16` LE).
 pub const CONSOLE_RECORD_HEADER: u64 = 3;
+
+/// Arguments of [`call::FN_READY`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FnReady {
+    /// Guest address of the exported function names, each followed by a NUL byte.
+    pub exports: u64,
+    /// Length of that list in bytes.
+    pub exports_len: u64,
+    /// Guest address of the input buffer (guest-writable): the host writes an
+    /// [`FnCall`] header there, followed by the call's input bytes.
+    pub inbuf: u64,
+    /// Size of the input buffer in bytes (at least the header).
+    pub inbuf_len: u64,
+}
+
+/// Header the host writes at the start of the input buffer for each call.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FnCall {
+    /// Index of the function in the export list.
+    pub index: u32,
+    /// Zero.
+    pub reserved: u32,
+    /// Length of the input, which follows this header.
+    pub input_len: u64,
+}
+
+/// Arguments of [`call::FN_RETURN`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FnReturn {
+    /// 0 for a result; any other value reports an error (the output is then a UTF-8
+    /// message).
+    pub status: i64,
+    /// Guest address of the output.
+    pub out: u64,
+    /// Output length in bytes.
+    pub out_len: u64,
+}
+
+/// Arguments of [`call::HOST_CALL`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HostCall {
+    /// Guest address of the host function's name (UTF-8).
+    pub name: u64,
+    /// Length of the name.
+    pub name_len: u64,
+    /// Guest address of the input.
+    pub input: u64,
+    /// Input length.
+    pub input_len: u64,
+    /// Guest address of the output buffer (guest-writable).
+    pub output: u64,
+    /// Capacity of the output buffer.
+    pub output_cap: u64,
+}
 
 /// Arguments of [`call::CONSOLE_WRITE`].
 #[repr(C)]
@@ -553,6 +628,10 @@ const _: () = assert!(core::mem::size_of::<MemRegion>() == 24);
 const _: () = assert!(core::mem::size_of::<Str>() == 16);
 const _: () = assert!(core::mem::size_of::<ConsoleRing>() == 128);
 const _: () = assert!(core::mem::size_of::<DeviceInfo>() == 128);
+const _: () = assert!(core::mem::size_of::<FnReady>() == 32);
+const _: () = assert!(core::mem::size_of::<FnCall>() == 16);
+const _: () = assert!(core::mem::size_of::<FnReturn>() == 24);
+const _: () = assert!(core::mem::size_of::<HostCall>() == 48);
 const _: () = assert!(core::mem::size_of::<DeviceNote>() == 36);
 const _: () = assert!(core::mem::size_of::<RingHeader>() as u64 == RING_SLOTS_OFFSET);
 const _: () = assert!(core::mem::size_of::<BlockRequest>() as u64 == RING_SLOT_SIZE);
@@ -576,6 +655,10 @@ mod byte_valued {
     unsafe impl vm_memory::ByteValued for BootInfo {}
     unsafe impl vm_memory::ByteValued for ConsoleRing {}
     unsafe impl vm_memory::ByteValued for DeviceInfo {}
+    unsafe impl vm_memory::ByteValued for FnReady {}
+    unsafe impl vm_memory::ByteValued for FnCall {}
+    unsafe impl vm_memory::ByteValued for FnReturn {}
+    unsafe impl vm_memory::ByteValued for HostCall {}
     unsafe impl vm_memory::ByteValued for DeviceNote {}
     unsafe impl vm_memory::ByteValued for RingHeader {}
     unsafe impl vm_memory::ByteValued for BlockRequest {}

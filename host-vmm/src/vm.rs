@@ -61,6 +61,8 @@ pub struct VmConfig {
     /// Serve doorbells through KVM ioeventfds (true) or as exits to the run loop (false;
     /// slower, for measurement).
     pub ioeventfd: bool,
+    /// Track which guest pages are written (KVM dirty logging), for snapshot restore.
+    pub dirty_log: bool,
 }
 
 impl Default for VmConfig {
@@ -74,6 +76,7 @@ impl Default for VmConfig {
             stderr: Box::new(std::io::stderr()),
             disks: Vec::new(),
             ioeventfd: true,
+            dirty_log: false,
         }
     }
 }
@@ -405,7 +408,11 @@ impl Vm {
             .map_err(|e| Error::Kvm("KVM_CREATE_VM", e))?;
         let slot = kvm_userspace_memory_region {
             slot: 0,
-            flags: 0,
+            flags: if config.dirty_log {
+                kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES
+            } else {
+                0
+            },
             guest_phys_addr: 0,
             memory_size: mem_size,
             userspace_addr: ram.host_base(),
@@ -773,6 +780,14 @@ impl Vm {
         deferred_teardown();
         // SAFETY: _exit ends the process; nothing else runs afterwards.
         unsafe { libc::_exit(status) }
+    }
+
+    /// The guest pages written since the last call (KVM dirty log; needs
+    /// [`VmConfig::dirty_log`]), as a bitmap of 4 KiB pages.
+    pub fn take_dirty_log(&self) -> Result<Vec<u64>, Error> {
+        self._vm
+            .get_dirty_log(0, self.ram.size() as usize)
+            .map_err(|e| Error::Kvm("KVM_GET_DIRTY_LOG", e))
     }
 
     /// Counters of the attached devices, by name.
