@@ -5,12 +5,14 @@
 //! memory the guest itself may read; buffers must lie in guest-readable regions (never the
 //! host's page tables or descriptor tables); lengths are bounded before anything is copied.
 
+use std::collections::HashMap;
 use std::io::Write;
+use std::sync::Arc;
 
 use pvrun_abi::layout::{CONSOLE_DATA_ADDR, CONSOLE_DATA_SIZE, CONSOLE_RING_ADDR};
 use pvrun_abi::{
-    ABORT_MESSAGE_MAX, Abort, CONSOLE_RECORD_HEADER, CONSOLE_WRITE_MAX, ConsoleWrite, Exit, Wait,
-    call, status, stream,
+    ABORT_MESSAGE_MAX, Abort, CONSOLE_RECORD_HEADER, CONSOLE_WRITE_MAX, ConsoleWrite, Exit,
+    FnCall, FnReady, FnReturn, HostCall, Wait, call, status, stream,
 };
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -29,6 +31,45 @@ pub enum Action {
     Wait(u64),
     /// The guest broke the protocol badly enough to be stopped (a corrupt console ring).
     Fault(String),
+    /// A function guest is initialised and ready for calls (`FN_READY`).
+    Ready(Exports),
+    /// A function guest finished a call (`FN_RETURN`): its status and output, or the
+    /// output's length when it is larger than allowed.
+    Returned {
+        /// 0 for a result, otherwise an error with a message as output.
+        status: i64,
+        /// The output (`Err(len)`: larger than the limit, not copied).
+        output: Result<Vec<u8>, u64>,
+    },
+}
+
+/// What a function guest declared at `FN_READY`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Exports {
+    /// Exported function names, in index order.
+    pub names: Vec<String>,
+    /// Guest address of the input buffer (validated guest-writable).
+    pub inbuf: u64,
+    /// Size of the input buffer.
+    pub inbuf_len: u64,
+}
+
+/// A function the host offers to guests by name: bytes in, bytes out.
+pub type HostFn = Arc<dyn Fn(&[u8]) -> Result<Vec<u8>, String> + Send + Sync>;
+
+/// Largest host-function input, and largest function output by default.
+pub const FN_DATA_MAX: u64 = 16 << 20;
+
+/// Per-VM context of the function-call hypercalls.
+#[derive(Default)]
+pub struct FnContext {
+    /// Host functions by name.
+    pub host_fns: Arc<HashMap<String, HostFn>>,
+    /// Largest output a call may return.
+    pub max_output: u64,
+    /// Guest ranges the host wrote since the last snapshot restore (they are not in KVM's
+    /// dirty log, but must be restored too).
+    pub host_writes: Vec<(u64, u64)>,
 }
 
 /// Where guest console output goes.
@@ -185,8 +226,34 @@ impl GuestView<'_> {
 }
 
 /// Runs hypercall `nr` with argument address `arg`.
-pub fn dispatch(nr: u16, arg: u64, guest: &GuestView<'_>, console: &mut Console) -> Action {
+pub fn dispatch(
+    nr: u16,
+    arg: u64,
+    guest: &GuestView<'_>,
+    console: &mut Console,
+    fns: &mut FnContext,
+) -> Action {
     let r = match nr {
+        call::FN_READY => match fn_ready(arg, guest) {
+            Ok(e) => return Action::Ready(e),
+            Err(e) => Err(e),
+        },
+        call::FN_RETURN => match guest.read_args::<FnReturn>(arg) {
+            Ok(a) => {
+                let mut buf = Vec::new();
+                let output = match guest.read_buf(a.out, a.out_len, fns.max_output, &mut buf) {
+                    Ok(()) => Ok(buf),
+                    Err(status::BAD_LENGTH) if a.out_len > fns.max_output => Err(a.out_len),
+                    Err(e) => return Action::Return(e),
+                };
+                return Action::Returned {
+                    status: a.status,
+                    output,
+                };
+            }
+            Err(e) => Err(e),
+        },
+        call::HOST_CALL => host_call(arg, guest, fns),
         call::CONSOLE_WRITE => console_write(arg, guest, console),
         call::EXIT => match guest.read_args::<Exit>(arg) {
             Ok(a) => return Action::Exit(a.code),
@@ -204,6 +271,58 @@ pub fn dispatch(nr: u16, arg: u64, guest: &GuestView<'_>, console: &mut Console)
         _ => Err(status::UNKNOWN_CALL),
     };
     Action::Return(r.unwrap_or_else(|e| e))
+}
+
+fn fn_ready(arg: u64, guest: &GuestView<'_>) -> Result<Exports, i64> {
+    let a: FnReady = guest.read_args(arg)?;
+    let mut list = Vec::new();
+    guest.read_buf(a.exports, a.exports_len, 64 * 1024, &mut list)?;
+    let names: Vec<String> = list
+        .split(|&b| b == 0)
+        .filter(|n| !n.is_empty())
+        .map(|n| String::from_utf8_lossy(n).into_owned())
+        .collect();
+    if a.inbuf_len < size_of::<FnCall>() as u64 || !a.inbuf.is_multiple_of(8) {
+        return Err(status::BAD_ARGUMENT);
+    }
+    // The host writes every call's input there: it must be memory the guest may write.
+    guest
+        .map
+        .check_user(a.inbuf, a.inbuf_len, true)
+        .map_err(|_| status::BAD_ADDRESS)?;
+    Ok(Exports {
+        names,
+        inbuf: a.inbuf,
+        inbuf_len: a.inbuf_len,
+    })
+}
+
+fn host_call(arg: u64, guest: &GuestView<'_>, fns: &mut FnContext) -> Result<i64, i64> {
+    let a: HostCall = guest.read_args(arg)?;
+    let mut name = Vec::new();
+    guest.read_buf(a.name, a.name_len, 256, &mut name)?;
+    let name = String::from_utf8(name).map_err(|_| status::BAD_ARGUMENT)?;
+    let f = fns.host_fns.get(&name).ok_or(status::NOT_FOUND)?.clone();
+    let mut input = Vec::new();
+    guest.read_buf(a.input, a.input_len, FN_DATA_MAX, &mut input)?;
+    // Validate the output buffer before running anything on the guest's behalf.
+    guest
+        .map
+        .check_user(a.output, a.output_cap, true)
+        .map_err(|e| match e {
+            AccessError::Overflow => status::BAD_LENGTH,
+            AccessError::Outside => status::BAD_ADDRESS,
+        })?;
+    let out = f(&input).map_err(|_| status::HOST_FN_FAILED)?;
+    if out.len() as u64 > a.output_cap {
+        return Err(status::BAD_LENGTH);
+    }
+    guest
+        .mem
+        .write_slice(&out, GuestAddress(a.output))
+        .map_err(|_| status::BAD_ADDRESS)?;
+    fns.host_writes.push((a.output, out.len() as u64));
+    Ok(out.len() as i64)
 }
 
 fn console_write(arg: u64, guest: &GuestView<'_>, console: &mut Console) -> Result<i64, i64> {

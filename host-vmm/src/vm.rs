@@ -7,6 +7,7 @@
 //! returns whether the guest is in the middle of an instruction loop, about to enter, or
 //! sleeping in `wait`.
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::Path;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -27,7 +28,9 @@ use crate::devices::{self, DeviceCounters, Devices, Notify};
 use crate::elf::GuestImage;
 use crate::error::Error;
 use crate::fault::{self, Fault};
-use crate::hypercall::{self, Action, Console, GuestView};
+use crate::hypercall::{
+    self, Action, Console, Exports, FN_DATA_MAX, FnContext, GuestView, HostFn,
+};
 use crate::layout::*;
 use crate::memory::{GuestRam, HOST_ONLY, MemoryMap, Region};
 
@@ -58,6 +61,10 @@ pub struct VmConfig {
     pub stderr: Box<dyn Write + Send>,
     /// Disks to attach.
     pub disks: Vec<DiskConfig>,
+    /// Functions the guest may call by name (`HOST_CALL`).
+    pub host_functions: Arc<HashMap<String, HostFn>>,
+    /// Largest output a function call may return.
+    pub max_output: u64,
     /// Serve doorbells through KVM ioeventfds (true) or as exits to the run loop (false;
     /// slower, for measurement).
     pub ioeventfd: bool,
@@ -75,6 +82,8 @@ impl Default for VmConfig {
             stdout: Box::new(std::io::stdout()),
             stderr: Box::new(std::io::stderr()),
             disks: Vec::new(),
+            host_functions: Arc::default(),
+            max_output: FN_DATA_MAX,
             ioeventfd: true,
             dirty_log: false,
         }
@@ -96,6 +105,16 @@ pub enum Outcome {
     Killed,
     /// The host process got this signal (SIGINT, SIGTERM) and stopped the guest.
     Interrupted(i32),
+    /// A function guest finished initialising and waits for calls (it can be resumed
+    /// with [`Vm::start_call`]).
+    Ready(Exports),
+    /// A function guest finished a call (it can be resumed with [`Vm::start_call`]).
+    Returned {
+        /// 0 for a result, otherwise an error whose output is a message.
+        status: i64,
+        /// The output, or its length when it was over the limit.
+        output: Result<Vec<u8>, u64>,
+    },
 }
 
 impl Outcome {
@@ -108,6 +127,7 @@ impl Outcome {
             Outcome::TimedOut(_) => EXIT_TIMEOUT,
             Outcome::Killed => EXIT_KILLED,
             Outcome::Interrupted(sig) => 128 + sig,
+            Outcome::Ready(_) | Outcome::Returned { .. } => EXIT_HOST_ERROR,
         }
     }
 
@@ -126,6 +146,10 @@ impl Outcome {
             Outcome::Interrupted(sig) => {
                 Some(format!("pvrun: interrupted by signal {sig}; guest stopped"))
             }
+            Outcome::Ready(_) | Outcome::Returned { .. } => Some(
+                "pvrun: error: this guest is a function sandbox (it waits for calls); serve it with `pvrun serve GUEST --listen ADDR`"
+                    .into(),
+            ),
         }
     }
 }
@@ -184,6 +208,11 @@ struct RunControl {
     reason: AtomicU8,
     target: Mutex<Option<Target>>,
     notify: Arc<Notify>,
+    /// When the current run must stop (armed per run by the watchdog's owner).
+    deadline: Mutex<Option<Instant>>,
+    deadline_cv: std::sync::Condvar,
+    /// Tells the watchdog thread to end.
+    quit: std::sync::atomic::AtomicBool,
 }
 
 impl RunControl {
@@ -199,6 +228,42 @@ impl RunControl {
             self.notify.signal();
             // SAFETY: the thread is alive while registered; the signal's handler is a no-op.
             unsafe { libc::pthread_kill(t.tid, kick_signal()) };
+        }
+    }
+}
+
+impl RunControl {
+    fn arm(&self, deadline: Option<Instant>) {
+        *self.deadline.lock().unwrap_or_else(|p| p.into_inner()) = deadline;
+        self.deadline_cv.notify_all();
+    }
+
+    /// The watchdog thread: stops the guest when the armed deadline passes. One per VM
+    /// (started on the first run with a timeout), so a timed call costs no thread spawn.
+    fn watchdog(self: Arc<Self>) {
+        let mut d = self.deadline.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if self.quit.load(Ordering::SeqCst) {
+                return;
+            }
+            match *d {
+                None => d = self.deadline_cv.wait(d).unwrap_or_else(|p| p.into_inner()),
+                Some(t) => {
+                    let now = Instant::now();
+                    if now >= t {
+                        *d = None;
+                        drop(d);
+                        self.stop(STOP_TIMEOUT);
+                        d = self.deadline.lock().unwrap_or_else(|p| p.into_inner());
+                    } else {
+                        d = self
+                            .deadline_cv
+                            .wait_timeout(d, t - now)
+                            .unwrap_or_else(|p| p.into_inner())
+                            .0;
+                    }
+                }
+            }
         }
     }
 }
@@ -271,8 +336,20 @@ pub struct Vm {
     console: Console,
     control: Arc<RunControl>,
     timeout: Option<Duration>,
+    watchdog: Option<std::thread::JoinHandle<()>>,
     boot_instant: Instant,
     exits: u64,
+    fns: FnContext,
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.control.quit.store(true, Ordering::SeqCst);
+        self.control.arm(None);
+        if let Some(w) = self.watchdog.take() {
+            let _ = w.join();
+        }
+    }
 }
 
 impl Vm {
@@ -484,10 +561,19 @@ impl Vm {
                 reason: AtomicU8::new(STOP_NONE),
                 target: Mutex::new(None),
                 notify,
+                deadline: Mutex::new(None),
+                deadline_cv: std::sync::Condvar::new(),
+                quit: std::sync::atomic::AtomicBool::new(false),
             }),
             timeout: config.timeout,
+            watchdog: None,
             boot_instant,
             exits: 0,
+            fns: FnContext {
+                host_fns: config.host_functions,
+                max_output: config.max_output,
+                host_writes: Vec::new(),
+            },
         })
     }
 
@@ -514,23 +600,21 @@ impl Vm {
         }
         // SAFETY: pthread_self has no preconditions.
         VCPU_THREAD.store(unsafe { libc::pthread_self() } as u64, Ordering::SeqCst);
-        let (cancel, watchdog) = match self.timeout {
-            Some(t) => {
-                let (tx, rx) = std::sync::mpsc::channel::<()>();
+        if let Some(t) = self.timeout {
+            if self.watchdog.is_none() {
                 let control = self.control.clone();
-                let h = std::thread::spawn(move || {
-                    if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(t) {
-                        control.stop(STOP_TIMEOUT);
-                    }
-                });
-                (Some(tx), Some(h))
+                self.watchdog = Some(
+                    std::thread::Builder::new()
+                        .name("pvrun-watchdog".into())
+                        .spawn(move || control.watchdog())
+                        .map_err(Error::Io)?,
+                );
             }
-            None => (None, None),
-        };
+            self.control.arm(Some(started + t));
+        }
         let r = self.run_loop();
-        drop(cancel);
-        if let Some(h) = watchdog {
-            let _ = h.join();
+        if self.timeout.is_some() {
+            self.control.arm(None);
         }
         *self
             .control
@@ -613,12 +697,17 @@ impl Vm {
                         rdi,
                         &view,
                         &mut self.console,
+                        &mut self.fns,
                     );
                     match action {
                         Action::Return(v) => self.set_rax(v as u64)?,
                         Action::Exit(code) => return Ok(Outcome::Exited(code)),
                         Action::Abort(msg) => return Ok(Outcome::Panicked(msg)),
                         Action::Fault(msg) => return Ok(Outcome::Fault(Fault::protocol(msg))),
+                        Action::Ready(exports) => return Ok(Outcome::Ready(exports)),
+                        Action::Returned { status, output } => {
+                            return Ok(Outcome::Returned { status, output });
+                        }
                         Action::Wait(deadline_ns) => {
                             if let Some(o) = self.wait(deadline_ns) {
                                 return Ok(o);
