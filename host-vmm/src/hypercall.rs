@@ -95,6 +95,16 @@ impl Console {
         }
     }
 
+    /// Bytes of the console ring consumed so far.
+    pub fn consumed(&self) -> u64 {
+        self.consumed
+    }
+
+    /// Resets the consumed count (when guest memory is reset to a snapshot).
+    pub fn set_consumed(&mut self, consumed: u64) {
+        self.consumed = consumed;
+    }
+
     /// Copies every complete record out of the guest's console ring to the sinks. An error
     /// (an impossible producer index, a record with a bad stream or cut short) means the
     /// guest corrupted the ring; the caller stops it.

@@ -25,6 +25,7 @@ pub mod layout;
 pub mod memory;
 pub mod raw_guest;
 pub mod ring;
+pub mod sandbox;
 pub mod vm;
 
 pub use elf::GuestImage;

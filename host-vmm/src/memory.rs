@@ -12,7 +12,7 @@
 use std::ptr::NonNull;
 
 use pvrun_abi::{perm, region};
-use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 
 use crate::error::Error;
 use crate::layout::{LARGE_PAGE_SIZE, PAGE_SIZE};
@@ -47,6 +47,16 @@ pub struct GuestRam {
 impl GuestRam {
     /// Maps `size` bytes of zeroed guest memory at guest address 0.
     pub fn new(size: u64) -> Result<Self, Error> {
+        Self::map(size, None)
+    }
+
+    /// Maps guest memory as a private copy-on-write view of a snapshot: pages come from
+    /// the snapshot until the guest (or host) writes them.
+    pub fn from_snapshot(snap: &MemorySnapshot) -> Result<Self, Error> {
+        Self::map(snap.size, Some(&snap.fd))
+    }
+
+    fn map(size: u64, backing: Option<&std::fs::File>) -> Result<Self, Error> {
         let len = usize::try_from(size).map_err(|_| Error::BadMemSize(size))?;
         let align = LARGE_PAGE_SIZE as usize;
         let reserve = len + align;
@@ -77,6 +87,26 @@ impl GuestRam {
             }
             if tail > 0 {
                 libc::munmap((base + len) as *mut libc::c_void, tail);
+            }
+        }
+        if let Some(file) = backing {
+            use std::os::fd::AsRawFd;
+            // SAFETY: replaces our own reserved window with a private mapping of the file.
+            let m = unsafe {
+                libc::mmap(
+                    base as *mut libc::c_void,
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                    file.as_raw_fd(),
+                    0,
+                )
+            };
+            if m == libc::MAP_FAILED {
+                let e = std::io::Error::last_os_error();
+                // SAFETY: unmapping our own reservation.
+                unsafe { libc::munmap(base as *mut libc::c_void, len) };
+                return Err(Error::Mmap(e));
             }
         }
         let mapping = HostMapping {
@@ -137,6 +167,61 @@ impl GuestRam {
         }
     }
 
+    /// Copies every page the guest or host has touched into a new memory snapshot.
+    pub fn snapshot(&self) -> Result<MemorySnapshot, Error> {
+        let pages = (self.size / PAGE_SIZE) as usize;
+        let mut resident = vec![0u8; pages];
+        // SAFETY: mincore reads page residency of our own mapping into a vector of the
+        // right length (one byte per page).
+        let r = unsafe {
+            libc::mincore(
+                self.host_base() as *mut libc::c_void,
+                self.size as usize,
+                resident.as_mut_ptr(),
+            )
+        };
+        if r != 0 {
+            return Err(Error::Mmap(std::io::Error::last_os_error()));
+        }
+        let mut snap = MemorySnapshot::create(self.size)?;
+        for (i, _) in resident.iter().enumerate().filter(|(_, r)| **r & 1 != 0) {
+            let off = i as u64 * PAGE_SIZE;
+            let dst = &mut snap.view_mut()[off as usize..(off + PAGE_SIZE) as usize];
+            self.mem
+                .read_slice(dst, GuestAddress(off))
+                .map_err(|e| Error::Layout(format!("snapshot copy: {e}")))?;
+        }
+        snap.seal();
+        Ok(snap)
+    }
+
+    /// Restores the 4 KiB pages set in `bitmap` (bit `i` = page `i`) from `snap`; returns
+    /// how many pages it copied.
+    pub fn restore_pages(&self, snap: &MemorySnapshot, bitmap: &[u64]) -> usize {
+        let mut n = 0;
+        for (w, &word) in bitmap.iter().enumerate() {
+            let mut bits = word;
+            while bits != 0 {
+                let b = bits.trailing_zeros() as u64;
+                bits &= bits - 1;
+                let page = (w as u64 * 64 + b) * PAGE_SIZE;
+                self.restore_range(snap, page, PAGE_SIZE);
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Restores `[start, start+len)` (clipped to memory) from `snap`.
+    pub fn restore_range(&self, snap: &MemorySnapshot, start: u64, len: u64) {
+        let end = start.saturating_add(len).min(self.size).min(snap.size);
+        if start >= end {
+            return;
+        }
+        let src = &snap.view()[start as usize..end as usize];
+        let _ = self.mem.write_slice(src, GuestAddress(start));
+    }
+
     /// Pre-faults `[start, start+len)` in the host so the guest's first touch is cheap
     /// (`MADV_POPULATE_WRITE`; silently skipped where the kernel lacks it).
     pub fn populate(&self, start: u64, len: u64) {
@@ -152,6 +237,82 @@ impl GuestRam {
         unsafe {
             libc::madvise(addr as *mut libc::c_void, len as usize, MADV_POPULATE_WRITE);
         }
+    }
+}
+
+/// A frozen copy of guest memory in a memfd, shared by every VM made from it (each maps
+/// it copy-on-write) and read back when a VM is reset to it.
+pub struct MemorySnapshot {
+    fd: std::fs::File,
+    view: NonNull<u8>,
+    size: u64,
+}
+
+// SAFETY: after `seal` the view is read-only memory owned by this struct.
+unsafe impl Send for MemorySnapshot {}
+// SAFETY: as above: shared read-only access.
+unsafe impl Sync for MemorySnapshot {}
+
+impl MemorySnapshot {
+    fn create(size: u64) -> Result<Self, Error> {
+        use std::os::fd::FromRawFd;
+        // SAFETY: memfd_create with a static NUL-terminated name.
+        let fd = unsafe { libc::memfd_create(c"pvrun-snapshot".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(Error::Mmap(std::io::Error::last_os_error()));
+        }
+        // SAFETY: a descriptor we just created and now own.
+        let fd = unsafe { std::fs::File::from_raw_fd(fd) };
+        fd.set_len(size).map_err(Error::Mmap)?;
+        use std::os::fd::AsRawFd;
+        // SAFETY: a shared mapping of our own memfd, checked below.
+        let view = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                size as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if view == libc::MAP_FAILED {
+            return Err(Error::Mmap(std::io::Error::last_os_error()));
+        }
+        Ok(MemorySnapshot {
+            fd,
+            view: NonNull::new(view.cast()).expect("mmap returned a non-null address"),
+            size,
+        })
+    }
+
+    fn view(&self) -> &[u8] {
+        // SAFETY: `view` maps `size` bytes for as long as `self` lives.
+        unsafe { std::slice::from_raw_parts(self.view.as_ptr(), self.size as usize) }
+    }
+
+    fn view_mut(&mut self) -> &mut [u8] {
+        // SAFETY: only used while building the snapshot, before `seal` makes it read-only.
+        unsafe { std::slice::from_raw_parts_mut(self.view.as_ptr(), self.size as usize) }
+    }
+
+    fn seal(&self) {
+        // SAFETY: our own mapping; from now on it is only read.
+        unsafe {
+            libc::mprotect(self.view.as_ptr().cast(), self.size as usize, libc::PROT_READ);
+        }
+    }
+
+    /// Size of the memory it holds.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+}
+
+impl Drop for MemorySnapshot {
+    fn drop(&mut self) {
+        // SAFETY: unmapping our own view.
+        unsafe { libc::munmap(self.view.as_ptr().cast(), self.size as usize) };
     }
 }
 

@@ -20,7 +20,7 @@ use kvm_ioctls::{Cap, Kvm, SyncReg, VcpuExit, VcpuFd, VmFd};
 use pvrun_abi::{EXCEPTION_PORT, HYPERCALL_PORT_BASE, HYPERCALL_PORT_COUNT, perm, region};
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::arch::cpu::CpuSetup;
+use crate::arch::cpu::{CpuSetup, VcpuState};
 use crate::arch::paging;
 use crate::block::DiskConfig;
 use crate::boot::{self, BootFacts};
@@ -32,7 +32,7 @@ use crate::hypercall::{
     self, Action, Console, Exports, FN_DATA_MAX, FnContext, GuestView, HostFn,
 };
 use crate::layout::*;
-use crate::memory::{GuestRam, HOST_ONLY, MemoryMap, Region};
+use crate::memory::{GuestRam, HOST_ONLY, MemorySnapshot, MemoryMap, Region};
 
 /// Exit status when the guest panics (or calls `abort`).
 pub const EXIT_PANIC: i32 = 101;
@@ -338,6 +338,8 @@ pub struct Vm {
     timeout: Option<Duration>,
     watchdog: Option<std::thread::JoinHandle<()>>,
     boot_instant: Instant,
+    tsc_hz: u64,
+    tsc_at_boot: u64,
     exits: u64,
     fns: FnContext,
 }
@@ -480,27 +482,7 @@ impl Vm {
         crate::arch::cpu::write_system_tables(&ram)?;
         let cr3 = paging::build(&ram, &map)?;
 
-        let vm = kvm
-            .create_vm()
-            .map_err(|e| Error::Kvm("KVM_CREATE_VM", e))?;
-        let slot = kvm_userspace_memory_region {
-            slot: 0,
-            flags: if config.dirty_log {
-                kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES
-            } else {
-                0
-            },
-            guest_phys_addr: 0,
-            memory_size: mem_size,
-            userspace_addr: ram.host_base(),
-        };
-        // SAFETY: the region is our own mapping of exactly `mem_size` bytes, and it outlives
-        // the VM (field order of `Vm`).
-        unsafe { vm.set_user_memory_region(slot) }
-            .map_err(|e| Error::Kvm("KVM_SET_USER_MEMORY_REGION", e))?;
-        let mut vcpu = vm
-            .create_vcpu(0)
-            .map_err(|e| Error::Kvm("KVM_CREATE_VCPU", e))?;
+        let (vm, mut vcpu) = create_kvm_vm(kvm, &ram, config.dirty_log)?;
         if let Some(pending) = cpu_pending {
             pending
                 .join()
@@ -517,13 +499,7 @@ impl Vm {
             .get_tsc_khz()
             .map_err(|e| Error::Kvm("KVM_GET_TSC_KHZ", e))? as u64
             * 1000;
-        let mut msrs = Msrs::from_entries(&[kvm_msr_entry {
-            index: 0x10, // IA32_TIME_STAMP_COUNTER
-            ..Default::default()
-        }])
-        .map_err(|_| Error::Layout("MSR list".into()))?;
-        vcpu.get_msrs(&mut msrs)
-            .map_err(|e| Error::Kvm("KVM_GET_MSRS", e))?;
+        let tsc_at_boot = guest_tsc(&vcpu)?;
         let boot_instant = Instant::now();
         let wall = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -531,7 +507,7 @@ impl Vm {
             .as_nanos() as u64;
         let facts = BootFacts {
             tsc_hz,
-            tsc_at_boot: msrs.as_slice()[0].data,
+            tsc_at_boot,
             wall_ns_at_boot: wall,
             features: cpu.features,
         };
@@ -568,6 +544,8 @@ impl Vm {
             timeout: config.timeout,
             watchdog: None,
             boot_instant,
+            tsc_hz,
+            tsc_at_boot,
             exits: 0,
             fns: FnContext {
                 host_fns: config.host_functions,
@@ -575,6 +553,185 @@ impl Vm {
                 host_writes: Vec::new(),
             },
         })
+    }
+
+    /// Freezes a function guest paused at its `FN_READY` exit ([`Outcome::Ready`]): its
+    /// memory, vCPU state and console position. The VM can then be reset to it
+    /// ([`Vm::restore`]) and new VMs made from it ([`Vm::from_snapshot`]). Needs
+    /// [`VmConfig::dirty_log`].
+    pub fn snapshot(&mut self, exports: Exports) -> Result<Snapshot, Error> {
+        let mut vcpu = VcpuState::capture(&self.vcpu)?;
+        // Resuming means: after the one-byte `out dx, al` of FN_READY, with rax = 0.
+        let insn: u8 = self
+            .ram
+            .mem()
+            .read_obj(GuestAddress(vcpu.regs.rip))
+            .unwrap_or(0);
+        if insn != 0xee {
+            return Err(Error::Config(format!(
+                "guest `{}` issued FN_READY with an instruction other than the one-byte `out dx, al`; it cannot be snapshotted",
+                self.image.path
+            )));
+        }
+        vcpu.regs.rip += 1;
+        vcpu.regs.rax = 0;
+        let guest_tsc = guest_tsc(&self.vcpu)?;
+        let memory = self.ram.snapshot()?;
+        // From here on, the dirty log lists exactly what calls change.
+        self.take_dirty_log()?;
+        self.fns.host_writes.clear();
+        Ok(Snapshot {
+            memory,
+            image: self.image.clone(),
+            map: self.map.clone(),
+            vcpu,
+            console_consumed: self.console.consumed(),
+            exports,
+            guest_tsc,
+            tsc_hz: self.tsc_hz,
+            tsc_at_boot: self.tsc_at_boot,
+            taken: Instant::now(),
+            host_functions: self.fns.host_fns.clone(),
+            max_output: self.fns.max_output,
+        })
+    }
+
+    /// Resets the VM to `snap` (which must be this VM's snapshot or one it was made from):
+    /// the pages written since (KVM's dirty log plus the host's own writes) get their
+    /// snapshot contents back, and the vCPU its registers. Returns the pages restored.
+    pub fn restore(&mut self, snap: &Snapshot) -> Result<usize, Error> {
+        let dirty = self.take_dirty_log()?;
+        let mut pages = self.ram.restore_pages(&snap.memory, &dirty);
+        for (start, len) in self.fns.host_writes.drain(..) {
+            self.ram.restore_range(&snap.memory, start, len);
+            pages += len.div_ceil(PAGE_SIZE) as usize;
+        }
+        // The host writes the console consumer index: put the header back too.
+        self.ram.restore_range(&snap.memory, CONSOLE_RING_ADDR, PAGE_SIZE);
+        self.console.set_consumed(snap.console_consumed);
+        if CPU.get().is_some_and(|c| c.1) {
+            let sync = self.vcpu.sync_regs_mut();
+            sync.regs = snap.vcpu.regs;
+            sync.sregs = snap.vcpu.sregs;
+            self.vcpu.set_sync_dirty_reg(SyncReg::Register);
+            self.vcpu.set_sync_dirty_reg(SyncReg::SystemRegister);
+        } else {
+            self.vcpu
+                .set_sregs(&snap.vcpu.sregs)
+                .map_err(|e| Error::Kvm("KVM_SET_SREGS", e))?;
+            self.vcpu
+                .set_regs(&snap.vcpu.regs)
+                .map_err(|e| Error::Kvm("KVM_SET_REGS", e))?;
+        }
+        self.vcpu
+            .set_fpu(&snap.vcpu.fpu)
+            .map_err(|e| Error::Kvm("KVM_SET_FPU", e))?;
+        self.clear_stop();
+        Ok(pages)
+    }
+
+    /// Makes a new VM from a snapshot: its memory is a copy-on-write view of the snapshot
+    /// and its vCPU resumes where the snapshot's stopped, with the guest clocks advanced
+    /// by the time the snapshot was kept.
+    pub fn from_snapshot(
+        snap: &Arc<Snapshot>,
+        stdout: Box<dyn Write + Send>,
+        stderr: Box<dyn Write + Send>,
+        timeout: Option<Duration>,
+    ) -> Result<Vm, Error> {
+        let kvm = kvm()?;
+        let (cpu, sync_regs) = cpu_setup(kvm)?;
+        let ram = GuestRam::from_snapshot(&snap.memory)?;
+        let (vm, mut vcpu) = create_kvm_vm(kvm, &ram, true)?;
+        cpu.restore_vcpu(&vcpu, &snap.vcpu)?;
+        if *sync_regs {
+            vcpu.set_sync_valid_reg(SyncReg::Register);
+        }
+        // Guest time goes on: the TSC continues from the snapshot plus the time since.
+        let elapsed = snap.taken.elapsed();
+        let ticks = (elapsed.as_nanos() * snap.tsc_hz as u128 / 1_000_000_000) as u64;
+        let tsc = snap.guest_tsc.wrapping_add(ticks);
+        let msrs = Msrs::from_entries(&[kvm_msr_entry {
+            index: 0x10,
+            data: tsc,
+            ..Default::default()
+        }])
+        .map_err(|_| Error::Layout("MSR list".into()))?;
+        vcpu.set_msrs(&msrs)
+            .map_err(|e| Error::Kvm("KVM_SET_MSRS", e))?;
+        let now_ns = (tsc.wrapping_sub(snap.tsc_at_boot) as u128 * 1_000_000_000
+            / snap.tsc_hz.max(1) as u128) as u64;
+        let boot_instant = Instant::now()
+            .checked_sub(Duration::from_nanos(now_ns))
+            .unwrap_or_else(Instant::now);
+        let mut console = Console::new(stdout, stderr);
+        console.set_consumed(snap.console_consumed);
+        install_kick_handler();
+        Ok(Vm {
+            devices: Devices::default(),
+            vcpu,
+            _vm: vm,
+            ram,
+            map: snap.map.clone(),
+            image: snap.image.clone(),
+            console,
+            control: Arc::new(RunControl {
+                reason: AtomicU8::new(STOP_NONE),
+                target: Mutex::new(None),
+                notify: Arc::new(Notify::default()),
+                deadline: Mutex::new(None),
+                deadline_cv: std::sync::Condvar::new(),
+                quit: std::sync::atomic::AtomicBool::new(false),
+            }),
+            timeout,
+            watchdog: None,
+            boot_instant,
+            tsc_hz: snap.tsc_hz,
+            tsc_at_boot: snap.tsc_at_boot,
+            exits: 0,
+            fns: FnContext {
+                host_fns: snap.host_functions.clone(),
+                max_output: snap.max_output,
+                host_writes: Vec::new(),
+            },
+        })
+    }
+
+    /// Starts function `index` of a function guest paused at `FN_READY` or `FN_RETURN`:
+    /// writes the call header and input into the guest's input buffer. Run the VM next.
+    pub fn start_call(&mut self, exports: &Exports, index: u32, input: &[u8]) -> Result<(), Error> {
+        let header = pvrun_abi::FnCall {
+            index,
+            reserved: 0,
+            input_len: input.len() as u64,
+        };
+        let hsize = size_of::<pvrun_abi::FnCall>() as u64;
+        if hsize + input.len() as u64 > exports.inbuf_len {
+            return Err(Error::Config(format!(
+                "input of {} bytes does not fit the guest's {}-byte input buffer",
+                input.len(),
+                exports.inbuf_len - hsize
+            )));
+        }
+        let mem = self.ram.mem();
+        mem.write_obj(header, GuestAddress(exports.inbuf))
+            .and_then(|_| mem.write_slice(input, GuestAddress(exports.inbuf + hsize)))
+            .map_err(|e| Error::Layout(format!("cannot write the call input: {e}")))?;
+        self.fns
+            .host_writes
+            .push((exports.inbuf, hsize + input.len() as u64));
+        self.set_rax(0)
+    }
+
+    /// Sets how long each later [`Vm::run`] may take.
+    pub fn set_timeout(&mut self, timeout: Option<Duration>) {
+        self.timeout = timeout;
+    }
+
+    /// Forgets an earlier stop request (kill or timeout), so the next run proceeds.
+    pub fn clear_stop(&mut self) {
+        self.control.reason.store(STOP_NONE, Ordering::SeqCst);
+        self.vcpu.set_kvm_immediate_exit(0);
     }
 
     /// A handle that stops this VM's guest from another thread.
@@ -942,6 +1099,68 @@ fn deferred_teardown() {
             libc::getpid() as usize as *mut libc::c_void,
         );
     }
+}
+
+/// A function guest frozen at its `FN_READY` exit: what a sandbox is reset to between
+/// calls, and what new sandboxes start from. See [`Vm::snapshot`].
+pub struct Snapshot {
+    memory: MemorySnapshot,
+    image: Arc<GuestImage>,
+    map: MemoryMap,
+    vcpu: VcpuState,
+    console_consumed: u64,
+    /// What the guest exports.
+    pub exports: Exports,
+    guest_tsc: u64,
+    tsc_hz: u64,
+    tsc_at_boot: u64,
+    taken: Instant,
+    host_functions: Arc<HashMap<String, HostFn>>,
+    max_output: u64,
+}
+
+impl Snapshot {
+    /// Bytes of guest memory the snapshot holds (the guest's memory size).
+    pub fn mem_size(&self) -> u64 {
+        self.memory.size()
+    }
+}
+
+fn guest_tsc(vcpu: &VcpuFd) -> Result<u64, Error> {
+    let mut msrs = Msrs::from_entries(&[kvm_msr_entry {
+        index: 0x10, // IA32_TIME_STAMP_COUNTER
+        ..Default::default()
+    }])
+    .map_err(|_| Error::Layout("MSR list".into()))?;
+    vcpu.get_msrs(&mut msrs)
+        .map_err(|e| Error::Kvm("KVM_GET_MSRS", e))?;
+    Ok(msrs.as_slice()[0].data)
+}
+
+/// Creates a KVM VM over `ram` (slot 0 at guest address 0) and its vCPU.
+fn create_kvm_vm(kvm: &Kvm, ram: &GuestRam, dirty_log: bool) -> Result<(VmFd, VcpuFd), Error> {
+    let vm = kvm
+        .create_vm()
+        .map_err(|e| Error::Kvm("KVM_CREATE_VM", e))?;
+    let slot = kvm_userspace_memory_region {
+        slot: 0,
+        flags: if dirty_log {
+            kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES
+        } else {
+            0
+        },
+        guest_phys_addr: 0,
+        memory_size: ram.size(),
+        userspace_addr: ram.host_base(),
+    };
+    // SAFETY: the region is our own mapping of exactly `ram.size()` bytes, and it outlives
+    // the VM (field order of `Vm`).
+    unsafe { vm.set_user_memory_region(slot) }
+        .map_err(|e| Error::Kvm("KVM_SET_USER_MEMORY_REGION", e))?;
+    let vcpu = vm
+        .create_vcpu(0)
+        .map_err(|e| Error::Kvm("KVM_CREATE_VCPU", e))?;
+    Ok((vm, vcpu))
 }
 
 /// Loads `path`, boots it with `config` and runs it to the end.

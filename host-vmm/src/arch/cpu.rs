@@ -5,7 +5,9 @@
 //! which lands in a 10-12 byte stub (SSE-free, as ring-0 code is emulated on PVM hosts) that
 //! pushes the vector and reports it to the host with one `out` to [`EXCEPTION_PORT`].
 
-use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES, kvm_fpu, kvm_regs, kvm_segment, kvm_xcrs};
+use kvm_bindings::{
+    CpuId, KVM_MAX_CPUID_ENTRIES, kvm_fpu, kvm_regs, kvm_segment, kvm_sregs, kvm_xcrs,
+};
 use kvm_ioctls::{Kvm, VcpuFd};
 use pvrun_abi::{EXCEPTION_PORT, HYPERCALL_PORT_BASE, HYPERCALL_PORT_COUNT, feature};
 use vm_memory::{Bytes, GuestAddress};
@@ -105,6 +107,28 @@ pub fn write_system_tables(ram: &GuestRam) -> Result<(), Error> {
     w(&stubs, STUBS_ADDR)?;
     w(&idt, IDT_ADDR)?;
     Ok(())
+}
+
+/// The vCPU state a snapshot keeps: general registers, system registers, FPU/SSE state.
+#[derive(Clone)]
+pub struct VcpuState {
+    /// General registers (RIP at the instruction that exited).
+    pub regs: kvm_regs,
+    /// Segments, control registers, descriptor tables.
+    pub sregs: kvm_sregs,
+    /// x87/SSE state and MXCSR.
+    pub fpu: kvm_fpu,
+}
+
+impl VcpuState {
+    /// Reads the state of a vCPU.
+    pub fn capture(vcpu: &VcpuFd) -> Result<Self, Error> {
+        Ok(VcpuState {
+            regs: vcpu.get_regs().map_err(|e| Error::Kvm("KVM_GET_REGS", e))?,
+            sregs: vcpu.get_sregs().map_err(|e| Error::Kvm("KVM_GET_SREGS", e))?,
+            fpu: vcpu.get_fpu().map_err(|e| Error::Kvm("KVM_GET_FPU", e))?,
+        })
+    }
 }
 
 /// CPU facts the host decides once per process.
@@ -251,16 +275,7 @@ impl CpuSetup {
             vcpu.set_sregs(&sregs)
                 .map_err(|e| Error::Kvm("KVM_SET_SREGS", e))?;
         }
-        if self.xsave && self.xcr0 != 0 {
-            let mut xcrs = kvm_xcrs {
-                nr_xcrs: 1,
-                ..Default::default()
-            };
-            xcrs.xcrs[0].xcr = 0;
-            xcrs.xcrs[0].value = self.xcr0 | 0x3;
-            vcpu.set_xcrs(&xcrs)
-                .map_err(|e| Error::Kvm("KVM_SET_XCRS", e))?;
-        }
+        self.set_xcr0(vcpu)?;
         let fpu = kvm_fpu {
             fcw: 0x37f,
             mxcsr: 0x1f80,
@@ -277,6 +292,34 @@ impl CpuSetup {
         };
         vcpu.set_regs(&regs)
             .map_err(|e| Error::Kvm("KVM_SET_REGS", e))?;
+        Ok(())
+    }
+
+    /// Puts a fresh vCPU into a state captured from another (a snapshot).
+    pub fn restore_vcpu(&self, vcpu: &VcpuFd, state: &VcpuState) -> Result<(), Error> {
+        vcpu.set_cpuid2(&self.cpuid)
+            .map_err(|e| Error::Kvm("KVM_SET_CPUID2", e))?;
+        vcpu.set_sregs(&state.sregs)
+            .map_err(|e| Error::Kvm("KVM_SET_SREGS", e))?;
+        self.set_xcr0(vcpu)?;
+        vcpu.set_fpu(&state.fpu)
+            .map_err(|e| Error::Kvm("KVM_SET_FPU", e))?;
+        vcpu.set_regs(&state.regs)
+            .map_err(|e| Error::Kvm("KVM_SET_REGS", e))?;
+        Ok(())
+    }
+
+    fn set_xcr0(&self, vcpu: &VcpuFd) -> Result<(), Error> {
+        if self.xsave && self.xcr0 != 0 {
+            let mut xcrs = kvm_xcrs {
+                nr_xcrs: 1,
+                ..Default::default()
+            };
+            xcrs.xcrs[0].xcr = 0;
+            xcrs.xcrs[0].value = self.xcr0 | 0x3;
+            vcpu.set_xcrs(&xcrs)
+                .map_err(|e| Error::Kvm("KVM_SET_XCRS", e))?;
+        }
         Ok(())
     }
 }

@@ -1,0 +1,370 @@
+//! Function sandboxes: call a function in an untrusted guest, one VM per sandbox, and
+//! reset the VM to its initialised state between calls.
+//!
+//! A function guest (see `pvrun::function` in the SDK) initialises, declares its exports
+//! and stops at `FN_READY`. [`Sandbox::new`] boots it to that point and takes a
+//! [`Snapshot`]. [`Sandbox::call`] writes the input into the guest and resumes it; the
+//! call costs one VM exit (`FN_RETURN`). Before the next call the sandbox is reset to the
+//! snapshot: only the pages the call dirtied (KVM's dirty log) are copied back, so a reset
+//! costs in proportion to what the call touched, not to the memory size.
+//! [`Sandbox::from_snapshot`] makes more sandboxes from one snapshot (copy-on-write
+//! memory), and [`SandboxPool`] keeps several ready for concurrent callers.
+//!
+//! Whatever a call does (loop, fault, panic, return too much), the caller gets a typed
+//! [`CallError`] and the sandbox recovers with the next reset.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::Path;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use crate::error::Error;
+use crate::fault::Fault;
+use crate::hypercall::{FN_DATA_MAX, HostFn};
+use crate::vm::{KillHandle, Outcome, Snapshot, Vm, VmConfig};
+use crate::GuestImage;
+
+/// How sandboxes are built.
+pub struct SandboxConfig {
+    /// Guest memory size.
+    pub mem_size: u64,
+    /// Arguments the guest's initialisation sees.
+    pub args: Vec<String>,
+    /// Environment the guest's initialisation sees.
+    pub env: Vec<(String, String)>,
+    /// Functions the guest may call by name.
+    pub host_functions: HashMap<String, HostFn>,
+    /// Stop a call (or the initialisation) that runs longer than this.
+    pub call_timeout: Option<Duration>,
+    /// Largest output a call may return.
+    pub max_output: u64,
+    /// Where the guests' console output goes (shared by every sandbox of a snapshot).
+    pub console: Arc<Mutex<Box<dyn Write + Send>>>,
+}
+
+impl Default for SandboxConfig {
+    fn default() -> Self {
+        SandboxConfig {
+            mem_size: 64 << 20,
+            args: vec!["function".into()],
+            env: Vec::new(),
+            host_functions: HashMap::new(),
+            call_timeout: Some(Duration::from_secs(10)),
+            max_output: FN_DATA_MAX,
+            console: Arc::new(Mutex::new(Box::new(std::io::stderr()))),
+        }
+    }
+}
+
+/// Why a call produced no output.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum CallError {
+    /// The guest exports no function of this name.
+    #[error("no function named `{0}`")]
+    UnknownFunction(String),
+    /// The input does not fit the guest's input buffer.
+    #[error("input of {len} bytes is larger than the {max} bytes the function accepts")]
+    InputTooLarge {
+        /// Input size.
+        len: u64,
+        /// Limit.
+        max: u64,
+    },
+    /// The output is larger than the configured limit.
+    #[error("output of {len} bytes is larger than the {max}-byte limit")]
+    OutputTooLarge {
+        /// Output size.
+        len: u64,
+        /// Limit.
+        max: u64,
+    },
+    /// The function returned an error.
+    #[error("function failed: {0}")]
+    Failed(String),
+    /// The guest panicked.
+    #[error("guest {0}")]
+    Panic(String),
+    /// The guest crashed.
+    #[error("guest crashed: {0}")]
+    Fault(Fault),
+    /// The call ran past its timeout and was stopped.
+    #[error("call timed out after {0:?}")]
+    Timeout(Duration),
+    /// The call was killed from another thread.
+    #[error("call was killed")]
+    Killed,
+    /// The guest exited instead of returning.
+    #[error("guest exited with status {0} during the call")]
+    Exited(i32),
+    /// The host failed (a KVM error).
+    #[error("host error: {0}")]
+    Host(String),
+}
+
+/// A writer that forwards to the shared console sink.
+struct SharedConsole(Arc<Mutex<Box<dyn Write + Send>>>);
+
+impl Write for SharedConsole {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).flush()
+    }
+}
+
+/// A snapshot plus what sandboxes made from it need.
+pub struct Template {
+    snapshot: Arc<Snapshot>,
+    console: Arc<Mutex<Box<dyn Write + Send>>>,
+    call_timeout: Option<Duration>,
+    max_output: u64,
+}
+
+impl Template {
+    /// The exported function names.
+    pub fn functions(&self) -> &[String] {
+        &self.snapshot.exports.names
+    }
+}
+
+/// One function guest in its own VM.
+pub struct Sandbox {
+    vm: Vm,
+    template: Arc<Template>,
+    /// The VM ran since the last reset.
+    dirty: bool,
+    /// The vCPU is paused at `FN_READY`/`FN_RETURN` and can take a call without a reset.
+    resumable: bool,
+    /// Pages copied back by the last reset.
+    last_restore_pages: usize,
+}
+
+impl Sandbox {
+    /// Boots the guest ELF at `path` until it is ready for calls and snapshots it.
+    pub fn new(path: &Path, config: SandboxConfig) -> Result<Sandbox, Error> {
+        Self::from_image(Arc::new(GuestImage::from_file(path)?), config)
+    }
+
+    /// Like [`Sandbox::new`], from an image already loaded.
+    pub fn from_image(image: Arc<GuestImage>, config: SandboxConfig) -> Result<Sandbox, Error> {
+        let vm_config = VmConfig {
+            mem_size: config.mem_size,
+            args: config.args,
+            env: config.env,
+            timeout: config.call_timeout,
+            stdout: Box::new(SharedConsole(config.console.clone())),
+            stderr: Box::new(SharedConsole(config.console.clone())),
+            host_functions: Arc::new(config.host_functions),
+            max_output: config.max_output,
+            dirty_log: true,
+            ..VmConfig::default()
+        };
+        let path = image.path.clone();
+        let mut vm = Vm::new(image, vm_config)?;
+        let exports = match vm.run()? {
+            Outcome::Ready(e) => e,
+            other => {
+                let what = other
+                    .report()
+                    .unwrap_or_else(|| format!("exited with status {}", other.exit_status()));
+                return Err(Error::Config(format!(
+                    "guest `{path}` is not a function guest: it did not become ready for calls ({what})"
+                )));
+            }
+        };
+        let snapshot = Arc::new(vm.snapshot(exports)?);
+        Ok(Sandbox {
+            vm,
+            template: Arc::new(Template {
+                snapshot,
+                console: config.console,
+                call_timeout: config.call_timeout,
+                max_output: config.max_output,
+            }),
+            dirty: false,
+            resumable: true,
+            last_restore_pages: 0,
+        })
+    }
+
+    /// A new sandbox from the same snapshot as this one (copy-on-write memory).
+    pub fn from_template(template: &Arc<Template>) -> Result<Sandbox, Error> {
+        let vm = Vm::from_snapshot(
+            &template.snapshot,
+            Box::new(SharedConsole(template.console.clone())),
+            Box::new(SharedConsole(template.console.clone())),
+            template.call_timeout,
+        )?;
+        Ok(Sandbox {
+            vm,
+            template: template.clone(),
+            dirty: false,
+            resumable: true,
+            last_restore_pages: 0,
+        })
+    }
+
+    /// What new sandboxes can be made from.
+    pub fn template(&self) -> &Arc<Template> {
+        &self.template
+    }
+
+    /// The exported function names.
+    pub fn functions(&self) -> &[String] {
+        self.template.functions()
+    }
+
+    /// A handle to stop the running call from another thread.
+    pub fn kill_handle(&self) -> KillHandle {
+        self.vm.kill_handle()
+    }
+
+    /// Sets the timeout of later calls.
+    pub fn set_call_timeout(&mut self, timeout: Option<Duration>) {
+        self.vm.set_timeout(timeout);
+    }
+
+    /// Resets the sandbox to its snapshot if a call ran since; returns the pages copied.
+    pub fn reset(&mut self) -> Result<usize, Error> {
+        if !self.dirty {
+            return Ok(0);
+        }
+        let n = self.vm.restore(&self.template.snapshot)?;
+        self.dirty = false;
+        self.resumable = true;
+        self.last_restore_pages = n;
+        Ok(n)
+    }
+
+    /// Pages copied back by the last reset.
+    pub fn last_reset_pages(&self) -> usize {
+        self.last_restore_pages
+    }
+
+    /// Calls function `name` with `input`, starting from the clean snapshot state (the
+    /// sandbox is reset first if an earlier call ran).
+    pub fn call(&mut self, name: &str, input: &[u8]) -> Result<Vec<u8>, CallError> {
+        self.reset().map_err(|e| CallError::Host(e.to_string()))?;
+        self.call_keep_state(name, input)
+    }
+
+    /// Calls function `name` without resetting first: the guest sees what earlier calls
+    /// left behind. (For trusted, stateful use, and to measure a call alone.)
+    pub fn call_keep_state(&mut self, name: &str, input: &[u8]) -> Result<Vec<u8>, CallError> {
+        let exports = &self.template.snapshot.exports;
+        let index = exports
+            .names
+            .iter()
+            .position(|n| n == name)
+            .ok_or_else(|| CallError::UnknownFunction(name.to_string()))?;
+        let max = exports.inbuf_len.saturating_sub(16);
+        if input.len() as u64 > max {
+            return Err(CallError::InputTooLarge {
+                len: input.len() as u64,
+                max,
+            });
+        }
+        if !self.resumable {
+            // A call that crashed, panicked or timed out left the vCPU unusable: reset.
+            self.reset().map_err(|e| CallError::Host(e.to_string()))?;
+        }
+        let exports = self.template.snapshot.exports.clone();
+        self.vm
+            .start_call(&exports, index as u32, input)
+            .map_err(|e| CallError::Host(e.to_string()))?;
+        self.dirty = true;
+        self.resumable = false;
+        let outcome = self.vm.run().map_err(|e| CallError::Host(e.to_string()))?;
+        enum Kind {
+            Returned,
+            Stopped,
+        }
+        let outcome_kind = if matches!(outcome, Outcome::Returned { .. }) {
+            Kind::Returned
+        } else {
+            Kind::Stopped
+        };
+        let result = match outcome {
+            Outcome::Returned { status: 0, output: Ok(out) } => Ok(out),
+            Outcome::Returned { output: Ok(msg), .. } => {
+                Err(CallError::Failed(String::from_utf8_lossy(&msg).into_owned()))
+            }
+            Outcome::Returned { output: Err(len), .. } => Err(CallError::OutputTooLarge {
+                len,
+                max: self.template.max_output,
+            }),
+            Outcome::Panicked(m) => Err(CallError::Panic(m)),
+            Outcome::Fault(f) => Err(CallError::Fault(f)),
+            Outcome::TimedOut(t) => Err(CallError::Timeout(t)),
+            Outcome::Killed | Outcome::Interrupted(_) => Err(CallError::Killed),
+            Outcome::Exited(c) => Err(CallError::Exited(c)),
+            Outcome::Ready(_) => Err(CallError::Host("the guest re-initialised during a call".into())),
+        };
+        self.resumable = matches!(outcome_kind, Kind::Returned);
+        result
+    }
+}
+
+/// Several sandboxes of one template, ready for concurrent callers: each call takes an
+/// idle sandbox (waiting if none is idle), runs, resets it and puts it back.
+pub struct SandboxPool {
+    template: Arc<Template>,
+    idle: Mutex<Vec<Sandbox>>,
+    available: Condvar,
+    size: usize,
+}
+
+impl SandboxPool {
+    /// A pool of `size` sandboxes: `first` and `size - 1` more made from its template.
+    pub fn new(first: Sandbox, size: usize) -> Result<SandboxPool, Error> {
+        let template = first.template.clone();
+        let mut idle = vec![first];
+        for _ in 1..size.max(1) {
+            idle.push(Sandbox::from_template(&template)?);
+        }
+        Ok(SandboxPool {
+            template,
+            size: idle.len(),
+            idle: Mutex::new(idle),
+            available: Condvar::new(),
+        })
+    }
+
+    /// The exported function names.
+    pub fn functions(&self) -> &[String] {
+        self.template.functions()
+    }
+
+    /// Number of sandboxes.
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
+    /// Calls `name` with `input` in an idle sandbox, from its clean state.
+    pub fn call(&self, name: &str, input: &[u8]) -> Result<Vec<u8>, CallError> {
+        let mut sb = {
+            let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+            loop {
+                if let Some(sb) = idle.pop() {
+                    break sb;
+                }
+                idle = self
+                    .available
+                    .wait(idle)
+                    .unwrap_or_else(|p| p.into_inner());
+            }
+        };
+        let r = sb.call(name, input);
+        // Reset before the sandbox goes back, so the next caller does not wait for it.
+        let reset = sb.reset();
+        self.idle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(sb);
+        self.available.notify_one();
+        reset.map_err(|e| CallError::Host(e.to_string()))?;
+        r
+    }
+}
