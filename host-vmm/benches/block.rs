@@ -12,7 +12,9 @@ use host_vmm::{GuestImage, Outcome, Vm, VmConfig};
 
 fn guest(name: &str) -> PathBuf {
     let req = guest_build::BuildRequest {
-        manifest_path: Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest-examples/Cargo.toml")),
+        manifest_path: Some(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest-examples/Cargo.toml"),
+        ),
         package: Some(name.into()),
         release: true,
         quiet: true,
@@ -23,12 +25,17 @@ fn guest(name: &str) -> PathBuf {
 
 fn exit_floor() -> Duration {
     let img = Arc::new(
-        GuestImage::from_bytes(Path::new("floor"), raw_guest::elf(EXIT_LOOP, RawElf::default()))
-            .unwrap(),
+        GuestImage::from_bytes(
+            Path::new("floor"),
+            raw_guest::elf(EXIT_LOOP, RawElf::default()),
+        )
+        .unwrap(),
     );
     let mut vm = Vm::new(img, VmConfig::default()).expect("KVM is needed for the benchmark");
     vm.raw_exit_loop(2000).unwrap();
-    let mut v: Vec<Duration> = (0..15).map(|_| vm.raw_exit_loop(2000).unwrap() / 2000).collect();
+    let mut v: Vec<Duration> = (0..15)
+        .map(|_| vm.raw_exit_loop(2000).unwrap() / 2000)
+        .collect();
     v.sort();
     v[v.len() / 2]
 }
@@ -57,9 +64,16 @@ fn run(elf: &Path, disk: &Path, args: &[&str], ioeventfd: bool) -> Result {
     let out = Capture::default();
     let cfg = VmConfig {
         mem_size: 256 << 20,
-        args: std::iter::once("blockbench").chain(args.iter().copied()).map(String::from).collect(),
+        args: std::iter::once("blockbench")
+            .chain(args.iter().copied())
+            .map(String::from)
+            .collect(),
         stdout: Box::new(out.clone()),
-        disks: vec![DiskConfig { name: "bench".into(), path: disk.into(), read_only: false }],
+        disks: vec![DiskConfig {
+            name: "bench".into(),
+            path: disk.into(),
+            read_only: false,
+        }],
         ioeventfd,
         ..VmConfig::default()
     };
@@ -92,7 +106,9 @@ fn main() {
     std::fs::create_dir_all(&dir).unwrap();
     let disk = dir.join("bench.img");
     // A filled image, read once so the reads below come from the page cache.
-    let data: Vec<u8> = (0..(mib + 16) << 20).map(|i: u64| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    let data: Vec<u8> = (0..(mib + 16) << 20)
+        .map(|i: u64| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
     std::fs::write(&disk, &data).unwrap();
     drop(std::fs::read(&disk).unwrap());
 
@@ -110,14 +126,48 @@ fn main() {
     let gbs = |r: &Result| r.bytes / r.ns; // bytes per ns = GB/s
     let iops = |r: &Result| r.reqs / r.ns * 1e9;
     let us = |r: &Result| r.ns / r.reqs / 1e3;
-    println!("pvrun block benchmark ({mib} MiB image in the page cache; raw KVM exit floor {:.1} µs in this run)", floor.as_nanos() as f64 / 1e3);
+    println!(
+        "pvrun block benchmark ({mib} MiB image in the page cache; raw KVM exit floor {:.1} µs in this run)",
+        floor.as_nanos() as f64 / 1e3
+    );
     println!();
     println!("| measurement | result | per request | exits/request | floor | target |");
     println!("|---|---|---|---|---|---|");
-    println!("| sequential read, 1 MiB requests | {:.2} GB/s | {:.1} µs | {:.3} | {:.1} µs | >= 1 GB/s |", gbs(&seq_r), us(&seq_r), seq_r.exits_per_req, floor.as_nanos() as f64 / 1e3);
-    println!("| sequential write, 1 MiB requests | {:.2} GB/s | {:.1} µs | {:.3} | | - |", gbs(&seq_w), us(&seq_w), seq_w.exits_per_req);
-    println!("| 4 KiB random read, QD1 | {:.0} IOPS | {:.1} µs | {:.3} | | - |", iops(&qd1), us(&qd1), qd1.exits_per_req);
-    println!("| 4 KiB random read, QD32 | {:.0} IOPS | {:.1} µs | {:.3} | | >= 50,000 IOPS, <= 0.1 exits/req |", iops(&qd32), us(&qd32), qd32.exits_per_req);
-    println!("| same, QD1, doorbells as exits (no ioeventfd) | {:.0} IOPS | {:.1} µs | {:.3} | | - |", iops(&qd1_exit), us(&qd1_exit), qd1_exit.exits_per_req);
-    println!("| same, QD32, doorbells as exits (no ioeventfd) | {:.0} IOPS | {:.1} µs | {:.3} | | - |", iops(&qd32_exit), us(&qd32_exit), qd32_exit.exits_per_req);
+    println!(
+        "| sequential read, 1 MiB requests | {:.2} GB/s | {:.1} µs | {:.3} | {:.1} µs | >= 1 GB/s |",
+        gbs(&seq_r),
+        us(&seq_r),
+        seq_r.exits_per_req,
+        floor.as_nanos() as f64 / 1e3
+    );
+    println!(
+        "| sequential write, 1 MiB requests | {:.2} GB/s | {:.1} µs | {:.3} | | - |",
+        gbs(&seq_w),
+        us(&seq_w),
+        seq_w.exits_per_req
+    );
+    println!(
+        "| 4 KiB random read, QD1 | {:.0} IOPS | {:.1} µs | {:.3} | | - |",
+        iops(&qd1),
+        us(&qd1),
+        qd1.exits_per_req
+    );
+    println!(
+        "| 4 KiB random read, QD32 | {:.0} IOPS | {:.1} µs | {:.3} | | >= 50,000 IOPS, <= 0.1 exits/req |",
+        iops(&qd32),
+        us(&qd32),
+        qd32.exits_per_req
+    );
+    println!(
+        "| same, QD1, doorbells as exits (no ioeventfd) | {:.0} IOPS | {:.1} µs | {:.3} | | - |",
+        iops(&qd1_exit),
+        us(&qd1_exit),
+        qd1_exit.exits_per_req
+    );
+    println!(
+        "| same, QD32, doorbells as exits (no ioeventfd) | {:.0} IOPS | {:.1} µs | {:.3} | | - |",
+        iops(&qd32_exit),
+        us(&qd32_exit),
+        qd32_exit.exits_per_req
+    );
 }

@@ -175,7 +175,7 @@ impl Disk {
             _ => return Err(status::BAD_ARGUMENT),
         };
         let len = req.len;
-        if len == 0 || len % SECTOR_SIZE != 0 || len > MAX_REQUEST {
+        if len == 0 || !len.is_multiple_of(SECTOR_SIZE) || len > MAX_REQUEST {
             return Err(status::BAD_LENGTH);
         }
         let offset = req

@@ -57,12 +57,19 @@ impl Area {
     }
 }
 
+/// The heap and stack ranges, as `(start, end)`.
+pub struct Ranges {
+    /// The heap.
+    pub heap: (u64, u64),
+    /// The stack.
+    pub stack: (u64, u64),
+}
+
 /// Writes boot info for the given map, heap, stack, argv and environment.
 pub fn write(
     ram: &GuestRam,
     map: &MemoryMap,
-    heap: (u64, u64),
-    stack: (u64, u64),
+    ranges: Ranges,
     args: &[String],
     env: &[(String, String)],
     devices: &[DeviceInfo],
@@ -74,6 +81,7 @@ pub fn write(
     info.size = size_of::<BootInfo>() as u32;
     info.features = facts.features;
     info.mem_size = ram.size();
+    let Ranges { heap, stack } = ranges;
     info.heap_start = heap.0;
     info.heap_len = heap.1 - heap.0;
     info.stack_start = stack.0;

@@ -173,13 +173,11 @@ impl Devices {
             ioeventfd: use_ioeventfd,
         };
         for ((cfg, disk), info) in planned.disks.into_iter().zip(planned.infos) {
-            let doorbell = Arc::new(
-                EventFd::new(EFD_NONBLOCK).map_err(|e| Error::Io(std::io::Error::from(e)))?,
-            );
+            let doorbell = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(Error::Io)?);
             if devs.ioeventfd
                 && vm
                     .register_ioevent(
-                        &*doorbell,
+                        &doorbell,
                         &IoEventAddress::Pio(doorbell_port(info.index) as u64),
                         NoDatamatch,
                     )

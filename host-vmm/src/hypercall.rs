@@ -11,8 +11,8 @@ use std::sync::Arc;
 
 use pvrun_abi::layout::{CONSOLE_DATA_ADDR, CONSOLE_DATA_SIZE, CONSOLE_RING_ADDR};
 use pvrun_abi::{
-    ABORT_MESSAGE_MAX, Abort, CONSOLE_RECORD_HEADER, CONSOLE_WRITE_MAX, ConsoleWrite, Exit,
-    FnCall, FnReady, FnReturn, HostCall, Wait, call, status, stream,
+    ABORT_MESSAGE_MAX, Abort, CONSOLE_RECORD_HEADER, CONSOLE_WRITE_MAX, ConsoleWrite, Exit, FnCall,
+    FnReady, FnReturn, HostCall, Wait, call, status, stream,
 };
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
 

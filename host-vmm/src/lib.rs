@@ -20,6 +20,7 @@ pub mod devices;
 pub mod elf;
 pub mod error;
 pub mod fault;
+pub mod gateway;
 pub mod hypercall;
 pub mod layout;
 pub mod memory;

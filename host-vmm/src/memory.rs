@@ -299,7 +299,11 @@ impl MemorySnapshot {
     fn seal(&self) {
         // SAFETY: our own mapping; from now on it is only read.
         unsafe {
-            libc::mprotect(self.view.as_ptr().cast(), self.size as usize, libc::PROT_READ);
+            libc::mprotect(
+                self.view.as_ptr().cast(),
+                self.size as usize,
+                libc::PROT_READ,
+            );
         }
     }
 

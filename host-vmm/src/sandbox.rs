@@ -19,11 +19,11 @@ use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
+use crate::GuestImage;
 use crate::error::Error;
 use crate::fault::Fault;
 use crate::hypercall::{FN_DATA_MAX, HostFn};
 use crate::vm::{KillHandle, Outcome, Snapshot, Vm, VmConfig};
-use crate::GuestImage;
 
 /// How sandboxes are built.
 pub struct SandboxConfig {
@@ -287,11 +287,18 @@ impl Sandbox {
             Kind::Stopped
         };
         let result = match outcome {
-            Outcome::Returned { status: 0, output: Ok(out) } => Ok(out),
-            Outcome::Returned { output: Ok(msg), .. } => {
-                Err(CallError::Failed(String::from_utf8_lossy(&msg).into_owned()))
-            }
-            Outcome::Returned { output: Err(len), .. } => Err(CallError::OutputTooLarge {
+            Outcome::Returned {
+                status: 0,
+                output: Ok(out),
+            } => Ok(out),
+            Outcome::Returned {
+                output: Ok(msg), ..
+            } => Err(CallError::Failed(
+                String::from_utf8_lossy(&msg).into_owned(),
+            )),
+            Outcome::Returned {
+                output: Err(len), ..
+            } => Err(CallError::OutputTooLarge {
                 len,
                 max: self.template.max_output,
             }),
@@ -300,7 +307,9 @@ impl Sandbox {
             Outcome::TimedOut(t) => Err(CallError::Timeout(t)),
             Outcome::Killed | Outcome::Interrupted(_) => Err(CallError::Killed),
             Outcome::Exited(c) => Err(CallError::Exited(c)),
-            Outcome::Ready(_) => Err(CallError::Host("the guest re-initialised during a call".into())),
+            Outcome::Ready(_) => Err(CallError::Host(
+                "the guest re-initialised during a call".into(),
+            )),
         };
         self.resumable = matches!(outcome_kind, Kind::Returned);
         result
@@ -350,19 +359,13 @@ impl SandboxPool {
                 if let Some(sb) = idle.pop() {
                     break sb;
                 }
-                idle = self
-                    .available
-                    .wait(idle)
-                    .unwrap_or_else(|p| p.into_inner());
+                idle = self.available.wait(idle).unwrap_or_else(|p| p.into_inner());
             }
         };
         let r = sb.call(name, input);
         // Reset before the sandbox goes back, so the next caller does not wait for it.
         let reset = sb.reset();
-        self.idle
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(sb);
+        self.idle.lock().unwrap_or_else(|p| p.into_inner()).push(sb);
         self.available.notify_one();
         reset.map_err(|e| CallError::Host(e.to_string()))?;
         r

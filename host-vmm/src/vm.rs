@@ -28,11 +28,9 @@ use crate::devices::{self, DeviceCounters, Devices, Notify};
 use crate::elf::GuestImage;
 use crate::error::Error;
 use crate::fault::{self, Fault};
-use crate::hypercall::{
-    self, Action, Console, Exports, FN_DATA_MAX, FnContext, GuestView, HostFn,
-};
+use crate::hypercall::{self, Action, Console, Exports, FN_DATA_MAX, FnContext, GuestView, HostFn};
 use crate::layout::*;
-use crate::memory::{GuestRam, HOST_ONLY, MemorySnapshot, MemoryMap, Region};
+use crate::memory::{GuestRam, HOST_ONLY, MemoryMap, MemorySnapshot, Region};
 
 /// Exit status when the guest panics (or calls `abort`).
 pub const EXIT_PANIC: i32 = 101;
@@ -514,8 +512,10 @@ impl Vm {
         boot::write(
             &ram,
             &map,
-            (heap_start, heap_end),
-            (stack_start, mem_size),
+            boot::Ranges {
+                heap: (heap_start, heap_end),
+                stack: (stack_start, mem_size),
+            },
             &config.args,
             &config.env,
             &planned.infos,
@@ -607,7 +607,8 @@ impl Vm {
             pages += len.div_ceil(PAGE_SIZE) as usize;
         }
         // The host writes the console consumer index: put the header back too.
-        self.ram.restore_range(&snap.memory, CONSOLE_RING_ADDR, PAGE_SIZE);
+        self.ram
+            .restore_range(&snap.memory, CONSOLE_RING_ADDR, PAGE_SIZE);
         self.console.set_consumed(snap.console_consumed);
         if CPU.get().is_some_and(|c| c.1) {
             let sync = self.vcpu.sync_regs_mut();

@@ -34,20 +34,45 @@ fn kv(img: &Path, args: &[&str]) -> Run {
 #[test]
 fn kvstore_keeps_data_across_reboots() {
     let img = image("reboot", 16);
-    let r = kv(&img, &["put", "alpha", "1", ";", "put", "beta", "two words", ";", "get", "alpha"]);
+    let r = kv(
+        &img,
+        &[
+            "put",
+            "alpha",
+            "1",
+            ";",
+            "put",
+            "beta",
+            "two words",
+            ";",
+            "get",
+            "alpha",
+        ],
+    );
     assert_eq!(r.status, 0, "{} {}", r.stdout, r.stderr);
     assert!(r.stdout.contains("recovered 0 records"), "{}", r.stdout);
     assert!(r.stdout.contains("alpha=1\n"), "{}", r.stdout);
 
-    let r = kv(&img, &["get", "beta", ";", "del", "alpha", ";", "get", "alpha"]);
+    let r = kv(
+        &img,
+        &["get", "beta", ";", "del", "alpha", ";", "get", "alpha"],
+    );
     assert_eq!(r.status, 0, "{}", r.stderr);
-    assert!(r.stdout.contains("recovered 2 records, 2 keys"), "{}", r.stdout);
+    assert!(
+        r.stdout.contains("recovered 2 records, 2 keys"),
+        "{}",
+        r.stdout
+    );
     assert!(r.stdout.contains("beta=two words\n"), "{}", r.stdout);
     assert!(r.stdout.contains("alpha not found\n"), "{}", r.stdout);
 
     let r = kv(&img, &["list", ";", "count"]);
     assert_eq!(r.status, 0, "{}", r.stderr);
-    assert!(r.stdout.contains("recovered 3 records, 1 keys"), "{}", r.stdout);
+    assert!(
+        r.stdout.contains("recovered 3 records, 1 keys"),
+        "{}",
+        r.stdout
+    );
     assert!(r.stdout.ends_with("beta=two words\n1\n"), "{}", r.stdout);
 }
 
@@ -82,14 +107,29 @@ fn kvstore_survives_a_host_side_kill_in_the_middle_of_writes() {
 
     let r = kv(&img, &["verify", "100000", "k"]);
     assert_eq!(r.status, 0, "{} {}", r.stdout, r.stderr);
-    let v = r.stdout.lines().find(|l| l.starts_with("verified ")).unwrap();
+    let v = r
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("verified "))
+        .unwrap();
     let n: u64 = v.split(' ').nth(1).unwrap().parse().unwrap();
-    assert!(n >= flushed, "only {n} keys survived but {flushed} were reported flushed: {v}");
-    assert!(v.contains(" bad 0"), "corrupted values after the crash: {v}");
+    assert!(
+        n >= flushed,
+        "only {n} keys survived but {flushed} were reported flushed: {v}"
+    );
+    assert!(
+        v.contains(" bad 0"),
+        "corrupted values after the crash: {v}"
+    );
     assert!(!v.contains("gap"), "a hole in the recovered log: {v}");
     // The store still works after recovery.
     let r = kv(&img, &["put", "after", "crash", ";", "get", "after"]);
-    assert!(r.stdout.contains("after=crash\n"), "{} {}", r.stdout, r.stderr);
+    assert!(
+        r.stdout.contains("after=crash\n"),
+        "{} {}",
+        r.stdout,
+        r.stderr
+    );
 }
 
 #[test]
@@ -106,9 +146,18 @@ fn a_guest_that_declares_a_disk_does_not_boot_without_it() {
 #[test]
 fn disk_image_problems_are_one_clear_line() {
     let missing = Path::new("/nonexistent/disk.img");
-    let r = pvrun(&guest("kvstore"), &["--disk", &disk_opt("data", missing, false)], &["count"]);
+    let r = pvrun(
+        &guest("kvstore"),
+        &["--disk", &disk_opt("data", missing, false)],
+        &["count"],
+    );
     assert_eq!(r.status, 125);
-    assert!(r.stderr.contains("does not exist (create one with `truncate -s 64M"), "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("does not exist (create one with `truncate -s 64M"),
+        "{}",
+        r.stderr
+    );
     assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
 
     // The same image cannot be attached read-write to two VMs at once.
@@ -122,7 +171,9 @@ fn disk_image_problems_are_one_clear_line() {
         .spawn()
         .unwrap();
     let mut line = String::new();
-    BufReader::new(first.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
+    BufReader::new(first.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
     assert_eq!(line, "sleeping\n");
     let r = kv(&img, &["count"]);
     first.kill().unwrap();
@@ -135,10 +186,17 @@ fn blk(mode: &[&str], ro: bool) -> Run {
     let img = image(&format!("{}-{ro}", mode[0]), 4);
     std::fs::write(&img, vec![0xabu8; 4 << 20]).unwrap();
     let d = disk_opt("disk", &img, ro);
-    let r = pvrun(&guest("misbehave"), &["--timeout", "20", "--disk", &d], mode);
+    let r = pvrun(
+        &guest("misbehave"),
+        &["--timeout", "20", "--disk", &d],
+        mode,
+    );
     if ro {
         let after = std::fs::read(&img).unwrap();
-        assert!(after.iter().all(|&b| b == 0xab), "a read-only image was modified");
+        assert!(
+            after.iter().all(|&b| b == 0xab),
+            "a read-only image was modified"
+        );
     }
     r
 }
@@ -154,7 +212,10 @@ fn requests_with_bad_buffers_get_bad_address_and_touch_nothing() {
 
 #[test]
 fn requests_with_bad_lengths_ranges_or_ops_get_errors() {
-    assert_eq!(blk(&["blk-len-overflow"], false).stdout, "status=-3 -3 -3\n");
+    assert_eq!(
+        blk(&["blk-len-overflow"], false).stdout,
+        "status=-3 -3 -3\n"
+    );
     assert_eq!(blk(&["blk-past-end"], false).stdout, "status=-8 -8\n");
     assert_eq!(blk(&["blk-bad-op"], false).stdout, "status=-5\n");
 }
@@ -171,7 +232,11 @@ fn ring_indices_far_ahead_break_only_that_ring() {
         let r = blk(&[mode], false);
         assert_eq!(r.status, 0, "{mode}: {}", r.stderr);
         assert_eq!(r.stdout, "ring status=1\n", "{mode}: {}", r.stderr);
-        assert!(r.stderr.contains("pvrun: device `disk` broken: req_prod"), "{mode}: {}", r.stderr);
+        assert!(
+            r.stderr.contains("pvrun: device `disk` broken: req_prod"),
+            "{mode}: {}",
+            r.stderr
+        );
     }
 }
 
@@ -186,6 +251,10 @@ fn a_doorbell_storm_is_harmless() {
 fn a_guest_rewriting_its_ring_while_the_host_reads_it_cannot_hurt_the_host() {
     let r = blk(&["blk-scribble"], false);
     assert_eq!(r.status, 0, "{} {}", r.stdout, r.stderr);
-    assert!(r.stdout.starts_with("scribble done ring status="), "{}", r.stdout);
+    assert!(
+        r.stdout.starts_with("scribble done ring status="),
+        "{}",
+        r.stdout
+    );
     assert!(!r.stderr.contains("panicked"), "{}", r.stderr);
 }

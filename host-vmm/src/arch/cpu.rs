@@ -125,7 +125,9 @@ impl VcpuState {
     pub fn capture(vcpu: &VcpuFd) -> Result<Self, Error> {
         Ok(VcpuState {
             regs: vcpu.get_regs().map_err(|e| Error::Kvm("KVM_GET_REGS", e))?,
-            sregs: vcpu.get_sregs().map_err(|e| Error::Kvm("KVM_GET_SREGS", e))?,
+            sregs: vcpu
+                .get_sregs()
+                .map_err(|e| Error::Kvm("KVM_GET_SREGS", e))?,
             fpu: vcpu.get_fpu().map_err(|e| Error::Kvm("KVM_GET_FPU", e))?,
         })
     }
