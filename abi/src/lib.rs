@@ -178,8 +178,16 @@ pub struct DeviceInfo {
     pub max_request: u64,
     /// Net: the MAC address (6 bytes, then zero).
     pub mac: [u8; 8],
+    /// Net: the static IPv4 address, or all zero for DHCP.
+    pub ipv4: [u8; 4],
+    /// Net: the IPv4 gateway, or all zero for none.
+    pub gateway: [u8; 4],
+    /// Net: the IPv4 prefix length (0 with DHCP).
+    pub prefix_len: u32,
+    /// Net: the MTU (the largest IP packet; frames carry 14 more bytes).
+    pub mtu: u32,
     /// Zero.
-    pub reserved: [u64; 4],
+    pub reserved: [u64; 2],
 }
 
 impl DeviceInfo {
@@ -198,7 +206,11 @@ impl DeviceInfo {
             capacity: 0,
             max_request: 0,
             mac: [0; 8],
-            reserved: [0; 4],
+            ipv4: [0; 4],
+            gateway: [0; 4],
+            prefix_len: 0,
+            mtu: 0,
+            reserved: [0; 2],
         }
     }
 
@@ -255,6 +267,54 @@ pub mod block_op {
     pub const WRITE: u32 = 2;
     /// Make every completed write durable (the host calls `fdatasync`).
     pub const FLUSH: u32 = 3;
+}
+
+/// A network transmit request (64-byte slot of the `ring` of a NET device): send the
+/// Ethernet frame at `addr`. The response ([`NetResponse`]) carries the bytes sent or a
+/// negative status.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetTxRequest {
+    /// Chosen by the guest; copied into the response.
+    pub id: u64,
+    /// Guest address of the frame (destination MAC first, no FCS).
+    pub addr: u64,
+    /// Frame length: 14 ..= 14 + mtu bytes.
+    pub len: u32,
+    /// Must be zero.
+    pub flags: u32,
+    /// Must be zero.
+    pub reserved: [u64; 5],
+}
+
+/// A network receive buffer (64-byte slot of the `ring2` of a NET device): the guest
+/// posts empty buffers; the host answers each with one received frame ([`NetResponse`]
+/// with the frame length).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetRxRequest {
+    /// Chosen by the guest; copied into the response.
+    pub id: u64,
+    /// Guest address of the buffer (guest-writable memory).
+    pub addr: u64,
+    /// Capacity: at least 14 + mtu bytes.
+    pub len: u32,
+    /// Must be zero.
+    pub flags: u32,
+    /// Must be zero.
+    pub reserved: [u64; 5],
+}
+
+/// Response to a [`NetTxRequest`] or [`NetRxRequest`] (64 bytes).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetResponse {
+    /// The request's `id`.
+    pub id: u64,
+    /// Frame length (>= 0), or a negative [`status`].
+    pub status: i64,
+    /// Zero.
+    pub reserved: [u64; 6],
 }
 
 /// A block request slot (64 bytes).
@@ -636,6 +696,9 @@ const _: () = assert!(core::mem::size_of::<DeviceNote>() == 36);
 const _: () = assert!(core::mem::size_of::<RingHeader>() as u64 == RING_SLOTS_OFFSET);
 const _: () = assert!(core::mem::size_of::<BlockRequest>() as u64 == RING_SLOT_SIZE);
 const _: () = assert!(core::mem::size_of::<BlockResponse>() as u64 == RING_SLOT_SIZE);
+const _: () = assert!(core::mem::size_of::<NetTxRequest>() as u64 == RING_SLOT_SIZE);
+const _: () = assert!(core::mem::size_of::<NetRxRequest>() as u64 == RING_SLOT_SIZE);
+const _: () = assert!(core::mem::size_of::<NetResponse>() as u64 == RING_SLOT_SIZE);
 const _: () =
     assert!(core::mem::size_of::<BootInfo>() == 184 + 24 * MAX_REGIONS + 128 * MAX_DEVICES);
 
@@ -663,4 +726,7 @@ mod byte_valued {
     unsafe impl vm_memory::ByteValued for RingHeader {}
     unsafe impl vm_memory::ByteValued for BlockRequest {}
     unsafe impl vm_memory::ByteValued for BlockResponse {}
+    unsafe impl vm_memory::ByteValued for NetTxRequest {}
+    unsafe impl vm_memory::ByteValued for NetRxRequest {}
+    unsafe impl vm_memory::ByteValued for NetResponse {}
 }

@@ -1,0 +1,293 @@
+//! Function sandboxes: correct outputs, a clean state for every call, recovery from
+//! loops, crashes and panics, flat host memory over many calls, a pool under concurrent
+//! callers, and the HTTP gateway.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::guest;
+use host_vmm::hypercall::HostFn;
+use host_vmm::sandbox::{CallError, Sandbox, SandboxConfig, SandboxPool};
+
+fn config() -> SandboxConfig {
+    let lookup: HostFn = Arc::new(|input: &[u8]| {
+        if input == b"nobody" {
+            Err("unknown person".into())
+        } else {
+            Ok([b"dear ".as_slice(), input].concat())
+        }
+    });
+    SandboxConfig {
+        host_functions: HashMap::from([("lookup".to_string(), lookup)]),
+        call_timeout: Some(Duration::from_secs(5)),
+        console: Arc::new(Mutex::new(Box::new(std::io::sink()))),
+        ..SandboxConfig::default()
+    }
+}
+
+fn sandbox(name: &str) -> Sandbox {
+    Sandbox::new(&guest(name), config()).expect("boot the function guest (needs /dev/kvm)")
+}
+
+fn text(r: Result<Vec<u8>, CallError>) -> String {
+    String::from_utf8(r.expect("call failed")).unwrap()
+}
+
+#[test]
+fn functions_compute_correct_outputs() {
+    let mut sb = sandbox("functions");
+    assert_eq!(
+        text(sb.call("sha256", b"abc")),
+        "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    );
+    assert_eq!(text(sb.call("upper", b"Hello, pvrun")), "HELLO, PVRUN");
+    let json = text(sb.call("json-transform", br#"{"name":"Ada","langs":["rust","c"],"age":36}"#));
+    assert_eq!(json, r#"{"age":72,"langs":["C","RUST"],"name":"ADA"}"#);
+    assert!(matches!(sb.call("json-transform", b"{not json"), Err(CallError::Failed(m)) if m.contains("invalid JSON")));
+    let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8 / 8).collect();
+    let packed = sb.call("compress", &data).unwrap();
+    assert!(packed.len() < data.len() / 4, "compress did not compress: {}", packed.len());
+    assert_eq!(sb.call("decompress", &packed).unwrap(), data);
+}
+
+#[test]
+fn a_function_can_call_a_host_function() {
+    let mut sb = sandbox("functions");
+    assert_eq!(text(sb.call("greet-via-host", b"Ada")), "hello, dear Ada");
+    assert!(matches!(sb.call("greet-via-host", b"nobody"), Err(CallError::Failed(_))));
+    // Without the host function the guest gets NOT_FOUND and reports an error.
+    let cfg = SandboxConfig { host_functions: HashMap::new(), ..config() };
+    let mut bare = Sandbox::new(&guest("functions"), cfg).unwrap();
+    assert!(matches!(bare.call("greet-via-host", b"Ada"), Err(CallError::Failed(_))));
+}
+
+#[test]
+fn every_call_starts_from_the_snapshot() {
+    let mut sb = sandbox("badfunctions");
+    for _ in 0..50 {
+        assert_eq!(text(sb.call("counter", b"")), "1");
+        assert_eq!(text(sb.call("heap-grow", b"x")), "1");
+    }
+    assert_eq!(text(sb.call("init-state", b"")), "42");
+    // Without resets the same guest accumulates state: the reset is what isolates calls.
+    sb.reset().unwrap();
+    assert_eq!(text(sb.call_keep_state("counter", b"")), "1");
+    assert_eq!(text(sb.call_keep_state("counter", b"")), "2");
+    assert_eq!(text(sb.call_keep_state("counter", b"")), "3");
+    assert_eq!(text(sb.call("counter", b"")), "1");
+}
+
+#[test]
+fn a_previous_input_never_leaks_into_the_next_call() {
+    let mut sb = sandbox("badfunctions");
+    assert_eq!(sb.call("echo", &[b'S'; 4096]).unwrap(), vec![b'S'; 4096]);
+    assert_eq!(sb.call("echo", b"short").unwrap(), b"short");
+    assert_eq!(sb.call("echo", b"").unwrap(), b"");
+}
+
+#[test]
+fn a_function_that_loops_forever_times_out_and_the_next_call_works() {
+    let mut sb = sandbox("badfunctions");
+    sb.set_call_timeout(Some(Duration::from_millis(200)));
+    let t = Instant::now();
+    assert!(matches!(sb.call("spin", b""), Err(CallError::Timeout(_))));
+    assert!(t.elapsed() < Duration::from_secs(5));
+    assert_eq!(text(sb.call("counter", b"")), "1");
+    assert!(matches!(sb.call("spin", b""), Err(CallError::Timeout(_))));
+    assert_eq!(text(sb.call("echo", b"alive")), "alive");
+}
+
+#[test]
+fn faults_and_panics_become_errors_and_the_sandbox_recovers() {
+    let mut sb = sandbox("badfunctions");
+    match sb.call("fault", b"") {
+        Err(CallError::Fault(f)) => assert!(f.message.contains("null pointer"), "{f}"),
+        other => panic!("expected a fault, got {other:?}"),
+    }
+    assert_eq!(text(sb.call("counter", b"")), "1");
+    match sb.call("panic", b"") {
+        Err(CallError::Panic(m)) => assert!(m.contains("function panicked on purpose"), "{m}"),
+        other => panic!("expected a panic, got {other:?}"),
+    }
+    assert_eq!(text(sb.call("counter", b"")), "1");
+}
+
+#[test]
+fn limits_and_unknown_functions_are_typed_errors() {
+    let cfg = SandboxConfig { max_output: 1 << 20, ..config() };
+    let mut sb = Sandbox::new(&guest("badfunctions"), cfg).unwrap();
+    assert!(matches!(sb.call("nope", b""), Err(CallError::UnknownFunction(n)) if n == "nope"));
+    assert!(matches!(
+        sb.call("big-output", b"2097152"),
+        Err(CallError::OutputTooLarge { len: 2097152, max: 1048576 })
+    ));
+    assert_eq!(sb.call("big-output", b"1000").unwrap().len(), 1000);
+    let huge = vec![0u8; 64 << 20];
+    assert!(matches!(sb.call("echo", &huge), Err(CallError::InputTooLarge { .. })));
+    assert_eq!(text(sb.call("counter", b"")), "1");
+}
+
+#[test]
+fn a_running_call_can_be_killed_from_another_thread() {
+    let mut sb = sandbox("badfunctions");
+    sb.set_call_timeout(None);
+    let kill = sb.kill_handle();
+    let killer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(100));
+        kill.kill();
+    });
+    assert!(matches!(sb.call("spin", b""), Err(CallError::Killed)));
+    killer.join().unwrap();
+    assert_eq!(text(sb.call("counter", b"")), "1");
+}
+
+fn rss_kib() -> u64 {
+    let s = std::fs::read_to_string("/proc/self/statm").unwrap();
+    let pages: u64 = s.split_whitespace().nth(1).unwrap().parse().unwrap();
+    pages * 4
+}
+
+#[test]
+fn ten_thousand_calls_with_resets_leave_host_memory_flat() {
+    let mut sb = sandbox("badfunctions");
+    for _ in 0..1000 {
+        sb.call("heap-grow", b"y").unwrap();
+    }
+    let before = rss_kib();
+    for _ in 0..10_000 {
+        assert_eq!(text(sb.call("heap-grow", b"y")), "1");
+    }
+    let grew = rss_kib().saturating_sub(before);
+    assert!(grew < 2048, "host RSS grew by {grew} KiB over 10,000 calls");
+}
+
+#[test]
+fn sandboxes_made_from_a_snapshot_behave_like_the_original() {
+    let first = sandbox("badfunctions");
+    let mut copy = Sandbox::from_template(first.template()).unwrap();
+    assert_eq!(text(copy.call("init-state", b"")), "42");
+    assert_eq!(text(copy.call("counter", b"")), "1");
+    assert_eq!(text(copy.call("counter", b"")), "1");
+}
+
+#[test]
+fn a_pool_serves_eight_concurrent_callers() {
+    let pool = Arc::new(SandboxPool::new(sandbox("badfunctions"), 4).unwrap());
+    let threads: Vec<_> = (0..8)
+        .map(|t| {
+            let pool = pool.clone();
+            std::thread::spawn(move || {
+                for i in 0..100 {
+                    let input = format!("caller {t} call {i}");
+                    assert_eq!(pool.call("echo", input.as_bytes()).unwrap(), input.as_bytes());
+                    assert_eq!(pool.call("counter", b"").unwrap(), b"1");
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+}
+
+/// One HTTP/1.1 request on `stream` (kept alive); returns (status, outcome header, body).
+fn http(stream: &mut TcpStream, method: &str, path: &str, body: &[u8]) -> (u16, String, Vec<u8>) {
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: test\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    stream.write_all(body).unwrap();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    let status: u16 = line.split(' ').nth(1).unwrap().parse().unwrap();
+    let (mut len, mut outcome) = (0usize, String::new());
+    loop {
+        line.clear();
+        reader.read_line(&mut line).unwrap();
+        let l = line.trim_end();
+        if l.is_empty() {
+            break;
+        }
+        let (k, v) = l.split_once(": ").unwrap();
+        match k.to_ascii_lowercase().as_str() {
+            "content-length" => len = v.parse().unwrap(),
+            "x-pvrun-outcome" => outcome = v.to_string(),
+            _ => {}
+        }
+    }
+    let mut body = vec![0; len];
+    reader.read_exact(&mut body).unwrap();
+    (status, outcome, body)
+}
+
+#[test]
+fn the_gateway_answers_http_clients() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pvrun"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--pool", "2", "--timeout", "0.5"])
+        .arg(guest("badfunctions"))
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stderr.take().unwrap()).read_line(&mut line).unwrap();
+    let addr = line
+        .split("http://")
+        .nth(1)
+        .and_then(|r| r.split('/').next())
+        .unwrap_or_else(|| panic!("no address in: {line}"))
+        .to_string();
+    let mut s = TcpStream::connect(&addr).unwrap();
+    assert_eq!(http(&mut s, "POST", "/echo", b"over http"), (200, "ok".into(), b"over http".to_vec()));
+    for _ in 0..20 {
+        assert_eq!(http(&mut s, "POST", "/counter", b"").2, b"1");
+    }
+    assert_eq!(http(&mut s, "POST", "/missing", b"").0, 404);
+    let (code, outcome, _) = http(&mut s, "POST", "/spin", b"");
+    assert_eq!((code, outcome.as_str()), (504, "timeout"));
+    let (code, outcome, body) = http(&mut s, "POST", "/panic", b"");
+    assert_eq!((code, outcome.as_str()), (500, "panic"));
+    assert!(String::from_utf8_lossy(&body).contains("function panicked on purpose"));
+    assert_eq!(http(&mut s, "POST", "/fault", b"").0, 500);
+    assert_eq!(http(&mut s, "GET", "/echo", b"").0, 405);
+    let (code, _, list) = http(&mut s, "GET", "/", b"");
+    assert_eq!(code, 200);
+    assert!(String::from_utf8_lossy(&list).lines().any(|l| l == "counter"));
+    assert_eq!(http(&mut s, "POST", "/echo", b"still fine").2, b"still fine");
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+#[test]
+fn the_gateway_reports_a_port_in_use_in_one_line() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let out = Command::new(env!("CARGO_BIN_EXE_pvrun"))
+        .args(["serve", "--listen", &addr])
+        .arg(guest("badfunctions"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("already in use"), "{stderr}");
+}
+
+#[test]
+fn a_guest_that_is_not_a_function_guest_is_refused_clearly() {
+    match Sandbox::new(&guest("hello"), config()) {
+        Err(e) => assert!(e.to_string().contains("is not a function guest"), "{e}"),
+        Ok(_) => panic!("hello was accepted as a function guest"),
+    }
+    let r = common::pvrun(&guest("badfunctions"), &[], &[]);
+    assert_eq!(r.status, 125);
+    assert!(r.stderr.contains("pvrun serve"), "{}", r.stderr);
+}
