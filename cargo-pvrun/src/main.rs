@@ -66,6 +66,10 @@ struct Cli {
     /// Attach a disk image as block device NAME (repeatable; `,ro` for read-only).
     #[arg(long = "disk", value_name = "NAME=PATH[,ro]", value_parser = host_vmm::block::DiskConfig::parse)]
     disks: Vec<host_vmm::block::DiskConfig>,
+    /// Attach a TAP interface as network device NAME (repeatable), e.g.
+    /// `eth0=tap:tap0,ip=10.0.0.2/24,gw=10.0.0.1` (without `ip=` the guest uses DHCP).
+    #[arg(long = "net", value_name = "NAME=tap:IF[,mac=..][,ip=..][,gw=..]", value_parser = host_vmm::net::NetConfig::parse)]
+    nets: Vec<host_vmm::net::NetConfig>,
     /// Arguments for the guest (after `--`).
     #[arg(last = true)]
     args: Vec<String>,
@@ -139,6 +143,7 @@ fn main() {
         env: cli.env,
         timeout: cli.timeout,
         disks: cli.disks,
+        nets: cli.nets,
         ..VmConfig::default()
     };
     run_and_exit(&elf, config)

@@ -14,7 +14,9 @@ use host_vmm::{GuestImage, Vm, VmConfig};
 
 fn guest(name: &str) -> PathBuf {
     let req = guest_build::BuildRequest {
-        manifest_path: Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest-examples/Cargo.toml")),
+        manifest_path: Some(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest-examples/Cargo.toml"),
+        ),
         package: Some(name.into()),
         release: true,
         quiet: true,
@@ -43,12 +45,19 @@ fn time<T>(runs: usize, mut f: impl FnMut() -> T) -> Duration {
 
 fn exit_floor() -> Duration {
     let img = Arc::new(
-        GuestImage::from_bytes(Path::new("floor"), raw_guest::elf(EXIT_LOOP, RawElf::default()))
-            .unwrap(),
+        GuestImage::from_bytes(
+            Path::new("floor"),
+            raw_guest::elf(EXIT_LOOP, RawElf::default()),
+        )
+        .unwrap(),
     );
     let mut vm = Vm::new(img, VmConfig::default()).expect("KVM is needed for the benchmark");
     vm.raw_exit_loop(2000).unwrap();
-    median((0..15).map(|_| vm.raw_exit_loop(2000).unwrap() / 2000).collect())
+    median(
+        (0..15)
+            .map(|_| vm.raw_exit_loop(2000).unwrap() / 2000)
+            .collect(),
+    )
 }
 
 fn meminfo_available_kib() -> u64 {
@@ -81,10 +90,14 @@ fn main() {
     };
     let floor = exit_floor();
 
-    let create_elf = time(if quick { 2 } else { 21 }, || Sandbox::new(&elf, config()).unwrap());
+    let create_elf = time(if quick { 2 } else { 21 }, || {
+        Sandbox::new(&elf, config()).unwrap()
+    });
     let mut sb = Sandbox::new(&elf, config()).unwrap();
     let template = sb.template().clone();
-    let create_snap = time(if quick { 2 } else { 51 }, || Sandbox::from_template(&template).unwrap());
+    let create_snap = time(if quick { 2 } else { 51 }, || {
+        Sandbox::from_template(&template).unwrap()
+    });
 
     let warm = time(runs, || sb.call_keep_state("echo", b"x").unwrap());
     sb.reset().unwrap();
@@ -132,13 +145,52 @@ fn main() {
     println!();
     println!("| measurement | median | floor | ratio | target |");
     println!("|---|---|---|---|---|");
-    println!("| raw KVM exit floor (CPL3 `out` round trip) | {} | - | 1.00x | - |", us(floor));
-    println!("| create sandbox from ELF (boot + init + snapshot) | {} | {} | {:.0} exits | - |", us(create_elf), us(floor), create_elf.as_secs_f64() / f);
-    println!("| create sandbox from snapshot | {} | {} | {:.0} exits | <= 300 µs |", us(create_snap), us(floor), create_snap.as_secs_f64() / f);
-    println!("| warm call (`echo`, 1 byte, no reset) | {} | {} | {:.2}x | <= 1.3x floor |", us(warm), us(floor), warm.as_secs_f64() / f);
-    println!("| call + reset | {} | {} | {:.2}x | - |", us(call_reset), us(floor), call_reset.as_secs_f64() / f);
-    println!("| reset after a call that dirtied 16 pages ({pages} pages copied) | {} | {} | {:.2}x | <= 20 µs |", us(reset16), us(floor), reset16.as_secs_f64() / f);
-    println!("| call that makes one host-function call | {} | {} | {:.2}x | - |", us(host_call), us(floor), host_call.as_secs_f64() / f);
-    println!("| host memory per idle sandbox ({n} sandboxes; whole machine) | {:.0} KiB | - | - | <= 1 MiB |", per_total);
-    println!("| of which this process's RSS | {:.0} KiB | - | - | - |", per_rss);
+    println!(
+        "| raw KVM exit floor (CPL3 `out` round trip) | {} | - | 1.00x | - |",
+        us(floor)
+    );
+    println!(
+        "| create sandbox from ELF (boot + init + snapshot) | {} | {} | {:.0} exits | - |",
+        us(create_elf),
+        us(floor),
+        create_elf.as_secs_f64() / f
+    );
+    println!(
+        "| create sandbox from snapshot | {} | {} | {:.0} exits | <= 300 µs |",
+        us(create_snap),
+        us(floor),
+        create_snap.as_secs_f64() / f
+    );
+    println!(
+        "| warm call (`echo`, 1 byte, no reset) | {} | {} | {:.2}x | <= 1.3x floor |",
+        us(warm),
+        us(floor),
+        warm.as_secs_f64() / f
+    );
+    println!(
+        "| call + reset | {} | {} | {:.2}x | - |",
+        us(call_reset),
+        us(floor),
+        call_reset.as_secs_f64() / f
+    );
+    println!(
+        "| reset after a call that dirtied 16 pages ({pages} pages copied) | {} | {} | {:.2}x | <= 20 µs |",
+        us(reset16),
+        us(floor),
+        reset16.as_secs_f64() / f
+    );
+    println!(
+        "| call that makes one host-function call | {} | {} | {:.2}x | - |",
+        us(host_call),
+        us(floor),
+        host_call.as_secs_f64() / f
+    );
+    println!(
+        "| host memory per idle sandbox ({n} sandboxes; whole machine) | {:.0} KiB | - | - | <= 1 MiB |",
+        per_total
+    );
+    println!(
+        "| of which this process's RSS | {:.0} KiB | - | - | - |",
+        per_rss
+    );
 }

@@ -24,6 +24,7 @@ use crate::block::{Disk, DiskConfig, MAX_REQUEST, SECTOR_SIZE};
 use crate::error::Error;
 use crate::layout::align_up;
 use crate::memory::MemoryMap;
+use crate::net::{NetConfig, NetStats, NetWorker, Tap};
 use crate::ring::Ring;
 
 /// Slots per ring.
@@ -99,38 +100,51 @@ pub struct Devices {
     pub ioeventfd: bool,
 }
 
+/// An opened back end.
+enum Backend {
+    Block(Disk),
+    Net(Tap, u32),
+}
+
 /// A device set up but not yet started: what goes into boot info and the memory map.
 pub struct Planned {
     /// Boot-info entries.
     pub infos: Vec<DeviceInfo>,
     /// End of the used device area (page aligned), or the area start if none.
     pub area_end: u64,
-    disks: Vec<(DiskConfig, Disk)>,
+    backends: Vec<(String, Backend)>,
 }
 
-/// Opens the disks and lays their rings out in the device area.
-pub fn plan(disks: &[DiskConfig]) -> Result<Planned, Error> {
+/// Opens the disks and TAP interfaces and lays their rings out in the device area.
+pub fn plan(disks: &[DiskConfig], nets: &[NetConfig]) -> Result<Planned, Error> {
     let mut infos = Vec::new();
-    let mut opened = Vec::new();
+    let mut backends = Vec::new();
     let mut at = DEVICE_AREA_ADDR;
-    for (i, cfg) in disks.iter().enumerate() {
-        if disks[..i].iter().any(|d| d.name == cfg.name) {
-            return Err(Error::Config(format!(
-                "two devices are named `{}`",
-                cfg.name
-            )));
+    let names: Vec<&str> = disks
+        .iter()
+        .map(|d| d.name.as_str())
+        .chain(nets.iter().map(|n| n.name.as_str()))
+        .collect();
+    for (i, name) in names.iter().enumerate() {
+        if names[..i].contains(name) {
+            return Err(Error::Config(format!("two devices are named `{name}`")));
         }
-        if i >= pvrun_abi::MAX_DEVICES || at + RING_BYTES > DEVICE_AREA_END {
-            return Err(Error::Config(format!(
-                "too many devices (at most {})",
-                pvrun_abi::MAX_DEVICES
-            )));
+    }
+    let too_many = || {
+        Error::Config(format!(
+            "too many devices (at most {}, and their rings must fit in the device area)",
+            pvrun_abi::MAX_DEVICES
+        ))
+    };
+    for cfg in disks {
+        if infos.len() >= pvrun_abi::MAX_DEVICES || at + RING_BYTES > DEVICE_AREA_END {
+            return Err(too_many());
         }
         let disk = Disk::open(cfg)?;
         let mut info = DeviceInfo::zeroed();
         info.name[..cfg.name.len()].copy_from_slice(cfg.name.as_bytes());
         info.kind = device::BLOCK;
-        info.index = i as u32;
+        info.index = infos.len() as u32;
         info.ring = at;
         info.slots = RING_SLOTS;
         info.slot_size = RING_SLOT_SIZE as u32;
@@ -143,13 +157,37 @@ pub fn plan(disks: &[DiskConfig]) -> Result<Planned, Error> {
         info.capacity = disk.capacity;
         info.max_request = MAX_REQUEST;
         infos.push(info);
-        opened.push((cfg.clone(), disk));
+        backends.push((cfg.name.clone(), Backend::Block(disk)));
         at += RING_BYTES;
+    }
+    for cfg in nets {
+        if infos.len() >= pvrun_abi::MAX_DEVICES || at + 2 * RING_BYTES > DEVICE_AREA_END {
+            return Err(too_many());
+        }
+        let tap = Tap::open(cfg)?;
+        let mut info = DeviceInfo::zeroed();
+        info.name[..cfg.name.len()].copy_from_slice(cfg.name.as_bytes());
+        info.kind = device::NET;
+        info.index = infos.len() as u32;
+        info.ring = at;
+        info.ring2 = at + RING_BYTES;
+        info.slots = RING_SLOTS;
+        info.slot_size = RING_SLOT_SIZE as u32;
+        info.mac[..6].copy_from_slice(&cfg.mac);
+        if let Some((ip, prefix)) = cfg.ip {
+            info.ipv4 = ip;
+            info.prefix_len = prefix as u32;
+        }
+        info.gateway = cfg.gateway.unwrap_or([0; 4]);
+        info.mtu = cfg.mtu;
+        infos.push(info);
+        backends.push((cfg.name.clone(), Backend::Net(tap, cfg.mtu)));
+        at += 2 * RING_BYTES;
     }
     Ok(Planned {
         infos,
         area_end: align_up(at, PAGE_SIZE).unwrap_or(at),
-        disks: opened,
+        backends,
     })
 }
 
@@ -172,7 +210,7 @@ impl Devices {
             running: Vec::new(),
             ioeventfd: use_ioeventfd,
         };
-        for ((cfg, disk), info) in planned.disks.into_iter().zip(planned.infos) {
+        for ((name, backend), info) in planned.backends.into_iter().zip(planned.infos) {
             let doorbell = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(Error::Io)?);
             if devs.ioeventfd
                 && vm
@@ -185,26 +223,48 @@ impl Devices {
             {
                 devs.ioeventfd = false;
             }
-            let ring = Ring::new(mem, info.ring, info.slots);
             let stop = Arc::new(AtomicBool::new(false));
             let stats = Arc::new(DeviceStats::default());
-            let worker = BlockWorker {
-                name: cfg.name.clone(),
-                disk,
-                ring,
-                mem: mem.clone(),
-                map: map.clone(),
-                doorbell: doorbell.clone(),
-                stop: stop.clone(),
-                notify: notify.clone(),
-                stats: stats.clone(),
-            };
-            let thread = std::thread::Builder::new()
-                .name(format!("pvrun-blk-{}", cfg.name))
-                .spawn(move || worker.run())
-                .map_err(Error::Io)?;
+            let thread = match backend {
+                Backend::Block(disk) => {
+                    let worker = BlockWorker {
+                        name: name.clone(),
+                        disk,
+                        ring: Ring::new(mem, info.ring, info.slots),
+                        mem: mem.clone(),
+                        map: map.clone(),
+                        doorbell: doorbell.clone(),
+                        stop: stop.clone(),
+                        notify: notify.clone(),
+                        stats: stats.clone(),
+                    };
+                    std::thread::Builder::new()
+                        .name(format!("pvrun-blk-{name}"))
+                        .spawn(move || worker.run())
+                }
+                Backend::Net(tap, mtu) => {
+                    let worker = NetWorker {
+                        name: name.clone(),
+                        tap,
+                        tx: Ring::new(mem, info.ring, info.slots),
+                        rx: Ring::new(mem, info.ring2, info.slots),
+                        mtu,
+                        mem: mem.clone(),
+                        map: map.clone(),
+                        doorbell: doorbell.clone(),
+                        stop: stop.clone(),
+                        notify: notify.clone(),
+                        stats: stats.clone(),
+                        net_stats: Arc::new(NetStats::default()),
+                    };
+                    std::thread::Builder::new()
+                        .name(format!("pvrun-net-{name}"))
+                        .spawn(move || worker.run())
+                }
+            }
+            .map_err(Error::Io)?;
             devs.running.push(Running {
-                name: cfg.name,
+                name,
                 doorbell,
                 stop,
                 thread: Some(thread),

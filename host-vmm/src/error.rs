@@ -80,6 +80,16 @@ pub enum Error {
         /// What is wrong and what to do.
         why: String,
     },
+    /// A TAP interface could not be attached.
+    #[error("network `{name}` (TAP `{tap}`): {why}")]
+    Net {
+        /// Device name.
+        name: String,
+        /// TAP interface.
+        tap: String,
+        /// What is wrong and what to do.
+        why: String,
+    },
     /// The guest declares a device that is not attached.
     #[error(
         "guest `{path}` needs a {kind} device named `{name}`, which is not attached (add `{flag} {name}=...`)"

@@ -24,6 +24,7 @@ pub mod gateway;
 pub mod hypercall;
 pub mod layout;
 pub mod memory;
+pub mod net;
 pub mod raw_guest;
 pub mod ring;
 pub mod sandbox;

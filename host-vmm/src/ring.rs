@@ -78,6 +78,17 @@ impl Ring {
         Ok(v)
     }
 
+    /// Copies the next request out of its slot without consuming it (see [`Ring::advance`]).
+    pub fn peek<T: ByteValued>(&self, mem: &GuestMemoryMmap) -> Result<T, RingError> {
+        mem.read_obj(self.slot_addr(self.req_cons))
+            .map_err(|e| RingError(format!("ring slot unreadable: {e}")))
+    }
+
+    /// Consumes the request [`Ring::peek`] returned.
+    pub fn advance(&mut self) {
+        self.req_cons = self.req_cons.wrapping_add(1);
+    }
+
     /// Writes the response to the oldest unanswered request (not yet visible to the guest).
     pub fn respond<T: ByteValued>(&mut self, mem: &GuestMemoryMmap, rsp: T) {
         let _ = mem.write_obj(rsp, self.slot_addr(self.rsp_prod));

@@ -59,6 +59,8 @@ pub struct VmConfig {
     pub stderr: Box<dyn Write + Send>,
     /// Disks to attach.
     pub disks: Vec<DiskConfig>,
+    /// Network interfaces to attach.
+    pub nets: Vec<crate::net::NetConfig>,
     /// Functions the guest may call by name (`HOST_CALL`).
     pub host_functions: Arc<HashMap<String, HostFn>>,
     /// Largest output a function call may return.
@@ -80,6 +82,7 @@ impl Default for VmConfig {
             stdout: Box::new(std::io::stdout()),
             stderr: Box::new(std::io::stderr()),
             disks: Vec::new(),
+            nets: Vec::new(),
             host_functions: Arc::default(),
             max_output: FN_DATA_MAX,
             ioeventfd: true,
@@ -439,8 +442,9 @@ impl Vm {
         });
         // Devices: open the images and lay out their rings before anything is mapped.
         for (kind, name) in &image.required_devices {
-            let attached =
-                *kind == pvrun_abi::device::BLOCK && config.disks.iter().any(|d| &d.name == name);
+            let attached = (*kind == pvrun_abi::device::BLOCK
+                && config.disks.iter().any(|d| &d.name == name))
+                || (*kind == pvrun_abi::device::NET && config.nets.iter().any(|n| &n.name == name));
             if !attached {
                 let (kind, flag) = match *kind {
                     pvrun_abi::device::BLOCK => ("block", "--disk"),
@@ -455,7 +459,7 @@ impl Vm {
                 });
             }
         }
-        let planned = devices::plan(&config.disks)?;
+        let planned = devices::plan(&config.disks, &config.nets)?;
         if planned.area_end > DEVICE_AREA_ADDR {
             regions.push(Region {
                 start: DEVICE_AREA_ADDR,

@@ -47,12 +47,21 @@ fn functions_compute_correct_outputs() {
         "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
     );
     assert_eq!(text(sb.call("upper", b"Hello, pvrun")), "HELLO, PVRUN");
-    let json = text(sb.call("json-transform", br#"{"name":"Ada","langs":["rust","c"],"age":36}"#));
+    let json = text(sb.call(
+        "json-transform",
+        br#"{"name":"Ada","langs":["rust","c"],"age":36}"#,
+    ));
     assert_eq!(json, r#"{"age":72,"langs":["C","RUST"],"name":"ADA"}"#);
-    assert!(matches!(sb.call("json-transform", b"{not json"), Err(CallError::Failed(m)) if m.contains("invalid JSON")));
+    assert!(
+        matches!(sb.call("json-transform", b"{not json"), Err(CallError::Failed(m)) if m.contains("invalid JSON"))
+    );
     let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8 / 8).collect();
     let packed = sb.call("compress", &data).unwrap();
-    assert!(packed.len() < data.len() / 4, "compress did not compress: {}", packed.len());
+    assert!(
+        packed.len() < data.len() / 4,
+        "compress did not compress: {}",
+        packed.len()
+    );
     assert_eq!(sb.call("decompress", &packed).unwrap(), data);
 }
 
@@ -60,11 +69,20 @@ fn functions_compute_correct_outputs() {
 fn a_function_can_call_a_host_function() {
     let mut sb = sandbox("functions");
     assert_eq!(text(sb.call("greet-via-host", b"Ada")), "hello, dear Ada");
-    assert!(matches!(sb.call("greet-via-host", b"nobody"), Err(CallError::Failed(_))));
+    assert!(matches!(
+        sb.call("greet-via-host", b"nobody"),
+        Err(CallError::Failed(_))
+    ));
     // Without the host function the guest gets NOT_FOUND and reports an error.
-    let cfg = SandboxConfig { host_functions: HashMap::new(), ..config() };
+    let cfg = SandboxConfig {
+        host_functions: HashMap::new(),
+        ..config()
+    };
     let mut bare = Sandbox::new(&guest("functions"), cfg).unwrap();
-    assert!(matches!(bare.call("greet-via-host", b"Ada"), Err(CallError::Failed(_))));
+    assert!(matches!(
+        bare.call("greet-via-host", b"Ada"),
+        Err(CallError::Failed(_))
+    ));
 }
 
 #[test]
@@ -120,16 +138,25 @@ fn faults_and_panics_become_errors_and_the_sandbox_recovers() {
 
 #[test]
 fn limits_and_unknown_functions_are_typed_errors() {
-    let cfg = SandboxConfig { max_output: 1 << 20, ..config() };
+    let cfg = SandboxConfig {
+        max_output: 1 << 20,
+        ..config()
+    };
     let mut sb = Sandbox::new(&guest("badfunctions"), cfg).unwrap();
     assert!(matches!(sb.call("nope", b""), Err(CallError::UnknownFunction(n)) if n == "nope"));
     assert!(matches!(
         sb.call("big-output", b"2097152"),
-        Err(CallError::OutputTooLarge { len: 2097152, max: 1048576 })
+        Err(CallError::OutputTooLarge {
+            len: 2097152,
+            max: 1048576
+        })
     ));
     assert_eq!(sb.call("big-output", b"1000").unwrap().len(), 1000);
     let huge = vec![0u8; 64 << 20];
-    assert!(matches!(sb.call("echo", &huge), Err(CallError::InputTooLarge { .. })));
+    assert!(matches!(
+        sb.call("echo", &huge),
+        Err(CallError::InputTooLarge { .. })
+    ));
     assert_eq!(text(sb.call("counter", b"")), "1");
 }
 
@@ -185,7 +212,10 @@ fn a_pool_serves_eight_concurrent_callers() {
             std::thread::spawn(move || {
                 for i in 0..100 {
                     let input = format!("caller {t} call {i}");
-                    assert_eq!(pool.call("echo", input.as_bytes()).unwrap(), input.as_bytes());
+                    assert_eq!(
+                        pool.call("echo", input.as_bytes()).unwrap(),
+                        input.as_bytes()
+                    );
                     assert_eq!(pool.call("counter", b"").unwrap(), b"1");
                 }
             })
@@ -232,13 +262,23 @@ fn http(stream: &mut TcpStream, method: &str, path: &str, body: &[u8]) -> (u16, 
 #[test]
 fn the_gateway_answers_http_clients() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_pvrun"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--pool", "2", "--timeout", "0.5"])
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--pool",
+            "2",
+            "--timeout",
+            "0.5",
+        ])
         .arg(guest("badfunctions"))
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let mut line = String::new();
-    BufReader::new(child.stderr.take().unwrap()).read_line(&mut line).unwrap();
+    BufReader::new(child.stderr.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
     let addr = line
         .split("http://")
         .nth(1)
@@ -246,7 +286,10 @@ fn the_gateway_answers_http_clients() {
         .unwrap_or_else(|| panic!("no address in: {line}"))
         .to_string();
     let mut s = TcpStream::connect(&addr).unwrap();
-    assert_eq!(http(&mut s, "POST", "/echo", b"over http"), (200, "ok".into(), b"over http".to_vec()));
+    assert_eq!(
+        http(&mut s, "POST", "/echo", b"over http"),
+        (200, "ok".into(), b"over http".to_vec())
+    );
     for _ in 0..20 {
         assert_eq!(http(&mut s, "POST", "/counter", b"").2, b"1");
     }
@@ -260,8 +303,15 @@ fn the_gateway_answers_http_clients() {
     assert_eq!(http(&mut s, "GET", "/echo", b"").0, 405);
     let (code, _, list) = http(&mut s, "GET", "/", b"");
     assert_eq!(code, 200);
-    assert!(String::from_utf8_lossy(&list).lines().any(|l| l == "counter"));
-    assert_eq!(http(&mut s, "POST", "/echo", b"still fine").2, b"still fine");
+    assert!(
+        String::from_utf8_lossy(&list)
+            .lines()
+            .any(|l| l == "counter")
+    );
+    assert_eq!(
+        http(&mut s, "POST", "/echo", b"still fine").2,
+        b"still fine"
+    );
     child.kill().unwrap();
     child.wait().unwrap();
 }
