@@ -376,7 +376,7 @@ impl NetWorker {
             if status > 0 {
                 self.net_stats.rx_frames.fetch_add(1, Ordering::Relaxed);
             }
-            if received % 32 == 0 {
+            if received.is_multiple_of(32) {
                 self.rx.publish(&self.mem);
                 self.notify.signal();
             }
