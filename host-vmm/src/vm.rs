@@ -1027,8 +1027,7 @@ impl Vm {
         use std::os::fd::AsRawFd;
         let _ = std::io::stdout().flush();
         let _ = std::io::stderr().flush();
-        let _ = (self.vcpu.as_raw_fd(), self._vm.as_raw_fd());
-        deferred_teardown();
+        deferred_teardown([self.vcpu.as_raw_fd(), self._vm.as_raw_fd()]);
         // SAFETY: _exit ends the process; nothing else runs afterwards.
         unsafe { libc::_exit(status) }
     }
@@ -1063,24 +1062,45 @@ impl Vm {
     }
 }
 
-/// The child of [`Vm::exit_process`]: it holds a copy of the parent's descriptors (the
-/// VM's among them), drops its copies of stdin/stdout/stderr so pipes see EOF at once,
-/// waits for the parent to exit, and then exits itself, which closes the VM.
-extern "C" fn teardown_child(parent: *mut libc::c_void) -> libc::c_int {
-    let parent = parent as usize as libc::pid_t;
+/// What the teardown child needs: the parent's pid and the two descriptors to keep.
+#[repr(C)]
+struct TeardownArgs {
+    parent: libc::pid_t,
+    keep: [libc::c_int; 2],
+}
+
+/// The child of [`Vm::exit_process`]: it holds a copy of the parent's descriptors, closes
+/// all but the VM's and the vCPU's (so pipes see EOF and disk images are unlocked at
+/// once), waits for the parent to exit, and then exits itself, which destroys the VM.
+extern "C" fn teardown_child(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: the parent passed a pointer to a TeardownArgs that it never frees (it exits).
+    let args = unsafe { &*(arg as *const TeardownArgs) };
+    let mut keep = args.keep;
+    keep.sort_unstable();
     // SAFETY: only raw system calls; the child touches no Rust state of the parent.
     unsafe {
-        libc::close(0);
-        libc::close(1);
-        libc::close(2);
-        while libc::getppid() == parent {
+        let mut first = 0;
+        for k in keep {
+            if k > first {
+                libc::syscall(libc::SYS_close_range, first as libc::c_uint, (k - 1) as libc::c_uint, 0);
+            }
+            first = k + 1;
+        }
+        libc::syscall(libc::SYS_close_range, first as libc::c_uint, libc::c_uint::MAX, 0);
+        while libc::getppid() == args.parent {
             libc::usleep(100);
         }
     }
     0
 }
 
-fn deferred_teardown() {
+fn deferred_teardown(keep: [libc::c_int; 2]) {
+    // Leaked on purpose: the parent exits right after, the child reads it.
+    let args = Box::leak(Box::new(TeardownArgs {
+        // SAFETY: getpid has no preconditions.
+        parent: unsafe { libc::getpid() },
+        keep,
+    }));
     const STACK: usize = 64 * 1024;
     // SAFETY: a fresh private stack for the child; checked below. CLONE_VM shares memory
     // (no copy of the guest's pages); the descriptor table is copied, not shared.
@@ -1101,7 +1121,7 @@ fn deferred_teardown() {
             teardown_child,
             top,
             libc::CLONE_VM,
-            libc::getpid() as usize as *mut libc::c_void,
+            (args as *mut TeardownArgs).cast(),
         );
     }
 }

@@ -70,3 +70,76 @@ pub fn pvrun(elf: &Path, opts: &[&str], args: &[&str]) -> Run {
 pub fn misbehave(args: &[&str]) -> Run {
     pvrun(&guest("misbehave"), &["--timeout", "20"], args)
 }
+
+/// A network namespace for a test, removed (with its devices) on drop. Traffic in it never
+/// leaves it.
+pub struct Netns {
+    pub name: String,
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("the `ip` command (iproute2) is needed");
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl Netns {
+    /// Creates namespace `pvrun-TAG-PID` with loopback up.
+    pub fn new(tag: &str) -> Netns {
+        let name = format!("pvt-{tag}-{}", std::process::id());
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        ip(&["netns", "add", &name]);
+        ip(&["-n", &name, "link", "set", "lo", "up"]);
+        Netns { name }
+    }
+
+    /// Adds TAP device `dev`, with address `addr` (CIDR) unless empty, and brings it up.
+    pub fn tap(&self, dev: &str, addr: &str) {
+        ip(&["-n", &self.name, "tuntap", "add", "dev", dev, "mode", "tap"]);
+        if !addr.is_empty() {
+            ip(&["-n", &self.name, "addr", "add", addr, "dev", dev]);
+        }
+        ip(&["-n", &self.name, "link", "set", dev, "up"]);
+    }
+
+    /// Adds bridge `br` with address `addr` and enslaves `ports`.
+    pub fn bridge(&self, br: &str, addr: &str, ports: &[&str]) {
+        ip(&["-n", &self.name, "link", "add", br, "type", "bridge"]);
+        ip(&["-n", &self.name, "addr", "add", addr, "dev", br]);
+        ip(&["-n", &self.name, "link", "set", br, "up"]);
+        for p in ports {
+            ip(&["-n", &self.name, "link", "set", p, "master", br]);
+        }
+    }
+
+    /// A command that runs inside the namespace.
+    pub fn command(&self, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name, program]);
+        c
+    }
+
+    /// Runs `f` on a thread that has entered the namespace (threads it spawns inherit it).
+    pub fn run_in<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = format!("/var/run/netns/{}", self.name);
+        std::thread::spawn(move || {
+            use std::os::fd::AsRawFd;
+            let ns = std::fs::File::open(&path).expect("open the namespace");
+            // SAFETY: setns on a namespace descriptor affects only this thread.
+            let r = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .expect("the thread in the namespace panicked")
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+    }
+}
