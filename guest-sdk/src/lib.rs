@@ -24,21 +24,29 @@
 //! error is printed to stderr and the exit code is 1); see [`process::Termination`].
 #![no_std]
 
+extern crate alloc;
+
 pub use pvrun_abi as abi;
 
+pub mod block;
 pub mod console;
 pub mod env;
 pub mod heap;
 pub mod hypercall;
 mod mem;
+pub mod net;
 mod note;
 mod panic;
 pub mod process;
 pub mod random;
+mod ring;
 mod start;
 pub mod time;
 
 pub use start::boot_info;
+
+#[doc(hidden)]
+pub use note::DeviceNoteElf as __DeviceNoteElf;
 
 /// Declares the guest's `main` function: `pvrun::entry!(main)` or `pvrun::entry!(path::to::main)`.
 ///

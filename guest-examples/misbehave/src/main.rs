@@ -4,6 +4,14 @@
 //! Modes that should stop the guest do exactly one bad thing. Modes that probe hypercall
 //! validation print the host's status (`status=<n>`) and exit 0. An unknown mode prints
 //! `unknown mode` and exits 2.
+//!
+//! The `blk-*` modes abuse the ring of a block device named `disk` (attached with
+//! `--disk disk=IMAGE[,ro]`, not required: without it they print a note and exit 2). They
+//! print `status=<n>` of the responses (`blk-bad-addr`, `blk-pagetables`, `blk-text`,
+//! `blk-bootinfo`, `blk-bad-op`, `blk-write`; `blk-len-overflow` prints three,
+//! `blk-past-end` two), `ring status=<n>` after corrupting the ring (`blk-idx-far`,
+//! `blk-overflow-queue`), `storm done status=<n>` (`blk-doorbell-storm [N]`) or
+//! `scribble done ring status=<n>` (`blk-scribble`).
 #![no_std]
 #![no_main]
 
@@ -15,7 +23,9 @@ use alloc::vec::Vec;
 use core::arch::asm;
 use core::hint::black_box;
 
-use pvrun::abi::{self, Abort, ConsoleWrite, layout, stream};
+use pvrun::abi::{
+    self, Abort, BlockRequest, BlockResponse, ConsoleWrite, block_op, layout, stream,
+};
 use pvrun::hypercall::{call, hypercall};
 use pvrun::println;
 
@@ -107,6 +117,225 @@ fn sqrt(x: f64) -> f64 {
         r = next;
     }
     r
+}
+
+/// Raw access to the ring of the device named `disk`, bypassing every check of the SDK's
+/// `Disk` (for the `blk-*` modes). The device is deliberately not declared with
+/// `require_device!`: misbehave must boot without disks.
+struct RawRing {
+    header: u64,
+    slots: u32,
+    doorbell: u16,
+    capacity: u64,
+}
+
+impl RawRing {
+    /// The ring of the device `disk`, or `None` if no such device is attached.
+    fn open() -> Option<RawRing> {
+        let bi = pvrun::boot_info();
+        let dev = bi.devices[..(bi.device_count as usize).min(abi::MAX_DEVICES)]
+            .iter()
+            .find(|d| d.name() == "disk")?;
+        Some(RawRing {
+            header: dev.ring,
+            slots: dev.slots.max(1),
+            doorbell: abi::call::DOORBELL_BASE + dev.index as u16,
+            capacity: dev.capacity,
+        })
+    }
+
+    fn load(&self, field: u64) -> u32 {
+        // SAFETY: the ring header lies in the device area the host maps for the guest.
+        unsafe { ((self.header + field) as *const u32).read_volatile() }
+    }
+
+    fn store(&self, field: u64, v: u32) {
+        // SAFETY: as in `load`; corrupting the header is what some modes are for.
+        unsafe { ((self.header + field) as *mut u32).write_volatile(v) }
+    }
+
+    fn req_prod(&self) -> u32 {
+        self.load(0)
+    }
+
+    fn set_req_prod(&self, v: u32) {
+        core::sync::atomic::fence(core::sync::atomic::Ordering::Release);
+        self.store(0, v);
+        // SAFETY: mfence has no effect but ordering.
+        unsafe { asm!("mfence", options(nostack, preserves_flags)) };
+    }
+
+    fn rsp_prod(&self) -> u32 {
+        self.load(128)
+    }
+
+    fn status(&self) -> u32 {
+        self.load(192)
+    }
+
+    fn slot(&self, idx: u32) -> u64 {
+        self.header + abi::RING_SLOTS_OFFSET + (idx % self.slots) as u64 * abi::RING_SLOT_SIZE
+    }
+
+    fn write_slot(&self, idx: u32, req: BlockRequest) {
+        // SAFETY: the slot lies inside the ring in the device area.
+        unsafe { (self.slot(idx) as *mut BlockRequest).write_volatile(req) };
+    }
+
+    fn ring(&self) {
+        // SAFETY: doorbells take no argument.
+        unsafe { hypercall(self.doorbell, 0) };
+    }
+
+    /// Waits (WAIT loop) until `done()` or `ms` milliseconds passed; returns `done()`.
+    fn wait_for(&self, ms: u64, done: impl Fn(&Self) -> bool) -> bool {
+        let deadline = pvrun::time::monotonic_ns() + ms * 1_000_000;
+        while !done(self) {
+            let now = pvrun::time::monotonic_ns();
+            if now >= deadline {
+                return false;
+            }
+            call(&abi::Wait {
+                deadline_ns: (now + 10_000_000).min(deadline),
+            });
+        }
+        true
+    }
+
+    /// Publishes one request, rings the doorbell and waits (up to 2 s) for its response;
+    /// returns its status as text (`timeout` or `broken` if there is none).
+    fn request(&self, op: u32, sector: u64, addr: u64, len: u64) -> alloc::string::String {
+        let idx = self.req_prod();
+        self.write_slot(
+            idx,
+            BlockRequest {
+                id: 0x1234_0000 + idx as u64,
+                op,
+                reserved: 0,
+                sector,
+                addr,
+                len,
+                reserved2: [0; 3],
+            },
+        );
+        self.set_req_prod(idx.wrapping_add(1));
+        self.ring();
+        let answered = |r: &Self| r.rsp_prod().wrapping_sub(idx) as i32 > 0 || r.status() != 0;
+        if !self.wait_for(2000, answered) {
+            return "timeout".into();
+        }
+        if self.rsp_prod().wrapping_sub(idx) as i32 <= 0 {
+            return "broken".into();
+        }
+        core::sync::atomic::fence(core::sync::atomic::Ordering::Acquire);
+        // SAFETY: as in `write_slot`; the host wrote the response there.
+        let rsp = unsafe { (self.slot(idx) as *const BlockResponse).read_volatile() };
+        alloc::format!("{}", rsp.status)
+    }
+}
+
+/// A pseudo-random number generator for the scribble mode (xorshift64).
+fn xorshift(s: &mut u64) -> u64 {
+    *s ^= *s << 13;
+    *s ^= *s >> 7;
+    *s ^= *s << 17;
+    *s
+}
+
+/// The `blk-*` modes: adversarial use of the ring of the disk named `disk`.
+fn block_mode(mode: &str, args: &[&str]) -> i32 {
+    let Some(r) = RawRing::open() else {
+        println!("no device named `disk` (attach one with --disk disk=IMAGE)");
+        return 2;
+    };
+    let mut buf: Vec<u8> = vec![0; 8192];
+    let good = buf.as_mut_ptr() as u64;
+    let read = |addr: u64| r.request(block_op::READ, 0, addr, 512);
+    match mode {
+        "blk-bad-addr" => println!("status={}", read(0xdead_beef_0000)),
+        "blk-pagetables" => println!("status={}", read(0x10_0000)),
+        "blk-text" => println!("status={}", read(main as *const () as u64)),
+        "blk-bootinfo" => println!("status={}", read(layout::BOOT_INFO_ADDR)),
+        "blk-len-overflow" => {
+            let a = r.request(block_op::READ, 0, good, u64::MAX);
+            let b = r.request(block_op::READ, 0, good, 0);
+            let c = r.request(block_op::READ, 0, good, 1000);
+            println!("status={a} {b} {c}");
+        }
+        "blk-past-end" => {
+            let a = r.request(block_op::READ, r.capacity / 512, good, 512);
+            let b = r.request(block_op::READ, u64::MAX / 512, good, 4096);
+            println!("status={a} {b}");
+        }
+        "blk-bad-op" => println!("status={}", r.request(99, 0, good, 512)),
+        "blk-write" => {
+            buf[..512].fill(b'W');
+            println!("status={}", r.request(block_op::WRITE, 0, good, 512));
+        }
+        "blk-idx-far" => {
+            r.set_req_prod(r.req_prod().wrapping_add(1_000_000));
+            r.ring();
+            r.wait_for(2000, |r| r.status() == abi::RING_BROKEN);
+            println!("ring status={}", r.status());
+        }
+        "blk-doorbell-storm" => {
+            let n = args
+                .get(2)
+                .and_then(|a| a.parse::<u64>().ok())
+                .unwrap_or(100_000);
+            for _ in 0..n {
+                r.ring();
+            }
+            println!("storm done status={}", read(good));
+        }
+        "blk-scribble" => {
+            let mut seed = pvrun::random::u64() | 1;
+            let end = pvrun::time::monotonic_ns() + 50_000_000;
+            let mut rounds = 0u64;
+            while pvrun::time::monotonic_ns() < end {
+                for i in 0..r.slots {
+                    let p = r.slot(i) as *mut u64;
+                    for w in 0..(abi::RING_SLOT_SIZE / 8) as usize {
+                        // SAFETY: inside the slot; scribbling on it is the point.
+                        unsafe { p.add(w).write_volatile(xorshift(&mut seed)) };
+                    }
+                }
+                r.set_req_prod(xorshift(&mut seed) as u32);
+                r.ring();
+                rounds += 1;
+            }
+            black_box(rounds);
+            r.wait_for(500, |r| r.status() == abi::RING_BROKEN);
+            println!("scribble done ring status={}", r.status());
+        }
+        "blk-overflow-queue" => {
+            let start = r.req_prod();
+            for i in 0..r.slots {
+                r.write_slot(
+                    start.wrapping_add(i),
+                    BlockRequest {
+                        id: i as u64,
+                        op: block_op::READ,
+                        reserved: 0,
+                        sector: 0,
+                        addr: good,
+                        len: 512,
+                        reserved2: [0; 3],
+                    },
+                );
+            }
+            r.set_req_prod(start.wrapping_add(2 * r.slots));
+            r.ring();
+            r.wait_for(2000, |r| r.status() == abi::RING_BROKEN);
+            println!("ring status={}", r.status());
+        }
+        _ => {
+            println!("unknown mode");
+            return 2;
+        }
+    }
+    black_box(&mut buf);
+    0
 }
 
 fn main() -> i32 {
@@ -348,6 +577,7 @@ fn main() -> i32 {
             let v = peek(black_box(0x10_0000));
             println!("read {v:#x}");
         }
+        m if m.starts_with("blk-") => return block_mode(m, &args),
         _ => {
             println!("unknown mode");
             return 2;

@@ -1,0 +1,319 @@
+//! Function sandboxes: a guest that exports named functions which the host calls, each
+//! call starting from the same initialised, snapshotted state.
+//!
+//! A function guest runs its initialisation, then [`serve`]s: it declares its exports and
+//! an input buffer with the `FN_READY` hypercall. The host snapshots the guest at that
+//! exit; for every call it restores the snapshot (or keeps the state, if it chooses),
+//! writes an [`FnCall`] header and the input into the buffer and resumes the guest, which
+//! runs the function and hands the output back with `FN_RETURN`. A function may call
+//! functions the host offers by name with [`call_host`].
+//!
+//! Most guests use [`export_functions!`](crate::export_functions), which generates the
+//! entry point:
+//!
+//! ```ignore
+//! #![no_std]
+//! #![no_main]
+//! extern crate alloc;
+//! use alloc::{string::String, vec::Vec};
+//!
+//! pvrun::export_functions! {
+//!     "upper" => upper,
+//! }
+//!
+//! fn upper(input: &[u8]) -> Result<Vec<u8>, String> {
+//!     Ok(input.to_ascii_uppercase())
+//! }
+//! ```
+//!
+//! A function returns `Ok(output)`, or `Err(message)`, which the host receives as an error
+//! (status 1 with the message as output). A panic or a CPU fault inside a function stops
+//! the guest; the host reports it for that call and resets the sandbox.
+
+use alloc::string::String;
+use alloc::vec;
+use alloc::vec::Vec;
+use core::fmt;
+
+use pvrun_abi::{FnCall, FnReady, FnReturn, HYPERCALL_PORT_BASE, HostCall, call, status};
+
+use crate::hypercall::hypercall;
+
+/// A function a guest exports: input bytes in, `Ok(output)` or `Err(message)` out.
+pub type Function = fn(&[u8]) -> Result<Vec<u8>, String>;
+
+/// Size of the [`FnCall`] header at the start of the input buffer.
+const HEADER: usize = size_of::<FnCall>();
+
+/// Largest input [`serve`] accepts: 1 MiB.
+pub const DEFAULT_MAX_INPUT: usize = 1 << 20;
+
+/// First output buffer size [`call_host`] offers the host function.
+const HOST_OUTPUT_START: usize = 4 << 10;
+/// Largest output buffer [`call_host`] grows to.
+const HOST_OUTPUT_MAX: usize = 16 << 20;
+
+/// Serves calls to `exports` (name and function) forever, with inputs of up to
+/// [`DEFAULT_MAX_INPUT`] bytes.
+pub fn serve(exports: &[(&str, Function)]) -> ! {
+    serve_with_max_input(exports, DEFAULT_MAX_INPUT)
+}
+
+/// Serves calls to `exports` forever, with inputs of up to `max_input` bytes.
+///
+/// Declares the exports and an input buffer with `FN_READY` (the host snapshots the guest
+/// there), then runs each call the host makes and returns its output with `FN_RETURN`.
+/// Panics if a name is empty, contains a NUL byte or appears twice. If the host answers
+/// `FN_READY` or `FN_RETURN` with an error, prints it to stderr and exits with code 1.
+pub fn serve_with_max_input(exports: &[(&str, Function)], max_input: usize) -> ! {
+    let names = export_list(exports);
+    // The buffer the host writes each call into: 8-aligned (u64 words), header plus input.
+    // It is left uninitialised (no page is touched before the snapshot); only bytes the
+    // host has written are ever read.
+    let words = (HEADER + max_input).div_ceil(8);
+    let mut inbuf: Vec<u64> = Vec::with_capacity(words);
+    let inbuf_ptr = inbuf.as_mut_ptr().cast::<u8>();
+    let inbuf_len = words * 8;
+    let ready = FnReady {
+        exports: names.as_ptr() as u64,
+        exports_len: names.len() as u64,
+        inbuf: inbuf_ptr as u64,
+        inbuf_len: inbuf_len as u64,
+    };
+    // SAFETY: `ready` is a live FnReady naming the export list (read by the host) and the
+    // input buffer, which stays allocated for the life of the guest (this never returns).
+    let mut st = unsafe { snapshot_hypercall(call::FN_READY, &ready as *const FnReady as u64) };
+    let mut what = "FN_READY";
+    loop {
+        if st != status::OK {
+            crate::eprintln!("pvrun: {what} failed: {}", status_name(st));
+            crate::process::exit(1);
+        }
+        // SAFETY: the host wrote a call into the buffer before resuming the guest, and the
+        // buffer is `inbuf_len` bytes of live memory that nothing else references.
+        let result = unsafe { run_call(exports, inbuf_ptr, inbuf_len) };
+        let (code, output) = match result {
+            Ok(out) => (0, out),
+            Err(msg) => (1, msg.into_bytes()),
+        };
+        let ret = FnReturn {
+            status: code,
+            out: output.as_ptr() as u64,
+            out_len: output.len() as u64,
+        };
+        // SAFETY: `ret` is a live FnReturn naming `output`, which the host only reads.
+        st = unsafe { snapshot_hypercall(call::FN_RETURN, &ret as *const FnReturn as u64) };
+        what = "FN_RETURN";
+        drop(output);
+    }
+}
+
+/// Builds the NUL-separated export list the host reads at `FN_READY`.
+fn export_list(exports: &[(&str, Function)]) -> Vec<u8> {
+    let mut names = Vec::new();
+    for (i, (name, _)) in exports.iter().enumerate() {
+        assert!(
+            !name.is_empty() && !name.contains('\0'),
+            "exported function name {name:?} is empty or contains a NUL byte"
+        );
+        assert!(
+            !exports[..i].iter().any(|(n, _)| n == name),
+            "function {name:?} is exported twice"
+        );
+        names.extend_from_slice(name.as_bytes());
+        names.push(0);
+    }
+    names
+}
+
+/// Runs the call the host wrote into the input buffer and returns its result.
+///
+/// # Safety
+/// `inbuf` must point at `inbuf_len` (>= 16) bytes, 8-aligned, which the host has written
+/// an [`FnCall`] header and the input into, and which nothing else references.
+unsafe fn run_call(
+    exports: &[(&str, Function)],
+    inbuf: *const u8,
+    inbuf_len: usize,
+) -> Result<Vec<u8>, String> {
+    // SAFETY: the caller guarantees the header is there and aligned; volatile because the
+    // host, not this program, wrote it.
+    let header: FnCall = unsafe { inbuf.cast::<FnCall>().read_volatile() };
+    let max_input = (inbuf_len - HEADER) as u64;
+    let Some((_, function)) = exports.get(header.index as usize) else {
+        return Err(alloc::format!(
+            "bad call: function index {} but only {} functions are exported",
+            header.index,
+            exports.len()
+        ));
+    };
+    if header.input_len > max_input {
+        return Err(alloc::format!(
+            "bad call: input of {} bytes does not fit the {max_input}-byte input buffer",
+            header.input_len
+        ));
+    }
+    // SAFETY: checked above: the input lies inside the buffer, which the host wrote.
+    let input = unsafe { core::slice::from_raw_parts(inbuf.add(HEADER), header.input_len as usize) };
+    function(input)
+}
+
+/// Issues `FN_READY` or `FN_RETURN`, the two hypercalls at which the host may snapshot the
+/// guest or restore it to an earlier snapshot.
+///
+/// The instruction is exactly the one-byte `out dx, al` (the host resumes after it), and
+/// every caller-saved register, vector state included, is declared clobbered: after a
+/// restore the guest continues with the registers of the `FN_READY` exit, so no live
+/// value may be kept in a register the host could reset.
+///
+/// # Safety
+/// `arg` must be the address of the call's live, 8-aligned argument struct.
+#[inline(never)]
+unsafe fn snapshot_hypercall(nr: u16, arg: u64) -> i64 {
+    let rax: i64;
+    // SAFETY: the caller vouches for `arg`; the host may read and write guest memory
+    // (hence no `nomem`) and resumes right after the `out`.
+    unsafe {
+        core::arch::asm!(
+            "out dx, al",
+            in("dx") HYPERCALL_PORT_BASE.wrapping_add(nr),
+            in("rdi") arg,
+            lateout("rax") rax,
+            clobber_abi("C"),
+            options(nostack),
+        );
+    }
+    rax
+}
+
+/// Why a [`call_host`] failed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HostCallError {
+    /// The host offers no function of this name.
+    NotFound,
+    /// The host function ran and reported an error.
+    Failed(String),
+    /// The host rejected an address (a bug in the SDK or a hostile host).
+    BadAddress,
+    /// Any other status (for example an output larger than 16 MiB).
+    Other(i64),
+}
+
+impl fmt::Display for HostCallError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HostCallError::NotFound => f.write_str("no such host function"),
+            HostCallError::Failed(msg) => write!(f, "host function failed: {msg}"),
+            HostCallError::BadAddress => f.write_str("the host rejected an address"),
+            HostCallError::Other(st) => write!(f, "host call failed: {}", status_name(*st)),
+        }
+    }
+}
+
+impl core::error::Error for HostCallError {}
+
+/// Calls the host function `name` with `input` and returns its output.
+///
+/// The output buffer starts at 4 KiB and doubles (up to 16 MiB) while the host answers that
+/// the output does not fit; the host function then runs again.
+pub fn call_host(name: &str, input: &[u8]) -> Result<Vec<u8>, HostCallError> {
+    let mut cap = HOST_OUTPUT_START;
+    loop {
+        let mut output = vec![0u8; cap];
+        let args = HostCall {
+            name: name.as_ptr() as u64,
+            name_len: name.len() as u64,
+            input: input.as_ptr() as u64,
+            input_len: input.len() as u64,
+            output: output.as_mut_ptr() as u64,
+            output_cap: cap as u64,
+        };
+        // SAFETY: `args` is a live HostCall naming `name` and `input` (read by the host) and
+        // `output`, `cap` writable bytes that nothing else references during the call.
+        let st = unsafe { hypercall(call::HOST_CALL, &args as *const HostCall as u64) };
+        match st {
+            n if n >= 0 && n as u64 <= cap as u64 => {
+                output.truncate(n as usize);
+                return Ok(output);
+            }
+            status::BAD_LENGTH if cap < HOST_OUTPUT_MAX => cap *= 2,
+            status::NOT_FOUND => return Err(HostCallError::NotFound),
+            status::HOST_FN_FAILED => {
+                return Err(HostCallError::Failed(alloc::format!(
+                    "host function `{name}` reported an error"
+                )));
+            }
+            status::BAD_ADDRESS => return Err(HostCallError::BadAddress),
+            other => return Err(HostCallError::Other(other)),
+        }
+    }
+}
+
+/// A readable name for a hypercall status.
+fn status_name(st: i64) -> String {
+    let name = match st {
+        status::UNKNOWN_CALL => "unknown call (the host does not serve functions)",
+        status::BAD_ADDRESS => "bad address",
+        status::BAD_LENGTH => "bad length",
+        status::UNALIGNED => "unaligned arguments",
+        status::BAD_ARGUMENT => "bad argument",
+        status::NOT_FOUND => "not found",
+        status::HOST_FN_FAILED => "host function failed",
+        _ => "",
+    };
+    if name.is_empty() {
+        alloc::format!("status {st}")
+    } else {
+        alloc::format!("{name} (status {st})")
+    }
+}
+
+/// Declares a function guest: generates its entry point, which runs an optional
+/// initialisation function and then [`serve`](crate::function::serve)s the exported
+/// functions.
+///
+/// ```ignore
+/// pvrun::export_functions! {
+///     "upper" => upper,
+///     "sha256" => sha256,
+/// }
+/// // or, with initialisation that runs before the snapshot, and an input limit:
+/// pvrun::export_functions! {
+///     init = setup;
+///     max_input = 4 << 20;
+///     "lookup" => lookup,
+/// }
+/// ```
+///
+/// Each function is a [`Function`](crate::function::Function). `init` returns a
+/// [`Termination`](crate::process::Termination) type (`()`, `i32`, `Result<(), E>`); a
+/// non-zero code ends the guest with that code instead of serving. `max_input` defaults to
+/// [`DEFAULT_MAX_INPUT`](crate::function::DEFAULT_MAX_INPUT).
+#[macro_export]
+macro_rules! export_functions {
+    (
+        $(init = $init:path;)?
+        $(max_input = $max:expr;)?
+        $($name:expr => $f:path),+ $(,)?
+    ) => {
+        /// The guest entry called by the SDK's start code (generated by
+        /// `pvrun::export_functions!`).
+        #[doc(hidden)]
+        #[unsafe(no_mangle)]
+        pub extern "C" fn __pvrun_main() -> i32 {
+            $(
+                let code = $crate::process::Termination::report($init());
+                if code != 0 {
+                    return code;
+                }
+            )?
+            #[allow(unused_mut, unused_assignments)]
+            let mut max_input = $crate::function::DEFAULT_MAX_INPUT;
+            $(max_input = $max;)?
+            $crate::function::serve_with_max_input(
+                &[$(($name, $f as $crate::function::Function)),+],
+                max_input,
+            )
+        }
+    };
+}

