@@ -258,3 +258,19 @@ fn a_guest_rewriting_its_ring_while_the_host_reads_it_cannot_hurt_the_host() {
     );
     assert!(!r.stderr.contains("panicked"), "{}", r.stderr);
 }
+
+#[test]
+fn garbage_in_every_slot_gets_an_answer_and_the_ring_keeps_working() {
+    let r = blk(&["blk-scribble-slots"], false);
+    assert_eq!(r.status, 0, "{} {}", r.stdout, r.stderr);
+    let line = r.stdout.trim();
+    let field = |k: &str| -> u64 {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(k))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {k} in {line}"))
+    };
+    assert!(field("requests=") > 10, "{line}");
+    assert_eq!(field("requests="), field("answered="), "{line}");
+    assert!(line.ends_with("ring status=0"), "{line}");
+}

@@ -308,6 +308,32 @@ fn block_mode(mode: &str, args: &[&str]) -> i32 {
             r.wait_for(500, |r| r.status() == abi::RING_BROKEN);
             println!("scribble done ring status={}", r.status());
         }
+        "blk-scribble-slots" => {
+            // Indices stay valid while every slot the host reads is garbage: each garbage
+            // request must get an answer (almost always an error), and the ring must
+            // keep being served.
+            let mut seed = pvrun::random::u64() | 1;
+            let end = pvrun::time::monotonic_ns() + 50_000_000;
+            let (mut requests, mut answered) = (0u64, 0u64);
+            while pvrun::time::monotonic_ns() < end {
+                let prod = r.req_prod();
+                let p = r.slot(prod % r.slots) as *mut u64;
+                for w in 0..(abi::RING_SLOT_SIZE / 8) as usize {
+                    // SAFETY: inside the slot; garbage in it is the point.
+                    unsafe { p.add(w).write_volatile(xorshift(&mut seed)) };
+                }
+                r.set_req_prod(prod.wrapping_add(1));
+                r.ring();
+                requests += 1;
+                if r.wait_for(1000, |r| r.rsp_prod() == prod.wrapping_add(1)) {
+                    answered += 1;
+                }
+            }
+            println!(
+                "slots-scribble done requests={requests} answered={answered} ring status={}",
+                r.status()
+            );
+        }
         "blk-overflow-queue" => {
             let start = r.req_prod();
             for i in 0..r.slots {
