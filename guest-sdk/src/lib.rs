@@ -31,6 +31,7 @@ pub use pvrun_abi as abi;
 pub mod block;
 pub mod console;
 pub mod env;
+pub mod function;
 pub mod heap;
 pub mod hypercall;
 mod mem;

@@ -564,21 +564,23 @@ impl Vm {
     /// ([`Vm::restore`]) and new VMs made from it ([`Vm::from_snapshot`]). Needs
     /// [`VmConfig::dirty_log`].
     pub fn snapshot(&mut self, exports: Exports) -> Result<Snapshot, Error> {
-        let mut vcpu = VcpuState::capture(&self.vcpu)?;
-        // Resuming means: after the one-byte `out dx, al` of FN_READY, with rax = 0.
+        // Resuming means: after the `out` of FN_READY, with rax = 0. Let KVM finish that
+        // `out` first (some KVMs, PVM among them, have already moved RIP past it at the
+        // exit; others do it on the next entry), so RIP is past it on every host.
+        self.set_rax(0)?;
+        self.finish_pending_exit()?;
+        let vcpu = VcpuState::capture(&self.vcpu)?;
         let insn: u8 = self
             .ram
             .mem()
-            .read_obj(GuestAddress(vcpu.regs.rip))
+            .read_obj(GuestAddress(vcpu.regs.rip.wrapping_sub(1)))
             .unwrap_or(0);
-        if insn != 0xee {
+        if insn != 0xee || vcpu.regs.rax != 0 {
             return Err(Error::Config(format!(
                 "guest `{}` issued FN_READY with an instruction other than the one-byte `out dx, al`; it cannot be snapshotted",
                 self.image.path
             )));
         }
-        vcpu.regs.rip += 1;
-        vcpu.regs.rax = 0;
         let guest_tsc = guest_tsc(&self.vcpu)?;
         let memory = self.ram.snapshot()?;
         // From here on, the dirty log lists exactly what calls change.
@@ -614,6 +616,10 @@ impl Vm {
         self.ram
             .restore_range(&snap.memory, CONSOLE_RING_ADDR, PAGE_SIZE);
         self.console.set_consumed(snap.console_consumed);
+        // Complete whatever exit the vCPU stopped at, so nothing of it is applied on top
+        // of the registers restored below.
+        self.clear_stop();
+        self.finish_pending_exit()?;
         if CPU.get().is_some_and(|c| c.1) {
             let sync = self.vcpu.sync_regs_mut();
             sync.regs = snap.vcpu.regs;
@@ -651,6 +657,11 @@ impl Vm {
         cpu.restore_vcpu(&vcpu, &snap.vcpu)?;
         if *sync_regs {
             vcpu.set_sync_valid_reg(SyncReg::Register);
+            // The shared register area is only filled by KVM_RUN; a call started before
+            // the first run edits it, so it must hold the real registers already.
+            let sync = vcpu.sync_regs_mut();
+            sync.regs = snap.vcpu.regs;
+            sync.sregs = snap.vcpu.sregs;
         }
         // Guest time goes on: the TSC continues from the snapshot plus the time since.
         let elapsed = snap.taken.elapsed();
@@ -726,6 +737,21 @@ impl Vm {
             .host_writes
             .push((exports.inbuf, hsize + input.len() as u64));
         self.set_rax(0)
+    }
+
+    /// Lets KVM complete the instruction the vCPU exited at (it finishes an `out` on the
+    /// next `KVM_RUN`) without running the guest: a `KVM_RUN` with `immediate_exit` set.
+    fn finish_pending_exit(&mut self) -> Result<(), Error> {
+        self.vcpu.set_kvm_immediate_exit(1);
+        let r = self.vcpu.run().map(|_| ()).map_err(|e| e.errno());
+        self.vcpu.set_kvm_immediate_exit(0);
+        match r {
+            Err(libc::EINTR) => Ok(()),
+            Err(e) => Err(Error::Kvm("KVM_RUN", kvm_ioctls::Error::new(e))),
+            Ok(()) => Err(Error::Layout(
+                "the vCPU ran although immediate_exit was set".into(),
+            )),
+        }
     }
 
     /// Sets how long each later [`Vm::run`] may take.
@@ -1082,11 +1108,21 @@ extern "C" fn teardown_child(arg: *mut libc::c_void) -> libc::c_int {
         let mut first = 0;
         for k in keep {
             if k > first {
-                libc::syscall(libc::SYS_close_range, first as libc::c_uint, (k - 1) as libc::c_uint, 0);
+                libc::syscall(
+                    libc::SYS_close_range,
+                    first as libc::c_uint,
+                    (k - 1) as libc::c_uint,
+                    0,
+                );
             }
             first = k + 1;
         }
-        libc::syscall(libc::SYS_close_range, first as libc::c_uint, libc::c_uint::MAX, 0);
+        libc::syscall(
+            libc::SYS_close_range,
+            first as libc::c_uint,
+            libc::c_uint::MAX,
+            0,
+        );
         while libc::getppid() == args.parent {
             libc::usleep(100);
         }

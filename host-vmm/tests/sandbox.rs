@@ -259,9 +259,19 @@ fn http(stream: &mut TcpStream, method: &str, path: &str, body: &[u8]) -> (u16, 
     (status, outcome, body)
 }
 
+/// Kills the gateway process when the test ends, even when it fails.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 #[test]
 fn the_gateway_answers_http_clients() {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_pvrun"))
+    let child = Command::new(env!("CARGO_BIN_EXE_pvrun"))
         .args([
             "serve",
             "--listen",
@@ -275,8 +285,9 @@ fn the_gateway_answers_http_clients() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    let mut child = Killed(child);
     let mut line = String::new();
-    BufReader::new(child.stderr.take().unwrap())
+    BufReader::new(child.0.stderr.take().unwrap())
         .read_line(&mut line)
         .unwrap();
     let addr = line
@@ -286,6 +297,7 @@ fn the_gateway_answers_http_clients() {
         .unwrap_or_else(|| panic!("no address in: {line}"))
         .to_string();
     let mut s = TcpStream::connect(&addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     assert_eq!(
         http(&mut s, "POST", "/echo", b"over http"),
         (200, "ok".into(), b"over http".to_vec())
@@ -312,8 +324,6 @@ fn the_gateway_answers_http_clients() {
         http(&mut s, "POST", "/echo", b"still fine").2,
         b"still fine"
     );
-    child.kill().unwrap();
-    child.wait().unwrap();
 }
 
 #[test]

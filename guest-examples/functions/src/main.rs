@@ -19,7 +19,7 @@ extern crate alloc;
 mod sha256;
 
 use alloc::format;
-use alloc::string::{String, ToString};
+use alloc::string::String;
 use alloc::vec::Vec;
 
 use serde_json::{Number, Value};
@@ -130,9 +130,3 @@ fn greet_via_host(input: &[u8]) -> Result<Vec<u8>, String> {
     Ok(out)
 }
 
-// `ToString` is used by serde_json's map keys in some configurations; keep the import
-// explicit only where needed.
-#[allow(dead_code)]
-fn _uses(s: &str) -> String {
-    s.to_string()
-}

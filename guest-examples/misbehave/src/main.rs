@@ -364,6 +364,123 @@ fn block_mode(mode: &str, args: &[&str]) -> i32 {
     0
 }
 
+/// `net-garbage`: for about a second, floods the transmit ring of the NIC named `eth0`
+/// (deliberately not declared) with invalid frames: oversized, empty, past the end of
+/// guest memory, at address 0, random bytes in whole slots, and random frame contents.
+/// Prints `garbage done sent=<n> errors=<n>` (requests published, error responses).
+fn net_garbage() -> i32 {
+    let bi = pvrun::boot_info();
+    let Some(dev) = bi.devices[..(bi.device_count as usize).min(abi::MAX_DEVICES)]
+        .iter()
+        .find(|d| d.kind == abi::device::NET && d.name() == "eth0")
+    else {
+        println!("no network device named `eth0` (attach one with --net eth0=tap:IF)");
+        return 2;
+    };
+    let header = dev.ring;
+    let slots = dev.slots.max(1);
+    let doorbell = abi::call::DOORBELL_BASE + dev.index as u16;
+    // SAFETY (all header accesses): the ring header lies in the device area the host maps
+    // read-write for the guest; the host writes rsp_prod and status concurrently.
+    let load = |off: u64| unsafe { ((header + off) as *const u32).read_volatile() };
+    let slot = |idx: u32| header + abi::RING_SLOTS_OFFSET + (idx % slots) as u64 * abi::RING_SLOT_SIZE;
+    let mut frame = vec![0u8; 2048];
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64 ^ pvrun::random::u64();
+    let start = pvrun::time::monotonic_ns();
+    let mut prod = load(0);
+    let mut cons = prod;
+    let (mut sent, mut errors) = (0u64, 0u64);
+    let reap = |cons: &mut u32, prod: u32, errors: &mut u64| {
+        let rsp_prod = load(0x80);
+        // Trust rsp_prod only as far as requests were published.
+        if rsp_prod.wrapping_sub(*cons) > prod.wrapping_sub(*cons) {
+            return;
+        }
+        core::sync::atomic::fence(core::sync::atomic::Ordering::Acquire);
+        while *cons != rsp_prod {
+            // SAFETY: the slot lies inside the ring; the host wrote its response there.
+            let rsp = unsafe { (slot(*cons) as *const abi::NetResponse).read_volatile() };
+            if rsp.status < 0 {
+                *errors += 1;
+            }
+            *cons = cons.wrapping_add(1);
+        }
+    };
+    while pvrun::time::monotonic_ns() - start < 1_000_000_000 && load(0xc0) == 0 {
+        let mut n = 0;
+        while prod.wrapping_sub(cons) < slots && n < 64 {
+            let kind = sent % 6;
+            let frame_addr = frame.as_ptr() as u64;
+            let req = match kind {
+                0 => Some((frame_addr, 100_000)),
+                1 => Some((frame_addr, 0)),
+                2 => Some((bi.mem_size - 16, 1514)),
+                3 => Some((0, 60)),
+                4 => {
+                    for b in frame.iter_mut().take(1514) {
+                        *b = xorshift(&mut seed) as u8;
+                    }
+                    Some((frame_addr, 14 + xorshift(&mut seed) % 1500))
+                }
+                _ => None,
+            };
+            match req {
+                Some((addr, len)) => {
+                    let r = abi::NetTxRequest {
+                        id: sent,
+                        addr,
+                        len: len as u32,
+                        flags: 0,
+                        reserved: [0; 5],
+                    };
+                    // SAFETY: the slot lies inside the ring in the device area.
+                    unsafe { (slot(prod) as *mut abi::NetTxRequest).write_volatile(r) };
+                }
+                None => {
+                    for i in 0..8u64 {
+                        // SAFETY: as above; a slot full of random bytes is the point.
+                        unsafe {
+                            ((slot(prod) + 8 * i) as *mut u64).write_volatile(xorshift(&mut seed))
+                        };
+                    }
+                }
+            }
+            prod = prod.wrapping_add(1);
+            sent += 1;
+            n += 1;
+        }
+        core::sync::atomic::fence(core::sync::atomic::Ordering::Release);
+        // SAFETY: as for `load`.
+        unsafe { (header as *mut u32).write_volatile(prod) };
+        // SAFETY: mfence only orders; doorbells take no argument (rung every time, on purpose).
+        unsafe {
+            asm!("mfence", options(nostack, preserves_flags));
+            hypercall(doorbell, 0);
+        }
+        reap(&mut cons, prod, &mut errors);
+        if prod.wrapping_sub(cons) >= slots {
+            call(&abi::Wait {
+                deadline_ns: pvrun::time::monotonic_ns() + 1_000_000,
+            });
+        }
+    }
+    // Collect the last answers (up to a second).
+    let end = pvrun::time::monotonic_ns() + 1_000_000_000;
+    while cons != prod && load(0xc0) == 0 && pvrun::time::monotonic_ns() < end {
+        reap(&mut cons, prod, &mut errors);
+        if cons != prod {
+            call(&abi::Wait {
+                deadline_ns: pvrun::time::monotonic_ns() + 10_000_000,
+            });
+        }
+    }
+    if load(0xc0) != 0 {
+        println!("ring broken");
+    }
+    println!("garbage done sent={sent} errors={errors}");
+    0
+}
+
 fn main() -> i32 {
     let args: Vec<&'static str> = pvrun::env::args().collect();
     let mode = args.get(1).copied().unwrap_or("");
@@ -604,6 +721,7 @@ fn main() -> i32 {
             println!("read {v:#x}");
         }
         m if m.starts_with("blk-") => return block_mode(m, &args),
+        "net-garbage" => return net_garbage(),
         _ => {
             println!("unknown mode");
             return 2;

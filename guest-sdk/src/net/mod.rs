@@ -77,6 +77,8 @@ pub use udp::UdpSocket;
 pub const DHCP_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a dropped connection may take to close gracefully before it is reset.
 const CLOSE_TIMEOUT_NS: u64 = 30_000_000_000;
+/// Heap left free when listeners make sockets for incoming connections.
+const HEAP_RESERVE: usize = 4 * 1024 * 1024;
 /// First port handed out for outgoing connections and unbound UDP sockets.
 const EPHEMERAL_FIRST: u16 = 49152;
 
@@ -168,7 +170,7 @@ pub struct Stats {
     pub polls: u64,
     /// `WAIT` hypercalls (sleeps).
     pub waits: u64,
-    /// TCP and UDP sockets open (including connections still closing).
+    /// smoltcp sockets: connections (also those still closing), listen backlogs, UDP.
     pub sockets: usize,
 }
 
@@ -588,8 +590,12 @@ impl Stack {
                     }
                 }
             }
+            // Each socket allocates its buffers up front: never let a burst of SYNs exhaust
+            // the heap (that would end the guest), whatever the accept queue allows.
+            let cost = l.opts.rx_buffer + l.opts.tx_buffer;
             while l.listening.len() < l.opts.backlog.max(1)
                 && l.handshaking.len() + l.ready.len() < l.opts.accept_queue.max(1)
+                && crate::heap::stats().free > cost + HEAP_RESERVE
             {
                 let mut s = new_tcp(&l.opts);
                 if s.listen(l.port).is_err() {

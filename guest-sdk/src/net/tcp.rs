@@ -38,7 +38,8 @@ pub struct TcpOptions {
     /// Listeners: sockets kept listening, ready for simultaneous connection attempts.
     pub backlog: usize,
     /// Listeners: connections (in the handshake or established) waiting for `accept`;
-    /// beyond this, new connection attempts are refused.
+    /// beyond this, or when the heap runs low (4 MiB kept free), new connection attempts
+    /// are refused.
     pub accept_queue: usize,
 }
 
@@ -50,7 +51,7 @@ impl Default for TcpOptions {
             nodelay: true,
             keep_alive: None,
             backlog: 16,
-            accept_queue: 128,
+            accept_queue: 1024,
         }
     }
 }

@@ -78,7 +78,10 @@ pub struct Netns {
 }
 
 fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("the `ip` command (iproute2) is needed");
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .expect("the `ip` command (iproute2) is needed");
     assert!(
         out.status.success(),
         "ip {args:?}: {}",
@@ -140,6 +143,8 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
     }
 }
