@@ -214,6 +214,15 @@ fn source(addr: &str, mb: u64) -> Result<(), Error> {
     stream.wait_acked(Some(Duration::from_secs(60)))?;
     let secs = start.elapsed().as_secs_f64();
     stream.shutdown(Shutdown::Write)?;
+    // Wait for the peer to close its side too: our FIN has then arrived, and exiting the
+    // guest cannot cut it off (the peer would wait for it forever).
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut buf = [0u8; 512];
+    while let Ok(n) = stream.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+    }
     report("source: sent", total, secs, &peer);
     Ok(())
 }
