@@ -209,8 +209,9 @@ struct RunControl {
     reason: AtomicU8,
     target: Mutex<Option<Target>>,
     notify: Arc<Notify>,
-    /// When the current run must stop (armed per run by the watchdog's owner).
-    deadline: Mutex<Option<Instant>>,
+    /// When the current run must stop, and when the watchdog will next wake up on its
+    /// own (None: it sleeps until notified).
+    deadline: Mutex<(Option<Instant>, Option<Instant>)>,
     deadline_cv: std::sync::Condvar,
     /// Tells the watchdog thread to end.
     quit: std::sync::atomic::AtomicBool,
@@ -234,9 +235,20 @@ impl RunControl {
 }
 
 impl RunControl {
+    /// Sets (or clears) the deadline. The watchdog is woken only when it would otherwise
+    /// sleep past the new deadline: arming each call of a sandbox costs no thread wake-up.
     fn arm(&self, deadline: Option<Instant>) {
-        *self.deadline.lock().unwrap_or_else(|p| p.into_inner()) = deadline;
-        self.deadline_cv.notify_all();
+        let mut st = self.deadline.lock().unwrap_or_else(|p| p.into_inner());
+        st.0 = deadline;
+        let wake = match (deadline, st.1) {
+            (Some(new), Some(wakes_at)) => new < wakes_at,
+            (Some(_), None) => true,
+            (None, _) => false,
+        };
+        drop(st);
+        if wake || self.quit.load(Ordering::SeqCst) {
+            self.deadline_cv.notify_all();
+        }
     }
 
     /// The watchdog thread: stops the guest when the armed deadline passes. One per VM
@@ -247,16 +259,20 @@ impl RunControl {
             if self.quit.load(Ordering::SeqCst) {
                 return;
             }
-            match *d {
-                None => d = self.deadline_cv.wait(d).unwrap_or_else(|p| p.into_inner()),
+            match d.0 {
+                None => {
+                    d.1 = None;
+                    d = self.deadline_cv.wait(d).unwrap_or_else(|p| p.into_inner());
+                }
                 Some(t) => {
                     let now = Instant::now();
                     if now >= t {
-                        *d = None;
+                        d.0 = None;
                         drop(d);
                         self.stop(STOP_TIMEOUT);
                         d = self.deadline.lock().unwrap_or_else(|p| p.into_inner());
                     } else {
+                        d.1 = Some(t);
                         d = self
                             .deadline_cv
                             .wait_timeout(d, t - now)
@@ -541,7 +557,7 @@ impl Vm {
                 reason: AtomicU8::new(STOP_NONE),
                 target: Mutex::new(None),
                 notify,
-                deadline: Mutex::new(None),
+                deadline: Mutex::new((None, None)),
                 deadline_cv: std::sync::Condvar::new(),
                 quit: std::sync::atomic::AtomicBool::new(false),
             }),
@@ -695,7 +711,7 @@ impl Vm {
                 reason: AtomicU8::new(STOP_NONE),
                 target: Mutex::new(None),
                 notify: Arc::new(Notify::default()),
-                deadline: Mutex::new(None),
+                deadline: Mutex::new((None, None)),
                 deadline_cv: std::sync::Condvar::new(),
                 quit: std::sync::atomic::AtomicBool::new(false),
             }),
