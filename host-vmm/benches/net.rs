@@ -5,7 +5,6 @@
 //! iputils-ping wrk`). Run with `cargo bench -p host-vmm --bench net`.
 
 #[path = "../tests/common/mod.rs"]
-#[allow(dead_code)]
 mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
