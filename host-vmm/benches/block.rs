@@ -2,56 +2,15 @@
 //! ring, with exits per request, beside the raw KVM exit floor from the same run.
 //! Run with `cargo bench -p host-vmm --bench block`.
 
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+mod support;
+
+use support::{Capture, exit_floor, guest};
+
+use std::path::Path;
+use std::sync::Arc;
 
 use host_vmm::block::DiskConfig;
-use host_vmm::raw_guest::{self, EXIT_LOOP, RawElf};
 use host_vmm::{GuestImage, Outcome, Vm, VmConfig};
-
-fn guest(name: &str) -> PathBuf {
-    let req = guest_build::BuildRequest {
-        manifest_path: Some(
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest-examples/Cargo.toml"),
-        ),
-        package: Some(name.into()),
-        release: true,
-        quiet: true,
-        ..Default::default()
-    };
-    guest_build::build(&req).expect("build guest").elf
-}
-
-fn exit_floor() -> Duration {
-    let img = Arc::new(
-        GuestImage::from_bytes(
-            Path::new("floor"),
-            raw_guest::elf(EXIT_LOOP, RawElf::default()),
-        )
-        .unwrap(),
-    );
-    let mut vm = Vm::new(img, VmConfig::default()).expect("KVM is needed for the benchmark");
-    vm.raw_exit_loop(2000).unwrap();
-    let mut v: Vec<Duration> = (0..15)
-        .map(|_| vm.raw_exit_loop(2000).unwrap() / 2000)
-        .collect();
-    v.sort();
-    v[v.len() / 2]
-}
-
-#[derive(Clone, Default)]
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Capture {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
 struct Result {
     bytes: f64,

@@ -4,36 +4,18 @@
 //! Needs root (namespaces, TAP), `ip`, `ping` and `wrk` (`apt-get install iproute2
 //! iputils-ping wrk`). Run with `cargo bench -p host-vmm --bench net`.
 
+mod support;
+
+use support::{exit_floor, guest};
 #[path = "../tests/common/mod.rs"]
 mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::Path;
 use std::process::{Child, Stdio};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use common::{Netns, guest};
-use host_vmm::raw_guest::{self, EXIT_LOOP, RawElf};
-use host_vmm::{GuestImage, Vm, VmConfig};
-
-fn exit_floor() -> Duration {
-    let img = Arc::new(
-        GuestImage::from_bytes(
-            Path::new("floor"),
-            raw_guest::elf(EXIT_LOOP, RawElf::default()),
-        )
-        .unwrap(),
-    );
-    let mut vm = Vm::new(img, VmConfig::default()).expect("KVM is needed for the benchmark");
-    vm.raw_exit_loop(2000).unwrap();
-    let mut v: Vec<Duration> = (0..15)
-        .map(|_| vm.raw_exit_loop(2000).unwrap() / 2000)
-        .collect();
-    v.sort();
-    v[v.len() / 2]
-}
+use common::Netns;
 
 struct Running(Child);
 

@@ -2,33 +2,16 @@
 //! beside the raw KVM exit floor from the same run.
 //! Run with `cargo bench -p host-vmm --bench sandbox`.
 
+mod support;
+
+use support::{exit_floor, guest, median, us};
+
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use host_vmm::hypercall::HostFn;
-use host_vmm::raw_guest::{self, EXIT_LOOP, RawElf};
 use host_vmm::sandbox::{Sandbox, SandboxConfig};
-use host_vmm::{GuestImage, Vm, VmConfig};
-
-fn guest(name: &str) -> PathBuf {
-    let req = guest_build::BuildRequest {
-        manifest_path: Some(
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest-examples/Cargo.toml"),
-        ),
-        package: Some(name.into()),
-        release: true,
-        quiet: true,
-        ..Default::default()
-    };
-    guest_build::build(&req).expect("build guest").elf
-}
-
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
-}
 
 fn time<T>(runs: usize, mut f: impl FnMut() -> T) -> Duration {
     f();
@@ -39,23 +22,6 @@ fn time<T>(runs: usize, mut f: impl FnMut() -> T) -> Duration {
                 std::hint::black_box(f());
                 t.elapsed()
             })
-            .collect(),
-    )
-}
-
-fn exit_floor() -> Duration {
-    let img = Arc::new(
-        GuestImage::from_bytes(
-            Path::new("floor"),
-            raw_guest::elf(EXIT_LOOP, RawElf::default()),
-        )
-        .unwrap(),
-    );
-    let mut vm = Vm::new(img, VmConfig::default()).expect("KVM is needed for the benchmark");
-    vm.raw_exit_loop(2000).unwrap();
-    median(
-        (0..15)
-            .map(|_| vm.raw_exit_loop(2000).unwrap() / 2000)
             .collect(),
     )
 }
@@ -72,10 +38,6 @@ fn meminfo_available_kib() -> u64 {
 fn rss_kib() -> u64 {
     let s = std::fs::read_to_string("/proc/self/statm").unwrap();
     s.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 4
-}
-
-fn us(d: Duration) -> String {
-    format!("{:.1} µs", d.as_nanos() as f64 / 1e3)
 }
 
 fn main() {

@@ -2,65 +2,16 @@
 //! floor (or the fork+exec floor) measured in the same run, so ratios mean the same thing
 //! on any machine. Run with `cargo bench -p host-vmm --bench vmm`.
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
+mod support;
+
+use support::{Capture, exit_floor, guest, median, us};
+
+use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use host_vmm::raw_guest::{self, EXIT_LOOP, RawElf};
 use host_vmm::{GuestImage, Outcome, Vm, VmConfig};
-
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
-}
-
-fn guest(name: &str) -> PathBuf {
-    let req = guest_build::BuildRequest {
-        manifest_path: Some(
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest-examples/Cargo.toml"),
-        ),
-        package: Some(name.into()),
-        release: true,
-        quiet: true,
-        ..Default::default()
-    };
-    guest_build::build(&req).expect("build guest").elf
-}
-
-/// A Write that keeps what the guest printed, for reading results back.
-#[derive(Clone, Default)]
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Capture {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-/// Per-exit time of a CPL3 `out` loop with nothing behind it: median of batch averages.
-fn exit_floor() -> Duration {
-    let img = Arc::new(
-        GuestImage::from_bytes(
-            Path::new("floor"),
-            raw_guest::elf(EXIT_LOOP, RawElf::default()),
-        )
-        .unwrap(),
-    );
-    let mut vm = Vm::new(img, VmConfig::default()).expect("KVM is needed for the benchmark");
-    vm.raw_exit_loop(2000).unwrap();
-    let per = 2000u32;
-    median(
-        (0..15)
-            .map(|_| vm.raw_exit_loop(per as u64).unwrap() / per)
-            .collect(),
-    )
-}
 
 fn hypercall(bench: &Path) -> Duration {
     let img = Arc::new(GuestImage::from_file(bench).unwrap());
@@ -129,10 +80,6 @@ fn spawn(cmd: &Path, args: &[&Path], runs: usize) -> Duration {
     };
     once();
     median((0..runs).map(|_| once()).collect())
-}
-
-fn us(d: Duration) -> String {
-    format!("{:.1} µs", d.as_nanos() as f64 / 1000.0)
 }
 
 fn main() {

@@ -6,8 +6,46 @@ use std::time::Duration;
 
 use std::sync::Arc;
 
+use crate::block::DiskConfig;
 use crate::elf::GuestImage;
+use crate::net::NetConfig;
 use crate::vm::{EXIT_HOST_ERROR, Vm, VmConfig};
+
+/// The options that shape a guest's VM, shared by `pvrun` and `cargo pvrun`.
+#[derive(clap::Args, Debug)]
+pub struct VmOptions {
+    /// Guest memory size (e.g. 64M, 1G).
+    #[arg(long, default_value = "64M", value_parser = parse_mem)]
+    pub mem: u64,
+    /// Stop the guest after this many seconds (exit status 124).
+    #[arg(long, value_parser = parse_timeout)]
+    pub timeout: Option<Duration>,
+    /// Set an environment variable for the guest (repeatable).
+    #[arg(long = "env", value_name = "KEY=VALUE", value_parser = parse_env)]
+    pub env: Vec<(String, String)>,
+    /// Attach a disk image as block device NAME (repeatable; `,ro` for read-only).
+    #[arg(long = "disk", value_name = "NAME=PATH[,ro]", value_parser = DiskConfig::parse)]
+    pub disks: Vec<DiskConfig>,
+    /// Attach a TAP interface as network device NAME (repeatable), e.g.
+    /// `eth0=tap:tap0,ip=10.0.0.2/24,gw=10.0.0.1` (without `ip=` the guest uses DHCP).
+    #[arg(long = "net", value_name = "NAME=tap:IF[,mac=..][,ip=..][,gw=..]", value_parser = NetConfig::parse)]
+    pub nets: Vec<NetConfig>,
+}
+
+impl VmOptions {
+    /// The VM configuration for these options, with `args` (argv[0] first).
+    pub fn into_config(self, args: Vec<String>) -> VmConfig {
+        VmConfig {
+            mem_size: self.mem,
+            args,
+            env: self.env,
+            timeout: self.timeout,
+            disks: self.disks,
+            nets: self.nets,
+            ..VmConfig::default()
+        }
+    }
+}
 
 /// Parses a memory size: bytes, or a number with K/M/G (KiB/MiB/GiB) suffix.
 pub fn parse_mem(s: &str) -> Result<u64, String> {

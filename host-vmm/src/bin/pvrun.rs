@@ -6,8 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use host_vmm::VmConfig;
-use host_vmm::cli::{parse_env, parse_mem, parse_timeout, run_and_exit};
+use host_vmm::cli::{VmOptions, parse_env, parse_mem, parse_timeout, run_and_exit};
 use host_vmm::sandbox::{Sandbox, SandboxConfig, SandboxPool};
 
 /// Run a pvrun unikernel (a guest ELF built with `cargo pvrun`) in a KVM VM.
@@ -18,22 +17,8 @@ use host_vmm::sandbox::{Sandbox, SandboxConfig, SandboxPool};
 #[derive(Parser)]
 #[command(name = "pvrun", version)]
 struct Cli {
-    /// Guest memory size (e.g. 64M, 1G).
-    #[arg(long, default_value = "64M", value_parser = parse_mem)]
-    mem: u64,
-    /// Stop the guest after this many seconds (exit status 124).
-    #[arg(long, value_parser = parse_timeout)]
-    timeout: Option<Duration>,
-    /// Set an environment variable for the guest (repeatable).
-    #[arg(long = "env", value_name = "KEY=VALUE", value_parser = parse_env)]
-    env: Vec<(String, String)>,
-    /// Attach a disk image as block device NAME (repeatable; `,ro` for read-only).
-    #[arg(long = "disk", value_name = "NAME=PATH[,ro]", value_parser = host_vmm::block::DiskConfig::parse)]
-    disks: Vec<host_vmm::block::DiskConfig>,
-    /// Attach a TAP interface as network device NAME (repeatable), e.g.
-    /// `eth0=tap:tap0,ip=10.0.0.2/24,gw=10.0.0.1` (without `ip=` the guest uses DHCP).
-    #[arg(long = "net", value_name = "NAME=tap:IF[,mac=..][,ip=..][,gw=..]", value_parser = host_vmm::net::NetConfig::parse)]
-    nets: Vec<host_vmm::net::NetConfig>,
+    #[command(flatten)]
+    vm: VmOptions,
     /// The guest ELF.
     guest: PathBuf,
     /// Arguments for the guest (after `--`).
@@ -82,15 +67,7 @@ fn main() {
     host_vmm::vm::stop_guest_on_signals();
     let mut args = vec![cli.guest.display().to_string()];
     args.extend(cli.args);
-    let config = VmConfig {
-        mem_size: cli.mem,
-        args,
-        env: cli.env,
-        timeout: cli.timeout,
-        disks: cli.disks,
-        nets: cli.nets,
-        ..VmConfig::default()
-    };
+    let config = cli.vm.into_config(args);
     run_and_exit(&cli.guest, config)
 }
 

@@ -1,0 +1,75 @@
+//! What every benchmark needs: the example guests, the raw KVM exit floor measured in
+//! the same run, medians, and a console sink that keeps what a guest printed.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use host_vmm::raw_guest::{self, EXIT_LOOP, RawElf};
+use host_vmm::{GuestImage, Vm, VmConfig};
+
+/// Builds (release) and returns the ELF of example guest `name`.
+pub fn guest(name: &str) -> PathBuf {
+    let req = guest_build::BuildRequest {
+        manifest_path: Some(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest-examples/Cargo.toml"),
+        ),
+        package: Some(name.into()),
+        release: true,
+        quiet: true,
+        ..Default::default()
+    };
+    guest_build::build(&req).expect("build guest").elf
+}
+
+/// The median.
+pub fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+/// Per-exit time of a CPL3 `out` loop with nothing behind it: the median of 15 batch
+/// averages of 2,000 exits each.
+pub fn exit_floor() -> Duration {
+    let img = Arc::new(
+        GuestImage::from_bytes(
+            Path::new("floor"),
+            raw_guest::elf(EXIT_LOOP, RawElf::default()),
+        )
+        .unwrap(),
+    );
+    let mut vm = Vm::new(img, VmConfig::default()).expect("KVM is needed for the benchmark");
+    vm.raw_exit_loop(2000).unwrap();
+    median(
+        (0..15)
+            .map(|_| vm.raw_exit_loop(2000).unwrap() / 2000)
+            .collect(),
+    )
+}
+
+/// Microseconds with one decimal.
+pub fn us(d: Duration) -> String {
+    format!("{:.1} µs", d.as_nanos() as f64 / 1000.0)
+}
+
+/// A console sink that keeps what the guest printed.
+#[derive(Clone, Default)]
+pub struct Capture(pub Arc<Mutex<Vec<u8>>>);
+
+impl Capture {
+    /// Everything written so far, as text.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+impl std::io::Write for Capture {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
