@@ -16,8 +16,8 @@
 
 extern crate alloc;
 
-mod sha256;
 
+use sha2::{Digest, Sha256};
 use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -44,7 +44,7 @@ fn upper(input: &[u8]) -> Result<Vec<u8>, String> {
 /// Lower-case hex SHA-256 of the input.
 fn sha256_hex(input: &[u8]) -> Result<Vec<u8>, String> {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let digest = sha256::sha256(input);
+    let digest = Sha256::digest(input);
     let mut out = Vec::with_capacity(64);
     for b in digest {
         out.push(DIGITS[(b >> 4) as usize]);
