@@ -167,6 +167,31 @@ impl GuestRam {
         }
     }
 
+    /// Replaces the (untouched) memory with a copy-on-write view of `snap`, at the same
+    /// host address, so a KVM memory slot already registered over it stays valid.
+    pub fn map_snapshot(&self, snap: &MemorySnapshot) -> Result<(), Error> {
+        use std::os::fd::AsRawFd;
+        if snap.size != self.size {
+            return Err(Error::Layout("snapshot and memory sizes differ".into()));
+        }
+        // SAFETY: replaces our own mapping, at its own address and length, with a private
+        // mapping of the snapshot file.
+        let m = unsafe {
+            libc::mmap(
+                self.host_base() as *mut libc::c_void,
+                self.size as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                snap.fd.as_raw_fd(),
+                0,
+            )
+        };
+        if m == libc::MAP_FAILED {
+            return Err(Error::Mmap(std::io::Error::last_os_error()));
+        }
+        Ok(())
+    }
+
     /// Copies every page the guest or host has touched into a new memory snapshot.
     pub fn snapshot(&self) -> Result<MemorySnapshot, Error> {
         let pages = (self.size / PAGE_SIZE) as usize;

@@ -23,7 +23,7 @@ use crate::GuestImage;
 use crate::error::Error;
 use crate::fault::Fault;
 use crate::hypercall::{FN_DATA_MAX, HostFn};
-use crate::vm::{KillHandle, Outcome, Snapshot, Vm, VmConfig};
+use crate::vm::{KillHandle, Outcome, Snapshot, Vm, VmConfig, VmShell};
 
 /// How sandboxes are built.
 pub struct SandboxConfig {
@@ -120,12 +120,66 @@ pub struct Template {
     console: Arc<Mutex<Box<dyn Write + Send>>>,
     call_timeout: Option<Duration>,
     max_output: u64,
+    /// VMs created ahead of time for new sandboxes, and how many to keep ready.
+    shells: Mutex<(Vec<VmShell>, usize)>,
+    shell_taken: Condvar,
 }
 
 impl Template {
     /// The exported function names.
     pub fn functions(&self) -> &[String] {
         &self.snapshot.exports.names
+    }
+
+    /// Creates `n` VMs now for later [`Sandbox::from_template`] calls, which then only map
+    /// the snapshot and load registers instead of waiting for KVM to create a VM.
+    pub fn prepare_shells(&self, n: usize) -> Result<(), Error> {
+        for _ in 0..n {
+            let shell = VmShell::new(self.snapshot.mem_size())?;
+            self.shells
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .0
+                .push(shell);
+        }
+        Ok(())
+    }
+
+    /// Keeps `n` pre-created VMs ready on a background thread (which ends when the
+    /// template is dropped), so creating sandboxes stays fast under a steady demand.
+    pub fn keep_shells_ready(self: &Arc<Self>, n: usize) {
+        self.shells.lock().unwrap_or_else(|p| p.into_inner()).1 = n;
+        let weak = Arc::downgrade(self);
+        std::thread::spawn(move || {
+            while let Some(t) = weak.upgrade() {
+                let missing = {
+                    let st = t.shells.lock().unwrap_or_else(|p| p.into_inner());
+                    let st = if st.0.len() >= st.1 {
+                        t.shell_taken
+                            .wait_timeout(st, Duration::from_millis(500))
+                            .unwrap_or_else(|p| p.into_inner())
+                            .0
+                    } else {
+                        st
+                    };
+                    st.1.saturating_sub(st.0.len())
+                };
+                if missing > 0 && t.prepare_shells(1).is_err() {
+                    return;
+                }
+            }
+        });
+    }
+
+    fn take_shell(&self) -> Option<VmShell> {
+        let shell = self
+            .shells
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .0
+            .pop();
+        self.shell_taken.notify_one();
+        shell
     }
 }
 
@@ -182,6 +236,8 @@ impl Sandbox {
                 console: config.console,
                 call_timeout: config.call_timeout,
                 max_output: config.max_output,
+                shells: Mutex::new((Vec::new(), 0)),
+                shell_taken: Condvar::new(),
             }),
             dirty: false,
             resumable: true,
@@ -189,9 +245,11 @@ impl Sandbox {
         })
     }
 
-    /// A new sandbox from the same snapshot as this one (copy-on-write memory).
+    /// A new sandbox from the same snapshot as this one (copy-on-write memory), in a VM
+    /// created ahead of time when the template has one ready.
     pub fn from_template(template: &Arc<Template>) -> Result<Sandbox, Error> {
-        let vm = Vm::from_snapshot(
+        let vm = Vm::from_snapshot_in(
+            template.take_shell(),
             &template.snapshot,
             Box::new(SharedConsole(template.console.clone())),
             Box::new(SharedConsole(template.console.clone())),

@@ -666,11 +666,33 @@ impl Vm {
         stderr: Box<dyn Write + Send>,
         timeout: Option<Duration>,
     ) -> Result<Vm, Error> {
+        Self::from_snapshot_in(None, snap, stdout, stderr, timeout)
+    }
+
+    /// Like [`Vm::from_snapshot`], in a VM created ahead of time ([`VmShell`]) when one
+    /// is given: what is left to do is mapping the snapshot and loading registers.
+    pub fn from_snapshot_in(
+        shell: Option<VmShell>,
+        snap: &Arc<Snapshot>,
+        stdout: Box<dyn Write + Send>,
+        stderr: Box<dyn Write + Send>,
+        timeout: Option<Duration>,
+    ) -> Result<Vm, Error> {
         let kvm = kvm()?;
         let (cpu, sync_regs) = cpu_setup(kvm)?;
-        let ram = GuestRam::from_snapshot(&snap.memory)?;
-        let (vm, mut vcpu) = create_kvm_vm(kvm, &ram, true)?;
-        cpu.restore_vcpu(&vcpu, &snap.vcpu)?;
+        let (ram, vm, mut vcpu) = match shell {
+            Some(shell) if shell.ram.size() == snap.mem_size() => {
+                shell.ram.map_snapshot(&snap.memory)?;
+                cpu.load_state(&shell.vcpu, &snap.vcpu)?;
+                (shell.ram, shell.vm, shell.vcpu)
+            }
+            _ => {
+                let ram = GuestRam::from_snapshot(&snap.memory)?;
+                let (vm, vcpu) = create_kvm_vm(kvm, &ram, true)?;
+                cpu.restore_vcpu(&vcpu, &snap.vcpu)?;
+                (ram, vm, vcpu)
+            }
+        };
         if *sync_regs {
             vcpu.set_sync_valid_reg(SyncReg::Register);
             // The shared register area is only filled by KVM_RUN; a call started before
@@ -1175,6 +1197,28 @@ fn deferred_teardown(keep: [libc::c_int; 2]) {
             libc::CLONE_VM,
             (args as *mut TeardownArgs).cast(),
         );
+    }
+}
+
+/// A KVM VM and vCPU created ahead of time over empty memory of a given size (with dirty
+/// logging), to be turned into a sandbox from a snapshot later without waiting for KVM
+/// to create them (~0.4 ms on PVM hosts).
+pub struct VmShell {
+    // Drop order: vCPU, VM, memory.
+    vcpu: VcpuFd,
+    vm: VmFd,
+    ram: GuestRam,
+}
+
+impl VmShell {
+    /// Creates a VM, a vCPU with its CPUID table, and `mem_size` bytes of memory.
+    pub fn new(mem_size: u64) -> Result<VmShell, Error> {
+        let kvm = kvm()?;
+        let (cpu, _) = cpu_setup(kvm)?;
+        let ram = GuestRam::new(mem_size)?;
+        let (vm, vcpu) = create_kvm_vm(kvm, &ram, true)?;
+        cpu.set_cpuid(&vcpu)?;
+        Ok(VmShell { vcpu, vm, ram })
     }
 }
 

@@ -351,3 +351,20 @@ fn a_guest_that_is_not_a_function_guest_is_refused_clearly() {
     assert_eq!(r.status, 125);
     assert!(r.stderr.contains("pvrun serve"), "{}", r.stderr);
 }
+
+#[test]
+fn sandboxes_made_in_pre_created_vms_behave_like_the_original() {
+    let first = sandbox("badfunctions");
+    first.template().prepare_shells(2).unwrap();
+    for _ in 0..3 {
+        // Two come from prepared VMs, the third is created on the spot.
+        let mut sb = Sandbox::from_template(first.template()).unwrap();
+        assert_eq!(text(sb.call("init-state", b"")), "42");
+        assert_eq!(text(sb.call("counter", b"")), "1");
+        assert_eq!(text(sb.call("counter", b"")), "1");
+    }
+    first.template().keep_shells_ready(1);
+    std::thread::sleep(Duration::from_millis(200));
+    let mut sb = Sandbox::from_template(first.template()).unwrap();
+    assert_eq!(text(sb.call("echo", b"refilled")), "refilled");
+}

@@ -299,8 +299,19 @@ impl CpuSetup {
 
     /// Puts a fresh vCPU into a state captured from another (a snapshot).
     pub fn restore_vcpu(&self, vcpu: &VcpuFd, state: &VcpuState) -> Result<(), Error> {
+        self.set_cpuid(vcpu)?;
+        self.load_state(vcpu, state)
+    }
+
+    /// Gives a fresh vCPU its CPUID table (the part of [`CpuSetup::restore_vcpu`] that
+    /// can be done ahead of time).
+    pub fn set_cpuid(&self, vcpu: &VcpuFd) -> Result<(), Error> {
         vcpu.set_cpuid2(&self.cpuid)
-            .map_err(|e| Error::Kvm("KVM_SET_CPUID2", e))?;
+            .map_err(|e| Error::Kvm("KVM_SET_CPUID2", e))
+    }
+
+    /// Loads captured registers into a vCPU that has its CPUID table.
+    pub fn load_state(&self, vcpu: &VcpuFd, state: &VcpuState) -> Result<(), Error> {
         vcpu.set_sregs(&state.sregs)
             .map_err(|e| Error::Kvm("KVM_SET_SREGS", e))?;
         self.set_xcr0(vcpu)?;
