@@ -240,3 +240,16 @@ fn two_guests_talk_over_a_bridge_and_garbage_frames_hurt_nobody() {
     assert_eq!(code, 0, "{out}");
     assert!(sink.wait_for("sink: ").contains("sink: 1000000 bytes"));
 }
+
+#[test]
+fn network_setup_problems_are_one_clear_line() {
+    // `lo` exists but is no TAP device (nothing is sent anywhere: the open fails).
+    let r = common::pvrun(&guest("http-hello"), &["--net", "eth0=tap:lo"], &[]);
+    assert_eq!(r.status, 125, "{}", r.stderr);
+    assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
+    assert!(r.stderr.contains("TAP `lo`): it exists but is not a TAP device"), "{}", r.stderr);
+    // A guest that declares its NIC does not boot without one.
+    let r = common::pvrun(&guest("http-hello"), &[], &[]);
+    assert_eq!(r.status, 125, "{}", r.stderr);
+    assert!(r.stderr.contains("needs a network device named `eth0`") && r.stderr.contains("--net eth0="), "{}", r.stderr);
+}
