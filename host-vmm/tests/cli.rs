@@ -77,34 +77,33 @@ fn memory_option_changes_the_guest_heap() {
     );
 }
 
-#[test]
-fn missing_kvm_is_one_clear_line() {
+/// Runs `pvrun hello` with `device` as the KVM device; checks a one-line host error.
+fn with_kvm_device(device: &str) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_pvrun"))
-        .env("PVRUN_KVM_DEVICE", "/nonexistent/kvm")
+        .env("PVRUN_KVM_DEVICE", device)
         .arg(guest("hello"))
         .output()
         .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert_eq!(out.status.code(), Some(125), "{stderr}");
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    stderr
+}
+
+#[test]
+fn missing_kvm_is_one_clear_line() {
+    let e = with_kvm_device("/nonexistent/kvm");
     assert!(
-        stderr.contains("/nonexistent/kvm does not exist: KVM is not available"),
-        "{stderr}"
+        e.contains("/nonexistent/kvm does not exist: KVM is not available"),
+        "{e}"
     );
 }
 
 #[test]
 fn a_device_that_is_not_kvm_is_one_clear_line() {
-    let out = Command::new(env!("CARGO_BIN_EXE_pvrun"))
-        .env("PVRUN_KVM_DEVICE", "/dev/null")
-        .arg(guest("hello"))
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(125), "{stderr}");
-    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    let e = with_kvm_device("/dev/null");
     assert!(
-        stderr.contains("cannot open /dev/null: it is not a KVM device"),
-        "{stderr}"
+        e.contains("cannot open /dev/null: it is not a KVM device"),
+        "{e}"
     );
 }

@@ -247,9 +247,19 @@ fn network_setup_problems_are_one_clear_line() {
     let r = common::pvrun(&guest("http-hello"), &["--net", "eth0=tap:lo"], &[]);
     assert_eq!(r.status, 125, "{}", r.stderr);
     assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
-    assert!(r.stderr.contains("TAP `lo`): it exists but is not a TAP device"), "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("TAP `lo`): it exists but is not a TAP device"),
+        "{}",
+        r.stderr
+    );
     // A guest that declares its NIC does not boot without one.
     let r = common::pvrun(&guest("http-hello"), &[], &[]);
     assert_eq!(r.status, 125, "{}", r.stderr);
-    assert!(r.stderr.contains("needs a network device named `eth0`") && r.stderr.contains("--net eth0="), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("needs a network device named `eth0`")
+            && r.stderr.contains("--net eth0="),
+        "{}",
+        r.stderr
+    );
 }
