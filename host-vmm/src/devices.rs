@@ -350,6 +350,7 @@ impl BlockWorker {
     }
 
     fn run(mut self) {
+        crate::seccomp::confine_io_thread();
         loop {
             self.wait_doorbell();
             if self.stop.load(Ordering::SeqCst) {

@@ -28,6 +28,7 @@ pub mod net;
 pub mod raw_guest;
 pub mod ring;
 pub mod sandbox;
+pub mod seccomp;
 pub mod vm;
 
 pub use elf::GuestImage;

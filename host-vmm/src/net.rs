@@ -229,6 +229,7 @@ pub struct NetWorker {
 impl NetWorker {
     /// Serves both rings until stopped; a corrupted ring is reported once and abandoned.
     pub fn run(mut self) {
+        crate::seccomp::confine_io_thread();
         let mut frame = vec![0u8; (ETH_HEADER + self.mtu) as usize];
         let mut rx_waiting = false;
         loop {

@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -273,4 +273,47 @@ fn garbage_in_every_slot_gets_an_answer_and_the_ring_keeps_working() {
     assert!(field("requests=") > 10, "{line}");
     assert_eq!(field("requests="), field("answered="), "{line}");
     assert!(line.ends_with("ring status=0"), "{line}");
+}
+
+#[test]
+fn an_in_process_vm_with_a_disk_stops_its_confined_io_thread_cleanly() {
+    // The I/O thread runs under a seccomp filter; a system call it may not make (say, on
+    // its way out) would kill this whole test process.
+    let img = image("inproc", 8);
+    let elf = std::sync::Arc::new(host_vmm::GuestImage::from_file(&guest("kvstore")).unwrap());
+    for round in 0..3 {
+        let out = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        struct Sink(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+        impl Write for Sink {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let cfg = host_vmm::VmConfig {
+            args: vec![
+                "kvstore".into(),
+                "put".into(),
+                format!("k{round}"),
+                "v".into(),
+                ";".into(),
+                "count".into(),
+            ],
+            stdout: Box::new(Sink(out.clone())),
+            disks: vec![host_vmm::block::DiskConfig {
+                name: "data".into(),
+                path: img.clone(),
+                read_only: false,
+            }],
+            ..host_vmm::VmConfig::default()
+        };
+        let mut vm = host_vmm::Vm::new(elf.clone(), cfg).unwrap();
+        assert_eq!(vm.run().unwrap(), host_vmm::Outcome::Exited(0));
+        drop(vm); // joins the I/O thread, which closes the image on its way out
+        let text = String::from_utf8(out.lock().unwrap().clone()).unwrap();
+        assert!(text.ends_with(&format!("{}\n", round + 1)), "{text}");
+    }
 }

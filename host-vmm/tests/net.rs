@@ -263,3 +263,26 @@ fn network_setup_problems_are_one_clear_line() {
         r.stderr
     );
 }
+
+#[test]
+fn an_in_process_vm_with_a_nic_stops_its_confined_io_thread_cleanly() {
+    // The NIC's I/O thread runs under a seccomp filter; a system call it may not make
+    // (say, closing the TAP device on its way out) would kill this whole test process.
+    let ns = Netns::new("inproc");
+    ns.tap("tap0", "10.77.5.1/24");
+    let elf = guest("misbehave");
+    let out = ns.run_in(move || {
+        let image = std::sync::Arc::new(host_vmm::GuestImage::from_file(&elf).unwrap());
+        let cfg = host_vmm::VmConfig {
+            args: vec!["misbehave".into(), "net-garbage".into()],
+            stdout: Box::new(std::io::sink()),
+            nets: vec![host_vmm::net::NetConfig::parse("eth0=tap:tap0,ip=10.77.5.2/24").unwrap()],
+            ..host_vmm::VmConfig::default()
+        };
+        let mut vm = host_vmm::Vm::new(image, cfg).unwrap();
+        let outcome = vm.run().unwrap();
+        drop(vm);
+        outcome
+    });
+    assert_eq!(out, host_vmm::Outcome::Exited(0));
+}
