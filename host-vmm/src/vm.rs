@@ -650,9 +650,7 @@ impl Vm {
                 .set_regs(&snap.vcpu.regs)
                 .map_err(|e| Error::Kvm("KVM_SET_REGS", e))?;
         }
-        self.vcpu
-            .set_fpu(&snap.vcpu.fpu)
-            .map_err(|e| Error::Kvm("KVM_SET_FPU", e))?;
+        snap.vcpu.load_extended(&self.vcpu)?;
         self.clear_stop();
         Ok(pages)
     }

@@ -35,6 +35,8 @@ pvrun::export_functions! {
     "echo" => echo,
     "touch-pages" => touch_pages,
     "init-state" => init_state,
+    "xmm-set" => xmm_set,
+    "xmm-get" => xmm_get,
 }
 
 /// Calls of `counter` since the snapshot (or since boot, if the host never resets).
@@ -130,6 +132,27 @@ fn big_output(input: &[u8]) -> Result<Vec<u8>, String> {
 /// Returns the input.
 fn echo(input: &[u8]) -> Result<Vec<u8>, String> {
     Ok(input.to_vec())
+}
+
+/// Leaves the first 8 input bytes in `xmm15` (a register no compiled code here uses):
+/// a would-be leak to the next call through vector state.
+fn xmm_set(input: &[u8]) -> Result<Vec<u8>, String> {
+    let mut v = [0u8; 8];
+    let n = input.len().min(8);
+    v[..n].copy_from_slice(&input[..n]);
+    let x = u64::from_le_bytes(v);
+    // SAFETY: writes only xmm15, which no compiled code here relies on; it is left set on
+    // purpose so the value reaches the host's reset.
+    unsafe { core::arch::asm!("movq xmm15, {x}", x = in(reg) x, options(nomem, nostack)) };
+    Ok(b"set".to_vec())
+}
+
+/// Returns the 8 bytes found in `xmm15`.
+fn xmm_get(_input: &[u8]) -> Result<Vec<u8>, String> {
+    let x: u64;
+    // SAFETY: reads xmm15 only.
+    unsafe { core::arch::asm!("movq {x}, xmm15", x = out(reg) x, options(nomem, nostack)) };
+    Ok(x.to_le_bytes().to_vec())
 }
 
 /// Dirties N distinct pages of a static buffer.

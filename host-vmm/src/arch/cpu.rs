@@ -6,7 +6,7 @@
 //! pushes the vector and reports it to the host with one `out` to [`EXCEPTION_PORT`].
 
 use kvm_bindings::{
-    CpuId, KVM_MAX_CPUID_ENTRIES, kvm_fpu, kvm_regs, kvm_segment, kvm_sregs, kvm_xcrs,
+    CpuId, KVM_MAX_CPUID_ENTRIES, kvm_fpu, kvm_regs, kvm_segment, kvm_sregs, kvm_xcrs, kvm_xsave,
 };
 use kvm_ioctls::{Kvm, VcpuFd};
 use pvrun_abi::{EXCEPTION_PORT, HYPERCALL_PORT_BASE, HYPERCALL_PORT_COUNT, feature};
@@ -110,7 +110,6 @@ pub fn write_system_tables(ram: &GuestRam) -> Result<(), Error> {
 }
 
 /// The vCPU state a snapshot keeps: general registers, system registers, FPU/SSE state.
-#[derive(Clone)]
 pub struct VcpuState {
     /// General registers (RIP at the instruction that exited).
     pub regs: kvm_regs,
@@ -118,6 +117,10 @@ pub struct VcpuState {
     pub sregs: kvm_sregs,
     /// x87/SSE state and MXCSR.
     pub fpu: kvm_fpu,
+    /// The whole extended state (x87, SSE, AVX, AVX-512, ...) where KVM offers
+    /// `KVM_GET_XSAVE`: restoring only `fpu` would let vector registers beyond SSE carry
+    /// data from one call into the next.
+    pub xsave: Option<Box<kvm_xsave>>,
 }
 
 impl VcpuState {
@@ -129,7 +132,20 @@ impl VcpuState {
                 .get_sregs()
                 .map_err(|e| Error::Kvm("KVM_GET_SREGS", e))?,
             fpu: vcpu.get_fpu().map_err(|e| Error::Kvm("KVM_GET_FPU", e))?,
+            xsave: vcpu.get_xsave().ok().map(Box::new),
         })
+    }
+
+    /// Loads the FPU and vector state into a vCPU (the whole XSAVE area when captured).
+    pub fn load_extended(&self, vcpu: &VcpuFd) -> Result<(), Error> {
+        if let Some(x) = &self.xsave {
+            // SAFETY: the area came from KVM_GET_XSAVE on a vCPU of the same host.
+            if unsafe { vcpu.set_xsave(x) }.is_ok() {
+                return Ok(());
+            }
+        }
+        vcpu.set_fpu(&self.fpu)
+            .map_err(|e| Error::Kvm("KVM_SET_FPU", e))
     }
 }
 
@@ -315,8 +331,7 @@ impl CpuSetup {
         vcpu.set_sregs(&state.sregs)
             .map_err(|e| Error::Kvm("KVM_SET_SREGS", e))?;
         self.set_xcr0(vcpu)?;
-        vcpu.set_fpu(&state.fpu)
-            .map_err(|e| Error::Kvm("KVM_SET_FPU", e))?;
+        state.load_extended(vcpu)?;
         vcpu.set_regs(&state.regs)
             .map_err(|e| Error::Kvm("KVM_SET_REGS", e))?;
         Ok(())
