@@ -239,9 +239,14 @@ pub fn call_host(name: &str, input: &[u8]) -> Result<Vec<u8>, HostCallError> {
             status::BAD_LENGTH if cap < HOST_OUTPUT_MAX => cap *= 2,
             status::NOT_FOUND => return Err(HostCallError::NotFound),
             status::HOST_FN_FAILED => {
-                return Err(HostCallError::Failed(alloc::format!(
-                    "host function `{name}` reported an error"
-                )));
+                // The host leaves the function's error message NUL-terminated in `output`.
+                let end = output.iter().position(|&b| b == 0).unwrap_or(output.len());
+                let msg = String::from_utf8_lossy(&output[..end]).into_owned();
+                return Err(HostCallError::Failed(if msg.is_empty() {
+                    alloc::format!("host function `{name}` reported an error")
+                } else {
+                    msg
+                }));
             }
             status::BAD_ADDRESS => return Err(HostCallError::BadAddress),
             other => return Err(HostCallError::Other(other)),

@@ -323,7 +323,25 @@ fn host_call(arg: u64, guest: &GuestView<'_>, fns: &mut FnContext) -> Result<i64
             AccessError::Overflow => status::BAD_LENGTH,
             AccessError::Outside => status::BAD_ADDRESS,
         })?;
-    let out = f(&input).map_err(|_| status::HOST_FN_FAILED)?;
+    let out = match f(&input) {
+        Ok(out) => out,
+        Err(msg) => {
+            // The error message goes into the output buffer, NUL-terminated and cut to fit.
+            let keep = msg.len().min(a.output_cap.saturating_sub(1) as usize);
+            let mut bytes = msg.as_bytes()[..keep].to_vec();
+            if (a.output_cap as usize) > keep {
+                bytes.push(0);
+            }
+            if guest
+                .mem
+                .write_slice(&bytes, GuestAddress(a.output))
+                .is_ok()
+            {
+                fns.host_writes.push((a.output, bytes.len() as u64));
+            }
+            return Err(status::HOST_FN_FAILED);
+        }
+    };
     if out.len() as u64 > a.output_cap {
         return Err(status::BAD_LENGTH);
     }
