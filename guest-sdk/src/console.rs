@@ -3,13 +3,15 @@
 //! Output goes into the console ring the host set up (see `pvrun_abi::ConsoleRing`):
 //! writing costs no VM exit. The host delivers the ring's contents at the guest's next
 //! exit of any kind (a hypercall, `sleep`, `exit`, a panic or a crash), so nothing is lost
-//! and output stays in order with crash reports; [`flush`] delivers it at once. Only when
+//! and output stays in order with crash reports; [`flush`] delivers it at once, and a
+//! write more than 50 ms after the last flush flushes, so progress printed by a guest
+//! that computes without exits still shows up promptly. Only when
 //! the ring is full does a write cost an exit (a flush). Without a ring (an older host),
 //! each macro call is one `CONSOLE_WRITE` hypercall; writes longer than
 //! [`CONSOLE_WRITE_MAX`] are split.
 
 use core::fmt::{self, Write};
-use core::sync::atomic::{Ordering, fence};
+use core::sync::atomic::{AtomicU64, Ordering, fence};
 
 use pvrun_abi::{CONSOLE_RECORD_HEADER, CONSOLE_WRITE_MAX, ConsoleWrite, call as nr, stream};
 
@@ -17,9 +19,17 @@ use crate::hypercall::{call, hypercall};
 
 /// Asks the host to deliver everything in the console ring now (one VM exit).
 pub fn flush() {
+    LAST_FLUSH_NS.store(crate::time::monotonic_ns(), Ordering::Relaxed);
     // SAFETY: CONSOLE_FLUSH takes no arguments and touches only the console ring.
     unsafe { hypercall(nr::CONSOLE_FLUSH, 0) };
 }
+
+/// Output older than this is delivered at the next write even if the guest makes no other
+/// exit: a guest that prints progress while computing shows it at most this late.
+const FLUSH_AFTER_NS: u64 = 50_000_000;
+
+/// Guest clock at the last explicit flush.
+static LAST_FLUSH_NS: AtomicU64 = AtomicU64::new(0);
 
 /// Appends `bytes` to the console ring as records for `stream`; false if there is no ring.
 fn ring_write(stream: u32, mut bytes: &[u8]) -> bool {
@@ -64,6 +74,11 @@ fn ring_write(stream: u32, mut bytes: &[u8]) -> bool {
         // SAFETY: as above.
         unsafe { prod_ptr.write_volatile(at) };
         bytes = &bytes[chunk..];
+    }
+    // One rdtsc per write keeps output timely without an exit per line.
+    let now = crate::time::monotonic_ns();
+    if now.wrapping_sub(LAST_FLUSH_NS.load(Ordering::Relaxed)) > FLUSH_AFTER_NS {
+        flush();
     }
     true
 }

@@ -276,3 +276,28 @@ fn a_scribbled_consumer_index_does_not_confuse_the_host() {
         assert!(r.stdout.contains("still here"), "{}", r.stdout);
     }
 }
+
+#[test]
+fn progress_printed_while_computing_arrives_while_the_guest_runs() {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pvrun"))
+        .args(["--timeout", "20"])
+        .arg(guest("misbehave"))
+        .args(["--", "progress"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().unwrap().unwrap(), "tick 0");
+    let first = start.elapsed();
+    let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
+    let total = start.elapsed();
+    assert!(child.wait().unwrap().success());
+    assert_eq!(rest, ["tick 1", "tick 2", "tick 3", "tick 4", "tick 5"]);
+    // The guest computes ~1.8 s in all; its first line must not wait for the end.
+    assert!(
+        first + Duration::from_millis(900) < total,
+        "first line after {first:?}, guest done after {total:?}"
+    );
+}

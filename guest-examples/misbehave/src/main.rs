@@ -715,6 +715,17 @@ fn main() -> i32 {
             pvrun::console::flush();
             println!("still here");
         }
+        "progress" => {
+            // Prints while computing without any hypercall in between: the output must
+            // reach the host while the guest still runs, not only at its exit.
+            for i in 0..6 {
+                println!("tick {i}");
+                let t = pvrun::time::Instant::now();
+                while t.elapsed().as_millis() < 300 {
+                    core::hint::spin_loop();
+                }
+            }
+        }
         "write-bootinfo" => poke(layout::BOOT_INFO_ADDR, 0),
         "read-pagetables" => {
             let v = peek(black_box(0x10_0000));
