@@ -193,25 +193,9 @@ pub struct DeviceInfo {
 impl DeviceInfo {
     /// An all-zero entry.
     pub const fn zeroed() -> Self {
-        DeviceInfo {
-            name: [0; 32],
-            kind: 0,
-            index: 0,
-            ring: 0,
-            ring2: 0,
-            slots: 0,
-            slot_size: 0,
-            flags: 0,
-            sector_size: 0,
-            capacity: 0,
-            max_request: 0,
-            mac: [0; 8],
-            ipv4: [0; 4],
-            gateway: [0; 4],
-            prefix_len: 0,
-            mtu: 0,
-            reserved: [0; 2],
-        }
+        // SAFETY: every field is an integer or an array of integers (or of such structs):
+        // all-zero bytes are a valid value.
+        unsafe { core::mem::zeroed() }
     }
 
     /// The name as a string (up to the first NUL).
@@ -618,37 +602,9 @@ pub struct BootInfo {
 impl BootInfo {
     /// An all-zero boot info (the host fills it in).
     pub const fn zeroed() -> Self {
-        BootInfo {
-            magic: 0,
-            abi_version: 0,
-            size: 0,
-            features: 0,
-            mem_size: 0,
-            heap_start: 0,
-            heap_len: 0,
-            stack_start: 0,
-            stack_len: 0,
-            tsc_hz: 0,
-            tsc_at_boot: 0,
-            wall_ns_at_boot: 0,
-            random_seed: [0; 32],
-            argc: 0,
-            argv: 0,
-            envc: 0,
-            envp: 0,
-            console_ring: 0,
-            console_data: 0,
-            console_size: 0,
-            region_count: 0,
-            device_count: 0,
-            regions: [MemRegion {
-                start: 0,
-                len: 0,
-                kind: 0,
-                flags: 0,
-            }; MAX_REGIONS],
-            devices: [DeviceInfo::zeroed(); MAX_DEVICES],
-        }
+        // SAFETY: every field is an integer or an array of integers (or of such structs):
+        // all-zero bytes are a valid value.
+        unsafe { core::mem::zeroed() }
     }
 }
 

@@ -31,6 +31,21 @@ const FLUSH_AFTER_NS: u64 = 50_000_000;
 /// Guest clock at the last explicit flush.
 static LAST_FLUSH_NS: AtomicU64 = AtomicU64::new(0);
 
+/// Copies `src` into the ring data area (`size` bytes at `data`) from free-running index
+/// `at`, wrapping at the end in at most two copies; returns the index after it. Nothing is
+/// visible to the host before the producer index moves, so plain copies suffice.
+fn copy_in(data: *mut u8, size: u64, at: u64, src: &[u8]) -> u64 {
+    let off = (at % size) as usize;
+    let first = src.len().min(size as usize - off);
+    // SAFETY: `off + first <= size` and `src.len() - first <= size - first` (a record never
+    // exceeds the ring): both copies stay inside the data area the host mapped for us.
+    unsafe {
+        core::ptr::copy_nonoverlapping(src.as_ptr(), data.add(off), first);
+        core::ptr::copy_nonoverlapping(src.as_ptr().add(first), data, src.len() - first);
+    }
+    at.wrapping_add(src.len() as u64)
+}
+
 /// Appends `bytes` to the console ring as records for `stream`; false if there is no ring.
 fn ring_write(stream: u32, mut bytes: &[u8]) -> bool {
     let bi = crate::boot_info();
@@ -62,13 +77,8 @@ fn ring_write(stream: u32, mut bytes: &[u8]) -> bool {
             tries += 1;
         }
         let len = (chunk as u16).to_le_bytes();
-        let header = [stream as u8, len[0], len[1]];
-        let mut at = producer;
-        for &b in header.iter().chain(&bytes[..chunk]) {
-            // SAFETY: `at % size` is inside the data area the host mapped for the guest.
-            unsafe { data.add((at % size) as usize).write_volatile(b) };
-            at = at.wrapping_add(1);
-        }
+        let at = copy_in(data, size, producer, &[stream as u8, len[0], len[1]]);
+        let at = copy_in(data, size, at, &bytes[..chunk]);
         // Publish the record only after its bytes (pairs with the host's acquire).
         fence(Ordering::Release);
         // SAFETY: as above.

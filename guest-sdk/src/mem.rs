@@ -40,17 +40,9 @@ pub unsafe extern "C" fn memmove(dest: *mut u8, src: *const u8, n: usize) -> *mu
     }
     let (d, s) = (dest as usize, src as usize);
     if d <= s || d >= s.wrapping_add(n) {
-        // No harmful overlap: a forward copy is correct.
-        // SAFETY: the caller upholds the contract; forward copy is safe when dest <= src.
-        unsafe {
-            asm!(
-                "rep movsb",
-                inout("rcx") n => _,
-                inout("rdi") dest => _,
-                inout("rsi") src => _,
-                options(nostack, preserves_flags),
-            );
-        }
+        // No harmful overlap: the forward copy of memcpy is correct.
+        // SAFETY: the caller upholds the contract; a forward copy is safe when dest <= src.
+        unsafe { memcpy(dest, src, n) };
     } else {
         // dest overlaps the tail of src: copy backwards, then restore DF.
         // SAFETY: as above; the last bytes are copied first so nothing is overwritten early.

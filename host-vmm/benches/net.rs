@@ -6,45 +6,17 @@
 
 mod support;
 
-use support::{exit_floor, guest};
-#[path = "../tests/common/mod.rs"]
-mod common;
+use support::{Netns, NsGuest, exit_floor, guest};
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::process::{Child, Stdio};
 use std::time::Instant;
 
-use common::Netns;
-
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Starts a guest in the namespace and waits until it prints `ready`.
-fn start(ns: &Netns, name: &str, net: &str, args: &[&str], ready: &str) -> Running {
-    let mut child = ns
-        .command(env!("CARGO_BIN_EXE_pvrun"))
-        .args(["--mem", "256M", "--net", net])
-        .arg(guest(name))
-        .arg("--")
-        .args(args)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    while !line.contains(ready) {
-        line.clear();
-        assert!(out.read_line(&mut line).unwrap() > 0, "{name} exited");
-    }
-    std::thread::spawn(move || for _ in out.lines() {});
-    Running(child)
+fn start(ns: &Netns, name: &str, net: &str, args: &[&str], ready: &str) -> NsGuest {
+    let g = NsGuest::start(ns, name, &["--mem", "256M", "--net", net], args);
+    g.wait_for(ready);
+    g
 }
 
 fn main() {

@@ -24,7 +24,7 @@ use crate::block::{Disk, DiskConfig, MAX_REQUEST, SECTOR_SIZE};
 use crate::error::Error;
 use crate::layout::align_up;
 use crate::memory::MemoryMap;
-use crate::net::{NetConfig, NetStats, NetWorker, Tap};
+use crate::net::{NetConfig, NetWorker, Tap};
 use crate::ring::Ring;
 
 /// Slots per ring.
@@ -70,6 +70,8 @@ pub struct DeviceStats {
     pub requests: AtomicU64,
     /// Times the I/O thread woke up.
     pub wakeups: AtomicU64,
+    /// Requests refused and dropped (network frames with a bad length or address).
+    pub dropped: AtomicU64,
 }
 
 /// A snapshot of [`DeviceStats`].
@@ -81,6 +83,8 @@ pub struct DeviceCounters {
     pub requests: u64,
     /// Times the I/O thread woke up.
     pub wakeups: u64,
+    /// Requests refused and dropped (network frames with a bad length or address).
+    pub dropped: u64,
 }
 
 struct Running {
@@ -130,49 +134,43 @@ pub fn plan(disks: &[DiskConfig], nets: &[NetConfig]) -> Result<Planned, Error> 
             return Err(Error::Config(format!("two devices are named `{name}`")));
         }
     }
-    let too_many = || {
-        Error::Config(format!(
-            "too many devices (at most {}, and their rings must fit in the device area)",
-            pvrun_abi::MAX_DEVICES
-        ))
-    };
-    for cfg in disks {
-        if infos.len() >= pvrun_abi::MAX_DEVICES || at + RING_BYTES > DEVICE_AREA_END {
-            return Err(too_many());
+    // Reserves `rings` rings in the device area for the next device and fills in what
+    // every device has; the caller adds the kind-specific facts.
+    let mut next = |infos: &[DeviceInfo], name: &str, kind: u32, rings: u64| {
+        if infos.len() >= pvrun_abi::MAX_DEVICES || at + rings * RING_BYTES > DEVICE_AREA_END {
+            return Err(Error::Config(format!(
+                "too many devices (at most {}, and their rings must fit in the device area)",
+                pvrun_abi::MAX_DEVICES
+            )));
         }
-        let disk = Disk::open(cfg)?;
         let mut info = DeviceInfo::zeroed();
-        info.name[..cfg.name.len()].copy_from_slice(cfg.name.as_bytes());
-        info.kind = device::BLOCK;
+        info.name[..name.len()].copy_from_slice(name.as_bytes());
+        info.kind = kind;
         info.index = infos.len() as u32;
         info.ring = at;
+        if rings > 1 {
+            info.ring2 = at + RING_BYTES;
+        }
         info.slots = RING_SLOTS;
         info.slot_size = RING_SLOT_SIZE as u32;
-        info.flags = if disk.read_only {
-            device::FLAG_READ_ONLY
-        } else {
-            0
-        };
+        at += rings * RING_BYTES;
+        Ok(info)
+    };
+    for cfg in disks {
+        let mut info = next(&infos, &cfg.name, device::BLOCK, 1)?;
+        let disk = Disk::open(cfg)?;
+        if disk.read_only {
+            info.flags = device::FLAG_READ_ONLY;
+        }
         info.sector_size = SECTOR_SIZE as u32;
         info.capacity = disk.capacity;
         info.max_request = MAX_REQUEST;
         infos.push(info);
         backends.push((cfg.name.clone(), Backend::Block(disk)));
-        at += RING_BYTES;
     }
     for cfg in nets {
-        if infos.len() >= pvrun_abi::MAX_DEVICES || at + 2 * RING_BYTES > DEVICE_AREA_END {
-            return Err(too_many());
-        }
+        let mut info = next(&infos, &cfg.name, device::NET, 2)?;
         let tap = Tap::open(cfg)?;
-        let mut info = DeviceInfo::zeroed();
-        info.name[..cfg.name.len()].copy_from_slice(cfg.name.as_bytes());
-        info.kind = device::NET;
-        info.index = infos.len() as u32;
-        info.ring = at;
-        info.ring2 = at + RING_BYTES;
-        info.slots = RING_SLOTS;
-        info.slot_size = RING_SLOT_SIZE as u32;
         info.mac[..6].copy_from_slice(&cfg.mac);
         if let Some((ip, prefix)) = cfg.ip {
             info.ipv4 = ip;
@@ -182,7 +180,6 @@ pub fn plan(disks: &[DiskConfig], nets: &[NetConfig]) -> Result<Planned, Error> 
         info.mtu = cfg.mtu;
         infos.push(info);
         backends.push((cfg.name.clone(), Backend::Net(tap, cfg.mtu)));
-        at += 2 * RING_BYTES;
     }
     Ok(Planned {
         infos,
@@ -255,7 +252,6 @@ impl Devices {
                         stop: stop.clone(),
                         notify: notify.clone(),
                         stats: stats.clone(),
-                        net_stats: Arc::new(NetStats::default()),
                     };
                     std::thread::Builder::new()
                         .name(format!("pvrun-net-{name}"))
@@ -301,6 +297,7 @@ impl Devices {
                         doorbells: d.stats.doorbells.load(Ordering::Relaxed),
                         requests: d.stats.requests.load(Ordering::Relaxed),
                         wakeups: d.stats.wakeups.load(Ordering::Relaxed),
+                        dropped: d.stats.dropped.load(Ordering::Relaxed),
                     },
                 )
             })

@@ -134,7 +134,7 @@ impl Console {
             .and_then(|_| mem.read_slice(&mut buf[first..], GuestAddress(CONSOLE_DATA_ADDR)));
         let result = match r {
             Err(e) => Err(format!("console ring unreadable: {e}")),
-            Ok(()) => self.deliver(&buf),
+            Ok(()) => self.deliver(&mut buf),
         };
         self.scratch = buf;
         // Everything published is consumed, even a corrupt tail, so the guest never spins.
@@ -143,26 +143,26 @@ impl Console {
         result
     }
 
-    /// Writes the records in `bytes` (a copy of the ring) to their streams, joining runs of
-    /// records for the same stream into one write.
-    fn deliver(&mut self, mut bytes: &[u8]) -> Result<(), String> {
+    /// Writes the records in `buf` (the host's copy of the ring) to their streams, joining
+    /// runs of records for the same stream into one write. The payloads are packed in place
+    /// over the record headers, so delivering copies nothing more.
+    fn deliver(&mut self, buf: &mut [u8]) -> Result<(), String> {
         let h = CONSOLE_RECORD_HEADER as usize;
-        let mut run: Vec<u8> = Vec::new();
+        let (mut read, mut write, mut run_start) = (0usize, 0usize, 0usize);
         let mut run_stream = stream::STDOUT;
         let mut result = Ok(());
-        while !bytes.is_empty() {
-            if bytes.len() < h {
+        while read < buf.len() {
+            let Some(&[stream, lo, hi]) = buf.get(read..read + h) else {
                 result = Err("console ring corrupted: a record header is cut short".into());
                 break;
-            }
-            let stream = bytes[0] as u32;
-            let len = u16::from_le_bytes([bytes[1], bytes[2]]) as usize;
-            let Some(data) = bytes.get(h..h + len) else {
+            };
+            let (stream, len) = (stream as u32, u16::from_le_bytes([lo, hi]) as usize);
+            if read + h + len > buf.len() {
                 result = Err(format!(
                     "console ring corrupted: a record of {len} bytes extends past the published data"
                 ));
                 break;
-            };
+            }
             if stream != stream::STDOUT && stream != stream::STDERR {
                 result = Err(format!(
                     "console ring corrupted: record for unknown stream {stream}"
@@ -170,15 +170,16 @@ impl Console {
                 break;
             }
             if stream != run_stream {
-                self.emit(run_stream, &run);
-                run.clear();
+                self.emit(run_stream, &buf[run_start..write]);
+                run_start = write;
                 run_stream = stream;
             }
-            run.extend_from_slice(data);
-            bytes = &bytes[h + len..];
+            buf.copy_within(read + h..read + h + len, write);
+            write += len;
+            read += h + len;
         }
         // Records before a corrupt one are still delivered.
-        self.emit(run_stream, &run);
+        self.emit(run_stream, &buf[run_start..write]);
         result
     }
 

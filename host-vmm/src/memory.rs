@@ -246,23 +246,6 @@ impl GuestRam {
         let src = &snap.view()[start as usize..end as usize];
         let _ = self.mem.write_slice(src, GuestAddress(start));
     }
-
-    /// Pre-faults `[start, start+len)` in the host so the guest's first touch is cheap
-    /// (`MADV_POPULATE_WRITE`; silently skipped where the kernel lacks it).
-    pub fn populate(&self, start: u64, len: u64) {
-        let Some(end) = start.checked_add(len) else {
-            return;
-        };
-        if end > self.size || len == 0 {
-            return;
-        }
-        const MADV_POPULATE_WRITE: libc::c_int = 23;
-        let addr = self.host_base() + start;
-        // SAFETY: the range lies inside our own mapping; madvise does not change contents.
-        unsafe {
-            libc::madvise(addr as *mut libc::c_void, len as usize, MADV_POPULATE_WRITE);
-        }
-    }
 }
 
 /// A frozen copy of guest memory in a memfd, shared by every VM made from it (each maps

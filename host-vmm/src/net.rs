@@ -13,7 +13,7 @@ use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use pvrun_abi::{NetResponse, NetRxRequest, NetTxRequest, status};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
@@ -187,17 +187,6 @@ impl Tap {
     }
 }
 
-/// Counters of a network device beyond the common ones.
-#[derive(Default)]
-pub struct NetStats {
-    /// Frames sent to the TAP device.
-    pub tx_frames: AtomicU64,
-    /// Frames received into guest buffers.
-    pub rx_frames: AtomicU64,
-    /// Transmit requests refused (bad length or address).
-    pub tx_dropped: AtomicU64,
-}
-
 /// The I/O thread of one network device.
 pub struct NetWorker {
     /// Device name.
@@ -220,10 +209,8 @@ pub struct NetWorker {
     pub stop: Arc<AtomicBool>,
     /// Wakes a waiting guest.
     pub notify: Arc<Notify>,
-    /// Common counters.
+    /// Counters.
     pub stats: Arc<DeviceStats>,
-    /// Network counters.
-    pub net_stats: Arc<NetStats>,
 }
 
 impl NetWorker {
@@ -295,9 +282,7 @@ impl NetWorker {
                 let req: NetTxRequest = self.tx.take(&self.mem)?;
                 let status = self.send_one(&req, frame);
                 if status < 0 {
-                    self.net_stats.tx_dropped.fetch_add(1, Ordering::Relaxed);
-                } else {
-                    self.net_stats.tx_frames.fetch_add(1, Ordering::Relaxed);
+                    self.stats.dropped.fetch_add(1, Ordering::Relaxed);
                 }
                 self.tx.respond(
                     &self.mem,
@@ -374,9 +359,6 @@ impl NetWorker {
                 },
             );
             received += 1;
-            if status > 0 {
-                self.net_stats.rx_frames.fetch_add(1, Ordering::Relaxed);
-            }
             if received.is_multiple_of(32) {
                 self.rx.publish(&self.mem);
                 self.notify.signal();

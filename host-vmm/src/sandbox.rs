@@ -191,8 +191,6 @@ pub struct Sandbox {
     dirty: bool,
     /// The vCPU is paused at `FN_READY`/`FN_RETURN` and can take a call without a reset.
     resumable: bool,
-    /// Pages copied back by the last reset.
-    last_restore_pages: usize,
 }
 
 impl Sandbox {
@@ -241,7 +239,6 @@ impl Sandbox {
             }),
             dirty: false,
             resumable: true,
-            last_restore_pages: 0,
         })
     }
 
@@ -260,7 +257,6 @@ impl Sandbox {
             template: template.clone(),
             dirty: false,
             resumable: true,
-            last_restore_pages: 0,
         })
     }
 
@@ -292,13 +288,7 @@ impl Sandbox {
         let n = self.vm.restore(&self.template.snapshot)?;
         self.dirty = false;
         self.resumable = true;
-        self.last_restore_pages = n;
         Ok(n)
-    }
-
-    /// Pages copied back by the last reset.
-    pub fn last_reset_pages(&self) -> usize {
-        self.last_restore_pages
     }
 
     /// Calls function `name` with `input`, starting from the clean snapshot state (the
@@ -328,9 +318,10 @@ impl Sandbox {
             // A call that crashed, panicked or timed out left the vCPU unusable: reset.
             self.reset().map_err(|e| CallError::Host(e.to_string()))?;
         }
-        let exports = self.template.snapshot.exports.clone();
+        // An Arc clone, not a copy of the export list: this is every call's path.
+        let template = self.template.clone();
         self.vm
-            .start_call(&exports, index as u32, input)
+            .start_call(&template.snapshot.exports, index as u32, input)
             .map_err(|e| CallError::Host(e.to_string()))?;
         self.dirty = true;
         self.resumable = false;

@@ -1117,11 +1117,6 @@ impl Vm {
     pub fn ioeventfd(&self) -> bool {
         self.devices.ioeventfd
     }
-
-    /// The guest memory (for inspection in tests and tools).
-    pub fn ram(&self) -> &GuestRam {
-        &self.ram
-    }
 }
 
 /// What the teardown child needs: the parent's pid and the two descriptors to keep.

@@ -5,67 +5,22 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::{Child, Stdio};
-use std::sync::mpsc;
 use std::time::Duration;
 
-use common::{Netns, guest};
+use common::{Netns, NsGuest, guest};
 
-/// A guest running inside a namespace; killed on drop.
-struct Guest {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-}
-
-impl Guest {
-    fn start(ns: &Netns, name: &str, net: &str, args: &[&str]) -> Guest {
-        let mut child = ns
-            .command(env!("CARGO_BIN_EXE_pvrun"))
-            .args(["--timeout", "120", "--net", net])
-            .arg(guest(name))
-            .arg("--")
-            .args(args)
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let out = child.stdout.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for l in BufReader::new(out).lines().map_while(Result::ok) {
-                if tx.send(l).is_err() {
-                    break;
-                }
-            }
-        });
-        Guest { child, lines }
-    }
-
-    /// Waits for a line containing `what` (up to 20 s); returns it.
-    fn wait_for(&self, what: &str) -> String {
-        loop {
-            match self.lines.recv_timeout(Duration::from_secs(20)) {
-                Ok(l) if l.contains(what) => return l,
-                Ok(_) => {}
-                Err(_) => panic!("the guest never printed `{what}`"),
-            }
-        }
-    }
-}
-
-impl Drop for Guest {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Starts guest `name` in `ns` with the network option `net` and arguments `args`.
+fn start(ns: &Netns, name: &str, net: &str, args: &[&str]) -> NsGuest {
+    NsGuest::start(ns, name, &["--timeout", "120", "--net", net], args)
 }
 
 #[test]
 fn curl_gets_the_page_and_ping_answers() {
     let ns = Netns::new("http");
     ns.tap("tap0", "10.77.1.1/24");
-    let g = Guest::start(
+    let g = start(
         &ns,
         "http-hello",
         "eth0=tap:tap0,ip=10.77.1.2/24,gw=10.77.1.1",
@@ -114,7 +69,7 @@ fn curl_gets_the_page_and_ping_answers() {
 fn a_ten_megabyte_tcp_echo_comes_back_identical() {
     let ns = Netns::new("echo");
     ns.tap("tap0", "10.77.2.1/24");
-    let g = Guest::start(&ns, "echo", "eth0=tap:tap0,ip=10.77.2.2/24", &[]);
+    let g = start(&ns, "echo", "eth0=tap:tap0,ip=10.77.2.2/24", &[]);
     g.wait_for("echo listening");
     let data: Vec<u8> = (0..10_000_000u32)
         .map(|i| (i.wrapping_mul(2654435761) >> 11) as u8)
@@ -141,7 +96,7 @@ fn a_ten_megabyte_tcp_echo_comes_back_identical() {
 fn fifty_concurrent_connections_all_complete() {
     let ns = Netns::new("conc");
     ns.tap("tap0", "10.77.3.1/24");
-    let g = Guest::start(&ns, "http-hello", "eth0=tap:tap0,ip=10.77.3.2/24", &[]);
+    let g = start(&ns, "http-hello", "eth0=tap:tap0,ip=10.77.3.2/24", &[]);
     g.wait_for("listening on");
     let ok = ns.run_in(|| {
         let clients: Vec<_> = (0..50)
@@ -193,14 +148,14 @@ fn two_guests_talk_over_a_bridge_and_garbage_frames_hurt_nobody() {
         ns.tap(t, "");
     }
     ns.bridge("br0", "10.77.4.1/24", &["tap0", "tap1", "tap2"]);
-    let sink = Guest::start(
+    let sink = start(
         &ns,
         "echo",
         "eth0=tap:tap0,ip=10.77.4.2/24",
         &["sink", "9000"],
     );
     sink.wait_for("sink listening");
-    let web = Guest::start(&ns, "http-hello", "eth0=tap:tap2,ip=10.77.4.4/24", &[]);
+    let web = start(&ns, "http-hello", "eth0=tap:tap2,ip=10.77.4.4/24", &[]);
     web.wait_for("listening on");
 
     // Guest to guest over the bridge: 4 MB from the source guest into the sink guest.
@@ -281,8 +236,13 @@ fn an_in_process_vm_with_a_nic_stops_its_confined_io_thread_cleanly() {
         };
         let mut vm = host_vmm::Vm::new(image, cfg).unwrap();
         let outcome = vm.run().unwrap();
+        let counters = vm.device_counters();
         drop(vm);
-        outcome
+        (outcome, counters)
     });
-    assert_eq!(out, host_vmm::Outcome::Exited(0));
+    assert_eq!(out.0, host_vmm::Outcome::Exited(0));
+    // The garbage frames were refused and counted, not sent.
+    let (name, c) = &out.1[0];
+    assert_eq!(name, "eth0");
+    assert!(c.dropped > 1000 && c.dropped < c.requests, "{c:?}");
 }

@@ -2,26 +2,18 @@
 //! the same run, medians, and a console sink that keeps what a guest printed.
 #![allow(dead_code)]
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use host_vmm::raw_guest::{self, EXIT_LOOP, RawElf};
 use host_vmm::{GuestImage, Vm, VmConfig};
 
-/// Builds (release) and returns the ELF of example guest `name`.
-pub fn guest(name: &str) -> PathBuf {
-    let req = guest_build::BuildRequest {
-        manifest_path: Some(
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest-examples/Cargo.toml"),
-        ),
-        package: Some(name.into()),
-        release: true,
-        quiet: true,
-        ..Default::default()
-    };
-    guest_build::build(&req).expect("build guest").elf
-}
+// The tests' support: building the example guests (once per run), network namespaces.
+#[path = "../../tests/common/mod.rs"]
+mod common;
+#[allow(unused_imports)] // each benchmark uses a part
+pub use common::{Netns, NsGuest, guest};
 
 /// The median.
 pub fn median(mut v: Vec<Duration>) -> Duration {

@@ -148,3 +148,53 @@ impl Drop for Netns {
             .output();
     }
 }
+
+/// A guest running inside a namespace, its output read line by line; killed on drop.
+pub struct NsGuest {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl NsGuest {
+    /// Starts guest `name` in `ns` with `pvrun` options `opts` and guest arguments `args`.
+    pub fn start(ns: &Netns, name: &str, opts: &[&str], args: &[&str]) -> NsGuest {
+        use std::io::BufRead;
+        let mut child = ns
+            .command(env!("CARGO_BIN_EXE_pvrun"))
+            .args(opts)
+            .arg(guest(name))
+            .arg("--")
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        NsGuest { child, lines }
+    }
+
+    /// Waits for a line containing `what` (up to 20 s); returns it.
+    pub fn wait_for(&self, what: &str) -> String {
+        loop {
+            match self.lines.recv_timeout(std::time::Duration::from_secs(20)) {
+                Ok(l) if l.contains(what) => return l,
+                Ok(_) => {}
+                Err(_) => panic!("the guest never printed `{what}`"),
+            }
+        }
+    }
+}
+
+impl Drop for NsGuest {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
