@@ -68,7 +68,7 @@ fn main() {
     let cli = Cli::parse_from(argv);
 
     // Fail before a long build if the guest could not run anyway.
-    if let Err(e) = host_vmm::vm::kvm() {
+    if let Err(e) = host_vmm::check_kvm() {
         eprintln!("error: {e}");
         std::process::exit(host_vmm::EXIT_HOST_ERROR);
     }
@@ -118,7 +118,7 @@ fn main() {
             .unwrap_or_else(|| elf.clone());
         eprintln!("     Running `pvrun {}`", shown.display());
     }
-    host_vmm::vm::stop_guest_on_signals();
+    host_vmm::stop_guest_on_signals();
     let mut args = vec![elf.display().to_string()];
     args.extend(cli.args);
     let config = cli.vm.into_config(args);

@@ -9,7 +9,7 @@ use support::{Capture, exit_floor, guest};
 use std::path::Path;
 use std::sync::Arc;
 
-use host_vmm::block::DiskConfig;
+use host_vmm::DiskConfig;
 use host_vmm::{GuestImage, Outcome, Vm, VmConfig};
 
 struct Result {

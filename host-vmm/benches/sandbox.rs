@@ -10,8 +10,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use host_vmm::hypercall::HostFn;
-use host_vmm::sandbox::{Sandbox, SandboxConfig};
+use host_vmm::HostFn;
+use host_vmm::{Sandbox, SandboxConfig};
 
 /// Median time of `f`, not counting the drop of what it returns (destroying a VM is
 /// teardown, not creation).

@@ -4,37 +4,61 @@
 //! (W^X, null guard, stack guard, host structures out of the guest's reach), GDT, TSS with
 //! an I/O bitmap that opens exactly the hypercall ports, and an IDT whose tiny ring-0 stubs
 //! report exceptions; then it enters the guest at CPL3 and serves hypercalls until the guest
-//! exits. No device is emulated. See `docs/ABI.md` for the guest-facing contract.
+//! exits. No device is emulated. See `docs/ABI.md` for the guest-facing contract and
+//! `docs/ARCHITECTURE.md` for the map of this crate.
+//!
+//! Programs: [`Vm`] boots a guest from a [`GuestImage`] and a [`VmConfig`] and runs it to
+//! an [`Outcome`]. Function guests: [`Sandbox`] calls functions in a guest reset to its
+//! initialised state between calls; [`Template`] makes more of them; [`SandboxPool`] serves
+//! concurrent callers.
 //!
 //! ```no_run
 //! use host_vmm::{VmConfig, run_file};
 //! let outcome = run_file("hello.elf".as_ref(), VmConfig::default()).unwrap();
 //! std::process::exit(outcome.exit_status());
 //! ```
+//!
+//! The `cli` feature (off by default) adds [`cli`]: the command-line options and the HTTP
+//! gateway shared by the `pvrun` and `cargo pvrun` programs.
 
-pub mod arch;
-pub mod block;
-pub mod boot;
+mod arch;
+mod builder;
+mod config;
+mod devices;
+mod error;
+mod function;
+mod hypercall;
+mod layout;
+mod loader;
+mod memory;
+mod process;
+mod runtime;
+mod seccomp;
+mod vstate;
+
+#[cfg(feature = "cli")]
 pub mod cli;
-pub mod devices;
-pub mod elf;
-pub mod error;
-pub mod fault;
-pub mod gateway;
-pub mod hypercall;
-pub mod layout;
-pub mod memory;
-pub mod net;
-pub mod raw_guest;
-pub mod ring;
-pub mod sandbox;
-pub mod seccomp;
-pub mod vm;
 
-pub use elf::GuestImage;
+#[doc(hidden)]
+pub mod testing;
+
+pub use config::VmConfig;
+pub use devices::block::DiskConfig;
+pub use devices::net::NetConfig;
+pub use devices::{DeviceCounters, DeviceStats};
 pub use error::Error;
-pub use fault::Fault;
-pub use vm::{
-    EXIT_FAULT, EXIT_HOST_ERROR, EXIT_KILLED, EXIT_PANIC, EXIT_TIMEOUT, KillHandle, Outcome, Vm,
-    VmConfig, run_file,
+pub use function::sandbox::{CallError, Sandbox, SandboxConfig, SandboxPool, Template};
+pub use function::snapshot::{Snapshot, VmShell};
+pub use function::{Exports, FN_DATA_MAX, HostFn};
+pub use loader::{GuestImage, Segment};
+pub use runtime::control::{KillHandle, stop_guest_on_signals};
+pub use runtime::fault::Fault;
+pub use runtime::outcome::{
+    EXIT_FAULT, EXIT_HOST_ERROR, EXIT_KILLED, EXIT_PANIC, EXIT_TIMEOUT, Outcome,
 };
+pub use runtime::{Vm, run_file};
+
+/// Checks that the KVM device can be opened (the error says what to do when it cannot).
+pub fn check_kvm() -> Result<(), Error> {
+    vstate::kvm::kvm().map(|_| ())
+}

@@ -80,7 +80,7 @@ fn kvstore_keeps_data_across_reboots() {
 fn kvstore_survives_a_host_side_kill_in_the_middle_of_writes() {
     let img = image("crash", 32);
     let d = disk_opt("data", &img, false);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_pvrun"))
+    let mut child = Command::new(common::pvrun_bin())
         .args(["--timeout", "120", "--disk", &d])
         .arg(guest("kvstore"))
         .args(["--", "fill", "100000", "k"])
@@ -163,7 +163,7 @@ fn disk_image_problems_are_one_clear_line() {
     // The same image cannot be attached read-write to two VMs at once.
     let img = image("locked", 4);
     let d = disk_opt("data", &img, false);
-    let mut first = Command::new(env!("CARGO_BIN_EXE_pvrun"))
+    let mut first = Command::new(common::pvrun_bin())
         .args(["--timeout", "20", "--disk", &d])
         .arg(guest("misbehave"))
         .args(["--", "sleep-forever"])
@@ -303,7 +303,7 @@ fn an_in_process_vm_with_a_disk_stops_its_confined_io_thread_cleanly() {
                 "count".into(),
             ],
             stdout: Box::new(Sink(out.clone())),
-            disks: vec![host_vmm::block::DiskConfig {
+            disks: vec![host_vmm::DiskConfig {
                 name: "data".into(),
                 path: img.clone(),
                 read_only: false,

@@ -8,7 +8,7 @@ use std::process::Command;
 use common::{guest, pvrun};
 
 fn host_error(args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_pvrun"))
+    let out = Command::new(common::pvrun_bin())
         .args(args)
         .output()
         .unwrap();
@@ -55,7 +55,7 @@ fn too_little_memory_says_to_raise_mem() {
 
 #[test]
 fn bad_option_values_are_usage_errors() {
-    let out = Command::new(env!("CARGO_BIN_EXE_pvrun"))
+    let out = Command::new(common::pvrun_bin())
         .args(["--mem", "lots", "x.elf"])
         .output()
         .unwrap();
@@ -79,7 +79,7 @@ fn memory_option_changes_the_guest_heap() {
 
 /// Runs `pvrun hello` with `device` as the KVM device; checks a one-line host error.
 fn with_kvm_device(device: &str) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_pvrun"))
+    let out = Command::new(common::pvrun_bin())
         .env("PVRUN_KVM_DEVICE", device)
         .arg(guest("hello"))
         .output()

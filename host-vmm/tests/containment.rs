@@ -272,7 +272,7 @@ fn a_scribbled_consumer_index_does_not_confuse_the_host() {
 #[test]
 fn progress_printed_while_computing_arrives_while_the_guest_runs() {
     use std::io::BufRead;
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pvrun"))
+    let mut child = std::process::Command::new(common::pvrun_bin())
         .args(["--timeout", "20"])
         .arg(guest("misbehave"))
         .args(["--", "progress"])

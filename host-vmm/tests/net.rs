@@ -129,7 +129,7 @@ fn fifty_concurrent_connections_all_complete() {
 /// Runs a guest to completion inside the namespace; returns (status, stdout).
 fn run_to_end(ns: &Netns, name: &str, net: &str, args: &[&str]) -> (i32, String) {
     let out = ns
-        .command(env!("CARGO_BIN_EXE_pvrun"))
+        .command(common::pvrun_bin())
         .args(["--timeout", "60", "--net", net])
         .arg(guest(name))
         .arg("--")
@@ -231,7 +231,7 @@ fn an_in_process_vm_with_a_nic_stops_its_confined_io_thread_cleanly() {
         let cfg = host_vmm::VmConfig {
             args: vec!["misbehave".into(), "net-garbage".into()],
             stdout: Box::new(std::io::sink()),
-            nets: vec![host_vmm::net::NetConfig::parse("eth0=tap:tap0,ip=10.77.5.2/24").unwrap()],
+            nets: vec![host_vmm::NetConfig::parse("eth0=tap:tap0,ip=10.77.5.2/24").unwrap()],
             ..host_vmm::VmConfig::default()
         };
         let mut vm = host_vmm::Vm::new(image, cfg).unwrap();

@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use host_vmm::raw_guest::{self, EXIT_LOOP, RawElf};
+use host_vmm::testing::{self as raw_guest, EXIT_LOOP, RawElf};
 use host_vmm::{Error, GuestImage, Outcome, Vm, VmConfig};
 
 fn image(code: &[u8], opts: RawElf) -> Result<GuestImage, Error> {

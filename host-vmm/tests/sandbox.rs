@@ -12,8 +12,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::guest;
-use host_vmm::hypercall::HostFn;
-use host_vmm::sandbox::{CallError, Sandbox, SandboxConfig, SandboxPool};
+use host_vmm::HostFn;
+use host_vmm::{CallError, Sandbox, SandboxConfig, SandboxPool};
 
 fn config() -> SandboxConfig {
     let lookup: HostFn = Arc::new(|input: &[u8]| {
@@ -272,7 +272,7 @@ impl Drop for Killed {
 
 #[test]
 fn the_gateway_answers_http_clients() {
-    let child = Command::new(env!("CARGO_BIN_EXE_pvrun"))
+    let child = Command::new(common::pvrun_bin())
         .args([
             "serve",
             "--listen",
@@ -331,7 +331,7 @@ fn the_gateway_answers_http_clients() {
 fn the_gateway_reports_a_port_in_use_in_one_line() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
-    let out = Command::new(env!("CARGO_BIN_EXE_pvrun"))
+    let out = Command::new(common::pvrun_bin())
         .args(["serve", "--listen", &addr])
         .arg(guest("badfunctions"))
         .output()

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use host_vmm::raw_guest::{self, EXIT_LOOP, RawElf};
+use host_vmm::testing::{self as raw_guest, EXIT_LOOP, RawElf};
 use host_vmm::{GuestImage, Vm, VmConfig};
 
 // The tests' support: building the example guests (once per run), network namespaces.

@@ -6,6 +6,17 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::{Mutex, OnceLock};
 
+/// The `pvrun` runner binary. It needs the `cli` feature, which `cargo test` from the
+/// workspace root turns on (cargo-pvrun depends on it); alone, use
+/// `cargo test -p host-vmm --features cli`.
+// A clear failure at run time is the point: the other tests still build and run.
+#[allow(clippy::option_env_unwrap)]
+pub fn pvrun_bin() -> &'static str {
+    option_env!("CARGO_BIN_EXE_pvrun").expect(
+        "the pvrun binary was not built: run the tests from the workspace root, or add --features cli",
+    )
+}
+
 /// The guest-examples workspace.
 pub fn examples_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest-examples")
@@ -56,7 +67,7 @@ impl From<Output> for Run {
 
 /// Runs the `pvrun` binary with `opts` before the guest and `args` after `--`.
 pub fn pvrun(elf: &Path, opts: &[&str], args: &[&str]) -> Run {
-    let out = Command::new(env!("CARGO_BIN_EXE_pvrun"))
+    let out = Command::new(pvrun_bin())
         .args(opts)
         .arg(elf)
         .arg("--")
@@ -160,7 +171,7 @@ impl NsGuest {
     pub fn start(ns: &Netns, name: &str, opts: &[&str], args: &[&str]) -> NsGuest {
         use std::io::BufRead;
         let mut child = ns
-            .command(env!("CARGO_BIN_EXE_pvrun"))
+            .command(pvrun_bin())
             .args(opts)
             .arg(guest(name))
             .arg("--")

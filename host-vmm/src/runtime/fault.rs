@@ -6,9 +6,9 @@ use std::fmt;
 
 use pvrun_abi::exception_name;
 
-use crate::arch::cpu::USER_CS;
-use crate::elf::GuestImage;
+use crate::arch::USER_CS;
 use crate::layout::{GUEST_IMAGE_BASE, PAGE_SIZE};
+use crate::loader::GuestImage;
 use crate::memory::MemoryMap;
 
 /// A guest crash, ready to print as one line.

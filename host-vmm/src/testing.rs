@@ -1,4 +1,5 @@
-//! Hand-assembled guests: minimal ELF images around a few bytes of machine code.
+//! Test and benchmark support, not part of the documented API. Hand-assembled guests:
+//! minimal ELF images around a few bytes of machine code.
 //!
 //! They measure the raw KVM exit floor (a CPL3 `out` loop with nothing behind it) in the
 //! same process and VM setup as real guests, and let tests build deliberately broken ELF
@@ -126,3 +127,6 @@ pub fn elf(code: &[u8], opts: RawElf) -> Vec<u8> {
     out.extend_from_slice(code);
     out
 }
+
+/// The process-wide KVM handle (for tests that probe the device directly).
+pub use crate::vstate::kvm::kvm;

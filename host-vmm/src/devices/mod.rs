@@ -20,12 +20,16 @@ use pvrun_abi::{
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
-use crate::block::{Disk, DiskConfig, MAX_REQUEST, SECTOR_SIZE};
+pub(crate) mod block;
+pub(crate) mod net;
+pub(crate) mod ring;
+
 use crate::error::Error;
 use crate::layout::align_up;
 use crate::memory::MemoryMap;
-use crate::net::{NetConfig, NetWorker, Tap};
-use crate::ring::Ring;
+use block::{Disk, DiskConfig, MAX_REQUEST, SECTOR_SIZE};
+use net::{NetConfig, NetWorker, Tap};
+use ring::Ring;
 
 /// Slots per ring.
 pub const RING_SLOTS: u32 = 256;
@@ -368,7 +372,7 @@ impl BlockWorker {
     }
 
     /// Serves requests until the ring is empty and the guest was told to ring again.
-    fn serve(&mut self) -> Result<(), crate::ring::RingError> {
+    fn serve(&mut self) -> Result<(), ring::RingError> {
         loop {
             let n = self.ring.pending(&self.mem)?;
             if n == 0 {

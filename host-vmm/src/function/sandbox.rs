@@ -19,11 +19,15 @@ use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use crate::GuestImage;
+use super::snapshot::{Snapshot, VmShell};
+use super::{FN_DATA_MAX, HostFn};
+use crate::config::VmConfig;
 use crate::error::Error;
-use crate::fault::Fault;
-use crate::hypercall::{FN_DATA_MAX, HostFn};
-use crate::vm::{KillHandle, Outcome, Snapshot, Vm, VmConfig, VmShell};
+use crate::loader::GuestImage;
+use crate::runtime::Vm;
+use crate::runtime::control::KillHandle;
+use crate::runtime::fault::Fault;
+use crate::runtime::outcome::Outcome;
 
 /// How sandboxes are built.
 pub struct SandboxConfig {

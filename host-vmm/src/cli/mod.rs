@@ -1,15 +1,14 @@
 //! Command-line pieces shared by `pvrun` and `cargo pvrun`: option parsing helpers and
 //! running a guest to a process exit status.
 
+pub mod gateway;
+
 use std::path::Path;
 use std::time::Duration;
 
 use std::sync::Arc;
 
-use crate::block::DiskConfig;
-use crate::elf::GuestImage;
-use crate::net::NetConfig;
-use crate::vm::{EXIT_HOST_ERROR, Vm, VmConfig};
+use crate::{DiskConfig, EXIT_HOST_ERROR, GuestImage, NetConfig, Vm, VmConfig};
 
 /// The options that shape a guest's VM, shared by `pvrun` and `cargo pvrun`.
 #[derive(clap::Args, Debug)]

@@ -19,8 +19,7 @@ use std::io::Read;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use crate::error::Error;
-use crate::sandbox::{CallError, SandboxPool};
+use crate::{CallError, Error, SandboxPool};
 
 /// A bound gateway, not yet serving.
 pub struct Gateway {
@@ -117,7 +116,7 @@ fn handle(pool: &SandboxPool, mut req: tiny_http::Request) {
     }
     let mut input = Vec::new();
     // Read at most the largest input a guest buffer can take, plus one byte to detect more.
-    let limit = crate::hypercall::FN_DATA_MAX + 1;
+    let limit = crate::FN_DATA_MAX + 1;
     if req.as_reader().take(limit).read_to_end(&mut input).is_err() {
         return respond(
             req,

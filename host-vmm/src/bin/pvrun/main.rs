@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use host_vmm::cli::{VmOptions, parse_env, parse_mem, parse_timeout, run_and_exit};
-use host_vmm::sandbox::{Sandbox, SandboxConfig, SandboxPool};
+use host_vmm::{Sandbox, SandboxConfig, SandboxPool};
 
 /// Run a pvrun unikernel (a guest ELF built with `cargo pvrun`) in a KVM VM.
 ///
@@ -64,7 +64,7 @@ fn main() {
         serve(ServeCli::parse_from(&argv[1..]));
     }
     let cli = Cli::parse();
-    host_vmm::vm::stop_guest_on_signals();
+    host_vmm::stop_guest_on_signals();
     let mut args = vec![cli.guest.display().to_string()];
     args.extend(cli.args);
     let config = cli.vm.into_config(args);
@@ -89,8 +89,8 @@ fn serve(cli: ServeCli) -> ! {
     let first = Sandbox::new(&cli.guest, config).unwrap_or_else(|e| fail(&e));
     let pool = SandboxPool::new(first, cli.pool.max(1)).unwrap_or_else(|e| fail(&e));
     let functions = pool.functions().join(", ");
-    let gateway =
-        host_vmm::gateway::Gateway::bind(&cli.listen, Arc::new(pool)).unwrap_or_else(|e| fail(&e));
+    let gateway = host_vmm::cli::gateway::Gateway::bind(&cli.listen, Arc::new(pool))
+        .unwrap_or_else(|e| fail(&e));
     let addr = gateway
         .local_addr()
         .map(|a| a.to_string())

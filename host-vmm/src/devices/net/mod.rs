@@ -16,13 +16,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use pvrun_abi::{NetResponse, NetRxRequest, NetTxRequest, status};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::devices::{DeviceStats, Notify};
+use super::ring::{Ring, RingError};
+use super::{DeviceStats, Notify};
 use crate::error::Error;
-use crate::memory::{AccessError, MemoryMap};
-use crate::ring::{Ring, RingError};
+use crate::memory::{MemoryMap, UserMemory};
 
 /// Default MTU (largest IP packet).
 pub const DEFAULT_MTU: u32 = 1500;
@@ -59,7 +59,7 @@ impl NetConfig {
         let (name, rest) = s
             .split_once('=')
             .ok_or_else(|| format!("`{s}` is not NAME=tap:IFNAME[,mac=..][,ip=..][,gw=..]"))?;
-        crate::block::check_device_name(name)?;
+        super::block::check_device_name(name)?;
         let mut parts = rest.split(',');
         let tap = parts
             .next()
@@ -307,19 +307,13 @@ impl NetWorker {
         if len < ETH_HEADER as usize || len > frame.len() {
             return status::BAD_LENGTH;
         }
-        if let Err(e) = self.map.check_user(req.addr, len as u64, false) {
-            return match e {
-                AccessError::Overflow => status::BAD_LENGTH,
-                AccessError::Outside => status::BAD_ADDRESS,
-            };
-        }
+        let range = match self.map.check_user(req.addr, len as u64, false) {
+            Ok(r) => r,
+            Err(e) => return e.status(),
+        };
         // One private copy: the guest cannot change the frame while it is being sent.
-        if self
-            .mem
-            .read_slice(&mut frame[..len], GuestAddress(req.addr))
-            .is_err()
-        {
-            return status::BAD_ADDRESS;
+        if let Err(e) = self.mem.read_user(&range, &mut frame[..len]) {
+            return e.status();
         }
         // SAFETY: write from our own buffer to our own descriptor.
         let w = unsafe { libc::write(self.tap.file.as_raw_fd(), frame.as_ptr().cast(), len) };
@@ -383,10 +377,10 @@ impl NetWorker {
             return Some(status::BAD_LENGTH);
         }
         // The kernel writes the frame straight into guest memory the guest may write.
-        if self.map.check_user(req.addr, cap, true).is_err() {
+        let Ok(range) = self.map.check_user(req.addr, cap, true) else {
             return Some(status::BAD_ADDRESS);
-        }
-        let Ok(slice) = self.mem.get_slice(GuestAddress(req.addr), cap as usize) else {
+        };
+        let Ok(slice) = self.mem.user_slice(&range) else {
             return Some(status::BAD_ADDRESS);
         };
         let guard = slice.ptr_guard_mut();

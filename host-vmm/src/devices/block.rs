@@ -13,10 +13,10 @@ use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 
 use pvrun_abi::{BlockRequest, BlockResponse, block_op, status};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::GuestMemoryMmap;
 
 use crate::error::Error;
-use crate::memory::{AccessError, MemoryMap};
+use crate::memory::{MemoryMap, UserMemory};
 
 /// Bytes per sector.
 pub const SECTOR_SIZE: u64 = 512;
@@ -192,13 +192,10 @@ impl Disk {
             return Err(status::READ_ONLY);
         }
         // A read stores into guest memory: the buffer must be memory the guest may write.
-        map.check_user(req.addr, len, !write).map_err(|e| match e {
-            AccessError::Overflow => status::BAD_LENGTH,
-            AccessError::Outside => status::BAD_ADDRESS,
-        })?;
-        let slice = mem
-            .get_slice(GuestAddress(req.addr), len as usize)
-            .map_err(|_| status::BAD_ADDRESS)?;
+        let range = map
+            .check_user(req.addr, len, !write)
+            .map_err(|e| e.status())?;
+        let slice = mem.user_slice(&range).map_err(|e| e.status())?;
         let fd = self.file.as_raw_fd();
         let mut done = 0usize;
         let total = len as usize;
@@ -232,7 +229,8 @@ impl Disk {
                 n if n > 0 => done += n as usize,
                 0 if !write => {
                     // The image shrank under us: the rest reads as zeroes.
-                    mem.write_slice(&vec![0; total - done], GuestAddress(req.addr + done as u64))
+                    let rest = range.skip(done as u64).ok_or(status::IO_ERROR)?;
+                    mem.write_user(&rest, &vec![0; total - done])
                         .map_err(|_| status::IO_ERROR)?;
                     done = total;
                 }

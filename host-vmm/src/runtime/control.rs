@@ -1,0 +1,254 @@
+//! Stopping a running guest from another thread or a signal: the per-VM [`RunControl`]
+//! with its watchdog (timeouts), [`KillHandle`], and the process's SIGINT/SIGTERM handling.
+//!
+//! Stopping sets the vCPU's `immediate_exit` flag and sends the vCPU thread a real-time
+//! signal, so `KVM_RUN` returns whether the guest is in the middle of an instruction loop,
+//! about to enter, or sleeping in `wait`.
+
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, Once};
+use std::thread::{JoinHandle, Thread};
+use std::time::Instant;
+
+use kvm_bindings::kvm_run;
+
+use crate::devices::Notify;
+use crate::error::Error;
+
+/// Why a run was asked to stop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum StopReason {
+    /// The run's deadline passed.
+    Timeout,
+    /// A [`KillHandle`] was used.
+    Kill,
+    /// The process got this terminating signal.
+    Signal(i32),
+}
+
+const STOP_NONE: u8 = 0;
+const STOP_TIMEOUT: u8 = 1;
+const STOP_KILL: u8 = 2;
+
+/// The running vCPU thread, as another thread needs it to interrupt `KVM_RUN`.
+struct Target {
+    tid: libc::pthread_t,
+    run: *mut kvm_run,
+    thread: Thread,
+}
+
+// SAFETY: `run` points at the vCPU's kvm_run mapping and is only used while the vCPU is
+// alive (the target is cleared under the mutex before the vCPU can be dropped).
+unsafe impl Send for Target {}
+
+/// The watchdog's schedule.
+#[derive(Default)]
+struct Deadline {
+    /// When the current run must stop.
+    stop_at: Option<Instant>,
+    /// When the watchdog will next wake up on its own (None: it sleeps until notified).
+    wakes_at: Option<Instant>,
+}
+
+/// Per-VM stop state, shared with the watchdog and every [`KillHandle`].
+pub(crate) struct RunControl {
+    reason: AtomicU8,
+    target: Mutex<Option<Target>>,
+    notify: Arc<Notify>,
+    deadline: Mutex<Deadline>,
+    deadline_cv: Condvar,
+    /// Tells the watchdog thread to end.
+    quit: AtomicBool,
+}
+
+impl RunControl {
+    /// Stop state for a VM whose sleeping guest is woken through `notify`.
+    pub fn new(notify: Arc<Notify>) -> Arc<RunControl> {
+        install_kick_handler();
+        Arc::new(RunControl {
+            reason: AtomicU8::new(STOP_NONE),
+            target: Mutex::new(None),
+            notify,
+            deadline: Mutex::new(Deadline::default()),
+            deadline_cv: Condvar::new(),
+            quit: AtomicBool::new(false),
+        })
+    }
+
+    /// What wakes a guest sleeping in `wait` (devices signal it too).
+    pub fn notify(&self) -> &Notify {
+        &self.notify
+    }
+
+    fn stop(&self, reason: u8) {
+        let _ = self
+            .reason
+            .compare_exchange(STOP_NONE, reason, Ordering::SeqCst, Ordering::SeqCst);
+        let guard = self.target.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(t) = guard.as_ref() {
+            // SAFETY: the vCPU (and its kvm_run mapping) is alive while `target` is set.
+            unsafe { std::ptr::addr_of_mut!((*t.run).immediate_exit).write_volatile(1) };
+            t.thread.unpark();
+            self.notify.signal();
+            // SAFETY: the thread is alive while registered; the signal's handler is a no-op.
+            unsafe { libc::pthread_kill(t.tid, kick_signal()) };
+        }
+    }
+
+    /// Registers the calling thread as the one running the vCPU (until [`Self::leave`]).
+    pub fn enter(&self, run: *mut kvm_run) {
+        *self.target.lock().unwrap_or_else(|p| p.into_inner()) = Some(Target {
+            // SAFETY: pthread_self has no preconditions.
+            tid: unsafe { libc::pthread_self() },
+            run,
+            thread: std::thread::current(),
+        });
+        // SAFETY: pthread_self has no preconditions.
+        VCPU_THREAD.store(unsafe { libc::pthread_self() } as u64, Ordering::SeqCst);
+    }
+
+    /// The vCPU thread is no longer running the guest.
+    pub fn leave(&self) {
+        *self.target.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        VCPU_THREAD.store(0, Ordering::SeqCst);
+    }
+
+    /// Whether (and why) the current run must stop.
+    pub fn stopped(&self) -> Option<StopReason> {
+        let sig = INTERRUPTED.load(Ordering::SeqCst);
+        if sig != 0 {
+            return Some(StopReason::Signal(sig));
+        }
+        match self.reason.load(Ordering::SeqCst) {
+            STOP_TIMEOUT => Some(StopReason::Timeout),
+            STOP_KILL => Some(StopReason::Kill),
+            _ => None,
+        }
+    }
+
+    /// Forgets a kill or timeout request.
+    pub fn clear(&self) {
+        self.reason.store(STOP_NONE, Ordering::SeqCst);
+    }
+
+    /// Sets (or clears) the deadline. The watchdog is woken only when it would otherwise
+    /// sleep past the new deadline: arming each call of a sandbox costs no thread wake-up.
+    pub fn arm(&self, deadline: Option<Instant>) {
+        let mut st = self.deadline.lock().unwrap_or_else(|p| p.into_inner());
+        st.stop_at = deadline;
+        let wake = match (deadline, st.wakes_at) {
+            (Some(new), Some(wakes_at)) => new < wakes_at,
+            (Some(_), None) => true,
+            (None, _) => false,
+        };
+        drop(st);
+        if wake || self.quit.load(Ordering::SeqCst) {
+            self.deadline_cv.notify_all();
+        }
+    }
+
+    /// Starts the watchdog thread: one per VM (on the first run with a timeout), so a
+    /// timed call costs no thread spawn.
+    pub fn start_watchdog(self: &Arc<Self>) -> Result<JoinHandle<()>, Error> {
+        let control = self.clone();
+        std::thread::Builder::new()
+            .name("pvrun-watchdog".into())
+            .spawn(move || control.watchdog())
+            .map_err(Error::Io)
+    }
+
+    /// Ends the watchdog thread (the caller joins it).
+    pub fn quit(&self) {
+        self.quit.store(true, Ordering::SeqCst);
+        self.arm(None);
+    }
+
+    /// The watchdog thread: stops the guest when the armed deadline passes.
+    fn watchdog(self: Arc<Self>) {
+        let mut d = self.deadline.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if self.quit.load(Ordering::SeqCst) {
+                return;
+            }
+            match d.stop_at {
+                None => {
+                    d.wakes_at = None;
+                    d = self.deadline_cv.wait(d).unwrap_or_else(|p| p.into_inner());
+                }
+                Some(t) => {
+                    let now = Instant::now();
+                    if now >= t {
+                        d.stop_at = None;
+                        drop(d);
+                        self.stop(STOP_TIMEOUT);
+                        d = self.deadline.lock().unwrap_or_else(|p| p.into_inner());
+                    } else {
+                        d.wakes_at = Some(t);
+                        d = self
+                            .deadline_cv
+                            .wait_timeout(d, t - now)
+                            .unwrap_or_else(|p| p.into_inner())
+                            .0;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Stops a running guest from another thread.
+#[derive(Clone)]
+pub struct KillHandle(pub(crate) Arc<RunControl>);
+
+impl KillHandle {
+    /// Stops the guest; its run ends with [`crate::Outcome::Killed`]. Harmless if it has
+    /// ended.
+    pub fn kill(&self) {
+        self.0.stop(STOP_KILL);
+    }
+}
+
+fn kick_signal() -> libc::c_int {
+    libc::SIGRTMIN()
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// The terminating signal the process got, if any (0: none).
+static INTERRUPTED: AtomicI32 = AtomicI32::new(0);
+/// The thread running a vCPU in this process, for the signal handler to kick (0: none).
+static VCPU_THREAD: AtomicU64 = AtomicU64::new(0);
+
+extern "C" fn on_terminate(sig: libc::c_int) {
+    INTERRUPTED.store(sig, Ordering::SeqCst);
+    let t = VCPU_THREAD.load(Ordering::SeqCst);
+    if t != 0 {
+        // SAFETY: pthread_kill is async-signal-safe; the kick handler does nothing.
+        unsafe { libc::pthread_kill(t as libc::pthread_t, kick_signal()) };
+    }
+}
+
+/// Makes SIGINT and SIGTERM stop the running guest cleanly (its console output is
+/// delivered and the run ends with [`crate::Outcome::Interrupted`]) instead of killing
+/// the process. For single-VM programs such as the `pvrun` runner.
+pub fn stop_guest_on_signals() {
+    install_kick_handler();
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: a plain handler that only touches atomics and calls pthread_kill;
+        // no SA_RESTART, so a blocking KVM_RUN returns EINTR.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_terminate as extern "C" fn(libc::c_int) as usize;
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(sig, &sa, std::ptr::null_mut());
+        }
+    }
+}
+
+fn install_kick_handler() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        // Without SA_RESTART, so KVM_RUN returns EINTR.
+        let _ = vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick);
+    });
+}

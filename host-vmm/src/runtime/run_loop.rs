@@ -1,0 +1,272 @@
+//! The run loop: enter the guest, and turn each VM exit into the next step — a hypercall
+//! answered, a doorbell forwarded, a sleep in `wait`, or the [`Outcome`] that ends the run.
+
+use std::time::{Duration, Instant};
+
+use kvm_ioctls::VcpuExit;
+use pvrun_abi::{EXCEPTION_PORT, HYPERCALL_PORT_BASE, HYPERCALL_PORT_COUNT};
+use vm_memory::{Bytes, GuestAddress};
+
+use super::Vm;
+use super::control::{KillHandle, StopReason};
+use super::fault::{self, Fault};
+use super::outcome::Outcome;
+use crate::devices::DeviceCounters;
+use crate::error::Error;
+use crate::hypercall::{self, Action, GuestView};
+use crate::layout::{R0_STACK_BOTTOM, R0_STACK_TOP};
+use crate::vstate::vm as kvm_vm;
+
+/// What one `KVM_RUN` came back with, copied out of `kvm_run`.
+enum Exit {
+    Out(u16),
+    In(u16),
+    Mmio(u64),
+    Shutdown,
+    Hlt,
+    Interrupted,
+    Other(String),
+}
+
+impl Vm {
+    /// Sets how long each later [`Vm::run`] may take.
+    pub fn set_timeout(&mut self, timeout: Option<Duration>) {
+        self.timeout = timeout;
+    }
+
+    /// Forgets an earlier stop request (kill or timeout), so the next run proceeds.
+    pub fn clear_stop(&mut self) {
+        self.control.clear();
+        self.vcpu.set_immediate_exit(0);
+    }
+
+    /// A handle that stops this VM's guest from another thread.
+    pub fn kill_handle(&self) -> KillHandle {
+        KillHandle(self.control.clone())
+    }
+
+    /// Runs the guest until it exits, crashes, times out or is killed.
+    pub fn run(&mut self) -> Result<Outcome, Error> {
+        let started = Instant::now();
+        self.control.enter(self.vcpu.kvm_run_ptr());
+        if let Some(t) = self.timeout {
+            if self.watchdog.is_none() {
+                self.watchdog = Some(self.control.start_watchdog()?);
+            }
+            self.control.arm(Some(started + t));
+        }
+        let r = self.run_loop();
+        if self.timeout.is_some() {
+            self.control.arm(None);
+        }
+        self.control.leave();
+        r.map(|o| match o {
+            Outcome::TimedOut(_) => Outcome::TimedOut(started.elapsed()),
+            o => o,
+        })
+    }
+
+    fn stopped(&self) -> Option<Outcome> {
+        self.control.stopped().map(|r| match r {
+            StopReason::Signal(sig) => Outcome::Interrupted(sig),
+            StopReason::Timeout => Outcome::TimedOut(Duration::ZERO),
+            StopReason::Kill => Outcome::Killed,
+        })
+    }
+
+    fn run_loop(&mut self) -> Result<Outcome, Error> {
+        loop {
+            if let Some(o) = self.stopped() {
+                return Ok(o);
+            }
+            self.exits += 1;
+            let exit = match self.vcpu.run() {
+                Ok(VcpuExit::IoOut(port, _)) => Exit::Out(port),
+                Ok(VcpuExit::IoIn(port, data)) => {
+                    data.fill(0xff);
+                    Exit::In(port)
+                }
+                Ok(VcpuExit::MmioRead(addr, data)) => {
+                    data.fill(0xff);
+                    Exit::Mmio(addr)
+                }
+                Ok(VcpuExit::MmioWrite(addr, _)) => Exit::Mmio(addr),
+                Ok(VcpuExit::Shutdown) => Exit::Shutdown,
+                Ok(VcpuExit::Hlt) => Exit::Hlt,
+                Ok(VcpuExit::Intr) => Exit::Interrupted,
+                Ok(other) => Exit::Other(format!("{other:?}")),
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    Exit::Interrupted
+                }
+                Err(e) => return Err(Error::Kvm("KVM_RUN", e)),
+            };
+            // Console output travels in the ring; deliver it at every exit, before anything
+            // else happens, so it is never lost or reordered against a crash report.
+            if let Err(msg) = self.console.drain(self.ram.mem()) {
+                return Ok(Outcome::Fault(Fault::protocol(msg)));
+            }
+            if let Some(outcome) = self.handle(exit)? {
+                return Ok(outcome);
+            }
+        }
+    }
+
+    /// Acts on one exit; `Some` ends the run.
+    fn handle(&mut self, exit: Exit) -> Result<Option<Outcome>, Error> {
+        let protocol = |msg: String| Ok(Some(Outcome::Fault(Fault::protocol(msg))));
+        match exit {
+            // A doorbell that was not served in the kernel: hand it to the device.
+            Exit::Out(port) if self.devices.ring_doorbell(port) => Ok(None),
+            Exit::Out(port)
+                if (HYPERCALL_PORT_BASE..HYPERCALL_PORT_BASE + HYPERCALL_PORT_COUNT)
+                    .contains(&port) =>
+            {
+                self.hypercall(port - HYPERCALL_PORT_BASE)
+            }
+            Exit::Out(EXCEPTION_PORT) => Ok(Some(Outcome::Fault(self.exception()))),
+            Exit::Out(port) => protocol(format!("unexpected write to I/O port {port:#x}")),
+            Exit::In(port) => protocol(format!(
+                "read from I/O port {port:#x} (hypercalls use `out`)"
+            )),
+            Exit::Mmio(addr) => protocol(format!(
+                "access to unbacked guest-physical address {addr:#x}"
+            )),
+            Exit::Shutdown => {
+                protocol("triple fault (the CPU could not deliver an exception)".into())
+            }
+            Exit::Hlt => protocol("halted".into()),
+            Exit::Interrupted => {
+                if let Some(o) = self.stopped() {
+                    return Ok(Some(o));
+                }
+                self.vcpu.set_immediate_exit(0);
+                Ok(None)
+            }
+            Exit::Other(what) => protocol(format!("unexpected VM exit {what}")),
+        }
+    }
+
+    /// Serves hypercall `nr` (its argument address is in `rdi`).
+    fn hypercall(&mut self, nr: u16) -> Result<Option<Outcome>, Error> {
+        let rdi = self.vcpu.rdi()?;
+        let view = GuestView {
+            mem: self.ram.mem(),
+            map: &self.map,
+        };
+        let action = hypercall::dispatch(nr, rdi, &view, &mut self.console, &mut self.fns);
+        Ok(match action {
+            Action::Return(v) => {
+                self.vcpu.set_rax(v as u64)?;
+                None
+            }
+            Action::Exit(code) => Some(Outcome::Exited(code)),
+            Action::Abort(msg) => Some(Outcome::Panicked(msg)),
+            Action::Fault(msg) => Some(Outcome::Fault(Fault::protocol(msg))),
+            Action::Ready(exports) => Some(Outcome::Ready(exports)),
+            Action::Returned { status, output } => Some(Outcome::Returned { status, output }),
+            Action::Wait(deadline_ns) => match self.wait(deadline_ns) {
+                Some(o) => Some(o),
+                None => {
+                    self.vcpu.set_rax(0)?;
+                    None
+                }
+            },
+        })
+    }
+
+    /// Sleeps until the guest deadline, a device event, or a stop; `Some` if stopped.
+    fn wait(&mut self, deadline_ns: u64) -> Option<Outcome> {
+        let target = self
+            .boot_instant
+            .checked_add(Duration::from_nanos(deadline_ns));
+        loop {
+            if let Some(o) = self.stopped() {
+                return Some(o);
+            }
+            let now = Instant::now();
+            let left = match target {
+                Some(t) if now >= t => return None,
+                Some(t) => t - now,
+                None => Duration::from_secs(1),
+            };
+            if self.control.notify().wait(left) {
+                // A device published responses (or a stop was requested: checked above
+                // on the next turn).
+                return self.stopped();
+            }
+        }
+    }
+
+    /// Reads the exception frame the ring-0 stub left and describes the fault.
+    fn exception(&mut self) -> Fault {
+        let rsp = match self.vcpu.regs() {
+            Ok(r) => r.rsp,
+            Err(e) => return Fault::protocol(format!("cannot read registers: {e}")),
+        };
+        let cr2 = self.vcpu.sregs().map(|s| s.cr2).unwrap_or(0);
+        // The stub pushed [vector, error code] on top of the CPU's frame
+        // [rip, cs, rflags, rsp, ss], all on the host-owned ring-0 stack.
+        if !(R0_STACK_BOTTOM..=R0_STACK_TOP - 7 * 8).contains(&rsp) {
+            return Fault::protocol(format!("exception stub ran with a bad stack {rsp:#x}"));
+        }
+        let mut frame = [0u64; 7];
+        for (i, slot) in frame.iter_mut().enumerate() {
+            *slot = self
+                .ram
+                .mem()
+                .read_obj::<u64>(GuestAddress(rsp + 8 * i as u64))
+                .unwrap_or(0);
+        }
+        fault::describe(
+            frame[0],
+            frame[1],
+            frame[2],
+            frame[3],
+            cr2,
+            &self.image,
+            &self.map,
+        )
+    }
+
+    /// Test and benchmark support: re-enters the guest for `n` exits of any kind without
+    /// handling them, and returns the time taken. With the `testing` module's exit-loop
+    /// guest this is the raw KVM exit floor of this machine.
+    #[doc(hidden)]
+    pub fn raw_exit_loop(&mut self, n: u64) -> Result<Duration, Error> {
+        let t = Instant::now();
+        for _ in 0..n {
+            match self.vcpu.run() {
+                Ok(VcpuExit::IoOut(..)) => {}
+                Ok(other) => {
+                    return Err(Error::Layout(format!(
+                        "raw exit loop: unexpected exit {other:?}"
+                    )));
+                }
+                Err(e) => return Err(Error::Kvm("KVM_RUN", e)),
+            }
+        }
+        Ok(t.elapsed())
+    }
+
+    /// The guest pages written since the last call (KVM dirty log; needs
+    /// [`crate::VmConfig::dirty_log`]), as a bitmap of 4 KiB pages.
+    pub fn take_dirty_log(&self) -> Result<Vec<u64>, Error> {
+        kvm_vm::dirty_log(&self.vm, self.ram.size())
+    }
+
+    /// Counters of the attached devices, by name.
+    pub fn device_counters(&self) -> Vec<(String, DeviceCounters)> {
+        self.devices.counters()
+    }
+
+    /// VM exits to host user space so far (doorbells served by ioeventfds are not
+    /// among them; see [`Vm::device_counters`]).
+    pub fn exits(&self) -> u64 {
+        self.exits
+    }
+
+    /// Whether doorbells are served by KVM ioeventfds.
+    pub fn ioeventfd(&self) -> bool {
+        self.devices.ioeventfd
+    }
+}

@@ -1,0 +1,40 @@
+//! Creating a KVM VM over guest memory.
+
+use kvm_bindings::kvm_userspace_memory_region;
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+
+use crate::error::Error;
+use crate::memory::GuestRam;
+
+/// Creates a KVM VM over `ram` (slot 0 at guest address 0, with dirty logging if asked) and
+/// its one vCPU (wrap it in a [`super::vcpu::Vcpu`] once the CPU policy is known).
+pub(crate) fn create(kvm: &Kvm, ram: &GuestRam, dirty_log: bool) -> Result<(VmFd, VcpuFd), Error> {
+    let vm = kvm
+        .create_vm()
+        .map_err(|e| Error::Kvm("KVM_CREATE_VM", e))?;
+    let slot = kvm_userspace_memory_region {
+        slot: 0,
+        flags: if dirty_log {
+            kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES
+        } else {
+            0
+        },
+        guest_phys_addr: 0,
+        memory_size: ram.size(),
+        userspace_addr: ram.host_base(),
+    };
+    // SAFETY: the region is our own mapping of exactly `ram.size()` bytes, and it outlives
+    // the VM (field order of `Vm` and `VmShell`).
+    unsafe { vm.set_user_memory_region(slot) }
+        .map_err(|e| Error::Kvm("KVM_SET_USER_MEMORY_REGION", e))?;
+    let fd = vm
+        .create_vcpu(0)
+        .map_err(|e| Error::Kvm("KVM_CREATE_VCPU", e))?;
+    Ok((vm, fd))
+}
+
+/// The guest pages written since the last call (bit `i` = 4 KiB page `i`).
+pub(crate) fn dirty_log(vm: &VmFd, size: u64) -> Result<Vec<u64>, Error> {
+    vm.get_dirty_log(0, size as usize)
+        .map_err(|e| Error::Kvm("KVM_GET_DIRTY_LOG", e))
+}
