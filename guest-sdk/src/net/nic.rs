@@ -17,7 +17,7 @@ use alloc::collections::VecDeque;
 use alloc::vec::Vec;
 use core::ptr::NonNull;
 
-use pvrun_abi::{DeviceInfo, NetResponse, NetRxRequest, NetTxRequest};
+use pvrun_abi::{DeviceInfo, ETH_HEADER, NetResponse, NetRxRequest, NetTxRequest};
 use smoltcp::phy::{self, DeviceCapabilities, Medium};
 use smoltcp::time::Instant;
 
@@ -27,8 +27,6 @@ use crate::ring::Ring;
 const MAX_BUFFERS: u32 = 256;
 /// Smallest frame buffer; bigger when the MTU needs it.
 const MIN_BUFFER: usize = 2048;
-/// Bytes of an Ethernet header (frames carry no FCS).
-const ETH_HEADER: usize = 14;
 
 /// Counters of the NIC, for benchmarks.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -205,7 +203,7 @@ impl TxSide {
             self.reap();
         }
         let b = match self.free.pop() {
-            Some(b) if len <= self.bufs.size && len >= ETH_HEADER => b,
+            Some(b) if len <= self.bufs.size && len >= ETH_HEADER as usize => b,
             other => {
                 if let Some(b) = other {
                     self.free.push(b);
@@ -258,7 +256,7 @@ impl Nic {
         if !(576..=65535).contains(&mtu) {
             return Err(BadDevice);
         }
-        let max_frame = ETH_HEADER + mtu;
+        let max_frame = ETH_HEADER as usize + mtu;
         let size = max_frame.next_multiple_of(64).max(MIN_BUFFER);
         let rx_count = rx_ring.slots().min(MAX_BUFFERS);
         let tx_count = tx_ring.slots().min(MAX_BUFFERS);
