@@ -12,6 +12,7 @@
 //! | `echo` | | the input, unchanged (any bytes) |
 //! | `touch-pages` | input: a decimal page count N (empty: 16, at most 256); writes one byte in each of N distinct 4 KiB pages of a 1 MiB static buffer | `ok` |
 //! | `init-state` | reads a global the initialisation set to 42 | `42` (`0` if init had not run) |
+//! | `wait` | input: a decimal millisecond count N (empty: forever); one `WAIT` hypercall with a deadline N ms from now | `waited MS` (how long the host kept it asleep) |
 //!
 //! A bad decimal input is an error (`expected a decimal number, got ...`).
 #![no_std]
@@ -37,6 +38,7 @@ pvrun::export_functions! {
     "init-state" => init_state,
     "xmm-set" => xmm_set,
     "xmm-get" => xmm_get,
+    "wait" => wait,
 }
 
 /// Calls of `counter` since the snapshot (or since boot, if the host never resets).
@@ -170,4 +172,20 @@ fn touch_pages(input: &[u8]) -> Result<Vec<u8>, String> {
 /// Returns the value the initialisation stored.
 fn init_state(_input: &[u8]) -> Result<Vec<u8>, String> {
     Ok(format!("{}", INIT_STATE.load(Ordering::Relaxed)).into_bytes())
+}
+
+/// One `WAIT` with a deadline `input` ms from now (empty: never), and how long it took: a
+/// wake-up left over from an earlier call would end it early.
+fn wait(input: &[u8]) -> Result<Vec<u8>, String> {
+    let start = pvrun::time::monotonic_ns();
+    let deadline = if input.is_empty() {
+        u64::MAX
+    } else {
+        start.saturating_add(decimal(input, 0)? as u64 * 1_000_000)
+    };
+    let _ = pvrun::hypercall::call(&pvrun::abi::Wait {
+        deadline_ns: deadline,
+    });
+    let waited = (pvrun::time::monotonic_ns() - start) / 1_000_000;
+    Ok(format!("waited {waited}").into_bytes())
 }

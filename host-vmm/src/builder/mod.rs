@@ -13,7 +13,7 @@ use pvrun_abi::{device, perm, region};
 
 use crate::arch;
 use crate::config::VmConfig;
-use crate::devices::{self, Devices, Notify, Planned};
+use crate::devices::{self, Devices, Planned};
 use crate::error::Error;
 use crate::function::FnContext;
 use crate::hypercall::Console;
@@ -22,6 +22,7 @@ use crate::loader::GuestImage;
 use crate::memory::{GuestRam, HOST_ONLY, MemoryMap, Region};
 use crate::runtime::Vm;
 use crate::runtime::control::RunControl;
+use crate::runtime::notify::Notify;
 use crate::vstate::kvm::{cpu_policy, cpu_policy_ready, kvm};
 use crate::vstate::vcpu::Vcpu;
 use crate::vstate::vm as kvm_vm;
@@ -222,7 +223,7 @@ pub(crate) fn build(image: Arc<GuestImage>, config: VmConfig) -> Result<Vm, Erro
         &planned.infos,
         &facts,
     )?;
-    let notify = Arc::new(Notify::default());
+    let notify = Arc::new(Notify::new()?);
     let devices = Devices::start(planned, &vm, ram.mem(), &map, &notify, config.ioeventfd)?;
 
     Ok(Vm {

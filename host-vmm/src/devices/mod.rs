@@ -8,8 +8,8 @@
 //! instead. I/O threads publish responses and wake a guest sleeping in `wait` through a
 //! shared [`Notify`].
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
@@ -37,33 +37,7 @@ pub const RING_SLOTS: u32 = 256;
 pub const RING_BYTES: u64 =
     (RING_SLOTS_OFFSET + RING_SLOTS as u64 * RING_SLOT_SIZE).next_multiple_of(PAGE_SIZE);
 
-/// Wakes a guest sleeping in `wait` when a device has new responses (or the VM stops).
-#[derive(Default)]
-pub struct Notify {
-    pending: Mutex<bool>,
-    cv: Condvar,
-}
-
-impl Notify {
-    /// Marks that something happened and wakes the waiter.
-    pub fn signal(&self) {
-        *self.pending.lock().unwrap_or_else(|p| p.into_inner()) = true;
-        self.cv.notify_all();
-    }
-
-    /// Waits until signalled or `timeout` passes; clears the signal. True if signalled.
-    pub fn wait(&self, timeout: std::time::Duration) -> bool {
-        let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-        if !*p {
-            p = self
-                .cv
-                .wait_timeout(p, timeout)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-        }
-        std::mem::replace(&mut *p, false)
-    }
-}
+pub(crate) use crate::runtime::notify::Notify;
 
 /// Counters of one device, for benchmarks and reports.
 #[derive(Default)]

@@ -16,7 +16,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::{Exports, FnContext, HostFn};
 use crate::arch::VcpuState;
-use crate::devices::{Devices, Notify};
+use crate::devices::Devices;
 use crate::error::Error;
 use crate::hypercall::Console;
 use crate::layout::{CONSOLE_RING_ADDR, PAGE_SIZE};
@@ -24,6 +24,7 @@ use crate::loader::GuestImage;
 use crate::memory::{GuestRam, MemoryMap, MemorySnapshot};
 use crate::runtime::Vm;
 use crate::runtime::control::RunControl;
+use crate::runtime::notify::Notify;
 use crate::vstate::kvm::{cpu_policy, kvm};
 use crate::vstate::vcpu::Vcpu;
 use crate::vstate::vm as kvm_vm;
@@ -141,6 +142,9 @@ impl Vm {
         self.vcpu.load_regs(&snap.vcpu.regs, &snap.vcpu.sregs)?;
         snap.vcpu.load_extended(self.vcpu.fd())?;
         self.clear_stop();
+        // A wake-up left from the last call (a stop, a device) must not end the next
+        // call's first WAIT.
+        self.control.notify().clear();
         Ok(pages)
     }
 
@@ -202,7 +206,7 @@ impl Vm {
             map: snap.map.clone(),
             image: snap.image.clone(),
             console,
-            control: RunControl::new(Arc::new(Notify::default())),
+            control: RunControl::new(Arc::new(Notify::new()?)),
             timeout,
             watchdog: None,
             boot_instant,

@@ -1,10 +1,14 @@
 //! Stopping a running guest from another thread or a signal: the per-VM [`RunControl`]
 //! with its watchdog (timeouts), [`KillHandle`], and the process's SIGINT/SIGTERM handling.
 //!
-//! Stopping sets the vCPU's `immediate_exit` flag and sends the vCPU thread a real-time
-//! signal, so `KVM_RUN` returns whether the guest is in the middle of an instruction loop,
-//! about to enter, or sleeping in `wait`.
+//! Stopping records the reason and sends the vCPU thread a real-time signal ("kick"). The
+//! kick's handler runs on the vCPU thread and sets that vCPU's `immediate_exit` flag (as
+//! Firecracker does: no other thread writes into `kvm_run` behind the vCPU's back), so
+//! `KVM_RUN` returns whether the guest is in the middle of an instruction loop or about to
+//! enter; a guest sleeping in `WAIT` is woken through [`Notify`] and by the signal
+//! interrupting its `poll`.
 
+use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Once};
 use std::thread::{JoinHandle, Thread};
@@ -12,7 +16,7 @@ use std::time::Instant;
 
 use kvm_bindings::kvm_run;
 
-use crate::devices::Notify;
+use super::notify::Notify;
 use crate::error::Error;
 
 /// Why a run was asked to stop.
@@ -33,13 +37,8 @@ const STOP_KILL: u8 = 2;
 /// The running vCPU thread, as another thread needs it to interrupt `KVM_RUN`.
 struct Target {
     tid: libc::pthread_t,
-    run: *mut kvm_run,
     thread: Thread,
 }
-
-// SAFETY: `run` points at the vCPU's kvm_run mapping and is only used while the vCPU is
-// alive (the target is cleared under the mutex before the vCPU can be dropped).
-unsafe impl Send for Target {}
 
 /// The watchdog's schedule.
 #[derive(Default)]
@@ -85,32 +84,34 @@ impl RunControl {
             .reason
             .compare_exchange(STOP_NONE, reason, Ordering::SeqCst, Ordering::SeqCst);
         let guard = self.target.lock().unwrap_or_else(|p| p.into_inner());
+        self.notify.signal();
         if let Some(t) = guard.as_ref() {
-            // SAFETY: the vCPU (and its kvm_run mapping) is alive while `target` is set.
-            unsafe { std::ptr::addr_of_mut!((*t.run).immediate_exit).write_volatile(1) };
             t.thread.unpark();
-            self.notify.signal();
-            // SAFETY: the thread is alive while registered; the signal's handler is a no-op.
+            // SAFETY: the thread is alive while registered (it deregisters under this
+            // mutex before it ends); the handler only sets its own vCPU's immediate_exit.
             unsafe { libc::pthread_kill(t.tid, kick_signal()) };
         }
     }
 
-    /// Registers the calling thread as the one running the vCPU (until [`Self::leave`]).
+    /// Registers the calling thread as the one running the vCPU whose `kvm_run` area is
+    /// `run` (until [`Self::leave`]).
     pub fn enter(&self, run: *mut kvm_run) {
+        KVM_RUN.with(|r| r.set(run));
+        // SAFETY: pthread_self has no preconditions.
+        let tid = unsafe { libc::pthread_self() };
         *self.target.lock().unwrap_or_else(|p| p.into_inner()) = Some(Target {
-            // SAFETY: pthread_self has no preconditions.
-            tid: unsafe { libc::pthread_self() },
-            run,
+            tid,
             thread: std::thread::current(),
         });
-        // SAFETY: pthread_self has no preconditions.
-        VCPU_THREAD.store(unsafe { libc::pthread_self() } as u64, Ordering::SeqCst);
+        register_vcpu_thread(tid as u64);
     }
 
     /// The vCPU thread is no longer running the guest.
     pub fn leave(&self) {
         *self.target.lock().unwrap_or_else(|p| p.into_inner()) = None;
-        VCPU_THREAD.store(0, Ordering::SeqCst);
+        // SAFETY: pthread_self has no preconditions.
+        unregister_vcpu_thread(unsafe { libc::pthread_self() } as u64);
+        KVM_RUN.with(|r| r.set(std::ptr::null_mut()));
     }
 
     /// Whether (and why) the current run must stop.
@@ -212,19 +213,62 @@ fn kick_signal() -> libc::c_int {
     libc::SIGRTMIN()
 }
 
-extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+thread_local! {
+    /// The `kvm_run` area of the vCPU this thread is running (null: none). Const-initialised
+    /// and without a destructor, so the kick handler may read it.
+    static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
 
-/// The terminating signal the process got, if any (0: none).
+/// The kick: on the vCPU thread itself, make the vCPU leave (or not enter) the guest.
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let run = KVM_RUN.with(|r| r.get());
+    if !run.is_null() {
+        // SAFETY: the pointer is this thread's own vCPU's kvm_run mapping, registered while
+        // the vCPU is alive and running on this thread; a volatile byte store.
+        unsafe { std::ptr::addr_of_mut!((*run).immediate_exit).write_volatile(1) };
+    }
+}
+
+/// The terminating signal the process got, if any (0: none). A process-wide fact: once a
+/// program asked for [`stop_guest_on_signals`] and got SIGINT/SIGTERM, every guest stops.
 static INTERRUPTED: AtomicI32 = AtomicI32::new(0);
-/// The thread running a vCPU in this process, for the signal handler to kick (0: none).
-static VCPU_THREAD: AtomicU64 = AtomicU64::new(0);
+
+/// Threads running a vCPU in this process, for the terminating-signal handler to kick
+/// (0: free slot). A thread beyond the slots still stops: it sees [`INTERRUPTED`] at its
+/// next exit, and a `WAIT` sleeps at most one second at a time.
+static VCPU_THREADS: [AtomicU64; 64] = [const { AtomicU64::new(0) }; 64];
+
+fn register_vcpu_thread(tid: u64) {
+    for slot in &VCPU_THREADS {
+        if slot
+            .compare_exchange(0, tid, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+        {
+            return;
+        }
+    }
+}
+
+fn unregister_vcpu_thread(tid: u64) {
+    for slot in &VCPU_THREADS {
+        if slot
+            .compare_exchange(tid, 0, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+        {
+            return;
+        }
+    }
+}
 
 extern "C" fn on_terminate(sig: libc::c_int) {
     INTERRUPTED.store(sig, Ordering::SeqCst);
-    let t = VCPU_THREAD.load(Ordering::SeqCst);
-    if t != 0 {
-        // SAFETY: pthread_kill is async-signal-safe; the kick handler does nothing.
-        unsafe { libc::pthread_kill(t as libc::pthread_t, kick_signal()) };
+    for slot in &VCPU_THREADS {
+        let t = slot.load(Ordering::SeqCst);
+        if t != 0 {
+            // SAFETY: pthread_kill is async-signal-safe; a registered thread is alive (it
+            // unregisters before it stops running a vCPU).
+            unsafe { libc::pthread_kill(t as libc::pthread_t, kick_signal()) };
+        }
     }
 }
 

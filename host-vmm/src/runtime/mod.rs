@@ -3,6 +3,7 @@
 
 pub(crate) mod control;
 pub(crate) mod fault;
+pub(crate) mod notify;
 pub(crate) mod outcome;
 mod run_loop;
 

