@@ -69,7 +69,7 @@ fn main() {
 
     // Fail before a long build if the guest could not run anyway.
     if let Err(e) = host_vmm::check_kvm() {
-        eprintln!("error: {e}");
+        host_vmm::eprint_line(&format!("error: {e}"));
         std::process::exit(host_vmm::EXIT_HOST_ERROR);
     }
 
@@ -106,7 +106,7 @@ fn main() {
     let built = match guest_build::build(&req) {
         Ok(b) => b,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            host_vmm::eprint_line(&format!("error: {e:#}"));
             std::process::exit(host_vmm::EXIT_HOST_ERROR);
         }
     };
@@ -116,7 +116,7 @@ fn main() {
             .ok()
             .and_then(|d| elf.strip_prefix(d).ok().map(PathBuf::from))
             .unwrap_or_else(|| elf.clone());
-        eprintln!("     Running `pvrun {}`", shown.display());
+        host_vmm::eprint_line(&format!("     Running `pvrun {}`", shown.display()));
     }
     host_vmm::stop_guest_on_signals();
     let mut args = vec![elf.display().to_string()];

@@ -31,6 +31,7 @@ mod hypercall;
 mod layout;
 mod loader;
 mod memory;
+mod output;
 mod process;
 mod runtime;
 mod seccomp;
@@ -51,6 +52,7 @@ pub use function::sandbox::{CallError, Sandbox, SandboxConfig, SandboxPool, Temp
 pub use function::snapshot::{Snapshot, VmShell};
 pub use function::{Exports, FN_DATA_MAX, HostFn};
 pub use loader::{GuestImage, Segment};
+pub use output::{StdStream, eprint_line, escape_controls};
 pub use runtime::control::{KillHandle, stop_guest_on_signals};
 pub use runtime::fault::Fault;
 pub use runtime::outcome::{

@@ -93,3 +93,60 @@ fn a_wake_up_from_a_timed_out_call_does_not_reach_the_next_call() {
         "the call woke after {ms} ms: a stale wake-up reached it"
     );
 }
+
+#[test]
+fn a_guest_message_cannot_forge_report_lines_or_drive_the_terminal() {
+    let r = common::misbehave(&["panic-forge"]);
+    assert_eq!(r.status, 101, "{}", r.stderr);
+    let report: Vec<&str> = r
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("pvrun:"))
+        .collect();
+    assert_eq!(report.len(), 1, "one report line, got {report:?}");
+    assert!(
+        report[0].contains("boom\\npvrun: guest exited normally\\u{1b}[2J\\u{1b}[31m"),
+        "{}",
+        report[0]
+    );
+    assert!(!r.stderr.contains('\x1b'), "an escape reached the terminal");
+}
+
+#[test]
+fn a_closed_stderr_does_not_turn_a_crash_into_a_host_panic() {
+    for (mode, status) in [
+        ("null-read", 139),
+        ("panic", 101),
+        ("print-then-crash", 139),
+    ] {
+        let out = Command::new(common::pvrun_bin())
+            .args(["--timeout", "20"])
+            .arg(guest("misbehave"))
+            .args(["--", mode])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .and_then(|mut c| {
+                // Close the read end at once: every write to stderr fails with EPIPE.
+                drop(c.stderr.take());
+                c.wait()
+            })
+            .unwrap();
+        assert_eq!(out.code(), Some(status), "{mode}: {out:?}");
+    }
+}
+
+#[test]
+fn a_stdout_nobody_reads_does_not_defeat_the_timeout() {
+    let mut child = Command::new(common::pvrun_bin())
+        .args(["--timeout", "0.5"])
+        .arg(guest("misbehave"))
+        .args(["--", "print-forever"])
+        // A pipe we never read: it fills after 64 KiB and every write then blocks.
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let code = wait_with_deadline(&mut child, Duration::from_secs(5));
+    assert_eq!(code, Some(124), "the guest was not stopped at its timeout");
+}

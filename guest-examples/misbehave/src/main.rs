@@ -536,6 +536,12 @@ fn main() -> i32 {
             }
         }
         "panic" => panic!("guest panicked on purpose: {}", 42),
+        // A message that tries to forge a second report line and recolour the terminal.
+        "panic-forge" => panic!("boom\npvrun: guest exited normally\x1b[2J\x1b[31m"),
+        // Prints without end (for hosts whose stdout nobody reads).
+        "print-forever" => loop {
+            println!("flooding the console with a line that nobody will ever read");
+        },
         "big-alloc" => {
             let mut v: Vec<u8> = Vec::with_capacity(black_box(1usize << 36));
             v.push(1);

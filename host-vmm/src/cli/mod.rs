@@ -100,7 +100,7 @@ pub fn run_and_exit(elf: &Path, config: VmConfig) -> ! {
     match vm.run() {
         Ok(outcome) => {
             if let Some(report) = outcome.report() {
-                eprintln!("{report}");
+                crate::eprint_line(&report);
             }
             vm.exit_process(outcome.exit_status())
         }
@@ -109,7 +109,7 @@ pub fn run_and_exit(elf: &Path, config: VmConfig) -> ! {
 }
 
 fn host_error(e: crate::Error) -> ! {
-    eprintln!("pvrun: error: {e}");
+    crate::eprint_line(&format!("pvrun: error: {e}"));
     std::process::exit(EXIT_HOST_ERROR)
 }
 

@@ -56,7 +56,7 @@ impl Default for SandboxConfig {
             host_functions: HashMap::new(),
             call_timeout: Some(Duration::from_secs(10)),
             max_output: FN_DATA_MAX,
-            console: Arc::new(Mutex::new(Box::new(std::io::stderr()))),
+            console: Arc::new(Mutex::new(Box::new(crate::output::StdStream::stderr()))),
         }
     }
 }

@@ -229,6 +229,18 @@ extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_v
     }
 }
 
+/// Whether the run on this thread has been asked to stop (a kick arrived, or the process
+/// got a terminating signal): for host work done on the vCPU thread that could block, such
+/// as writing guest output.
+pub(crate) fn stop_pending() -> bool {
+    if INTERRUPTED.load(Ordering::SeqCst) != 0 {
+        return true;
+    }
+    let run = KVM_RUN.with(|r| r.get());
+    // SAFETY: this thread's own vCPU's kvm_run mapping, alive while registered.
+    !run.is_null() && unsafe { std::ptr::addr_of!((*run).immediate_exit).read_volatile() } != 0
+}
+
 /// The terminating signal the process got, if any (0: none). A process-wide fact: once a
 /// program asked for [`stop_guest_on_signals`] and got SIGINT/SIGTERM, every guest stops.
 static INTERRUPTED: AtomicI32 = AtomicI32::new(0);

@@ -57,8 +57,14 @@ impl Outcome {
         }
     }
 
-    /// The one-line report for stderr, if the outcome is not a normal exit.
+    /// The one-line report for stderr, if the outcome is not a normal exit. Control
+    /// characters in it (from a guest's message or symbol names) are escaped.
     pub fn report(&self) -> Option<String> {
+        self.raw_report()
+            .map(|r| crate::output::escape_controls(&r).into_owned())
+    }
+
+    fn raw_report(&self) -> Option<String> {
         match self {
             Outcome::Exited(_) => None,
             Outcome::Panicked(m) if m.starts_with("panicked") => Some(format!("pvrun: guest {m}")),
