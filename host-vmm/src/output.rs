@@ -32,21 +32,6 @@ pub fn eprint_line(line: &str) {
     let _ = e.flush();
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn control_characters_are_escaped() {
-        assert_eq!(escape_controls("plain text é"), "plain text é");
-        assert_eq!(
-            escape_controls("boom\npvrun: guest crashed: fake\x1b[31m\0"),
-            "boom\\npvrun: guest crashed: fake\\u{1b}[31m\\u{0}"
-        );
-        assert_eq!(escape_controls("tab\there\u{7f}"), "tab\\there\\u{7f}");
-    }
-}
-
 /// The host's stdout or stderr as a guest console sink whose writes cannot hold a guest
 /// past its stop: each write waits for the stream with `poll` (a signal, a timeout or a
 /// kill interrupts the wait), writes at most one pipe buffer (`PIPE_BUF`, never blocks on
@@ -112,5 +97,20 @@ impl Write for StdStream {
 
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_characters_are_escaped() {
+        assert_eq!(escape_controls("plain text é"), "plain text é");
+        assert_eq!(
+            escape_controls("boom\npvrun: guest crashed: fake\x1b[31m\0"),
+            "boom\\npvrun: guest crashed: fake\\u{1b}[31m\\u{0}"
+        );
+        assert_eq!(escape_controls("tab\there\u{7f}"), "tab\\there\\u{7f}");
     }
 }
