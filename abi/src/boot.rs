@@ -132,6 +132,15 @@ pub struct BootInfo {
     pub regions: [MemRegion; MAX_REGIONS],
     /// The attached devices.
     pub devices: [DeviceInfo; MAX_DEVICES],
+    /// The VM generation: 1 at boot, and a new value every time the host resets a function
+    /// sandbox to its snapshot or makes a new sandbox from one (like VMGenID). Memory is
+    /// the snapshot's again then, so anything random the guest derived before (a PRNG
+    /// state, hash keys, nonces) is shared with every other copy: when this changes, rekey
+    /// from [`generation_seed`](Self::generation_seed). The host rewrites it between runs
+    /// only; read it with a volatile load.
+    pub generation: u64,
+    /// Fresh random bytes from the host for each generation.
+    pub generation_seed: [u8; 32],
 }
 
 impl BootInfo {
@@ -218,7 +227,7 @@ const _: () = assert!(core::mem::size_of::<MemRegion>() == 24);
 const _: () = assert!(core::mem::size_of::<Str>() == 16);
 const _: () = assert!(core::mem::size_of::<DeviceInfo>() == 128);
 const _: () =
-    assert!(core::mem::size_of::<BootInfo>() == 184 + 24 * MAX_REGIONS + 128 * MAX_DEVICES);
+    assert!(core::mem::size_of::<BootInfo>() == 184 + 24 * MAX_REGIONS + 128 * MAX_DEVICES + 40);
 
 // With the `vm-memory` feature (the host's), these structs can be read from and written
 // to guest memory through vm-memory's checked accessors.
@@ -239,9 +248,9 @@ mod tests {
 
     #[test]
     fn boot_info_has_the_documented_layout() {
-        // docs/ABI.md §4: 2616 bytes in ABI v2.
+        // docs/ABI.md §4: 2656 bytes in ABI v3.
         assert_layout!(BootInfo {
-            size: 2616,
+            size: 2656,
             align: 8,
             magic: 0x000,
             abi_version: 0x008,
@@ -267,6 +276,8 @@ mod tests {
             device_count: 0x0b4,
             regions: 0x0b8,
             devices: 0x238,
+            generation: 0xa38,
+            generation_seed: 0xa40,
         });
         assert_eq!(MAX_REGIONS, 16);
         assert_eq!(MAX_DEVICES, 16);

@@ -57,7 +57,7 @@ pub use ring::*;
 
 /// The ABI version this crate describes. A guest carries it in its `.note.pvrun` ELF note;
 /// the host refuses a guest whose version it does not speak.
-pub const ABI_VERSION: u32 = 2;
+pub const ABI_VERSION: u32 = 3;
 
 /// The size of a field, for `assert_layout!`.
 #[cfg(test)]
@@ -69,6 +69,6 @@ fn field_size<T, F>(_: fn(&T) -> &F) -> usize {
 mod tests {
     #[test]
     fn abi_version_is_2() {
-        assert_eq!(super::ABI_VERSION, 2);
+        assert_eq!(super::ABI_VERSION, 3);
     }
 }

@@ -4,6 +4,11 @@
 //! bits say it works. Otherwise bytes come from a ChaCha20 keystream keyed with the 32
 //! random bytes the host put in [`BootInfo::random_seed`](pvrun_abi::BootInfo::random_seed),
 //! one fresh 64-byte block per request (never reused). Not for use before start-up.
+//!
+//! A function sandbox is reset to its snapshot after each call and copied into new
+//! sandboxes, which would replay the keystream; the host therefore gives every reset and
+//! copy a new [`generation`] with fresh seed bytes, and the keystream is rekeyed (seed XOR
+//! generation seed, counter from 0) whenever the generation changes.
 
 use core::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 
@@ -13,8 +18,10 @@ use crate::boot_info;
 
 /// Source choice: 0 = not decided yet, 1 = rdrand, 2 = ChaCha20.
 static SOURCE: AtomicU8 = AtomicU8::new(0);
-/// Next ChaCha20 block counter.
+/// Next ChaCha20 block counter (within the current generation).
 static COUNTER: AtomicU64 = AtomicU64::new(0);
+/// The VM generation the counter belongs to (0: none yet).
+static KEYED_GENERATION: AtomicU64 = AtomicU64::new(0);
 
 const SOURCE_RDRAND: u8 = 1;
 const SOURCE_CHACHA: u8 = 2;
@@ -78,6 +85,16 @@ pub fn fill_bytes(buf: &mut [u8]) {
     }
 }
 
+/// Fills `buf` from the ChaCha20 fallback alone, even where `rdrand` works (for tests of
+/// the fallback's rekeying; use [`fill_bytes`]).
+#[doc(hidden)]
+pub fn fill_bytes_keystream(buf: &mut [u8]) {
+    for chunk in buf.chunks_mut(64) {
+        let block = chacha_next();
+        chunk.copy_from_slice(&block[..chunk.len()]);
+    }
+}
+
 /// A random `u64`.
 pub fn u64() -> u64 {
     let mut b = [0u8; 8];
@@ -85,12 +102,33 @@ pub fn u64() -> u64 {
     u64::from_le_bytes(b)
 }
 
-/// The next unused ChaCha20 keystream block under the host's seed.
+/// The VM generation (see `BootInfo::generation` in docs/ABI.md): 1 after boot, and a new
+/// value in every function call after a sandbox reset and in every copy of a sandbox. A
+/// program that seeded its own PRNG (or derived keys) during initialisation should reseed
+/// when this differs from the value it seeded under.
+pub fn generation() -> u64 {
+    // SAFETY: a field of the boot-info block, which is mapped for the whole run; volatile
+    // because the host rewrites it between runs.
+    unsafe { core::ptr::addr_of!(boot_info().generation).read_volatile() }
+}
+
+/// The next unused ChaCha20 keystream block under the host's seed for this generation.
 fn chacha_next() -> [u8; 64] {
-    let seed = &boot_info().random_seed;
+    let info = boot_info();
+    let generation = generation();
+    if KEYED_GENERATION.swap(generation, Ordering::Relaxed) != generation {
+        COUNTER.store(0, Ordering::Relaxed);
+    }
+    // SAFETY: as in `generation`.
+    let gen_seed: [u8; 32] =
+        unsafe { core::ptr::addr_of!(info.generation_seed).read_volatile() };
     let mut key = [0u32; 8];
-    for (k, c) in key.iter_mut().zip(seed.chunks_exact(4)) {
-        *k = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+    for ((k, c), g) in key
+        .iter_mut()
+        .zip(info.random_seed.chunks_exact(4))
+        .zip(gen_seed.chunks_exact(4))
+    {
+        *k = u32::from_le_bytes([c[0] ^ g[0], c[1] ^ g[1], c[2] ^ g[2], c[3] ^ g[3]]);
     }
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     // 64-bit block counter split over the counter word and the first nonce word.

@@ -42,7 +42,8 @@ pub fn boot_info() -> &'static BootInfo {
         &EMPTY_BOOT_INFO
     } else {
         // SAFETY: set once in `rust_start` to the host's boot-info block, which is mapped
-        // read-only for the whole life of the guest and never changes.
+        // read-only for the whole life of the guest. The host changes only its
+        // `generation` fields, between runs, and those are read with volatile loads.
         unsafe { &*p }
     }
 }

@@ -60,11 +60,6 @@ impl Write for StdStream {
             return Ok(0);
         }
         loop {
-            if crate::runtime::control::stop_pending() {
-                return Err(std::io::Error::other(
-                    "the guest was stopped while its output was blocked",
-                ));
-            }
             let mut pfd = libc::pollfd {
                 fd: self.fd,
                 events: libc::POLLOUT,
@@ -73,7 +68,14 @@ impl Write for StdStream {
             // SAFETY: poll on one descriptor with a valid pollfd.
             let r = unsafe { libc::poll(&mut pfd, 1, 100) };
             if r <= 0 {
-                // A timeout slice or a signal: look at the stop state again.
+                // Not writable within the slice, or a signal: give up only if the guest's
+                // run must stop (output that can be written is always delivered, also at
+                // a stop).
+                if crate::runtime::control::stop_pending() {
+                    return Err(std::io::Error::other(
+                        "the guest was stopped while its output was blocked",
+                    ));
+                }
                 continue;
             }
             if pfd.revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0

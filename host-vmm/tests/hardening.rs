@@ -150,3 +150,32 @@ fn a_stdout_nobody_reads_does_not_defeat_the_timeout() {
     let code = wait_with_deadline(&mut child, Duration::from_secs(5));
     assert_eq!(code, Some(124), "the guest was not stopped at its timeout");
 }
+
+#[test]
+fn every_call_and_every_copy_of_a_sandbox_gets_fresh_randomness() {
+    let mut first = sandbox("badfunctions");
+    let mut second = Sandbox::from_template(first.template()).unwrap();
+    let mut seen = std::collections::HashSet::new();
+    let mut generations = std::collections::HashSet::new();
+    for sb in [&mut first, &mut second] {
+        for _ in 0..3 {
+            let out = String::from_utf8(sb.call("random", b"").unwrap()).unwrap();
+            let parts: Vec<&str> = out.split(' ').collect();
+            assert_eq!(parts.len(), 3, "{out}");
+            assert!(
+                generations.insert(parts[0].to_string()),
+                "generation repeated: {out}"
+            );
+            // Neither the CPU source nor the ChaCha20 fallback may repeat across resets
+            // and copies.
+            assert!(
+                seen.insert(parts[1].to_string()),
+                "random bytes repeated: {out}"
+            );
+            assert!(
+                seen.insert(parts[2].to_string()),
+                "keystream repeated: {out}"
+            );
+        }
+    }
+}

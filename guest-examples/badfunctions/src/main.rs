@@ -12,6 +12,7 @@
 //! | `echo` | | the input, unchanged (any bytes) |
 //! | `touch-pages` | input: a decimal page count N (empty: 16, at most 256); writes one byte in each of N distinct 4 KiB pages of a 1 MiB static buffer | `ok` |
 //! | `init-state` | reads a global the initialisation set to 42 | `42` (`0` if init had not run) |
+//! | `random` | draws 16 bytes from `pvrun::random` and 16 from its ChaCha20 fallback | `GENERATION HEX HEX` |
 //! | `wait` | input: a decimal millisecond count N (empty: forever); one `WAIT` hypercall with a deadline N ms from now | `waited MS` (how long the host kept it asleep) |
 //!
 //! A bad decimal input is an error (`expected a decimal number, got ...`).
@@ -39,6 +40,7 @@ pvrun::export_functions! {
     "xmm-set" => xmm_set,
     "xmm-get" => xmm_get,
     "wait" => wait,
+    "random" => random,
 }
 
 /// Calls of `counter` since the snapshot (or since boot, if the host never resets).
@@ -188,4 +190,14 @@ fn wait(input: &[u8]) -> Result<Vec<u8>, String> {
     });
     let waited = (pvrun::time::monotonic_ns() - start) / 1_000_000;
     Ok(format!("waited {waited}").into_bytes())
+}
+
+/// The VM generation and random bytes from both of the SDK's sources.
+fn random(_input: &[u8]) -> Result<Vec<u8>, String> {
+    let mut a = [0u8; 16];
+    let mut b = [0u8; 16];
+    pvrun::random::fill_bytes(&mut a);
+    pvrun::random::fill_bytes_keystream(&mut b);
+    let hex = |v: &[u8]| v.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    Ok(format!("{} {} {}", pvrun::random::generation(), hex(&a), hex(&b)).into_bytes())
 }

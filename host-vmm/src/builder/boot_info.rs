@@ -92,16 +92,17 @@ pub fn write(
     info.console_ring = CONSOLE_RING_ADDR;
     info.console_data = CONSOLE_DATA_ADDR;
     info.console_size = CONSOLE_DATA_SIZE;
-    // SAFETY: getrandom writes at most 32 bytes into the 32-byte array.
-    let got = unsafe { libc::getrandom(info.random_seed.as_mut_ptr().cast(), 32, 0) };
-    if got != 32 {
-        return Err(Error::Io(std::io::Error::last_os_error()));
+    fill_random(&mut info.random_seed)?;
+    info.generation = 1;
+    fill_random(&mut info.generation_seed)?;
+    let count = map.user_regions().count();
+    if count > MAX_REGIONS {
+        return Err(Error::Config(format!(
+            "the guest's memory map has {count} regions, but boot info lists at most {MAX_REGIONS}: the guest ELF has too many segments (link it with the SDK's linker script)"
+        )));
     }
     let mut n = 0;
     for r in map.user_regions() {
-        if n == MAX_REGIONS {
-            break;
-        }
         info.regions[n] = MemRegion {
             start: r.start,
             len: r.end - r.start,
@@ -137,4 +138,47 @@ pub fn write(
         .write_slice(&area.bytes, GuestAddress(BOOT_INFO_ADDR))
         .map_err(|e| Error::Layout(format!("cannot write boot info: {e}")))?;
     Ok(())
+}
+
+/// Fills `buf` from the kernel's CSPRNG.
+pub(crate) fn fill_random(buf: &mut [u8]) -> Result<(), Error> {
+    let mut done = 0;
+    while done < buf.len() {
+        // SAFETY: getrandom writes at most `buf.len() - done` bytes into the rest of `buf`.
+        let got = unsafe { libc::getrandom(buf[done..].as_mut_ptr().cast(), buf.len() - done, 0) };
+        if got < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(Error::Io(e));
+        }
+        done += got as usize;
+    }
+    Ok(())
+}
+
+/// The next VM generation of this process (boot is 1).
+static NEXT_GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(2);
+
+/// Gives the guest a new VM generation and seed (after a reset to a snapshot, or in a new
+/// copy of one), so nothing random it derived before is repeated. Returns the generation.
+pub(crate) fn new_generation(ram: &GuestRam) -> Result<u64, Error> {
+    let generation = NEXT_GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut seed = [0u8; 32];
+    fill_random(&mut seed)?;
+    let base = BOOT_INFO_ADDR;
+    let mem = ram.mem();
+    mem.write_obj(
+        seed,
+        GuestAddress(base + std::mem::offset_of!(BootInfo, generation_seed) as u64),
+    )
+    .and_then(|_| {
+        mem.write_obj(
+            generation,
+            GuestAddress(base + std::mem::offset_of!(BootInfo, generation) as u64),
+        )
+    })
+    .map_err(|e| Error::Layout(format!("cannot write the VM generation: {e}")))?;
+    Ok(generation)
 }

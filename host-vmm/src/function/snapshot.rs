@@ -16,6 +16,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::{Exports, FnContext, HostFn};
 use crate::arch::VcpuState;
+use crate::builder::boot_info;
 use crate::devices::Devices;
 use crate::error::Error;
 use crate::hypercall::Console;
@@ -142,6 +143,8 @@ impl Vm {
         self.vcpu.load_regs(&snap.vcpu.regs, &snap.vcpu.sregs)?;
         snap.vcpu.load_extended(self.vcpu.fd())?;
         self.clear_stop();
+        // Memory is the snapshot's again: a new generation, so randomness is not replayed.
+        boot_info::new_generation(&self.ram)?;
         // A wake-up left from the last call (a stop, a device) must not end the next
         // call's first WAIT.
         self.control.notify().clear();
@@ -196,6 +199,8 @@ impl Vm {
         let boot_instant = Instant::now()
             .checked_sub(Duration::from_nanos(now_ns))
             .unwrap_or_else(Instant::now);
+        // A copy of the snapshot: its own generation, so it shares no randomness.
+        boot_info::new_generation(&ram)?;
         let mut console = Console::new(stdout, stderr);
         console.set_consumed(snap.console_consumed);
         Ok(Vm {
