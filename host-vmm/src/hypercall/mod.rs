@@ -58,6 +58,7 @@ pub(crate) fn dispatch(
         call::HOST_CALL => function::host_call(arg, guest, fns),
         call::CONSOLE_WRITE => console::console_write(arg, guest, console),
         call::EXIT => match guest.read_args::<Exit>(arg) {
+            Ok(a) if a.reserved != 0 => Err(status::BAD_ARGUMENT),
             Ok(a) => return Action::Exit(a.code),
             Err(e) => Err(e),
         },
@@ -90,3 +91,6 @@ fn abort(arg: u64, guest: &GuestView<'_>) -> Action {
         )),
     }
 }
+
+#[cfg(test)]
+mod tests;
