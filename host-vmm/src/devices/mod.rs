@@ -264,6 +264,11 @@ impl Devices {
         }
     }
 
+    /// Whether no device is attached.
+    pub fn is_empty(&self) -> bool {
+        self.running.is_empty()
+    }
+
     /// Counters of every device, by name.
     pub fn counters(&self) -> Vec<(String, DeviceCounters)> {
         self.running

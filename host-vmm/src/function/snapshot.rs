@@ -84,6 +84,15 @@ impl Vm {
     /// ([`Vm::restore`]) and new VMs made from it ([`Vm::from_snapshot`]). Needs
     /// [`crate::VmConfig::dirty_log`].
     pub fn snapshot(&mut self, exports: Exports) -> Result<Snapshot, Error> {
+        // Device threads write guest memory behind the dirty log's back, and their rings
+        // and back ends cannot be copied into another VM: refuse rather than snapshot a
+        // state that a reset would not really restore.
+        if !self.devices.is_empty() {
+            return Err(Error::Config(format!(
+                "guest `{}` has devices attached; a VM with devices cannot be snapshotted",
+                self.image.path
+            )));
+        }
         // Resuming means: after the `out` of FN_READY, with rax = 0. Let KVM finish that
         // `out` first (some KVMs, PVM among them, have already moved RIP past it at the
         // exit; others do it on the next entry), so RIP is past it on every host.

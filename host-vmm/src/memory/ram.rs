@@ -38,6 +38,8 @@ pub struct GuestRam {
     mem: GuestMemoryMmap,
     _mapping: HostMapping,
     size: u64,
+    /// Mapped from a snapshot file (its pages hold data before they are touched).
+    file_backed: bool,
 }
 
 impl GuestRam {
@@ -128,6 +130,7 @@ impl GuestRam {
             mem,
             _mapping: mapping,
             size,
+            file_backed: backing.is_some(),
         })
     }
 
@@ -188,29 +191,41 @@ impl GuestRam {
         Ok(())
     }
 
-    /// Copies every page the guest or host has touched into a new memory snapshot.
+    /// Copies every page that holds data into a new memory snapshot. Which pages those are
+    /// comes from `/proc/self/pagemap`: present in RAM *or swapped out* (`mincore`, used
+    /// before, reports a swapped-out anonymous page as absent, and it became zeroes in
+    /// every sandbox). Memory mapped from a snapshot file is copied whole, since its pages
+    /// hold data even where they were never faulted in.
     pub fn snapshot(&self) -> Result<MemorySnapshot, Error> {
-        let pages = (self.size / PAGE_SIZE) as usize;
-        let mut resident = vec![0u8; pages];
-        // SAFETY: mincore reads page residency of our own mapping into a vector of the
-        // right length (one byte per page).
-        let r = unsafe {
-            libc::mincore(
-                self.host_base() as *mut libc::c_void,
-                self.size as usize,
-                resident.as_mut_ptr(),
-            )
-        };
-        if r != 0 {
-            return Err(Error::Mmap(std::io::Error::last_os_error()));
-        }
         let mut snap = MemorySnapshot::create(self.size)?;
-        for (i, _) in resident.iter().enumerate().filter(|(_, r)| **r & 1 != 0) {
-            let off = i as u64 * PAGE_SIZE;
+        let pages = self.size / PAGE_SIZE;
+        let copy = |page: u64, snap: &mut MemorySnapshot| -> Result<(), Error> {
+            let off = page * PAGE_SIZE;
             let dst = &mut snap.view_mut()[off as usize..(off + PAGE_SIZE) as usize];
             self.mem
                 .read_slice(dst, GuestAddress(off))
-                .map_err(|e| Error::Layout(format!("snapshot copy: {e}")))?;
+                .map_err(|e| Error::Layout(format!("snapshot copy: {e}")))
+        };
+        if self.file_backed {
+            for page in 0..pages {
+                copy(page, &mut snap)?;
+            }
+        } else {
+            let pagemap = std::fs::File::open("/proc/self/pagemap").map_err(Error::Mmap)?;
+            const CHUNK: u64 = 8192;
+            let mut entries = vec![0u8; (CHUNK * 8) as usize];
+            let mut first = 0;
+            while first < pages {
+                let n = CHUNK.min(pages - first);
+                let buf = &mut entries[..(n * 8) as usize];
+                let at = (self.host_base() / PAGE_SIZE + first) * 8;
+                std::os::unix::fs::FileExt::read_exact_at(&pagemap, buf, at)
+                    .map_err(Error::Mmap)?;
+                for i in pages_with_data(buf) {
+                    copy(first + i as u64, &mut snap)?;
+                }
+                first += n;
+            }
         }
         snap.seal();
         Ok(snap)
@@ -241,5 +256,70 @@ impl GuestRam {
         }
         let src = &snap.view()[start as usize..end as usize];
         let _ = self.mem.write_slice(src, GuestAddress(start));
+    }
+}
+
+/// The pages (indices into `entries`, 8 little-endian bytes per page as in
+/// `/proc/PID/pagemap`) that hold data: present (bit 63) or swapped out (bit 62).
+fn pages_with_data(entries: &[u8]) -> impl Iterator<Item = usize> + '_ {
+    const PRESENT: u64 = 1 << 63;
+    const SWAPPED: u64 = 1 << 62;
+    entries
+        .chunks_exact(8)
+        .enumerate()
+        .filter(|(_, e)| {
+            let v = u64::from_le_bytes([e[0], e[1], e[2], e[3], e[4], e[5], e[6], e[7]]);
+            v & (PRESENT | SWAPPED) != 0
+        })
+        .map(|(i, _)| i)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn present_and_swapped_pages_are_copied_and_absent_ones_are_not() {
+        let mut e = Vec::new();
+        for v in [
+            0u64,
+            1 << 63,
+            1 << 62,
+            (1 << 63) | 0x1234,
+            0x55, /* pfn bits only */
+        ] {
+            e.extend_from_slice(&v.to_le_bytes());
+        }
+        assert_eq!(pages_with_data(&e).collect::<Vec<_>>(), [1, 2, 3]);
+    }
+
+    #[test]
+    fn a_snapshot_holds_every_page_written_and_only_those() {
+        let ram = GuestRam::new(8 << 20).unwrap();
+        let pages = [3u64, 700, 2047];
+        for p in pages {
+            ram.mem()
+                .write_obj(
+                    0xabu8.wrapping_add(p as u8),
+                    GuestAddress(p * PAGE_SIZE + 17),
+                )
+                .unwrap();
+        }
+        let snap = ram.snapshot().unwrap();
+        for p in pages {
+            assert_eq!(
+                snap.view()[(p * PAGE_SIZE + 17) as usize],
+                0xabu8.wrapping_add(p as u8)
+            );
+        }
+        // A snapshot of a copy (file-backed memory) keeps them too.
+        let copy = GuestRam::from_snapshot(&snap).unwrap();
+        let again = copy.snapshot().unwrap();
+        for p in pages {
+            assert_eq!(
+                again.view()[(p * PAGE_SIZE + 17) as usize],
+                0xabu8.wrapping_add(p as u8)
+            );
+        }
     }
 }
