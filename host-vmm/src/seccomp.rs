@@ -1,9 +1,16 @@
-//! Seccomp filters for the threads that handle guest-controlled data on their own: the
-//! device I/O threads. Each is confined to the few system calls serving a ring needs
-//! (reading and writing its file or TAP device and its doorbell, waiting, memory
-//! management, closing its own descriptors and exiting); any other system call kills the
-//! process, so a bug that let a guest steer such a thread could still not open files,
-//! start programs or make network connections.
+//! Seccomp filters, one per kind of host thread, in Firecracker's style: each thread may
+//! make only the system calls its job needs, with argument filters where an allowed call
+//! could still do harm (`ioctl` only with the KVM requests the thread uses, `mmap` and
+//! `mprotect` never executable, `tgkill` only within this process, `clone` only the
+//! teardown child). Any other call kills the process, so a bug that let a guest steer a
+//! host thread still could not open files, start programs or make connections.
+//!
+//! A few calls that a Rust panic or backtrace report makes (`openat`, `getcwd`, `readlink`,
+//! `statx`...) fail with `EPERM` instead of killing: a report must never become a kill.
+//!
+//! Confining fails closed: a thread whose filter cannot be installed stops the process
+//! with an error ([`confine_or_exit`]); it never runs unconfined. Installing a filter
+//! also sets `no_new_privs`.
 
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
@@ -13,24 +20,31 @@ use seccompiler::{
     SeccompRule,
 };
 
-/// System calls a device I/O thread may make.
-const IO_THREAD_SYSCALLS: &[i64] = &[
+use crate::error::Error;
+
+/// The kinds of host thread, each with its own filter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ThreadKind {
+    /// Runs a vCPU: hypercalls, console, exception decoding, resets between calls.
+    Vcpu,
+    /// Serves one device's rings.
+    Io,
+    /// Stops a run at its deadline.
+    Watchdog,
+}
+
+/// Calls every kind may make: memory, waiting, time, signals, its own exit.
+const COMMON: &[i64] = &[
     libc::SYS_read,
     libc::SYS_write,
     libc::SYS_writev,
-    libc::SYS_pread64,
-    libc::SYS_pwrite64,
-    libc::SYS_fdatasync,
     libc::SYS_close,
-    libc::SYS_fsync,
     libc::SYS_poll,
     libc::SYS_ppoll,
     libc::SYS_futex,
-    libc::SYS_mmap,
     libc::SYS_munmap,
     libc::SYS_mremap,
     libc::SYS_madvise,
-    libc::SYS_mprotect,
     libc::SYS_brk,
     libc::SYS_sched_yield,
     libc::SYS_clock_gettime,
@@ -41,83 +55,356 @@ const IO_THREAD_SYSCALLS: &[i64] = &[
     libc::SYS_sigaltstack,
     libc::SYS_getpid,
     libc::SYS_gettid,
-    libc::SYS_tgkill,
+    libc::SYS_getrandom,
     libc::SYS_exit,
     libc::SYS_exit_group,
 ];
 
-fn io_thread_filter() -> Option<&'static BpfProgram> {
-    static FILTER: OnceLock<Option<BpfProgram>> = OnceLock::new();
-    FILTER
-        .get_or_init(|| {
-            let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
-                IO_THREAD_SYSCALLS.iter().map(|&nr| (nr, vec![])).collect();
-            // Debug builds of std check a descriptor with fcntl(F_GETFD) before closing it.
-            let getfd = SeccompCondition::new(
-                1,
-                SeccompCmpArgLen::Dword,
-                SeccompCmpOp::Eq,
-                libc::F_GETFD as u64,
-            )
-            .ok()?;
-            rules.insert(libc::SYS_fcntl, vec![SeccompRule::new(vec![getfd]).ok()?]);
-            let filter = SeccompFilter::new(
-                rules,
-                SeccompAction::KillProcess,
-                SeccompAction::Allow,
-                std::env::consts::ARCH.try_into().ok()?,
-            )
-            .ok()?;
-            filter.try_into().ok()
-        })
-        .as_ref()
+/// Extra calls of a device thread: its image and TAP file.
+const IO_EXTRA: &[i64] = &[
+    libc::SYS_pread64,
+    libc::SYS_pwrite64,
+    libc::SYS_fdatasync,
+    libc::SYS_fsync,
+];
+
+/// Extra calls of a vCPU thread: the deferred-teardown child (`close_range`, waiting for
+/// the parent) and `fcntl(F_GETFD)` below.
+const VCPU_EXTRA: &[i64] = &[libc::SYS_close_range, libc::SYS_getppid];
+
+/// Calls a panic report or backtrace makes, answered with `EPERM` instead of a kill.
+const REPORT_ONLY: &[i64] = &[
+    libc::SYS_openat,
+    libc::SYS_open,
+    libc::SYS_getcwd,
+    libc::SYS_readlink,
+    libc::SYS_readlinkat,
+    libc::SYS_newfstatat,
+    libc::SYS_fstat,
+    libc::SYS_statx,
+    libc::SYS_lseek,
+];
+
+const KVMIO: u64 = 0xAE;
+
+/// `_IOC(dir, KVMIO, nr, size)` as Linux computes an ioctl request number.
+const fn kvm_ioc(dir: u64, nr: u64, size: usize) -> u64 {
+    (dir << 30) | ((size as u64) << 16) | (KVMIO << 8) | nr
+}
+const fn io(nr: u64) -> u64 {
+    kvm_ioc(0, nr, 0)
+}
+const fn iow<T>(nr: u64) -> u64 {
+    kvm_ioc(1, nr, size_of::<T>())
+}
+const fn ior<T>(nr: u64) -> u64 {
+    kvm_ioc(2, nr, size_of::<T>())
+}
+const fn iowr<T>(nr: u64) -> u64 {
+    kvm_ioc(3, nr, size_of::<T>())
 }
 
-/// Confines the calling thread (a device I/O thread) to [`IO_THREAD_SYSCALLS`]. Returns
-/// false if the kernel refused the filter (the thread then runs unconfined).
-pub fn confine_io_thread() -> bool {
-    match io_thread_filter() {
-        Some(prog) => seccompiler::apply_filter(prog).is_ok(),
-        None => false,
+/// The KVM requests a vCPU thread makes while running and resetting a VM.
+fn vcpu_ioctls() -> Vec<u64> {
+    use kvm_bindings::*;
+    vec![
+        io(0x80),                     // KVM_RUN
+        ior::<kvm_regs>(0x81),        // KVM_GET_REGS
+        iow::<kvm_regs>(0x82),        // KVM_SET_REGS
+        ior::<kvm_sregs>(0x83),       // KVM_GET_SREGS
+        iow::<kvm_sregs>(0x84),       // KVM_SET_SREGS
+        iowr::<kvm_msrs>(0x88),       // KVM_GET_MSRS
+        iow::<kvm_msrs>(0x89),        // KVM_SET_MSRS
+        ior::<kvm_fpu>(0x8c),         // KVM_GET_FPU
+        iow::<kvm_fpu>(0x8d),         // KVM_SET_FPU
+        ior::<kvm_vcpu_events>(0x9f), // KVM_GET_VCPU_EVENTS
+        iow::<kvm_vcpu_events>(0xa0), // KVM_SET_VCPU_EVENTS
+        io(0xa3),                     // KVM_GET_TSC_KHZ
+        ior::<kvm_xsave>(0xa4),       // KVM_GET_XSAVE
+        iow::<kvm_xsave>(0xa5),       // KVM_SET_XSAVE
+        iow::<kvm_dirty_log>(0x42),   // KVM_GET_DIRTY_LOG (on the VM fd)
+    ]
+}
+
+fn cond(
+    arg: u8,
+    len: SeccompCmpArgLen,
+    op: SeccompCmpOp,
+    v: u64,
+) -> Result<SeccompCondition, String> {
+    SeccompCondition::new(arg, len, op, v).map_err(|e| e.to_string())
+}
+
+fn rule(conds: Vec<SeccompCondition>) -> Result<SeccompRule, String> {
+    SeccompRule::new(conds).map_err(|e| e.to_string())
+}
+
+/// A thread's filters: the main one (allow-list, kill otherwise) and the report one
+/// (`EPERM` for [`REPORT_ONLY`], which the main one allows). The kernel runs both and the
+/// strictest verdict wins.
+#[derive(Clone)]
+struct Filters {
+    main: BpfProgram,
+    report: BpfProgram,
+}
+
+/// The filters of `kind` for process `pid` (tgkill may target only it).
+fn build(kind: ThreadKind, pid: u32) -> Result<Filters, String> {
+    use SeccompCmpArgLen::{Dword, Qword};
+    let mut allow: BTreeMap<i64, Vec<SeccompRule>> = COMMON
+        .iter()
+        .chain(REPORT_ONLY)
+        .map(|&nr| (nr, vec![]))
+        .collect();
+    let extra: &[i64] = match kind {
+        ThreadKind::Vcpu => VCPU_EXTRA,
+        ThreadKind::Io => IO_EXTRA,
+        ThreadKind::Watchdog => &[],
+    };
+    allow.extend(extra.iter().map(|&nr| (nr, vec![])));
+    // Memory may be mapped, never executable.
+    let no_exec = || {
+        rule(vec![cond(
+            2,
+            Dword,
+            SeccompCmpOp::MaskedEq(libc::PROT_EXEC as u64),
+            0,
+        )?])
+    };
+    allow.insert(libc::SYS_mmap, vec![no_exec()?]);
+    allow.insert(libc::SYS_mprotect, vec![no_exec()?]);
+    // Signals only to threads of this process (the stop kick).
+    allow.insert(
+        libc::SYS_tgkill,
+        vec![rule(vec![cond(0, Dword, SeccompCmpOp::Eq, pid as u64)?])?],
+    );
+    // Debug builds of std check a descriptor with fcntl(F_GETFD) before closing it.
+    allow.insert(
+        libc::SYS_fcntl,
+        vec![rule(vec![cond(
+            1,
+            Dword,
+            SeccompCmpOp::Eq,
+            libc::F_GETFD as u64,
+        )?])?],
+    );
+    if kind == ThreadKind::Vcpu {
+        let ioctls = vcpu_ioctls()
+            .into_iter()
+            .map(|nr| rule(vec![cond(1, Dword, SeccompCmpOp::Eq, nr)?]))
+            .collect::<Result<Vec<_>, _>>()?;
+        allow.insert(libc::SYS_ioctl, ioctls);
+        // The deferred-teardown child shares our memory and nothing else.
+        allow.insert(
+            libc::SYS_clone,
+            vec![rule(vec![cond(
+                0,
+                Qword,
+                SeccompCmpOp::Eq,
+                libc::CLONE_VM as u64,
+            )?])?],
+        );
     }
+    let arch: seccompiler::TargetArch = std::env::consts::ARCH
+        .try_into()
+        .map_err(|e: seccompiler::BackendError| e.to_string())?;
+    let compile = |f: SeccompFilter| -> Result<BpfProgram, String> {
+        f.try_into()
+            .map_err(|e: seccompiler::BackendError| e.to_string())
+    };
+    let main = compile(
+        SeccompFilter::new(
+            allow,
+            SeccompAction::KillProcess,
+            SeccompAction::Allow,
+            arch,
+        )
+        .map_err(|e| e.to_string())?,
+    )?;
+    let report = compile(
+        SeccompFilter::new(
+            REPORT_ONLY.iter().map(|&nr| (nr, vec![])).collect(),
+            SeccompAction::Allow,
+            SeccompAction::Errno(libc::EPERM as u32),
+            arch,
+        )
+        .map_err(|e| e.to_string())?,
+    )?;
+    Ok(Filters { main, report })
+}
+
+fn apply(f: &Filters) -> Result<(), String> {
+    seccompiler::apply_filter(&f.report).map_err(|e| e.to_string())?;
+    seccompiler::apply_filter(&f.main).map_err(|e| e.to_string())
+}
+
+fn cached(kind: ThreadKind) -> Result<&'static Filters, String> {
+    static VCPU: OnceLock<Result<Filters, String>> = OnceLock::new();
+    static IO: OnceLock<Result<Filters, String>> = OnceLock::new();
+    static WATCHDOG: OnceLock<Result<Filters, String>> = OnceLock::new();
+    let cell = match kind {
+        ThreadKind::Vcpu => &VCPU,
+        ThreadKind::Io => &IO,
+        ThreadKind::Watchdog => &WATCHDOG,
+    };
+    cell.get_or_init(|| build(kind, std::process::id()))
+        .as_ref()
+        .map_err(Clone::clone)
+}
+
+/// Confines the calling thread as a `kind` thread.
+pub(crate) fn confine(kind: ThreadKind) -> Result<(), Error> {
+    let prog = cached(kind)
+        .map_err(|e| Error::Config(format!("cannot build the {kind:?} seccomp filter: {e}")))?;
+    apply(prog).map_err(|e| {
+        Error::Config(format!(
+            "cannot install the {kind:?} thread's seccomp filter: {e}"
+        ))
+    })
+}
+
+/// Confines the calling thread, or ends the process with status 125 and one line on
+/// stderr if that fails: a host thread never runs unconfined.
+pub(crate) fn confine_or_exit(kind: ThreadKind) {
+    if let Err(e) = confine(kind) {
+        crate::output::eprint_line(&format!("pvrun: error: {e}"));
+        // SAFETY: _exit ends the process at once.
+        unsafe { libc::_exit(125) }
+    }
+}
+
+/// Confines the calling thread as a device I/O thread (fails closed).
+pub(crate) fn confine_io_thread() -> bool {
+    confine_or_exit(ThreadKind::Io);
+    true
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn an_io_thread_is_killed_by_a_forbidden_system_call_and_allowed_ones_pass() {
-        // Build the filter before forking: the child may only make raw system calls.
-        assert!(io_thread_filter().is_some(), "the filter does not compile");
-        let run = |forbidden: bool| -> i32 {
-            // SAFETY: the child only applies the prebuilt filter and makes system calls.
-            unsafe {
-                let pid = libc::fork();
-                if pid == 0 {
-                    if !confine_io_thread() {
-                        libc::_exit(3);
-                    }
-                    libc::syscall(libc::SYS_write, 1, c"".as_ptr(), 0);
-                    if forbidden {
-                        libc::syscall(libc::SYS_getppid);
-                    }
-                    libc::_exit(0);
+    /// Forks; the child installs `kind`'s filters (built before the fork: the child makes
+    /// only raw system calls), runs `body` and exits 0. Returns the raw wait status.
+    fn in_child(kind: ThreadKind, body: impl Fn()) -> i32 {
+        // The child's pid is unknown here; only tgkill depends on it, and the test of
+        // tgkill expects a kill anyway.
+        let filters = build(kind, 0).expect("the filters compile");
+        // SAFETY: the child only applies the prebuilt filters and makes system calls.
+        unsafe {
+            let pid = libc::fork();
+            if pid == 0 {
+                if apply(&filters).is_err() {
+                    libc::_exit(3);
                 }
-                let mut status = 0;
-                libc::waitpid(pid, &mut status, 0);
-                status
+                body();
+                libc::_exit(0);
             }
+            let mut status = 0;
+            libc::waitpid(pid, &mut status, 0);
+            status
+        }
+    }
+
+    fn exited_ok(s: i32) -> bool {
+        libc::WIFEXITED(s) && libc::WEXITSTATUS(s) == 0
+    }
+
+    fn killed(s: i32) -> bool {
+        libc::WIFSIGNALED(s) && libc::WTERMSIG(s) == libc::SIGSYS
+    }
+
+    #[test]
+    fn every_filter_compiles() {
+        for kind in [ThreadKind::Vcpu, ThreadKind::Io, ThreadKind::Watchdog] {
+            build(kind, 1).unwrap();
+        }
+    }
+
+    #[test]
+    fn each_thread_kind_is_killed_by_what_it_may_not_do() {
+        // SAFETY (all bodies): raw system calls only.
+        let write0 = || unsafe {
+            libc::syscall(libc::SYS_write, 1, c"".as_ptr(), 0);
         };
-        let ok = run(false);
+        for kind in [ThreadKind::Vcpu, ThreadKind::Io, ThreadKind::Watchdog] {
+            assert!(exited_ok(in_child(kind, write0)), "{kind:?}: allowed call");
+            // Starting a program, a socket: never.
+            let execve = || unsafe {
+                libc::syscall(libc::SYS_execve, c"/bin/true".as_ptr(), 0, 0);
+            };
+            assert!(killed(in_child(kind, execve)), "{kind:?}: execve");
+            let socket = || unsafe {
+                libc::syscall(libc::SYS_socket, libc::AF_INET, libc::SOCK_STREAM, 0);
+            };
+            assert!(killed(in_child(kind, socket)), "{kind:?}: socket");
+            // Executable memory: never.
+            let mmap_exec = || unsafe {
+                libc::syscall(
+                    libc::SYS_mmap,
+                    0,
+                    4096,
+                    libc::PROT_READ | libc::PROT_EXEC,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                );
+            };
+            assert!(
+                killed(in_child(kind, mmap_exec)),
+                "{kind:?}: PROT_EXEC mmap"
+            );
+            let mmap_rw = || unsafe {
+                libc::syscall(
+                    libc::SYS_mmap,
+                    0,
+                    4096,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                );
+            };
+            assert!(exited_ok(in_child(kind, mmap_rw)), "{kind:?}: RW mmap");
+            // A report's file lookups fail softly instead of killing.
+            let open = || unsafe {
+                let fd = libc::syscall(
+                    libc::SYS_openat,
+                    libc::AT_FDCWD,
+                    c"/etc/hostname".as_ptr(),
+                    0,
+                );
+                if fd != -1 {
+                    libc::_exit(4);
+                }
+            };
+            assert!(
+                exited_ok(in_child(kind, open)),
+                "{kind:?}: openat must fail with EPERM"
+            );
+        }
+        // Only a vCPU thread may use KVM, and only with the requests it needs.
+        let kvm_run = || unsafe {
+            libc::syscall(libc::SYS_ioctl, -1, io(0x80));
+        };
+        assert!(exited_ok(in_child(ThreadKind::Vcpu, kvm_run)));
+        assert!(killed(in_child(ThreadKind::Io, kvm_run)));
+        let create_vm = || unsafe {
+            libc::syscall(libc::SYS_ioctl, -1, io(0x01));
+        };
         assert!(
-            libc::WIFEXITED(ok) && libc::WEXITSTATUS(ok) == 0,
-            "status {ok:#x}"
+            killed(in_child(ThreadKind::Vcpu, create_vm)),
+            "KVM_CREATE_VM"
         );
-        let killed = run(true);
-        assert!(
-            libc::WIFSIGNALED(killed) && libc::WTERMSIG(killed) == libc::SIGSYS,
-            "status {killed:#x}"
-        );
+        // A device thread may read its image; a watchdog may not.
+        let pread = || unsafe {
+            libc::syscall(libc::SYS_pread64, -1, 0, 0, 0);
+        };
+        assert!(exited_ok(in_child(ThreadKind::Io, pread)));
+        assert!(killed(in_child(ThreadKind::Watchdog, pread)));
+        // tgkill to another process: never (pid 0 here is not ours).
+        let tgkill = || unsafe {
+            libc::syscall(libc::SYS_tgkill, 1, 1, 0);
+        };
+        assert!(killed(in_child(ThreadKind::Watchdog, tgkill)));
     }
 }

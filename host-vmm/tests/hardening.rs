@@ -179,3 +179,35 @@ fn every_call_and_every_copy_of_a_sandbox_gets_fresh_randomness() {
         }
     }
 }
+
+#[test]
+fn every_thread_of_a_running_pvrun_is_confined() {
+    let (mut child, line) = started("sleep-forever");
+    assert_eq!(line, "sleeping\n");
+    let mut seen = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{}/task", child.id())).unwrap() {
+        let dir = task.unwrap().path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        let status = std::fs::read_to_string(dir.join("status")).unwrap_or_default();
+        let mode = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Seccomp:"))
+            .map(str::trim)
+            .unwrap_or("?")
+            .to_string();
+        seen.push((comm.trim().to_string(), mode));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    // The vCPU (main) thread and the watchdog run under a filter (mode 2); kernel-side
+    // KVM helper threads are not ours and are skipped.
+    let ours: Vec<_> = seen
+        .iter()
+        .filter(|(c, _)| c == "pvrun" || c.starts_with("pvrun-"))
+        .collect();
+    assert!(ours.iter().any(|(c, _)| c == "pvrun"), "{seen:?}");
+    assert!(ours.iter().any(|(c, _)| c == "pvrun-watchdog"), "{seen:?}");
+    for (comm, mode) in ours {
+        assert_eq!(mode, "2", "thread {comm} is not confined: {seen:?}");
+    }
+}

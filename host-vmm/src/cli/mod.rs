@@ -97,6 +97,10 @@ pub fn run_and_exit(elf: &Path, config: VmConfig) -> ! {
         Ok(vm) => vm,
         Err(e) => host_error(e),
     };
+    // From here on this thread only runs the guest: confine it (fails closed).
+    if let Err(e) = vm.confine_thread() {
+        host_error(e)
+    }
     match vm.run() {
         Ok(outcome) => {
             if let Some(report) = outcome.report() {

@@ -166,6 +166,7 @@ impl RunControl {
 
     /// The watchdog thread: stops the guest when the armed deadline passes.
     fn watchdog(self: Arc<Self>) {
+        crate::seccomp::confine_or_exit(crate::seccomp::ThreadKind::Watchdog);
         let mut d = self.deadline.lock().unwrap_or_else(|p| p.into_inner());
         loop {
             if self.quit.load(Ordering::SeqCst) {

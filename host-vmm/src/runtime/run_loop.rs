@@ -40,6 +40,19 @@ impl Vm {
         self.vcpu.set_immediate_exit(0);
     }
 
+    /// Confines the calling thread with the vCPU thread's seccomp filter: from now on it
+    /// may only run and reset this VM (and others already created), write output, wait
+    /// and exit; any other system call kills the process. Permanent for the thread, so
+    /// call it on a thread dedicated to running VMs (the `pvrun` runner does, right after
+    /// creating its VM). The watchdog thread is started first, since a confined thread
+    /// cannot start threads.
+    pub fn confine_thread(&mut self) -> Result<(), Error> {
+        if self.watchdog.is_none() {
+            self.watchdog = Some(self.control.start_watchdog()?);
+        }
+        crate::seccomp::confine(crate::seccomp::ThreadKind::Vcpu)
+    }
+
     /// A handle that stops this VM's guest from another thread.
     pub fn kill_handle(&self) -> KillHandle {
         KillHandle(self.control.clone())
