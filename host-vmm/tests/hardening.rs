@@ -211,3 +211,59 @@ fn every_thread_of_a_running_pvrun_is_confined() {
         assert_eq!(mode, "2", "thread {comm} is not confined: {seen:?}");
     }
 }
+
+#[test]
+fn a_library_configuration_cannot_make_the_host_panic() {
+    use host_vmm::{DiskConfig, GuestImage, NetConfig, Vm, VmConfig};
+    let image = Arc::new(GuestImage::from_file(&guest("hello")).unwrap());
+    let net = |f: &dyn Fn(&mut NetConfig)| {
+        let mut n = NetConfig::parse("eth0=tap:tap0").unwrap();
+        f(&mut n);
+        n
+    };
+    let bad: Vec<(VmConfig, &str)> = vec![
+        (
+            VmConfig {
+                disks: vec![DiskConfig {
+                    name: "d".repeat(100),
+                    path: "/dev/null".into(),
+                    read_only: true,
+                }],
+                ..VmConfig::default()
+            },
+            "device name",
+        ),
+        (
+            VmConfig {
+                nets: vec![net(&|n| n.name = "n".repeat(64))],
+                ..VmConfig::default()
+            },
+            "device name",
+        ),
+        (
+            VmConfig {
+                nets: vec![net(&|n| n.tap = "t".repeat(40))],
+                ..VmConfig::default()
+            },
+            "TAP name",
+        ),
+        (
+            VmConfig {
+                nets: vec![net(&|n| n.mtu = u32::MAX)],
+                ..VmConfig::default()
+            },
+            "MTU",
+        ),
+        (
+            VmConfig {
+                nets: vec![net(&|n| n.ip = Some(([10, 0, 0, 2], 200)))],
+                ..VmConfig::default()
+            },
+            "prefix",
+        ),
+    ];
+    for (cfg, what) in bad {
+        let e = Vm::new(image.clone(), cfg).err().expect("refused");
+        assert!(e.to_string().contains(what), "{e}");
+    }
+}

@@ -13,6 +13,7 @@ use pvrun_abi::{device, perm, region};
 
 use crate::arch;
 use crate::config::VmConfig;
+use crate::devices::block::check_device_name;
 use crate::devices::{self, Devices, Planned};
 use crate::error::Error;
 use crate::function::FnContext;
@@ -134,6 +135,38 @@ pub(crate) fn memory_map(
     MemoryMap::new(regions)
 }
 
+/// Checks what a library caller put in the configuration (the command line's parsers
+/// check the same, but the fields are public): names, TAP names, MTU and prefix ranges, so
+/// no configuration can make the host index out of bounds or allocate without limit.
+fn check_config(config: &VmConfig) -> Result<(), Error> {
+    for d in &config.disks {
+        check_device_name(&d.name).map_err(Error::Config)?;
+    }
+    for n in &config.nets {
+        check_device_name(&n.name).map_err(Error::Config)?;
+        if n.tap.is_empty() || n.tap.len() >= libc::IFNAMSIZ || n.tap.contains(['/', '\0']) {
+            return Err(Error::Config(format!(
+                "network `{}`: TAP name `{}` must be 1-15 bytes without `/`",
+                n.name,
+                crate::output::escape_controls(&n.tap)
+            )));
+        }
+        if !(68..=65_521).contains(&n.mtu) {
+            return Err(Error::Config(format!(
+                "network `{}`: MTU {} is out of range (68 to 65521)",
+                n.name, n.mtu
+            )));
+        }
+        if n.ip.is_some_and(|(_, prefix)| prefix > 32) {
+            return Err(Error::Config(format!(
+                "network `{}`: an IPv4 prefix is at most /32",
+                n.name
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Refuses a guest whose ELF declares a device that the configuration does not attach.
 fn check_required_devices(image: &GuestImage, config: &VmConfig) -> Result<(), Error> {
     for (kind, name) in &image.required_devices {
@@ -159,6 +192,7 @@ fn check_required_devices(image: &GuestImage, config: &VmConfig) -> Result<(), E
 /// Creates the VM, loads the image, writes boot info and sets the vCPU at the entry.
 pub(crate) fn build(image: Arc<GuestImage>, config: VmConfig) -> Result<Vm, Error> {
     let plan = Plan::new(image.image_end(), config.mem_size)?;
+    check_config(&config)?;
     let kvm = kvm()?;
     // The first VM of a process asks KVM for its CPUID table (~0.3 ms on PVM hosts);
     // do that on another thread while this one creates the VM and loads memory.
