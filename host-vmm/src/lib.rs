@@ -27,6 +27,8 @@ mod config;
 mod devices;
 mod error;
 mod function;
+#[cfg(test)]
+mod fuzz;
 mod hypercall;
 mod layout;
 mod loader;
