@@ -267,3 +267,36 @@ fn a_library_configuration_cannot_make_the_host_panic() {
         assert!(e.to_string().contains(what), "{e}");
     }
 }
+
+/// A console sink that never returns from a write (a log pipe nobody reads).
+struct Stalled;
+
+impl std::io::Write for Stalled {
+    fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+        std::thread::sleep(Duration::from_secs(3600));
+        Ok(0)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn a_stalled_console_sink_never_delays_a_call_and_floods_are_dropped() {
+    let config = SandboxConfig {
+        call_timeout: Some(Duration::from_secs(5)),
+        console: Arc::new(Mutex::new(Box::new(Stalled))),
+        ..SandboxConfig::default()
+    };
+    let mut sb = Sandbox::new(&guest("badfunctions"), config).unwrap();
+    let t = Instant::now();
+    for _ in 0..3 {
+        assert_eq!(sb.call("print", b"20000").unwrap(), b"printed 20000");
+    }
+    assert!(
+        t.elapsed() < Duration::from_secs(4),
+        "calls waited for the console: {:?}",
+        t.elapsed()
+    );
+    assert!(sb.template().console_dropped() > 0);
+}

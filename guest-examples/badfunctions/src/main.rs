@@ -13,6 +13,7 @@
 //! | `touch-pages` | input: a decimal page count N (empty: 16, at most 256); writes one byte in each of N distinct 4 KiB pages of a 1 MiB static buffer | `ok` |
 //! | `init-state` | reads a global the initialisation set to 42 | `42` (`0` if init had not run) |
 //! | `random` | draws 16 bytes from `pvrun::random` and 16 from its ChaCha20 fallback | `GENERATION HEX HEX` |
+//! | `print` | input: a decimal line count N (empty: 1000); prints N lines to stdout | `printed N` |
 //! | `wait` | input: a decimal millisecond count N (empty: forever); one `WAIT` hypercall with a deadline N ms from now | `waited MS` (how long the host kept it asleep) |
 //!
 //! A bad decimal input is an error (`expected a decimal number, got ...`).
@@ -41,6 +42,7 @@ pvrun::export_functions! {
     "xmm-get" => xmm_get,
     "wait" => wait,
     "random" => random,
+    "print" => print,
 }
 
 /// Calls of `counter` since the snapshot (or since boot, if the host never resets).
@@ -200,4 +202,13 @@ fn random(_input: &[u8]) -> Result<Vec<u8>, String> {
     pvrun::random::fill_bytes_keystream(&mut b);
     let hex = |v: &[u8]| v.iter().map(|x| format!("{x:02x}")).collect::<String>();
     Ok(format!("{} {} {}", pvrun::random::generation(), hex(&a), hex(&b)).into_bytes())
+}
+
+/// Prints `input` lines (a console flood).
+fn print(input: &[u8]) -> Result<Vec<u8>, String> {
+    let n = decimal(input, 1000)?;
+    for i in 0..n {
+        pvrun::println!("console line {i} from a function that prints a lot");
+    }
+    Ok(format!("printed {n}").into_bytes())
 }

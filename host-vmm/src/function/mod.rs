@@ -5,6 +5,7 @@
 //! [`snapshot`] takes and restores it (memory, vCPU registers and vector state, the console
 //! position, the host's own writes into guest memory), and [`sandbox`] decides when.
 
+pub(crate) mod console;
 pub(crate) mod sandbox;
 pub(crate) mod snapshot;
 

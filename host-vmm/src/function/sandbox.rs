@@ -19,6 +19,7 @@ use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
+use super::console::ConsoleHub;
 use super::snapshot::{Snapshot, VmShell};
 use super::{FN_DATA_MAX, HostFn};
 use crate::config::VmConfig;
@@ -43,8 +44,12 @@ pub struct SandboxConfig {
     pub call_timeout: Option<Duration>,
     /// Largest output a call may return.
     pub max_output: u64,
-    /// Where the guests' console output goes (shared by every sandbox of a snapshot).
+    /// Where the guests' console output goes (shared by every sandbox of a snapshot,
+    /// through a queue: a slow sink never delays a call).
     pub console: Arc<Mutex<Box<dyn Write + Send>>>,
+    /// Console bytes per second each sandbox may write, with a one-second burst; output
+    /// beyond it is dropped and counted (0: unlimited).
+    pub console_rate: u64,
 }
 
 impl Default for SandboxConfig {
@@ -57,6 +62,7 @@ impl Default for SandboxConfig {
             call_timeout: Some(Duration::from_secs(10)),
             max_output: FN_DATA_MAX,
             console: Arc::new(Mutex::new(Box::new(crate::output::StdStream::stderr()))),
+            console_rate: 1 << 20,
         }
     }
 }
@@ -106,22 +112,10 @@ pub enum CallError {
     Host(String),
 }
 
-/// A writer that forwards to the shared console sink.
-struct SharedConsole(Arc<Mutex<Box<dyn Write + Send>>>);
-
-impl Write for SharedConsole {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).write(buf)
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).flush()
-    }
-}
-
 /// A snapshot plus what sandboxes made from it need.
 pub struct Template {
     snapshot: Arc<Snapshot>,
-    console: Arc<Mutex<Box<dyn Write + Send>>>,
+    console: Arc<ConsoleHub>,
     call_timeout: Option<Duration>,
     max_output: u64,
     /// VMs created ahead of time for new sandboxes, and how many to keep ready.
@@ -133,6 +127,12 @@ impl Template {
     /// The exported function names.
     pub fn functions(&self) -> &[String] {
         &self.snapshot.exports.names
+    }
+
+    /// Bytes of guest console output dropped so far by the sandboxes of this template
+    /// (over their rate limit, or while the sink was too slow).
+    pub fn console_dropped(&self) -> u64 {
+        self.console.dropped()
     }
 
     /// Creates `n` VMs now for later [`Sandbox::from_template`] calls, which then only map
@@ -205,13 +205,14 @@ impl Sandbox {
 
     /// Like [`Sandbox::new`], from an image already loaded.
     pub fn from_image(image: Arc<GuestImage>, config: SandboxConfig) -> Result<Sandbox, Error> {
+        let hub = ConsoleHub::new(config.console.clone(), config.console_rate);
         let vm_config = VmConfig {
             mem_size: config.mem_size,
             args: config.args,
             env: config.env,
             timeout: config.call_timeout,
-            stdout: Box::new(SharedConsole(config.console.clone())),
-            stderr: Box::new(SharedConsole(config.console.clone())),
+            stdout: Box::new(hub.sandbox_console()),
+            stderr: Box::new(hub.sandbox_console()),
             host_functions: Arc::new(config.host_functions),
             max_output: config.max_output,
             dirty_log: true,
@@ -235,7 +236,7 @@ impl Sandbox {
             vm,
             template: Arc::new(Template {
                 snapshot,
-                console: config.console,
+                console: hub,
                 call_timeout: config.call_timeout,
                 max_output: config.max_output,
                 shells: Mutex::new((Vec::new(), 0)),
@@ -252,8 +253,8 @@ impl Sandbox {
         let vm = Vm::from_snapshot_in(
             template.take_shell(),
             &template.snapshot,
-            Box::new(SharedConsole(template.console.clone())),
-            Box::new(SharedConsole(template.console.clone())),
+            Box::new(template.console.sandbox_console()),
+            Box::new(template.console.sandbox_console()),
             template.call_timeout,
         )?;
         Ok(Sandbox {
