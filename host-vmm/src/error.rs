@@ -51,7 +51,12 @@ pub enum Error {
         host: u32,
     },
     /// The image (plus heap and stack) does not fit the guest memory.
-    #[error("the guest needs at least {needed} bytes of memory but has {available}; raise --mem")]
+    #[error(
+        "the guest needs at least {} of memory but has {}; raise --mem to {} or more",
+        size(*needed),
+        size(*available),
+        size(needed.next_multiple_of(2 << 20))
+    )]
     DoesNotFit {
         /// Bytes needed.
         needed: u64,
@@ -59,7 +64,12 @@ pub enum Error {
         available: u64,
     },
     /// A bad memory size.
-    #[error("guest memory size {0} is out of range (8 MiB to 64 GiB, a multiple of 2 MiB)")]
+    #[error(
+        "guest memory size {} is out of range: it must be a multiple of 2M from {} to {}",
+        size(*.0),
+        size(crate::layout::MIN_MEM_SIZE),
+        size(crate::layout::MAX_MEM_SIZE)
+    )]
     BadMemSize(u64),
     /// Arguments or environment do not fit in the boot-info region.
     #[error("arguments and environment are too large ({0} bytes; at most 190 KiB fit)")]
@@ -110,4 +120,28 @@ pub enum Error {
     /// A host-side failure while the guest runs (writing its output, for instance).
     #[error("host I/O error: {0}")]
     Io(#[from] std::io::Error),
+}
+
+/// A byte count the way `--mem` takes it: `64M`, `1G`, `12K`, or bytes.
+pub fn size(bytes: u64) -> String {
+    const K: u64 = 1 << 10;
+    match bytes {
+        0 => "0".into(),
+        b if b % (K * K * K) == 0 => format!("{}G", b / (K * K * K)),
+        b if b % (K * K) == 0 => format!("{}M", b / (K * K)),
+        b if b % K == 0 => format!("{}K", b / K),
+        b => format!("{b} bytes"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sizes_read_like_the_option_that_set_them() {
+        assert_eq!(super::size(3 << 20), "3M");
+        assert_eq!(super::size(1 << 30), "1G");
+        assert_eq!(super::size(4097), "4097 bytes");
+        let e = super::Error::BadMemSize(3 << 20).to_string();
+        assert!(e.contains("3M") && e.contains("14M"), "{e}");
+    }
 }

@@ -36,8 +36,11 @@ pub const PAGE_TABLES_ADDR: u64 = 0x10_0000;
 /// End (exclusive) of the page-table area.
 pub const PAGE_TABLES_END: u64 = 0x20_0000;
 
-/// Smallest guest memory we accept.
-pub const MIN_MEM_SIZE: u64 = 8 << 20;
+/// Smallest guest memory we accept: what the smallest SDK guest needs (the 2 MiB host
+/// area, its text, rodata and data in a 2 MiB-aligned page each, the minimum heap, the
+/// stack guard and the stack, 2 MiB each). A guest with a larger image needs more, and
+/// the error says how much.
+pub const MIN_MEM_SIZE: u64 = 14 << 20;
 /// Largest guest memory we accept (bounded by the page-table area).
 pub const MAX_MEM_SIZE: u64 = 64 << 30;
 /// Default guest memory size.
