@@ -107,3 +107,11 @@ fn a_device_that_is_not_kvm_is_one_clear_line() {
         "{e}"
     );
 }
+
+#[test]
+fn the_smallest_guest_boots_at_the_documented_minimum_and_sizes_echo_the_option() {
+    let r = pvrun(&guest("hello"), &["--mem", "14M"], &[]);
+    assert_eq!(r.status, 0, "{}", r.stderr);
+    let e = host_error(&["--mem", "3M", guest("hello").to_str().unwrap()]);
+    assert!(e.contains("3M") && e.contains("14M"), "{e}");
+}
