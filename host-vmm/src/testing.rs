@@ -29,6 +29,18 @@ pub struct RawElf {
     pub abi_version: Option<u32>,
     /// Extra bytes of memory size beyond the code (BSS).
     pub bss: u64,
+    /// `e_entry`, if not `vaddr`.
+    pub entry: Option<u64>,
+    /// `p_paddr` of the text segment, if not `vaddr`.
+    pub paddr: Option<u64>,
+    /// `p_memsz` of the text segment, if not the code length plus `bss`.
+    pub memsz: Option<u64>,
+    /// A second PT_LOAD with the same file bytes: (address, `p_flags`).
+    pub second_load: Option<(u64, u32)>,
+    /// An extra, empty program header of this `p_type` (PT_INTERP, PT_DYNAMIC, PT_TLS...).
+    pub extra_phdr: Option<u32>,
+    /// Raw bytes appended to the note segment after the ABI note (more notes, or junk).
+    pub extra_notes: &'static [u8],
 }
 
 impl Default for RawElf {
@@ -40,28 +52,39 @@ impl Default for RawElf {
             flags: 5,
             abi_version: Some(ABI_VERSION),
             bss: 0,
+            entry: None,
+            paddr: None,
+            memsz: None,
+            second_load: None,
+            extra_phdr: None,
+            extra_notes: &[],
         }
     }
 }
 
-/// Builds a static ELF whose single PT_LOAD holds `code` at `opts.vaddr` (the entry point).
+/// Offset of the program headers in an image from [`elf`].
+pub const PHDR_OFFSET: u64 = 64;
+/// Size of one program header.
+pub const PHDR_SIZE: u64 = 56;
+
+/// Builds a static ELF whose first PT_LOAD holds `code` at `opts.vaddr` (the entry point),
+/// followed by the knobs' optional headers: a second PT_LOAD, an extra header, the note.
 pub fn elf(code: &[u8], opts: RawElf) -> Vec<u8> {
-    let phnum: u16 = if opts.abi_version.is_some() { 2 } else { 1 };
+    let mut note = Vec::new();
+    if let Some(v) = opts.abi_version {
+        note.extend_from_slice(&6u32.to_le_bytes());
+        note.extend_from_slice(&4u32.to_le_bytes());
+        note.extend_from_slice(&NOTE_TYPE_ABI_VERSION.to_le_bytes());
+        note.extend_from_slice(b"pvrun\0\0\0");
+        note.extend_from_slice(&v.to_le_bytes());
+    }
+    note.extend_from_slice(opts.extra_notes);
+    let phnum = 1
+        + u16::from(opts.second_load.is_some())
+        + u16::from(opts.extra_phdr.is_some())
+        + u16::from(!note.is_empty());
     let ehsize = 64u64;
-    let phsize = 56u64;
-    let note_off = ehsize + phsize * phnum as u64;
-    let note: Vec<u8> = match opts.abi_version {
-        Some(v) => {
-            let mut n = Vec::new();
-            n.extend_from_slice(&6u32.to_le_bytes());
-            n.extend_from_slice(&4u32.to_le_bytes());
-            n.extend_from_slice(&NOTE_TYPE_ABI_VERSION.to_le_bytes());
-            n.extend_from_slice(b"pvrun\0\0\0");
-            n.extend_from_slice(&v.to_le_bytes());
-            n
-        }
-        None => Vec::new(),
-    };
+    let note_off = PHDR_OFFSET + PHDR_SIZE * phnum as u64;
     let code_off = (note_off + note.len() as u64).next_multiple_of(16);
     let mut out = Vec::new();
     // ELF header.
@@ -71,34 +94,37 @@ pub fn elf(code: &[u8], opts: RawElf) -> Vec<u8> {
     out.extend_from_slice(&opts.e_type.to_le_bytes());
     out.extend_from_slice(&opts.machine.to_le_bytes());
     out.extend_from_slice(&1u32.to_le_bytes());
-    out.extend_from_slice(&opts.vaddr.to_le_bytes()); // e_entry
-    out.extend_from_slice(&ehsize.to_le_bytes()); // e_phoff
+    out.extend_from_slice(&opts.entry.unwrap_or(opts.vaddr).to_le_bytes()); // e_entry
+    out.extend_from_slice(&PHDR_OFFSET.to_le_bytes()); // e_phoff
     out.extend_from_slice(&0u64.to_le_bytes()); // e_shoff
     out.extend_from_slice(&0u32.to_le_bytes()); // e_flags
     out.extend_from_slice(&(ehsize as u16).to_le_bytes());
-    out.extend_from_slice(&(phsize as u16).to_le_bytes());
+    out.extend_from_slice(&(PHDR_SIZE as u16).to_le_bytes());
     out.extend_from_slice(&phnum.to_le_bytes());
     out.extend_from_slice(&64u16.to_le_bytes()); // e_shentsize
     out.extend_from_slice(&0u16.to_le_bytes()); // e_shnum
     out.extend_from_slice(&0u16.to_le_bytes()); // e_shstrndx
-    // PT_LOAD.
-    let ph = |out: &mut Vec<u8>,
-              ty: u32,
-              flags: u32,
-              off: u64,
-              vaddr: u64,
-              filesz: u64,
-              memsz: u64,
-              align: u64| {
+    #[allow(clippy::too_many_arguments)]
+    fn ph(
+        out: &mut Vec<u8>,
+        ty: u32,
+        flags: u32,
+        off: u64,
+        vaddr: u64,
+        paddr: u64,
+        filesz: u64,
+        memsz: u64,
+        align: u64,
+    ) {
         out.extend_from_slice(&ty.to_le_bytes());
         out.extend_from_slice(&flags.to_le_bytes());
         out.extend_from_slice(&off.to_le_bytes());
         out.extend_from_slice(&vaddr.to_le_bytes());
-        out.extend_from_slice(&vaddr.to_le_bytes());
+        out.extend_from_slice(&paddr.to_le_bytes());
         out.extend_from_slice(&filesz.to_le_bytes());
         out.extend_from_slice(&memsz.to_le_bytes());
         out.extend_from_slice(&align.to_le_bytes());
-    };
+    }
     let len = code.len() as u64;
     ph(
         &mut out,
@@ -106,21 +132,20 @@ pub fn elf(code: &[u8], opts: RawElf) -> Vec<u8> {
         opts.flags,
         code_off,
         opts.vaddr,
+        opts.paddr.unwrap_or(opts.vaddr),
         len,
-        len + opts.bss,
+        opts.memsz.unwrap_or(len + opts.bss),
         0x1000,
     );
+    if let Some((vaddr, flags)) = opts.second_load {
+        ph(&mut out, 1, flags, code_off, vaddr, vaddr, len, len, 0x1000);
+    }
+    if let Some(ty) = opts.extra_phdr {
+        ph(&mut out, ty, 4, 0, 0, 0, 0, 0, 8);
+    }
     if !note.is_empty() {
-        ph(
-            &mut out,
-            4,
-            4,
-            note_off,
-            0,
-            note.len() as u64,
-            note.len() as u64,
-            4,
-        );
+        let n = note.len() as u64;
+        ph(&mut out, 4, 4, note_off, 0, 0, n, n, 4);
     }
     out.extend_from_slice(&note);
     out.resize(code_off as usize, 0);
