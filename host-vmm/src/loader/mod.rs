@@ -3,19 +3,16 @@
 //!
 //! A guest is a static `ET_EXEC` x86-64 ELF whose PT_LOAD segments lie above
 //! [`GUEST_IMAGE_BASE`], are never both writable and executable, and which carries a
-//! `pvrun` ABI-version note. The checks live in [`elf`], the `.symtab` symbolizer in
-//! [`symbols`]. Loading copies the segments with linux-loader (which checks neither the
-//! type nor the machine, hence the checks here) and zeroes BSS.
+//! `pvrun` ABI-version note, and which needs no dynamic linker. The checks live in
+//! [`elf`], the `.symtab` symbolizer in [`symbols`]. Loading copies exactly the segments
+//! the checks accepted (file bytes through vm-memory's checked writes, then zeroed BSS);
+//! the file is never parsed a second time.
 
 mod elf;
 mod symbols;
 
-use std::io::Cursor;
 use std::path::Path;
 
-use linux_loader::loader::{KernelLoader, elf::Elf as ElfLoader};
-use object::read::elf::{ElfFile64, ProgramHeader};
-use object::{Endianness, elf as abi_elf};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::error::Error;
@@ -29,6 +26,8 @@ use self::symbols::Symbols;
 pub struct Segment {
     /// Virtual address in the ELF.
     pub vaddr: u64,
+    /// Offset of its file bytes in the ELF (`offset + filesz` is within the file).
+    pub offset: u64,
     /// Bytes present in the file.
     pub filesz: u64,
     /// Bytes in memory (the rest is BSS).
@@ -91,7 +90,7 @@ impl GuestImage {
             .unwrap_or(GUEST_IMAGE_BASE)
     }
 
-    /// Copies the segments into guest memory and zeroes their BSS.
+    /// Copies the validated segments into guest memory and zeroes their BSS.
     pub fn load(&self, ram: &GuestRam) -> Result<(), Error> {
         if self.image_end() > ram.size() {
             return Err(Error::DoesNotFit {
@@ -99,12 +98,15 @@ impl GuestImage {
                 available: ram.size(),
             });
         }
-        ElfLoader::load(ram.mem(), None, &mut Cursor::new(&self.bytes[..]), None)
-            .map_err(|e| Error::Layout(format!("cannot load the guest image: {e}")))?;
         for s in &self.segments {
-            // linux-loader copies `filesz` bytes only; clear the rest of the segment. Pages of
-            // a fresh VM are already zero, so only the partial page after the file data is
-            // written (the memory is never reused between guests).
+            let data = self
+                .file_bytes(s, 0, s.filesz)
+                .ok_or_else(|| Error::Layout("guest segment outside its file".into()))?;
+            ram.mem()
+                .write_slice(data, GuestAddress(s.vaddr))
+                .map_err(|e| Error::Layout(format!("cannot load the guest image: {e}")))?;
+            // Pages of a fresh VM are already zero, so only the partial page after the file
+            // data is written (the memory is never reused between guests).
             let bss_start = s.vaddr + s.filesz;
             let bss_end =
                 (s.vaddr + s.memsz).min(align_up(bss_start, PAGE_SIZE).unwrap_or(u64::MAX));
@@ -118,6 +120,13 @@ impl GuestImage {
         Ok(())
     }
 
+    /// `len` file bytes of segment `s` from `skip` bytes into it, if they are in the file.
+    fn file_bytes(&self, s: &Segment, skip: u64, len: u64) -> Option<&[u8]> {
+        let start = usize::try_from(s.offset.checked_add(skip)?).ok()?;
+        let end = start.checked_add(usize::try_from(len).ok()?)?;
+        self.bytes.get(start..end)
+    }
+
     /// Names `addr` as `function+0xoffset` from the guest's symbol table, if it has one.
     pub fn symbolize(&self, addr: u64) -> Option<String> {
         self.symbols.symbolize(addr)
@@ -126,22 +135,49 @@ impl GuestImage {
     /// The bytes of the image's memory at `addr` (up to `len`), from the file, for
     /// describing a faulting instruction without trusting guest memory.
     pub fn code_at(&self, addr: u64, len: usize) -> Option<&[u8]> {
-        let file = ElfFile64::<Endianness>::parse(&self.bytes[..]).ok()?;
-        let endian = file.endian();
-        for ph in file.elf_program_headers() {
-            if ph.p_type(endian) != abi_elf::PT_LOAD {
-                continue;
-            }
-            let v = ph.p_vaddr(endian);
-            let fs = ph.p_filesz(endian);
-            if addr >= v && addr < v + fs {
-                let off = (ph.p_offset(endian) + (addr - v)) as usize;
-                let n = len.min((v + fs - addr) as usize);
-                return self.bytes.get(off..off + n);
-            }
-        }
-        None
+        let s = self
+            .segments
+            .iter()
+            .find(|s| addr >= s.vaddr && addr - s.vaddr < s.filesz)?;
+        let skip = addr - s.vaddr;
+        self.file_bytes(s, skip, (len as u64).min(s.filesz - skip))
     }
+}
+
+/// Whether `c` must be escaped before a guest-chosen string is printed: control
+/// characters, line and paragraph separators, and invisible or direction-changing marks.
+pub(crate) fn needs_escape(c: char) -> bool {
+    c.is_control()
+        || (c.is_whitespace() && c != ' ')
+        || matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2060}'..='\u{2069}' | '\u{feff}')
+}
+
+/// A guest-chosen name (symbol, section, device) made safe to print on one line: invalid
+/// UTF-8 and the characters [`needs_escape`] picks are escaped, and it is cut to 96
+/// characters.
+pub(crate) fn printable(bytes: &[u8]) -> String {
+    const MAX: usize = 96;
+    let mut out = String::new();
+    let mut n = 0;
+    for chunk in bytes.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            if n == MAX {
+                out.push_str("...");
+                return out;
+            }
+            if needs_escape(c) {
+                out.extend(c.escape_default());
+            } else {
+                out.push(c);
+            }
+            n += 1;
+        }
+        for b in chunk.invalid() {
+            out.push_str(&format!("\\x{b:02x}"));
+            n += 1;
+        }
+    }
+    out
 }
 
 #[cfg(test)]

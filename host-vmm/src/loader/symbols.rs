@@ -4,6 +4,8 @@
 use object::read::elf::ElfFile64;
 use object::{Endianness, Object, ObjectSymbol, SymbolKind};
 
+use super::printable;
+
 /// A function symbol.
 #[derive(Clone, Debug)]
 struct Symbol {
@@ -27,7 +29,8 @@ impl Symbols {
                 Some(Symbol {
                     addr: s.address(),
                     size: s.size(),
-                    name: format!("{:#}", rustc_demangle::demangle(name)),
+                    // Guest-chosen: escaped before it can reach a terminal.
+                    name: printable(format!("{:#}", rustc_demangle::demangle(name)).as_bytes()),
                 })
             })
             .collect();
