@@ -1,29 +1,33 @@
-//! Guest ELF images: validation, the ABI note, loading into guest memory, and symbols.
+//! Guest ELF images: a validated [`GuestImage`], loaded into guest memory and used to
+//! name addresses in crash reports.
 //!
 //! A guest is a static `ET_EXEC` x86-64 ELF whose PT_LOAD segments lie above
 //! [`GUEST_IMAGE_BASE`], are never both writable and executable, and which carries a
-//! `pvrun` ABI-version note. Loading copies the segments with linux-loader (which checks
-//! neither the type nor the machine, hence the checks here) and zeroes BSS.
+//! `pvrun` ABI-version note, and which needs no dynamic linker. The checks live in
+//! [`elf`], the `.symtab` symbolizer in [`symbols`]. Loading copies exactly the segments
+//! the checks accepted (file bytes through vm-memory's checked writes, then zeroed BSS);
+//! the file is never parsed a second time.
 
-use std::io::Cursor;
+mod elf;
+mod symbols;
+
 use std::path::Path;
 
-use linux_loader::loader::{KernelLoader, elf::Elf as ElfLoader};
-use object::elf;
-use object::read::elf::{ElfFile64, FileHeader, ProgramHeader};
-use object::{Endianness, Object, ObjectSymbol, SymbolKind};
-use pvrun_abi::{ABI_VERSION, NOTE_NAME, NOTE_TYPE_ABI_VERSION, NOTE_TYPE_DEVICE, perm};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::error::Error;
-use crate::layout::{GUEST_IMAGE_BASE, PAGE_SIZE, align_down, align_up};
+use crate::layout::{GUEST_IMAGE_BASE, PAGE_SIZE, align_up};
 use crate::memory::GuestRam;
+
+use self::symbols::Symbols;
 
 /// One PT_LOAD segment, page-rounded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Segment {
     /// Virtual address in the ELF.
     pub vaddr: u64,
+    /// Offset of its file bytes in the ELF (`offset + filesz` is within the file).
+    pub offset: u64,
     /// Bytes present in the file.
     pub filesz: u64,
     /// Bytes in memory (the rest is BSS).
@@ -34,14 +38,6 @@ pub struct Segment {
     pub page_end: u64,
     /// [`pvrun_abi::perm`] bits.
     pub perm: u32,
-}
-
-/// A function symbol, for naming fault addresses.
-#[derive(Clone, Debug)]
-struct Symbol {
-    addr: u64,
-    size: u64,
-    name: String,
 }
 
 /// A validated guest image, ready to load into any number of VMs.
@@ -57,14 +53,7 @@ pub struct GuestImage {
     pub required_devices: Vec<(u32, String)>,
     /// The path it was loaded from (for messages).
     pub path: String,
-    symbols: Vec<Symbol>,
-}
-
-fn bad(path: &Path, what: impl Into<String>) -> Error {
-    Error::BadElf {
-        path: path.display().to_string(),
-        reason: what.into(),
-    }
+    symbols: Symbols,
 }
 
 impl GuestImage {
@@ -79,227 +68,16 @@ impl GuestImage {
 
     /// Validates a guest ELF held in memory (`path` is only used in messages).
     pub fn from_bytes(path: &Path, bytes: Vec<u8>) -> Result<Self, Error> {
-        if bytes.len() < 4 || &bytes[..4] != b"\x7fELF" {
-            return Err(bad(path, "is not an ELF file"));
-        }
-        if bytes.len() < 5 || bytes[4] != elf::ELFCLASS64.0 {
-            return Err(bad(
-                path,
-                "is a 32-bit ELF; pvrun guests are x86-64 (ELFCLASS64) binaries",
-            ));
-        }
-        let file = ElfFile64::<Endianness>::parse(&bytes[..])
-            .map_err(|e| bad(path, format!("is a malformed ELF ({e})")))?;
-        let hdr = file.elf_header();
-        let endian = file.endian();
-        let machine = hdr.e_machine(endian);
-        if machine != elf::EM_X86_64 {
-            return Err(bad(
-                path,
-                format!(
-                    "is built for another architecture (e_machine {machine}); pvrun runs x86-64 guests"
-                ),
-            ));
-        }
-        if endian != Endianness::Little {
-            return Err(bad(
-                path,
-                "is big-endian; pvrun runs little-endian x86-64 guests",
-            ));
-        }
-        match hdr.e_type(endian) {
-            elf::ET_EXEC => {}
-            elf::ET_DYN => {
-                return Err(bad(
-                    path,
-                    "is position-independent (ET_DYN, PIE or shared object); pvrun needs a static ET_EXEC guest built with `cargo pvrun`",
-                ));
-            }
-            elf::ET_REL => {
-                return Err(bad(
-                    path,
-                    "is a relocatable object (ET_REL), not a linked executable",
-                ));
-            }
-            t => return Err(bad(path, format!("has ELF type {t}, not an executable"))),
-        }
-
-        let mut segments = Vec::new();
-        let mut abi_version = None;
-        let mut required_devices = Vec::new();
-        let phdrs = file.elf_program_headers();
-        for ph in phdrs {
-            match ph.p_type(endian) {
-                elf::PT_LOAD => {
-                    let vaddr = ph.p_vaddr(endian);
-                    let paddr = ph.p_paddr(endian);
-                    let filesz = ph.p_filesz(endian);
-                    let memsz = ph.p_memsz(endian);
-                    let offset = ph.p_offset(endian);
-                    let flags = ph.p_flags(endian);
-                    if memsz == 0 {
-                        continue;
-                    }
-                    if vaddr != paddr {
-                        return Err(bad(
-                            path,
-                            format!(
-                                "segment at {vaddr:#x} has a different physical address ({paddr:#x})"
-                            ),
-                        ));
-                    }
-                    if filesz > memsz {
-                        return Err(bad(
-                            path,
-                            format!("segment at {vaddr:#x} has file size larger than memory size"),
-                        ));
-                    }
-                    if offset
-                        .checked_add(filesz)
-                        .is_none_or(|end| end > bytes.len() as u64)
-                    {
-                        return Err(bad(
-                            path,
-                            format!("segment at {vaddr:#x} extends past the end of the file"),
-                        ));
-                    }
-                    let end = vaddr
-                        .checked_add(memsz)
-                        .and_then(|e| align_up(e, PAGE_SIZE))
-                        .ok_or_else(|| {
-                            bad(
-                                path,
-                                format!("segment at {vaddr:#x} overflows the address space"),
-                            )
-                        })?;
-                    if vaddr < GUEST_IMAGE_BASE {
-                        return Err(bad(
-                            path,
-                            format!(
-                                "has a segment at {vaddr:#x}, below {GUEST_IMAGE_BASE:#x} where the host keeps its own structures (link it with `cargo pvrun`)"
-                            ),
-                        ));
-                    }
-                    let mut p = perm::R;
-                    if flags.0 & elf::PF_W.0 != 0 {
-                        p |= perm::W;
-                    }
-                    if flags.0 & elf::PF_X.0 != 0 {
-                        p |= perm::X;
-                    }
-                    if p & perm::W != 0 && p & perm::X != 0 {
-                        return Err(bad(
-                            path,
-                            format!(
-                                "segment at {vaddr:#x} is both writable and executable (pvrun enforces W^X)"
-                            ),
-                        ));
-                    }
-                    segments.push(Segment {
-                        vaddr,
-                        filesz,
-                        memsz,
-                        page_start: align_down(vaddr, PAGE_SIZE),
-                        page_end: end,
-                        perm: p,
-                    });
-                }
-                elf::PT_INTERP | elf::PT_DYNAMIC => {
-                    return Err(bad(
-                        path,
-                        "is dynamically linked; pvrun guests are static executables built with `cargo pvrun`",
-                    ));
-                }
-                elf::PT_TLS => {
-                    return Err(bad(
-                        path,
-                        "uses thread-local storage, which pvrun guests do not support",
-                    ));
-                }
-                elf::PT_NOTE => {
-                    if let Ok(Some(mut notes)) = ph.notes(endian, &bytes[..]) {
-                        while let Ok(Some(note)) = notes.next() {
-                            if note.name() != NOTE_NAME {
-                                continue;
-                            }
-                            let d = note.desc();
-                            let ty = note.n_type(endian).0;
-                            if ty == NOTE_TYPE_ABI_VERSION && d.len() >= 4 {
-                                abi_version = Some(u32::from_le_bytes([d[0], d[1], d[2], d[3]]));
-                            } else if ty == NOTE_TYPE_DEVICE && d.len() >= 36 {
-                                let kind = u32::from_le_bytes([d[0], d[1], d[2], d[3]]);
-                                let name = &d[4..36];
-                                let end = name.iter().position(|&b| b == 0).unwrap_or(32);
-                                let name = String::from_utf8_lossy(&name[..end]).into_owned();
-                                required_devices.push((kind, name));
-                            }
-                        }
-                    }
-                }
-                _ => {}
-            }
-        }
-        let abi_version = abi_version.ok_or_else(|| {
-            bad(
-                path,
-                "is not a pvrun guest: it has no `pvrun` ABI note (build it with `cargo pvrun` from a crate that uses guest-sdk)",
-            )
-        })?;
-        if abi_version != ABI_VERSION {
-            return Err(Error::AbiMismatch {
-                path: path.display().to_string(),
-                guest: abi_version,
-                host: ABI_VERSION,
-            });
-        }
-        if segments.is_empty() {
-            return Err(bad(path, "has no loadable segments"));
-        }
-        segments.sort_by_key(|s| s.vaddr);
-        for w in segments.windows(2) {
-            if w[0].page_end > w[1].page_start {
-                return Err(bad(
-                    path,
-                    format!(
-                        "segments at {:#x} and {:#x} share a page (link with 4 KiB aligned segments)",
-                        w[0].vaddr, w[1].vaddr
-                    ),
-                ));
-            }
-        }
-        let entry = hdr.e_entry(endian);
-        if !segments
-            .iter()
-            .any(|s| s.perm & perm::X != 0 && entry >= s.vaddr && entry < s.vaddr + s.memsz)
-        {
-            return Err(bad(
-                path,
-                format!("entry point {entry:#x} is not inside an executable segment"),
-            ));
-        }
-
-        let mut symbols: Vec<Symbol> = file
-            .symbols()
-            .filter(|s| s.kind() == SymbolKind::Text && s.address() != 0)
-            .filter_map(|s| {
-                let name = s.name().ok()?;
-                Some(Symbol {
-                    addr: s.address(),
-                    size: s.size(),
-                    name: format!("{:#}", rustc_demangle::demangle(name)),
-                })
-            })
-            .collect();
-        symbols.sort_by_key(|s| s.addr);
-
+        let (checked, file) = elf::check(path, &bytes)?;
+        let symbols = Symbols::from_file(&file);
         Ok(GuestImage {
-            bytes,
-            entry,
-            segments,
-            abi_version,
-            required_devices,
+            entry: checked.entry,
+            segments: checked.segments,
+            abi_version: checked.abi_version,
+            required_devices: checked.required_devices,
             path: path.display().to_string(),
             symbols,
+            bytes,
         })
     }
 
@@ -312,7 +90,7 @@ impl GuestImage {
             .unwrap_or(GUEST_IMAGE_BASE)
     }
 
-    /// Copies the segments into guest memory and zeroes their BSS.
+    /// Copies the validated segments into guest memory and zeroes their BSS.
     pub fn load(&self, ram: &GuestRam) -> Result<(), Error> {
         if self.image_end() > ram.size() {
             return Err(Error::DoesNotFit {
@@ -320,12 +98,15 @@ impl GuestImage {
                 available: ram.size(),
             });
         }
-        ElfLoader::load(ram.mem(), None, &mut Cursor::new(&self.bytes[..]), None)
-            .map_err(|e| Error::Layout(format!("cannot load the guest image: {e}")))?;
         for s in &self.segments {
-            // linux-loader copies `filesz` bytes only; clear the rest of the segment. Pages of
-            // a fresh VM are already zero, so only the partial page after the file data is
-            // written (the memory is never reused between guests).
+            let data = self
+                .file_bytes(s, 0, s.filesz)
+                .ok_or_else(|| Error::Layout("guest segment outside its file".into()))?;
+            ram.mem()
+                .write_slice(data, GuestAddress(s.vaddr))
+                .map_err(|e| Error::Layout(format!("cannot load the guest image: {e}")))?;
+            // Pages of a fresh VM are already zero, so only the partial page after the file
+            // data is written (the memory is never reused between guests).
             let bss_start = s.vaddr + s.filesz;
             let bss_end =
                 (s.vaddr + s.memsz).min(align_up(bss_start, PAGE_SIZE).unwrap_or(u64::MAX));
@@ -339,34 +120,109 @@ impl GuestImage {
         Ok(())
     }
 
+    /// `len` file bytes of segment `s` from `skip` bytes into it, if they are in the file.
+    fn file_bytes(&self, s: &Segment, skip: u64, len: u64) -> Option<&[u8]> {
+        let start = usize::try_from(s.offset.checked_add(skip)?).ok()?;
+        let end = start.checked_add(usize::try_from(len).ok()?)?;
+        self.bytes.get(start..end)
+    }
+
     /// Names `addr` as `function+0xoffset` from the guest's symbol table, if it has one.
     pub fn symbolize(&self, addr: u64) -> Option<String> {
-        let i = self.symbols.partition_point(|s| s.addr <= addr);
-        let s = self.symbols[..i].last()?;
-        let off = addr - s.addr;
-        if s.size != 0 && off >= s.size {
-            return None;
-        }
-        Some(format!("{}+{:#x}", s.name, off))
+        self.symbols.symbolize(addr)
     }
 
     /// The bytes of the image's memory at `addr` (up to `len`), from the file, for
     /// describing a faulting instruction without trusting guest memory.
     pub fn code_at(&self, addr: u64, len: usize) -> Option<&[u8]> {
-        let file = ElfFile64::<Endianness>::parse(&self.bytes[..]).ok()?;
-        let endian = file.endian();
-        for ph in file.elf_program_headers() {
-            if ph.p_type(endian) != elf::PT_LOAD {
-                continue;
+        let s = self
+            .segments
+            .iter()
+            .find(|s| addr >= s.vaddr && addr - s.vaddr < s.filesz)?;
+        let skip = addr - s.vaddr;
+        self.file_bytes(s, skip, (len as u64).min(s.filesz - skip))
+    }
+}
+
+/// Whether `c` must be escaped before a guest-chosen string is printed: control
+/// characters, line and paragraph separators, and invisible or direction-changing marks.
+pub(crate) fn needs_escape(c: char) -> bool {
+    c.is_control()
+        || (c.is_whitespace() && c != ' ')
+        || matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2060}'..='\u{2069}' | '\u{feff}')
+}
+
+/// A guest-chosen name (symbol, section, device) made safe to print on one line: invalid
+/// UTF-8 and the characters [`needs_escape`] picks are escaped, and it is cut to 96
+/// characters.
+pub(crate) fn printable(bytes: &[u8]) -> String {
+    const MAX: usize = 96;
+    let mut out = String::new();
+    let mut n = 0;
+    for chunk in bytes.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            if n == MAX {
+                out.push_str("...");
+                return out;
             }
-            let v = ph.p_vaddr(endian);
-            let fs = ph.p_filesz(endian);
-            if addr >= v && addr < v + fs {
-                let off = (ph.p_offset(endian) + (addr - v)) as usize;
-                let n = len.min((v + fs - addr) as usize);
-                return self.bytes.get(off..off + n);
+            if needs_escape(c) {
+                out.extend(c.escape_default());
+            } else {
+                out.push(c);
             }
+            n += 1;
         }
-        None
+        for b in chunk.invalid() {
+            out.push_str(&format!("\\x{b:02x}"));
+            n += 1;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{EXIT_LOOP, RAW_TEXT, RawElf, elf};
+
+    fn image(opts: RawElf) -> GuestImage {
+        GuestImage::from_bytes(Path::new("t.elf"), elf(EXIT_LOOP, opts)).unwrap()
+    }
+
+    #[test]
+    fn loading_copies_the_code_and_clears_bss() {
+        let img = image(RawElf {
+            bss: 64,
+            ..RawElf::default()
+        });
+        let ram = GuestRam::new(8 << 20).unwrap();
+        let bss = GuestAddress(RAW_TEXT + EXIT_LOOP.len() as u64);
+        ram.mem().write_slice(&[0xaa; 64], bss).unwrap();
+        img.load(&ram).unwrap();
+        let mut code = vec![0; EXIT_LOOP.len()];
+        ram.mem()
+            .read_slice(&mut code, GuestAddress(RAW_TEXT))
+            .unwrap();
+        assert_eq!(code, EXIT_LOOP);
+        let mut cleared = [0xffu8; 64];
+        ram.mem().read_slice(&mut cleared, bss).unwrap();
+        assert_eq!(cleared, [0; 64]);
+        assert_eq!(img.code_at(RAW_TEXT + 4, 16), Some(&EXIT_LOOP[4..]));
+    }
+
+    #[test]
+    fn a_segment_past_the_end_of_memory_is_refused() {
+        let img = image(RawElf {
+            bss: 16 << 20,
+            ..RawElf::default()
+        });
+        let ram = GuestRam::new(8 << 20).unwrap();
+        match img.load(&ram) {
+            Err(Error::DoesNotFit { needed, available }) => {
+                assert_eq!(available, 8 << 20);
+                assert!(needed > available);
+            }
+            other => panic!("expected DoesNotFit, got {:?}", other.err()),
+        }
     }
 }
