@@ -9,11 +9,11 @@ use std::mem::{offset_of, size_of};
 
 use kvm_bindings::kvm_segment;
 use pvrun_abi::{EXCEPTION_PORT, HYPERCALL_PORT_BASE, HYPERCALL_PORT_COUNT};
-use x86_64::structures::gdt::{Descriptor, DescriptorFlags, GlobalDescriptorTable};
+use x86_64::structures::gdt::{
+    Descriptor, DescriptorFlags, GlobalDescriptorTable, SegmentSelector,
+};
 use x86_64::structures::tss::TaskStateSegment;
 use x86_64::{PrivilegeLevel, VirtAddr};
-
-pub use x86_64::structures::gdt::SegmentSelector;
 
 use crate::layout::{R0_STACK_TOP, TSS_ADDR};
 
