@@ -1,9 +1,9 @@
-//! x86-64 specifics: the ring-0 structures and vCPU state, and the page tables.
+//! Architecture-specific code (x86-64 only): the ring-0 structures, the vCPU state and
+//! the page tables.
 //!
 //! The rest of the host uses only the names re-exported here.
 
-pub(crate) mod cpu;
-pub(crate) mod paging;
+pub(crate) mod x86_64;
 
-pub(crate) use cpu::{CpuSetup, USER_CS, VcpuState, write_system_tables};
-pub(crate) use paging::build as build_page_tables;
+pub(crate) use self::x86_64::paging::build as build_page_tables;
+pub(crate) use self::x86_64::{CpuSetup, USER_CS, VcpuState, write_system_tables};
