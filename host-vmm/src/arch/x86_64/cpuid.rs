@@ -75,6 +75,23 @@ pub(super) struct Leaves {
     pub host_l1_ecx: u32,
     /// The host CPU's own leaf 7.0 EBX.
     pub host_l7_ebx: u32,
+    /// The host's own XCR0 (0 without OSXSAVE).
+    pub host_xcr0: u64,
+}
+
+/// The host's XCR0, if the host OS enabled XSAVE (CPUID.1:ECX.OSXSAVE).
+fn host_xcr0(host_l1_ecx: u32) -> u64 {
+    #[target_feature(enable = "xsave")]
+    fn xgetbv0() -> u64 {
+        // SAFETY: only called when OSXSAVE is set, so `xgetbv` is allowed at CPL3.
+        unsafe { std::arch::x86_64::_xgetbv(0) }
+    }
+    if host_l1_ecx & (1 << 27) != 0 {
+        // SAFETY: OSXSAVE implies the CPU supports XSAVE (the target feature).
+        unsafe { xgetbv0() }
+    } else {
+        0
+    }
 }
 
 impl Policy {
@@ -113,7 +130,14 @@ impl Policy {
         {
             features |= feature::INVARIANT_TSC;
         }
-        if xcr0.contains(XCr0Flags::AVX) {
+        // On PVM hosts KVM reports no XSAVE, yet ring-3 guest code runs on the host CPU
+        // with the host's XCR0, and AVX works: report the state the guest really has.
+        let effective = if xsave {
+            xcr0
+        } else {
+            XCr0Flags::from_bits_retain(l.host_xcr0) & XCR0_ALLOWED
+        };
+        if effective.contains(XCr0Flags::AVX) {
             features |= feature::AVX;
         }
         Policy {
@@ -154,6 +178,7 @@ impl CpuSetup {
             lx7_edx: leaf(&cpuid, 0x8000_0007, 0).map(|l| l.edx),
             host_l1_ecx: n1.ecx,
             host_l7_ebx: n7.ebx,
+            host_xcr0: host_xcr0(n1.ecx),
         });
         Ok(CpuSetup {
             cpuid,
@@ -186,6 +211,7 @@ pub(super) mod tests {
                     ld_eax: if m & (1 << 4) != 0 { 0x2ff } else { 0x3 },
                     host_l1_ecx: b(5, 1 << 30) | 0x8,
                     host_l7_ebx: b(6, 1 << 18) | 0x4,
+                    host_xcr0: 0,
                     lx7_edx: match (m >> 7) & 3 {
                         0 => None,
                         1 => Some(0),
@@ -207,6 +233,7 @@ pub(super) mod tests {
             lx7_edx: Some(!0),
             host_l1_ecx: !0,
             host_l7_ebx: !0,
+            host_xcr0: 0,
         });
         assert!(all.xsave);
         assert_eq!(all.xcr0.bits(), 0xe7);
@@ -223,5 +250,27 @@ pub(super) mod tests {
         assert!(none.xcr0.is_empty(), "no XCR0 without XSAVE");
         assert!(none.cr4_extra.is_empty());
         assert_eq!(none.features, 0);
+    }
+}
+
+#[cfg(test)]
+mod avx_tests {
+    use super::*;
+
+    #[test]
+    fn avx_is_reported_where_the_guest_really_has_it() {
+        // A PVM host: KVM offers no XSAVE, but the host's XCR0 has AVX (and AVX-512).
+        let pvm = Policy::new(&Leaves {
+            host_xcr0: 0xe7,
+            ..Leaves::default()
+        });
+        assert!(pvm.xcr0.is_empty(), "XCR0 is not set through KVM there");
+        assert_ne!(pvm.features & feature::AVX, 0);
+        // No AVX anywhere: no bit.
+        let none = Policy::new(&Leaves {
+            host_xcr0: 0x3,
+            ..Leaves::default()
+        });
+        assert_eq!(none.features & feature::AVX, 0);
     }
 }

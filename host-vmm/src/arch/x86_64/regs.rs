@@ -2,7 +2,7 @@
 //! CR0/CR4/EFER, RFLAGS, FPU, XCR0), and the state a snapshot captures and restores
 //! ([`VcpuState`]).
 
-use kvm_bindings::{kvm_fpu, kvm_regs, kvm_sregs, kvm_xcrs, kvm_xsave};
+use kvm_bindings::{kvm_fpu, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave};
 use kvm_ioctls::VcpuFd;
 use x86_64::registers::control::{Cr0Flags, Cr4Flags};
 use x86_64::registers::model_specific::EferFlags;
@@ -113,6 +113,18 @@ pub struct VcpuState {
     /// `KVM_GET_XSAVE`: restoring only `fpu` would let vector registers beyond SSE carry
     /// data from one call into the next.
     pub xsave: Option<Box<kvm_xsave>>,
+    /// Pending exceptions, NMI and interrupt-shadow state, where KVM offers it: a call
+    /// stopped in the middle of delivering an exception must not leave it pending.
+    pub events: Option<kvm_vcpu_events>,
+}
+
+/// Whether a KVM error means "this KVM does not have that call" (fallback is fine) rather
+/// than a failure (which must be loud).
+fn unsupported(e: &kvm_ioctls::Error) -> bool {
+    matches!(
+        e.errno(),
+        libc::EINVAL | libc::ENOTTY | libc::ENOSYS | libc::EOPNOTSUPP
+    )
 }
 
 impl VcpuState {
@@ -124,20 +136,36 @@ impl VcpuState {
                 .get_sregs()
                 .map_err(|e| Error::Kvm("KVM_GET_SREGS", e))?,
             fpu: vcpu.get_fpu().map_err(|e| Error::Kvm("KVM_GET_FPU", e))?,
-            xsave: vcpu.get_xsave().ok().map(Box::new),
+            // Without KVM_GET_XSAVE the guest has no state beyond x87/SSE (KVM enables
+            // none), so the FPU area is all there is; any other failure is an error,
+            // never a silent fallback that would let YMM/ZMM registers carry over.
+            xsave: match vcpu.get_xsave() {
+                Ok(x) => Some(Box::new(x)),
+                Err(e) if unsupported(&e) => None,
+                Err(e) => return Err(Error::Kvm("KVM_GET_XSAVE", e)),
+            },
+            events: match vcpu.get_vcpu_events() {
+                Ok(ev) => Some(ev),
+                Err(e) if unsupported(&e) => None,
+                Err(e) => return Err(Error::Kvm("KVM_GET_VCPU_EVENTS", e)),
+            },
         })
     }
 
     /// Loads the FPU and vector state into a vCPU (the whole XSAVE area when captured).
+    /// Fails loudly if the XSAVE area or the events cannot be loaded.
     pub fn load_extended(&self, vcpu: &VcpuFd) -> Result<(), Error> {
-        if let Some(x) = &self.xsave {
-            // SAFETY: the area came from KVM_GET_XSAVE on a vCPU of the same host.
-            if unsafe { vcpu.set_xsave(x) }.is_ok() {
-                return Ok(());
-            }
+        if let Some(ev) = &self.events {
+            vcpu.set_vcpu_events(ev)
+                .map_err(|e| Error::Kvm("KVM_SET_VCPU_EVENTS", e))?;
         }
-        vcpu.set_fpu(&self.fpu)
-            .map_err(|e| Error::Kvm("KVM_SET_FPU", e))
+        match &self.xsave {
+            // SAFETY: the area came from KVM_GET_XSAVE on a vCPU of the same host.
+            Some(x) => unsafe { vcpu.set_xsave(x) }.map_err(|e| Error::Kvm("KVM_SET_XSAVE", e)),
+            None => vcpu
+                .set_fpu(&self.fpu)
+                .map_err(|e| Error::Kvm("KVM_SET_FPU", e)),
+        }
     }
 }
 
