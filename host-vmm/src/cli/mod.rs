@@ -32,7 +32,7 @@ pub struct VmOptions {
 }
 
 impl VmOptions {
-    /// The VM configuration for these options, with `args` (argv[0] first).
+    /// The VM configuration for these options, with `args` (`argv[0]` first).
     pub fn into_config(self, args: Vec<String>) -> VmConfig {
         VmConfig {
             mem_size: self.mem,

@@ -24,7 +24,7 @@ use crate::vstate::vcpu::Vcpu;
 use control::RunControl;
 use outcome::Outcome;
 
-/// A booted VM, ready to run its guest. Built by [`Vm::new`] (see [`crate::builder`]) or
+/// A booted VM, ready to run its guest. Built by [`Vm::new`] or
 /// from a snapshot ([`Vm::from_snapshot`]).
 pub struct Vm {
     // Drop order: device threads, vcpu, then the VM, then memory.

@@ -27,14 +27,14 @@ pub enum Outcome {
     Fault(Fault),
     /// The guest ran past its timeout and was stopped.
     TimedOut(Duration),
-    /// The guest was killed through a [`KillHandle`].
+    /// The guest was killed through a [`KillHandle`](crate::KillHandle).
     Killed,
     /// The host process got this signal (SIGINT, SIGTERM) and stopped the guest.
     Interrupted(i32),
     /// A function guest finished initialising and waits for calls (it can be resumed
-    /// with [`Vm::start_call`]).
+    /// with [`Vm::start_call`](crate::Vm::start_call)).
     Ready(Exports),
-    /// A function guest finished a call (it can be resumed with [`Vm::start_call`]).
+    /// A function guest finished a call (it can be resumed with [`Vm::start_call`](crate::Vm::start_call)).
     Returned {
         /// 0 for a result, otherwise an error whose output is a message.
         status: i64,
