@@ -240,7 +240,7 @@ impl GoodClient {
                 Err(e) => panic!("{what}: a well-behaved call failed: {e}"),
             }
         }
-        assert!(ok.len() >= 3, "{what}: only {} good calls ran", ok.len());
+        assert!(!ok.is_empty(), "{what}: no good call ran");
         ok.sort();
         let (median, max) = (ok[ok.len() / 2], *ok.last().unwrap());
         eprintln!(
@@ -295,11 +295,11 @@ fn drip(
     while start.elapsed() < limit && streams.iter().any(Option::is_some) {
         std::thread::sleep(every);
         for (i, slot) in streams.iter_mut().enumerate() {
-            if let Some(s) = slot {
-                if closed_by_server(s) || s.write_all(&[drip]).is_err() {
-                    lasted[i] = Some(start.elapsed());
-                    *slot = None;
-                }
+            if let Some(s) = slot
+                && (closed_by_server(s) || s.write_all(&[drip]).is_err())
+            {
+                lasted[i] = Some(start.elapsed());
+                *slot = None;
             }
         }
     }
@@ -591,6 +591,7 @@ fn oversized_bodies_get_413_before_they_are_read() {
 fn garbage_requests_get_400_and_never_crash_the_server() {
     let _serial = serial();
     let server = Server::start("functions", &[]);
+    let good = GoodClient::start(&server.addr);
     let long_header = format!("GET / HTTP/1.1\r\nX-Long: {}\r\n\r\n", "a".repeat(100_000));
     let cases: Vec<(&str, Vec<u8>)> = vec![
         ("not http", b"GARBAGE\r\n\r\n".to_vec()),
@@ -642,6 +643,7 @@ fn garbage_requests_get_400_and_never_crash_the_server() {
         let mut sink = Vec::new();
         let _ = s.read_to_end(&mut sink);
     }
+    good.finish("garbage");
     let r = call(&server.addr, "GET", "/healthz", b"").unwrap();
     assert_eq!(r.status, 200);
     assert_eq!(
@@ -654,6 +656,7 @@ fn garbage_requests_get_400_and_never_crash_the_server() {
 fn a_pipelined_flood_of_100_requests_on_one_connection() {
     let _serial = serial();
     let server = Server::start("functions", &[]);
+    let good = GoodClient::start(&server.addr);
     let mut s = server.connect();
     let mut all = Vec::new();
     for i in 0..100 {
@@ -663,20 +666,26 @@ fn a_pipelined_flood_of_100_requests_on_one_connection() {
             format!("req {i}").as_bytes(),
         ));
     }
-    let t = Instant::now();
-    s.write_all(&all).unwrap();
     let mut r = BufReader::new(s.try_clone().unwrap());
-    for i in 0..100 {
-        let resp = read_response(&mut r).unwrap_or_else(|e| panic!("response {i}: {e}"));
-        assert_eq!(resp.status, 200);
-        assert_eq!(resp.body, format!("REQ {i}").as_bytes());
+    // Ten floods back to back, each written at once before a response is read.
+    let mut took = Duration::ZERO;
+    for round in 0..10 {
+        let t = Instant::now();
+        s.write_all(&all).unwrap();
+        for i in 0..100 {
+            let resp =
+                read_response(&mut r).unwrap_or_else(|e| panic!("round {round} response {i}: {e}"));
+            assert_eq!(resp.status, 200);
+            assert_eq!(resp.body, format!("REQ {i}").as_bytes());
+        }
+        took = took.max(t.elapsed());
     }
-    let took = t.elapsed();
     eprintln!(
-        "pipelined: 100 requests answered in order in {:.1} ms",
+        "pipelined: 10 floods of 100 requests answered in order, the slowest flood in {:.1} ms",
         took.as_secs_f64() * 1e3
     );
     assert!(took < Duration::from_secs(10));
+    good.finish("pipelined flood");
     // The connection is still usable (keep-alive).
     s.write_all(&request_bytes("GET", "/healthz", b"")).unwrap();
     assert_eq!(read_response(&mut r).unwrap().status, 200);

@@ -117,6 +117,12 @@ impl GuestConsole {
     }
 }
 
+impl Default for GuestConsole {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Write for GuestConsole {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let text = String::from_utf8_lossy(buf);
