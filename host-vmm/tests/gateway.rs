@@ -849,3 +849,34 @@ fn responses_carry_request_ids_and_no_host_details() {
     assert_eq!((p.status, p.header("x-pvrun-outcome")), (500, "panic"));
     assert!(p.text().contains("function panicked on purpose"));
 }
+
+#[test]
+fn a_client_that_stops_reading_is_cut_off() {
+    let _serial = serial();
+    let server = Server::start("functions", &["--header-timeout", "1"]);
+    let good = GoodClient::start(&server.addr);
+    // Pipelined 1 MiB requests whose 1 MiB answers are never read: the socket buffers
+    // fill, the server's writes stall, and the stall deadline ends the connection. At
+    // most 128 requests (128 MiB) and 20 s.
+    let s = server.connect();
+    let req = request_bytes("POST", "/upper", &vec![b'q'; 1 << 20]);
+    let t = Instant::now();
+    let mut w = s.try_clone().unwrap();
+    let mut sent = 0;
+    let cut = loop {
+        if sent == 128 || t.elapsed() > Duration::from_secs(20) {
+            break None;
+        }
+        match w.write_all(&req) {
+            Ok(()) => sent += 1,
+            Err(_) => break Some(t.elapsed()),
+        }
+    };
+    let (_, median, max) = good.finish("a client that stops reading");
+    let cut = cut.unwrap_or_else(|| panic!("never cut off ({sent} requests sent)"));
+    eprintln!(
+        "slow reader: cut off {:.2} s after it started ({sent} MiB of requests sent; stall deadline 1 s); good calls median {median:?}, max {max:?}",
+        cut.as_secs_f64()
+    );
+    assert!(cut < Duration::from_secs(10), "{cut:?}");
+}

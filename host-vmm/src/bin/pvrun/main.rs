@@ -53,7 +53,8 @@ struct ServeCli {
     #[arg(long, default_value = "16M", value_parser = parse_mem)]
     max_output: u64,
     /// Seconds a client has to send a request's headers (and an idle keep-alive
-    /// connection to start its next request) before it is disconnected.
+    /// connection to start its next request) before it is disconnected; also how long it
+    /// may stop reading a response.
     #[arg(long, value_name = "SECS", default_value = "10", value_parser = parse_timeout)]
     header_timeout: Duration,
     /// Seconds a client has to send a request's body once its headers are in (HTTP 408).

@@ -31,6 +31,7 @@
 
 mod handler;
 mod log;
+mod stall;
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::{Arc, OnceLock};
@@ -58,7 +59,7 @@ pub struct Options {
     /// Address to listen on (port 0 picks a free port).
     pub listen: String,
     /// A request's headers (and an idle keep-alive connection's next request) must arrive
-    /// within this.
+    /// within this; a client that stops reading its responses for this long is cut off.
     pub header_timeout: Duration,
     /// A request's body must arrive within this, counted from the end of its headers.
     pub body_timeout: Duration,
@@ -179,7 +180,8 @@ where
                     let _ = stream.set_nodelay(true);
                     let shared = shared.clone();
                     let svc = service_fn(move |req| handler::handle(shared.clone(), req));
-                    let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), svc));
+                    let io = TokioIo::new(stall::WriteDeadline::new(stream, opts.header_timeout));
+                    let conn = graceful.watch(http.serve_connection(io, svc));
                     tokio::spawn(async move {
                         // Errors here are the client's (reset, timeout, bad request): the
                         // connection just ends.
