@@ -405,6 +405,12 @@ impl SandboxPool {
         self.size
     }
 
+    /// The largest input a call takes: the guest's input buffer minus the call header.
+    /// Larger inputs fail with [`CallError::InputTooLarge`].
+    pub fn max_input(&self) -> u64 {
+        self.template.snapshot.exports.inbuf_len.saturating_sub(16)
+    }
+
     /// Calls `name` with `input` in an idle sandbox, from its clean state.
     pub fn call(&self, name: &str, input: &[u8]) -> Result<Vec<u8>, CallError> {
         let mut sb = {

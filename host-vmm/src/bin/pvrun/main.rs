@@ -17,10 +17,11 @@ fn main() {
 #[cfg(feature = "cli")]
 mod cli_main {
     use std::path::PathBuf;
-    use std::sync::Arc;
+    use std::sync::{Arc, Mutex};
     use std::time::Duration;
 
     use clap::Parser;
+    use host_vmm::cli::gateway;
     use host_vmm::cli::{VmOptions, parse_env, parse_mem, parse_timeout, run_and_exit};
     use host_vmm::{Sandbox, SandboxConfig, SandboxPool};
 
@@ -44,7 +45,10 @@ mod cli_main {
     /// Serve the functions of a function guest over HTTP: `POST /NAME` with the input as
     /// body calls NAME in a sandbox reset to its initialised state, and answers with the
     /// output (200), or 404 (no such function), 413 (input too large), 422 (the function
-    /// returned an error), 500 (it panicked or crashed), 502 (output too large), 504 (timeout).
+    /// returned an error), 500 (it panicked or crashed), 502 (output too large), 504
+    /// (timeout), 503 with Retry-After (overloaded). `GET /healthz` and `GET /readyz` report
+    /// liveness and readiness. SIGTERM or SIGINT stops accepting, lets calls in flight finish
+    /// and exits 0.
     #[derive(Parser)]
     #[command(name = "pvrun serve", version)]
     struct ServeCli {
@@ -63,6 +67,24 @@ mod cli_main {
         /// Largest output a call may return.
         #[arg(long, default_value = "16M", value_parser = parse_mem)]
         max_output: u64,
+        /// Seconds a client has to send a request's headers (and an idle keep-alive
+        /// connection to start its next request) before it is disconnected; also how long it
+        /// may stop reading a response.
+        #[arg(long, value_name = "SECS", default_value = "10", value_parser = parse_timeout)]
+        header_timeout: Duration,
+        /// Seconds a client has to send a request's body once its headers are in (HTTP 408).
+        #[arg(long, value_name = "SECS", default_value = "10", value_parser = parse_timeout)]
+        body_timeout: Duration,
+        /// Connections open at once; more are answered 503 and closed.
+        #[arg(long, value_name = "N", default_value_t = 1024)]
+        max_connections: usize,
+        /// Calls running or waiting for a sandbox at once; more are answered 503
+        /// (default: 4 x --pool).
+        #[arg(long, value_name = "N")]
+        max_inflight: Option<usize>,
+        /// Seconds a shutdown (SIGTERM/SIGINT) waits for calls in flight.
+        #[arg(long, value_name = "SECS", default_value = "30", value_parser = parse_timeout)]
+        shutdown_timeout: Duration,
         /// Set an environment variable for the guest's initialisation (repeatable).
         #[arg(long = "env", value_name = "KEY=VALUE", value_parser = parse_env)]
         env: Vec<(String, String)>,
@@ -87,10 +109,7 @@ mod cli_main {
     }
 
     fn serve(cli: ServeCli) -> ! {
-        let fail = |e: &dyn std::fmt::Display| -> ! {
-            eprintln!("pvrun: error: {e}");
-            std::process::exit(host_vmm::EXIT_HOST_ERROR)
-        };
+        let pool_size = cli.pool.max(1);
         let mut args = vec![cli.guest.display().to_string()];
         args.extend(cli.args);
         let config = SandboxConfig {
@@ -99,22 +118,22 @@ mod cli_main {
             env: cli.env,
             call_timeout: Some(cli.timeout),
             max_output: cli.max_output,
+            // Guest console text goes to the log escaped, one `guest: ` line at a time.
+            console: Arc::new(Mutex::new(Box::new(gateway::GuestConsole::new()))),
             ..SandboxConfig::default()
         };
-        let first = Sandbox::new(&cli.guest, config).unwrap_or_else(|e| fail(&e));
-        let pool = SandboxPool::new(first, cli.pool.max(1)).unwrap_or_else(|e| fail(&e));
-        let functions = pool.functions().join(", ");
-        let gateway = host_vmm::cli::gateway::Gateway::bind(&cli.listen, Arc::new(pool))
-            .unwrap_or_else(|e| fail(&e));
-        let addr = gateway
-            .local_addr()
-            .map(|a| a.to_string())
-            .unwrap_or(cli.listen.clone());
-        eprintln!(
-            "pvrun: serving {functions} from {} on http://{addr}/ with {} sandboxes",
-            cli.guest.display(),
-            cli.pool.max(1)
-        );
-        gateway.serve()
+        let opts = gateway::Options {
+            listen: cli.listen,
+            header_timeout: cli.header_timeout,
+            body_timeout: cli.body_timeout,
+            max_connections: cli.max_connections,
+            max_inflight: cli.max_inflight.unwrap_or(4 * pool_size),
+            shutdown_timeout: cli.shutdown_timeout,
+        };
+        let guest = cli.guest.clone();
+        gateway::serve(opts, cli.guest.display().to_string(), move || {
+            let first = Sandbox::new(&guest, config)?;
+            SandboxPool::new(first, pool_size)
+        })
     }
 }

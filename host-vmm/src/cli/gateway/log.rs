@@ -1,0 +1,162 @@
+//! The gateway's log: one line per event on stderr, never a panic when stderr is gone,
+//! control characters in guest- or client-chosen text escaped, bursts rate limited.
+
+use std::fmt::Write as _;
+use std::io::Write;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// Writes one line to stderr. Errors are ignored: a closed stderr (the reader went away)
+/// must not take the server down, which `eprintln!` would.
+pub fn line(msg: std::fmt::Arguments<'_>) {
+    let mut s = String::with_capacity(128);
+    let _ = s.write_fmt(msg);
+    s.push('\n');
+    let _ = std::io::stderr().lock().write_all(s.as_bytes());
+}
+
+/// `text` with control characters (and backslashes) escaped and cut to `max` characters,
+/// so that text a guest or a client chose cannot forge or garble log lines.
+pub fn escape(text: &str, max: usize) -> String {
+    let mut out = String::with_capacity(text.len().min(max) + 8);
+    for (n, c) in text.chars().enumerate() {
+        if n == max {
+            out.push_str("...");
+            break;
+        }
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c.is_control() => {
+                let _ = write!(out, "\\u{{{:x}}}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// At most `per_second` lines a second for one kind of event; the rest are counted and
+/// the count is reported with the next line that gets through.
+pub struct RateLimited {
+    per_second: u32,
+    state: Mutex<(Instant, u32, u64)>,
+}
+
+impl RateLimited {
+    pub fn new(per_second: u32) -> Self {
+        RateLimited {
+            per_second,
+            state: Mutex::new((Instant::now(), 0, 0)),
+        }
+    }
+
+    /// Logs `msg` unless this second's budget is spent.
+    pub fn line(&self, msg: std::fmt::Arguments<'_>) {
+        let suppressed = {
+            let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            if st.0.elapsed() >= Duration::from_secs(1) {
+                *st = (Instant::now(), 0, st.2);
+            }
+            if st.1 >= self.per_second {
+                st.2 += 1;
+                return;
+            }
+            st.1 += 1;
+            std::mem::take(&mut st.2)
+        };
+        if suppressed > 0 {
+            line(format_args!(
+                "{msg} ({suppressed} similar lines suppressed)"
+            ));
+        } else {
+            line(msg);
+        }
+    }
+}
+
+/// Request ids: a per-process prefix (so ids from two runs do not collide in one log)
+/// and a counter.
+pub struct RequestIds {
+    prefix: u32,
+    next: AtomicU64,
+}
+
+impl RequestIds {
+    pub fn new() -> Self {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos() ^ (d.as_secs() as u32))
+            .unwrap_or(0);
+        RequestIds {
+            prefix: nanos ^ std::process::id().rotate_left(16),
+            next: AtomicU64::new(1),
+        }
+    }
+
+    pub fn next(&self) -> String {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        format!("{:08x}-{n}", self.prefix)
+    }
+}
+
+/// The guests' console as `pvrun serve` logs it: every line prefixed `guest: `, control
+/// characters other than the newline escaped, write errors ignored.
+pub struct GuestConsole {
+    at_line_start: bool,
+}
+
+impl GuestConsole {
+    pub fn new() -> Self {
+        GuestConsole {
+            at_line_start: true,
+        }
+    }
+}
+
+impl Default for GuestConsole {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Write for GuestConsole {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let text = String::from_utf8_lossy(buf);
+        let mut out = String::with_capacity(buf.len() + 16);
+        for piece in text.split_inclusive('\n') {
+            if self.at_line_start {
+                out.push_str("guest: ");
+            }
+            let (body, newline) = match piece.strip_suffix('\n') {
+                Some(b) => (b, true),
+                None => (piece, false),
+            };
+            out.push_str(&escape(body, usize::MAX));
+            if newline {
+                out.push('\n');
+            }
+            self.at_line_start = newline;
+        }
+        let _ = std::io::stderr().lock().write_all(out.as_bytes());
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_characters_are_escaped() {
+        assert_eq!(escape("a\nb\r\x1b[2J\\", 100), "a\\nb\\r\\u{1b}[2J\\\\");
+        assert_eq!(escape("abcdef", 3), "abc...");
+    }
+}
