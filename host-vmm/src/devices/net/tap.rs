@@ -1,0 +1,77 @@
+//! The TAP interface behind a network device.
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+
+use super::NetConfig;
+use crate::error::Error;
+
+/// An opened TAP interface.
+pub struct Tap {
+    file: File,
+}
+
+const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+const IFF_TAP: libc::c_short = 0x0002;
+const IFF_NO_PI: libc::c_short = 0x1000;
+
+impl Tap {
+    /// Opens TAP interface `name` (without packet-information headers, non-blocking).
+    pub fn open(cfg: &NetConfig) -> Result<Tap, Error> {
+        let fail = |why: String| Error::Net {
+            name: cfg.name.clone(),
+            tap: cfg.tap.clone(),
+            why,
+        };
+        let create = format!(
+            "create it with `sudo ip tuntap add dev {0} mode tap user $USER && sudo ip link set {0} up`",
+            cfg.tap
+        );
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open("/dev/net/tun")
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => {
+                    fail("/dev/net/tun does not exist (load the `tun` kernel module)".into())
+                }
+                std::io::ErrorKind::PermissionDenied => {
+                    fail(format!("no permission to open /dev/net/tun; {create}"))
+                }
+                _ => fail(format!("cannot open /dev/net/tun: {e}")),
+            })?;
+        #[repr(C)]
+        struct IfReq {
+            name: [u8; 16],
+            flags: libc::c_short,
+            pad: [u8; 22],
+        }
+        let mut req = IfReq {
+            name: [0; 16],
+            flags: IFF_TAP | IFF_NO_PI,
+            pad: [0; 22],
+        };
+        req.name[..cfg.tap.len()].copy_from_slice(cfg.tap.as_bytes());
+        // SAFETY: TUNSETIFF reads and writes an ifreq-sized struct we own.
+        if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &mut req) } < 0 {
+            let e = std::io::Error::last_os_error();
+            return Err(match e.raw_os_error() {
+                Some(libc::EPERM) | Some(libc::EACCES) => {
+                    fail(format!("no permission to use it; {create}"))
+                }
+                Some(libc::EBUSY) => fail("it is in use by another program".into()),
+                Some(libc::EINVAL) => fail("it exists but is not a TAP device".into()),
+                _ => fail(format!("cannot attach: {e}")),
+            });
+        }
+        Ok(Tap { file })
+    }
+}
+
+impl AsRawFd for Tap {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.file.as_raw_fd()
+    }
+}
