@@ -16,7 +16,7 @@ use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use pvrun_abi::layout::{DEVICE_AREA_ADDR, DEVICE_AREA_END, PAGE_SIZE};
 use pvrun_abi::{DeviceInfo, HYPERCALL_PORT_BASE, RING_SLOT_SIZE, RING_SLOTS_OFFSET, call, device};
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+use vmm_sys_util::eventfd::{EFD_CLOEXEC, EFD_NONBLOCK, EventFd};
 
 pub(crate) mod block;
 pub(crate) mod net;
@@ -159,7 +159,7 @@ impl Devices {
             ioeventfd: use_ioeventfd,
         };
         for ((name, backend), info) in planned.backends.into_iter().zip(planned.infos) {
-            let doorbell = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(Error::Io)?);
+            let doorbell = Arc::new(new_doorbell().map_err(Error::Io)?);
             if devs.ioeventfd
                 && vm
                     .register_ioevent(
@@ -248,6 +248,12 @@ impl Drop for Devices {
     }
 }
 
+/// A doorbell eventfd: non-blocking, and closed in programs the host starts (a `pvrun`
+/// embedded in a larger program must not leak a guest's doorbells into its children).
+fn new_doorbell() -> std::io::Result<EventFd> {
+    EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC)
+}
+
 /// Starts the I/O thread `pvrun-KIND-NAME` serving `service`.
 fn spawn<S: Service>(
     kind: &str,
@@ -265,4 +271,24 @@ fn spawn<S: Service>(
     std::thread::Builder::new()
         .name(format!("pvrun-{kind}-{}", worker.dev.name))
         .spawn(move || worker.run())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+
+    #[test]
+    fn doorbells_are_close_on_exec_and_non_blocking() {
+        let fd = new_doorbell().unwrap();
+        // SAFETY: fcntl queries on a descriptor we own.
+        let (fd_flags, fl_flags) = unsafe {
+            (
+                libc::fcntl(fd.as_raw_fd(), libc::F_GETFD),
+                libc::fcntl(fd.as_raw_fd(), libc::F_GETFL),
+            )
+        };
+        assert!(fd_flags & libc::FD_CLOEXEC != 0, "{fd_flags:#x}");
+        assert!(fl_flags & libc::O_NONBLOCK != 0, "{fl_flags:#x}");
+    }
 }
