@@ -17,7 +17,7 @@ use pvrun_abi::{NetRxRequest, NetTxRequest, status};
 use super::worker::check_device_name;
 use crate::memory::{MemoryMap, UserRange};
 
-pub use tap::Tap;
+pub use tap::{Tap, is_gone};
 pub use worker::NetService;
 
 /// Default MTU (largest IP packet).

@@ -10,6 +10,7 @@ use crate::error::Error;
 /// An opened TAP interface.
 pub struct Tap {
     file: File,
+    name: String,
 }
 
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
@@ -66,8 +67,28 @@ impl Tap {
                 _ => fail(format!("cannot attach: {e}")),
             });
         }
-        Ok(Tap { file })
+        Ok(Tap {
+            file,
+            name: cfg.tap.clone(),
+        })
     }
+}
+
+impl Tap {
+    /// The interface name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+/// Whether a read or write error on a TAP descriptor means the interface is gone (deleted,
+/// or the descriptor detached from it) rather than a frame lost to a full queue or a
+/// link that is down for now.
+pub fn is_gone(e: &std::io::Error) -> bool {
+    !matches!(
+        e.raw_os_error(),
+        Some(libc::EAGAIN | libc::EINTR | libc::EIO | libc::ENOBUFS | libc::ENOMEM | libc::EINVAL)
+    )
 }
 
 impl AsRawFd for Tap {

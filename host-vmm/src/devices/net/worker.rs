@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use pvrun_abi::{NetResponse, NetRxRequest, NetTxRequest};
 use vm_memory::GuestMemoryMmap;
 
-use super::{RxBuffer, Tap, TxFrame, max_frame};
+use super::{RxBuffer, Tap, TxFrame, is_gone, max_frame};
 use crate::devices::ring::{Ring, RingError};
 use crate::devices::worker::{DeviceCtx, Service};
 use crate::memory::UserMemory;
@@ -21,6 +21,9 @@ pub struct NetService {
     frame: Vec<u8>,
     /// True while the guest has no receive buffer posted (the TAP is then not watched).
     rx_waiting: bool,
+    /// The TAP interface went away: nothing is read from it any more, frames sent are
+    /// dropped, receive buffers stay posted, and the thread wakes only for doorbells.
+    gone: bool,
 }
 
 impl NetService {
@@ -34,6 +37,18 @@ impl NetService {
             mtu,
             frame,
             rx_waiting: false,
+            gone: false,
+        }
+    }
+
+    /// The TAP interface stopped working for good: stop using it and say so once.
+    fn lose_tap(&mut self, dev: &DeviceCtx, why: std::fmt::Arguments<'_>) {
+        if !self.gone {
+            self.gone = true;
+            dev.report(format_args!(
+                ": TAP `{}` is gone ({why}); frames are dropped from now on",
+                self.tap.name()
+            ));
         }
     }
 
@@ -83,10 +98,18 @@ impl NetService {
         dev.mem
             .read_user(&frame.buf, copy)
             .map_err(|e| e.status())?;
+        if self.gone {
+            return Err(pvrun_abi::status::IO_ERROR);
+        }
         // SAFETY: write from our own buffer to our own descriptor.
         let w = unsafe { libc::write(self.tap.as_raw_fd(), copy.as_ptr().cast(), len) };
         if w < 0 {
-            // A full TAP queue or a down interface loses the frame, as a real link would.
+            // A full TAP queue or a down interface loses the frame, as a real link would;
+            // an interface that is gone loses every frame from now on.
+            let e = std::io::Error::last_os_error();
+            if is_gone(&e) {
+                self.lose_tap(dev, format_args!("sending failed: {e}"));
+            }
             return Err(pvrun_abi::status::IO_ERROR);
         }
         Ok(i64::try_from(w).unwrap_or(i64::MAX))
@@ -95,6 +118,9 @@ impl NetService {
     /// Receives frames into posted buffers until the TAP device is empty or the buffers
     /// run out; returns true when it stopped for lack of buffers.
     fn receive(&mut self, dev: &DeviceCtx) -> Result<bool, RingError> {
+        if self.gone {
+            return Ok(false);
+        }
         let mut received = 0u64;
         let waiting = loop {
             if self.rx.pending(&dev.mem)? == 0 {
@@ -139,7 +165,7 @@ impl NetService {
 
     /// Reads one frame into a validated buffer: its length, a negative status, or `None`
     /// when no frame is waiting.
-    fn receive_one(&self, dev: &DeviceCtx, buf: &RxBuffer) -> Option<i64> {
+    fn receive_one(&mut self, dev: &DeviceCtx, buf: &RxBuffer) -> Option<i64> {
         let slice = match dev.mem.user_slice(&buf.buf) {
             Ok(s) => s,
             Err(e) => return Some(e.status()),
@@ -148,6 +174,11 @@ impl NetService {
         // SAFETY: [ptr, ptr+len) is the validated guest slice, memory the guest may write.
         let r = unsafe { libc::read(self.tap.as_raw_fd(), guard.as_ptr().cast(), slice.len()) };
         if r < 0 {
+            // Nothing waiting (EAGAIN), or the TAP interface is gone.
+            let e = std::io::Error::last_os_error();
+            if !matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EINTR)) {
+                self.lose_tap(dev, format_args!("receiving failed: {e}"));
+            }
             None
         } else {
             Some(i64::try_from(r).unwrap_or(i64::MAX))
@@ -157,12 +188,27 @@ impl NetService {
 
 impl Service for NetService {
     fn watch(&self) -> Option<(RawFd, i16)> {
+        if self.gone {
+            return None;
+        }
         // Only listen to the TAP device while there are buffers to receive into.
         let events = if self.rx_waiting { 0 } else { libc::POLLIN };
         Some((self.tap.as_raw_fd(), events))
     }
 
-    fn serve(&mut self, dev: &DeviceCtx, rang: bool, _revents: i16) -> Result<(), RingError> {
+    fn serve(&mut self, dev: &DeviceCtx, rang: bool, revents: i16) -> Result<(), RingError> {
+        // poll reports these even when no event was asked for: without this check a TAP
+        // interface deleted under us would wake the thread forever.
+        if revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
+            let what = if revents & libc::POLLNVAL != 0 {
+                "its descriptor is invalid"
+            } else if revents & libc::POLLHUP != 0 {
+                "poll reports a hang-up"
+            } else {
+                "poll reports an error"
+            };
+            self.lose_tap(dev, format_args!("{what}"));
+        }
         if rang {
             self.rx_waiting = false;
         }
