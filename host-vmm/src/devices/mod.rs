@@ -58,7 +58,7 @@ pub struct Devices {
 /// An opened back end.
 enum Backend {
     Block(Disk),
-    Net(Tap, u32),
+    Net(Tap, NetConfig),
 }
 
 /// A device set up but not yet started: what goes into boot info and the memory map.
@@ -130,7 +130,7 @@ pub fn plan(disks: &[DiskConfig], nets: &[NetConfig]) -> Result<Planned, Error> 
         info.gateway = cfg.gateway.unwrap_or([0; 4]);
         info.mtu = cfg.mtu;
         infos.push(info);
-        backends.push((cfg.name.clone(), Backend::Net(tap, cfg.mtu)));
+        backends.push((cfg.name.clone(), Backend::Net(tap, cfg.clone())));
     }
     Ok(Planned {
         infos,
@@ -185,7 +185,7 @@ impl Devices {
                     let ring = Ring::new(mem, info.ring, info.slots);
                     spawn("blk", &doorbell, &stop, dev, BlockService { disk, ring })
                 }
-                Backend::Net(tap, mtu) => {
+                Backend::Net(tap, cfg) => {
                     let tx = Ring::new(mem, info.ring, info.slots);
                     let rx = Ring::new(mem, info.ring2, info.slots);
                     spawn(
@@ -193,7 +193,7 @@ impl Devices {
                         &doorbell,
                         &stop,
                         dev,
-                        NetService::new(tap, tx, rx, mtu),
+                        NetService::new(&cfg, tap, tx, rx),
                     )
                 }
             }

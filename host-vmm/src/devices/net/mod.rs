@@ -25,7 +25,8 @@ pub const DEFAULT_MTU: u32 = 1500;
 /// Ethernet header bytes before the IP packet.
 pub const ETH_HEADER: u32 = pvrun_abi::ETH_HEADER;
 
-/// A `--net NAME=tap:IFNAME[,mac=..][,ip=A.B.C.D/N][,gw=A.B.C.D][,mtu=N]` option.
+/// A `--net NAME=tap:IFNAME[,mac=..][,ip=A.B.C.D/N][,gw=A.B.C.D][,mtu=N][,mac-spoof=allow]`
+/// option.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NetConfig {
     /// The device name the guest looks up.
@@ -40,6 +41,10 @@ pub struct NetConfig {
     pub gateway: Option<[u8; 4]>,
     /// MTU.
     pub mtu: u32,
+    /// Forward frames whatever their source MAC address (`mac-spoof=allow`). By default
+    /// a frame whose source is not [`NetConfig::mac`] is dropped and counted, so a guest
+    /// cannot impersonate other hosts on the TAP's network.
+    pub allow_mac_spoof: bool,
 }
 
 fn parse_ipv4(s: &str) -> Result<[u8; 4], String> {
@@ -50,7 +55,7 @@ fn parse_ipv4(s: &str) -> Result<[u8; 4], String> {
 }
 
 impl NetConfig {
-    /// Parses `NAME=tap:IFNAME[,mac=..][,ip=A.B.C.D/N][,gw=A.B.C.D][,mtu=N]`.
+    /// Parses `NAME=tap:IFNAME[,mac=..][,ip=A.B.C.D/N][,gw=A.B.C.D][,mtu=N][,mac-spoof=allow]`.
     pub fn parse(s: &str) -> Result<Self, String> {
         let (name, rest) = s
             .split_once('=')
@@ -69,6 +74,7 @@ impl NetConfig {
             ip: None,
             gateway: None,
             mtu: DEFAULT_MTU,
+            allow_mac_spoof: false,
         };
         for p in parts {
             let (k, v) = p
@@ -103,6 +109,13 @@ impl NetConfig {
                         .ok()
                         .filter(|m| (576..=9000).contains(m))
                         .ok_or_else(|| format!("mtu `{v}` must be 576..=9000"))?
+                }
+                "mac-spoof" => {
+                    cfg.allow_mac_spoof = match v {
+                        "allow" => true,
+                        "deny" => false,
+                        _ => return Err(format!("mac-spoof `{v}` must be `allow` or `deny`")),
+                    }
                 }
                 _ => return Err(format!("unknown network option `{k}`")),
             }
@@ -147,6 +160,16 @@ impl TxFrame {
             .check_user(req.addr, len, false)
             .map_err(|e| e.status())?;
         Ok(TxFrame { buf })
+    }
+}
+
+/// Checks the source MAC address of a copied frame (at least [`ETH_HEADER`] bytes, as
+/// [`TxFrame::parse`] ensures): with `required` set, it must be that address.
+pub fn check_source_mac(frame: &[u8], required: Option<[u8; 6]>) -> Result<(), i64> {
+    match required {
+        None => Ok(()),
+        Some(mac) if frame.get(6..12) == Some(&mac[..]) => Ok(()),
+        Some(_) => Err(status::BAD_ARGUMENT),
     }
 }
 
@@ -219,6 +242,56 @@ mod tests {
             (BUF, 2048, true)
         );
         assert!(RxBuffer::parse(&rx(BUF, 1514), MTU, &map).is_ok());
+    }
+
+    #[test]
+    fn frames_from_another_source_mac_are_refused_unless_allowed() {
+        let mac = [0x02, 1, 2, 3, 4, 5];
+        let mut frame = [0u8; 60];
+        frame[..6].fill(0xff);
+        frame[6..12].copy_from_slice(&mac);
+        assert_eq!(check_source_mac(&frame, Some(mac)), Ok(()));
+        assert_eq!(check_source_mac(&frame, None), Ok(()));
+        for i in 6..12 {
+            let mut spoofed = frame;
+            spoofed[i] ^= 1;
+            assert_eq!(
+                check_source_mac(&spoofed, Some(mac)),
+                Err(status::BAD_ARGUMENT),
+                "byte {i}"
+            );
+            assert_eq!(check_source_mac(&spoofed, None), Ok(()));
+        }
+        // The destination does not count.
+        let mut to_self = frame;
+        to_self[..6].copy_from_slice(&mac);
+        to_self[6..12].fill(0xff);
+        assert_eq!(
+            check_source_mac(&to_self, Some(mac)),
+            Err(status::BAD_ARGUMENT)
+        );
+        assert_eq!(
+            check_source_mac(&frame[..8], Some(mac)),
+            Err(status::BAD_ARGUMENT)
+        );
+    }
+
+    #[test]
+    fn source_mac_checking_is_the_default_and_can_be_turned_off() {
+        let c = NetConfig::parse("eth0=tap:tap0,mac=02:00:00:00:00:01").unwrap();
+        assert_eq!(c.mac, [2, 0, 0, 0, 0, 1]);
+        assert!(!c.allow_mac_spoof);
+        assert!(
+            NetConfig::parse("eth0=tap:tap0,mac-spoof=allow")
+                .unwrap()
+                .allow_mac_spoof
+        );
+        assert!(
+            !NetConfig::parse("eth0=tap:tap0,mac-spoof=deny")
+                .unwrap()
+                .allow_mac_spoof
+        );
+        assert!(NetConfig::parse("eth0=tap:tap0,mac-spoof=yes").is_err());
     }
 
     #[test]

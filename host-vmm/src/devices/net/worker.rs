@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use pvrun_abi::{NetResponse, NetRxRequest, NetTxRequest};
 use vm_memory::GuestMemoryMmap;
 
-use super::{RxBuffer, Tap, TxFrame, is_gone, max_frame};
+use super::{NetConfig, RxBuffer, Tap, TxFrame, check_source_mac, is_gone, max_frame};
 use crate::devices::ring::{Ring, RingError};
 use crate::devices::worker::{DeviceCtx, Service};
 use crate::memory::UserMemory;
@@ -17,6 +17,8 @@ pub struct NetService {
     tx: Ring,
     rx: Ring,
     mtu: u32,
+    /// The source MAC address every frame must have (None: any).
+    source_mac: Option<[u8; 6]>,
     /// The private copy of the frame being sent.
     frame: Vec<u8>,
     /// True while the guest has no receive buffer posted (the TAP is then not watched).
@@ -27,14 +29,16 @@ pub struct NetService {
 }
 
 impl NetService {
-    /// A service for `tap` with transmit ring `tx`, receive ring `rx`, and `mtu`.
-    pub fn new(tap: Tap, tx: Ring, rx: Ring, mtu: u32) -> Self {
-        let frame = vec![0u8; usize::try_from(max_frame(mtu)).unwrap_or(0)];
+    /// A service for device `cfg` over `tap`, with transmit ring `tx` and receive ring
+    /// `rx`.
+    pub fn new(cfg: &NetConfig, tap: Tap, tx: Ring, rx: Ring) -> Self {
+        let frame = vec![0u8; usize::try_from(max_frame(cfg.mtu)).unwrap_or(0)];
         NetService {
             tap,
             tx,
             rx,
-            mtu,
+            mtu: cfg.mtu,
+            source_mac: (!cfg.allow_mac_spoof).then_some(cfg.mac),
             frame,
             rx_waiting: false,
             gone: false,
@@ -98,6 +102,8 @@ impl NetService {
         dev.mem
             .read_user(&frame.buf, copy)
             .map_err(|e| e.status())?;
+        // Checks of the frame's contents look at this copy only.
+        check_source_mac(copy, self.source_mac)?;
         if self.gone {
             return Err(pvrun_abi::status::IO_ERROR);
         }
