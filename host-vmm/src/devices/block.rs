@@ -73,7 +73,7 @@ impl Disk {
     /// Opens (and locks) the image of `cfg`.
     pub fn open(cfg: &DiskConfig) -> Result<Self, Error> {
         let fail = |why: String| Error::Disk {
-            name: cfg.name.clone(),
+            name: super::worker::printable(&cfg.name),
             path: cfg.path.display().to_string(),
             why,
         };

@@ -81,6 +81,9 @@ pub fn plan(disks: &[DiskConfig], nets: &[NetConfig]) -> Result<Planned, Error> 
         .chain(nets.iter().map(|n| n.name.as_str()))
         .collect();
     for (i, name) in names.iter().enumerate() {
+        // Configurations built in code skip the option parsers: check names here too
+        // (they are copied into the 32-byte `DeviceInfo::name` and printed in reports).
+        worker::check_device_name(name).map_err(Error::Config)?;
         if names[..i].contains(name) {
             return Err(Error::Config(format!("two devices are named `{name}`")));
         }
@@ -277,6 +280,28 @@ fn spawn<S: Service>(
 mod tests {
     use super::*;
     use std::os::fd::AsRawFd;
+
+    #[test]
+    fn bad_device_names_are_refused_before_anything_is_opened() {
+        for name in ["x".repeat(40), "a\nb".into(), String::new()] {
+            let disk = DiskConfig {
+                name: name.clone(),
+                path: "/nonexistent/image".into(),
+                read_only: true,
+            };
+            match plan(&[disk], &[]) {
+                Err(Error::Config(e)) => {
+                    assert!(e.contains("device name"), "{e}");
+                    assert!(!e.chars().any(|c| c.is_control()), "{e:?}");
+                }
+                Err(e) => panic!("{name:?}: {e}"),
+                Ok(_) => panic!("{name:?} accepted"),
+            }
+        }
+        let mut net = NetConfig::parse("eth0=tap:tap0").unwrap();
+        net.tap = "a-very-long-interface-name".into();
+        assert!(matches!(plan(&[], &[net]), Err(Error::Net { .. })));
+    }
 
     #[test]
     fn doorbells_are_close_on_exec_and_non_blocking() {

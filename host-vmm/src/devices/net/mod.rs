@@ -17,7 +17,7 @@ use pvrun_abi::{NetRxRequest, NetTxRequest, status};
 use super::worker::check_device_name;
 use crate::memory::{MemoryMap, UserRange};
 
-pub use tap::{Tap, is_gone};
+pub use tap::{Tap, check_tap_name, is_gone};
 pub use worker::NetService;
 
 /// Default MTU (largest IP packet).
@@ -67,6 +67,7 @@ impl NetConfig {
             .and_then(|t| t.strip_prefix("tap:"))
             .filter(|t| !t.is_empty() && t.len() < 16)
             .ok_or_else(|| format!("network `{name}` needs `tap:IFNAME` (an interface name of at most 15 characters)"))?;
+        check_tap_name(tap)?;
         let mut cfg = NetConfig {
             name: name.to_string(),
             tap: tap.to_string(),
@@ -274,6 +275,16 @@ mod tests {
             check_source_mac(&frame[..8], Some(mac)),
             Err(status::BAD_ARGUMENT)
         );
+    }
+
+    #[test]
+    fn odd_tap_names_are_refused() {
+        assert!(NetConfig::parse("eth0=tap:a b").is_err());
+        assert!(NetConfig::parse("eth0=tap:a/b").is_err());
+        let e = NetConfig::parse("eth0=tap:a\x1bb").unwrap_err();
+        assert!(!e.chars().any(|c| c.is_control()), "{e:?}");
+        assert!(check_tap_name(&"t".repeat(16)).is_err());
+        assert!(check_tap_name("tap0").is_ok());
     }
 
     #[test]

@@ -5,7 +5,25 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 
 use super::NetConfig;
+use crate::devices::worker::printable;
 use crate::error::Error;
+
+/// Checks a TAP interface name: 1-15 bytes, none of them NUL, `/`, `:`, white space or
+/// another control character (what Linux accepts for an interface, less the odd ones).
+pub fn check_tap_name(tap: &str) -> Result<(), String> {
+    if tap.is_empty()
+        || tap.len() > 15
+        || tap
+            .chars()
+            .any(|c| c.is_control() || c.is_whitespace() || c == '/' || c == ':')
+    {
+        return Err(format!(
+            "`{}` is not an interface name (1-15 characters, no `/`, `:` or spaces)",
+            printable(tap)
+        ));
+    }
+    Ok(())
+}
 
 /// An opened TAP interface.
 pub struct Tap {
@@ -21,10 +39,12 @@ impl Tap {
     /// Opens TAP interface `name` (without packet-information headers, non-blocking).
     pub fn open(cfg: &NetConfig) -> Result<Tap, Error> {
         let fail = |why: String| Error::Net {
-            name: cfg.name.clone(),
-            tap: cfg.tap.clone(),
+            name: printable(&cfg.name),
+            tap: printable(&cfg.tap),
             why,
         };
+        // The name goes into a 16-byte, NUL-terminated `ifr_name`.
+        check_tap_name(&cfg.tap).map_err(fail)?;
         let create = format!(
             "create it with `sudo ip tuntap add dev {0} mode tap user $USER && sudo ip link set {0} up`",
             cfg.tap
