@@ -516,4 +516,91 @@ mod tests {
         drop(disk);
         let _ = std::fs::remove_file(path);
     }
+
+    #[test]
+    fn random_requests_through_the_ring_never_panic_and_all_get_answers() {
+        use crate::devices::worker::{DeviceStats, Notify};
+        use std::sync::Arc;
+        let ram = GuestRam::new(16 << 20).unwrap();
+        let mem = ram.mem();
+        let (disk, path) = disk("fuzz", false);
+        let ring_at = 0xd0_0000;
+        let slots = 16u32;
+        let mut service = BlockService {
+            disk,
+            ring: Ring::new(mem, ring_at, slots),
+        };
+        let dev = DeviceCtx {
+            name: "d".into(),
+            mem: mem.clone(),
+            map: test_map(),
+            notify: Arc::new(Notify::default()),
+            stats: Arc::new(DeviceStats::default()),
+        };
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let pick = |choices: &[u64], next: &mut dyn FnMut() -> u64| {
+            let r = next();
+            choices
+                .get((r % (choices.len() as u64 + 1)) as usize)
+                .copied()
+                .unwrap_or_else(&mut *next)
+        };
+        let mut prod = 0u32;
+        let mut answered = 0u64;
+        for _ in 0..500 {
+            let batch = (next() % u64::from(slots)) as u32 + 1;
+            for _ in 0..batch {
+                let r = BlockRequest {
+                    id: u64::from(prod),
+                    op: pick(&[0, 1, 2, 3, 4, u64::from(u32::MAX)], &mut next) as u32,
+                    reserved: if next() % 8 == 0 { 1 } else { 0 },
+                    sector: pick(
+                        &[0, 1, 15, 16, u64::MAX, u64::MAX / 512, 1 << 55],
+                        &mut next,
+                    ),
+                    addr: pick(
+                        &[
+                            BUF,
+                            0,
+                            0x1000,
+                            0x20_0000,
+                            0xbf_fe00,
+                            0xc0_0000,
+                            u64::MAX - 511,
+                        ],
+                        &mut next,
+                    ),
+                    len: pick(
+                        &[0, 512, 513, 8192, MAX_REQUEST, MAX_REQUEST + 512],
+                        &mut next,
+                    ),
+                    reserved2: [0; 3],
+                };
+                let slot = ring_at
+                    + pvrun_abi::RING_SLOTS_OFFSET
+                    + u64::from(prod % slots) * pvrun_abi::RING_SLOT_SIZE;
+                mem.write_obj(r, GuestAddress(slot)).unwrap();
+                prod = prod.wrapping_add(1);
+            }
+            mem.write_obj(prod, GuestAddress(ring_at)).unwrap();
+            service.serve(&dev, true, 0).unwrap();
+            answered += u64::from(batch);
+            let header: pvrun_abi::RingHeader = mem.read_obj(GuestAddress(ring_at)).unwrap();
+            assert_eq!(header.rsp_prod, prod);
+            assert_eq!(header.req_event, prod.wrapping_add(1));
+        }
+        assert_eq!(dev.stats.counters().requests, answered);
+        // A producer too far ahead is a ring error, not a panic.
+        mem.write_obj(prod.wrapping_add(slots + 1), GuestAddress(ring_at))
+            .unwrap();
+        assert!(service.serve(&dev, true, 0).is_err());
+        drop(service);
+        let _ = std::fs::remove_file(path);
+    }
 }
