@@ -219,19 +219,16 @@ fn network_setup_problems_are_one_clear_line() {
     );
 }
 
-#[test]
-fn an_in_process_vm_with_a_nic_stops_its_confined_io_thread_cleanly() {
-    // The NIC's I/O thread runs under a seccomp filter; a system call it may not make
-    // (say, closing the TAP device on its way out) would kill this whole test process.
-    let ns = Netns::new("inproc");
-    ns.tap("tap0", "10.77.5.1/24");
+/// Runs `misbehave net-garbage` in an in-process VM in `ns` with NIC option `net`; returns
+/// the NIC's counters.
+fn garbage_in_process(ns: &Netns, net: &'static str) -> host_vmm::DeviceCounters {
     let elf = guest("misbehave");
     let out = ns.run_in(move || {
         let image = std::sync::Arc::new(host_vmm::GuestImage::from_file(&elf).unwrap());
         let cfg = host_vmm::VmConfig {
             args: vec!["misbehave".into(), "net-garbage".into()],
             stdout: Box::new(std::io::sink()),
-            nets: vec![host_vmm::NetConfig::parse("eth0=tap:tap0,ip=10.77.5.2/24").unwrap()],
+            nets: vec![host_vmm::NetConfig::parse(net).unwrap()],
             ..host_vmm::VmConfig::default()
         };
         let mut vm = host_vmm::Vm::new(image, cfg).unwrap();
@@ -241,8 +238,110 @@ fn an_in_process_vm_with_a_nic_stops_its_confined_io_thread_cleanly() {
         (outcome, counters)
     });
     assert_eq!(out.0, host_vmm::Outcome::Exited(0));
-    // The garbage frames were refused and counted, not sent.
     let (name, c) = &out.1[0];
     assert_eq!(name, "eth0");
+    *c
+}
+
+#[test]
+fn an_in_process_vm_with_a_nic_stops_its_confined_io_thread_cleanly() {
+    // The NIC's I/O thread runs under a seccomp filter; a system call it may not make
+    // (say, closing the TAP device on its way out) would kill this whole test process.
+    let ns = Netns::new("inproc");
+    ns.tap("tap0", "10.77.5.1/24");
+    // The garbage frames were refused and counted, not sent: the random ones too, as
+    // their source MAC addresses are not the NIC's.
+    let c = garbage_in_process(&ns, "eth0=tap:tap0,ip=10.77.5.2/24");
+    assert!(c.dropped > 1000 && c.dropped == c.requests, "{c:?}");
+    // With spoofing allowed, the random frames of a valid length go out.
+    let c = garbage_in_process(&ns, "eth0=tap:tap0,ip=10.77.5.2/24,mac-spoof=allow");
     assert!(c.dropped > 1000 && c.dropped < c.requests, "{c:?}");
+}
+
+/// CPU time (user + system, in clock ticks) of thread `comm` of process `pid`.
+fn thread_cpu_ticks(pid: u32, comm: &str) -> Option<u64> {
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let dir = task.ok()?.path();
+        if std::fs::read_to_string(dir.join("comm")).ok()?.trim_end() != comm {
+            continue;
+        }
+        let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
+        // Fields after the parenthesised name: state is field 3, utime 14, stime 15.
+        let rest: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+        let utime: u64 = rest.get(11)?.parse().ok()?;
+        let stime: u64 = rest.get(12)?.parse().ok()?;
+        return Some(utime + stime);
+    }
+    None
+}
+
+#[test]
+fn a_tap_that_disappears_is_reported_once_and_its_thread_goes_idle() {
+    use std::io::BufRead;
+    use std::process::Stdio;
+    let ns = Netns::new("gone");
+    ns.tap("tap0", "10.77.6.1/24");
+    let mut child = ns
+        .command(common::pvrun_bin())
+        .args(["--timeout", "60", "--net", "eth0=tap:tap0,ip=10.77.6.2/24"])
+        .arg(guest("http-hello"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // `ip netns exec` execs pvrun itself: the child is the VM process.
+    let pid = child.id();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("listening on") {
+        line.clear();
+        assert!(stdout.read_line(&mut line).unwrap() > 0, "the guest ended");
+    }
+    let ping = ns
+        .command("ping")
+        .args(["-c", "1", "-W", "5", "10.77.6.2"])
+        .output()
+        .unwrap();
+    assert!(ping.status.success(), "the NIC never worked");
+
+    let del = ns
+        .command("ip")
+        .args(["link", "del", "tap0"])
+        .output()
+        .unwrap();
+    assert!(
+        del.status.success(),
+        "{}",
+        String::from_utf8_lossy(&del.stderr)
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let before = thread_cpu_ticks(pid, "pvrun-net-eth0").expect("no NIC thread");
+    std::thread::sleep(Duration::from_secs(1));
+    let after = thread_cpu_ticks(pid, "pvrun-net-eth0").expect("the NIC thread ended");
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the guest stopped when its TAP went away"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    // A busy loop would use about 100 ticks (1 s) here.
+    assert!(
+        after - before < 15,
+        "the NIC thread used {} ticks in a second; stderr: {stderr}",
+        after - before
+    );
+    assert_eq!(
+        stderr
+            .matches("pvrun: device `eth0`: TAP `tap0` is gone (")
+            .count(),
+        1,
+        "{stderr}"
+    );
 }

@@ -13,7 +13,7 @@ use pvrun_abi::{device, perm, region};
 
 use crate::arch;
 use crate::config::VmConfig;
-use crate::devices::block::check_device_name;
+use crate::devices::worker::check_device_name;
 use crate::devices::{self, Devices, Planned};
 use crate::error::Error;
 use crate::function::FnContext;

@@ -9,61 +9,35 @@
 //! shared [`Notify`].
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use pvrun_abi::layout::{DEVICE_AREA_ADDR, DEVICE_AREA_END, PAGE_SIZE};
-use pvrun_abi::{
-    BlockRequest, DeviceInfo, HYPERCALL_PORT_BASE, RING_SLOT_SIZE, RING_SLOTS_OFFSET, call, device,
-};
+use pvrun_abi::{DeviceInfo, HYPERCALL_PORT_BASE, RING_SLOT_SIZE, RING_SLOTS_OFFSET, call, device};
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+use vmm_sys_util::eventfd::{EFD_CLOEXEC, EFD_NONBLOCK, EventFd};
 
 pub(crate) mod block;
 pub(crate) mod net;
 pub(crate) mod ring;
+pub(crate) mod worker;
 
 use crate::error::Error;
 use crate::layout::align_up;
 use crate::memory::MemoryMap;
-use block::{Disk, DiskConfig, MAX_REQUEST, SECTOR_SIZE};
-use net::{NetConfig, NetWorker, Tap};
+use block::{BlockService, Disk, DiskConfig, MAX_REQUEST, SECTOR_SIZE};
+use net::{NetConfig, NetService, Tap};
 use ring::Ring;
+pub(crate) use worker::Notify;
+pub use worker::{DeviceCounters, DeviceStats};
+use worker::{DeviceCtx, IoWorker, Service};
 
 /// Slots per ring.
 pub const RING_SLOTS: u32 = 256;
 /// Bytes of guest memory per ring (header and slots, page aligned).
 pub const RING_BYTES: u64 =
     (RING_SLOTS_OFFSET + RING_SLOTS as u64 * RING_SLOT_SIZE).next_multiple_of(PAGE_SIZE);
-
-pub(crate) use crate::runtime::notify::Notify;
-
-/// Counters of one device, for benchmarks and reports.
-#[derive(Default)]
-pub struct DeviceStats {
-    /// Doorbells the guest rang.
-    pub doorbells: AtomicU64,
-    /// Requests served.
-    pub requests: AtomicU64,
-    /// Times the I/O thread woke up.
-    pub wakeups: AtomicU64,
-    /// Requests refused and dropped (network frames with a bad length or address).
-    pub dropped: AtomicU64,
-}
-
-/// A snapshot of [`DeviceStats`].
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct DeviceCounters {
-    /// Doorbells the guest rang.
-    pub doorbells: u64,
-    /// Requests served.
-    pub requests: u64,
-    /// Times the I/O thread woke up.
-    pub wakeups: u64,
-    /// Requests refused and dropped (network frames with a bad length or address).
-    pub dropped: u64,
-}
 
 struct Running {
     name: String,
@@ -85,7 +59,7 @@ pub struct Devices {
 /// An opened back end.
 enum Backend {
     Block(Disk),
-    Net(Tap, u32),
+    Net(Tap, NetConfig),
 }
 
 /// A device set up but not yet started: what goes into boot info and the memory map.
@@ -108,6 +82,9 @@ pub fn plan(disks: &[DiskConfig], nets: &[NetConfig]) -> Result<Planned, Error> 
         .chain(nets.iter().map(|n| n.name.as_str()))
         .collect();
     for (i, name) in names.iter().enumerate() {
+        // Configurations built in code skip the option parsers: check names here too
+        // (they are copied into the 32-byte `DeviceInfo::name` and printed in reports).
+        worker::check_device_name(name).map_err(Error::Config)?;
         if names[..i].contains(name) {
             return Err(Error::Config(format!("two devices are named `{name}`")));
         }
@@ -157,7 +134,7 @@ pub fn plan(disks: &[DiskConfig], nets: &[NetConfig]) -> Result<Planned, Error> 
         info.gateway = cfg.gateway.unwrap_or([0; 4]);
         info.mtu = cfg.mtu;
         infos.push(info);
-        backends.push((cfg.name.clone(), Backend::Net(tap, cfg.mtu)));
+        backends.push((cfg.name.clone(), Backend::Net(tap, cfg.clone())));
     }
     Ok(Planned {
         infos,
@@ -186,7 +163,7 @@ impl Devices {
             ioeventfd: use_ioeventfd,
         };
         for ((name, backend), info) in planned.backends.into_iter().zip(planned.infos) {
-            let doorbell = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(Error::Io)?);
+            let doorbell = Arc::new(new_doorbell().map_err(Error::Io)?);
             if devs.ioeventfd
                 && vm
                     .register_ioevent(
@@ -200,40 +177,28 @@ impl Devices {
             }
             let stop = Arc::new(AtomicBool::new(false));
             let stats = Arc::new(DeviceStats::default());
+            let dev = DeviceCtx {
+                name: name.clone(),
+                mem: mem.clone(),
+                map: map.clone(),
+                notify: notify.clone(),
+                stats: stats.clone(),
+            };
             let thread = match backend {
                 Backend::Block(disk) => {
-                    let worker = BlockWorker {
-                        name: name.clone(),
-                        disk,
-                        ring: Ring::new(mem, info.ring, info.slots),
-                        mem: mem.clone(),
-                        map: map.clone(),
-                        doorbell: doorbell.clone(),
-                        stop: stop.clone(),
-                        notify: notify.clone(),
-                        stats: stats.clone(),
-                    };
-                    std::thread::Builder::new()
-                        .name(format!("pvrun-blk-{name}"))
-                        .spawn(move || worker.run())
+                    let ring = Ring::new(mem, info.ring, info.slots);
+                    spawn("blk", &doorbell, &stop, dev, BlockService { disk, ring })
                 }
-                Backend::Net(tap, mtu) => {
-                    let worker = NetWorker {
-                        name: name.clone(),
-                        tap,
-                        tx: Ring::new(mem, info.ring, info.slots),
-                        rx: Ring::new(mem, info.ring2, info.slots),
-                        mtu,
-                        mem: mem.clone(),
-                        map: map.clone(),
-                        doorbell: doorbell.clone(),
-                        stop: stop.clone(),
-                        notify: notify.clone(),
-                        stats: stats.clone(),
-                    };
-                    std::thread::Builder::new()
-                        .name(format!("pvrun-net-{name}"))
-                        .spawn(move || worker.run())
+                Backend::Net(tap, cfg) => {
+                    let tx = Ring::new(mem, info.ring, info.slots);
+                    let rx = Ring::new(mem, info.ring2, info.slots);
+                    spawn(
+                        "net",
+                        &doorbell,
+                        &stop,
+                        dev,
+                        NetService::new(&cfg, tap, tx, rx),
+                    )
                 }
             }
             .map_err(Error::Io)?;
@@ -273,17 +238,7 @@ impl Devices {
     pub fn counters(&self) -> Vec<(String, DeviceCounters)> {
         self.running
             .iter()
-            .map(|d| {
-                (
-                    d.name.clone(),
-                    DeviceCounters {
-                        doorbells: d.stats.doorbells.load(Ordering::Relaxed),
-                        requests: d.stats.requests.load(Ordering::Relaxed),
-                        wakeups: d.stats.wakeups.load(Ordering::Relaxed),
-                        dropped: d.stats.dropped.load(Ordering::Relaxed),
-                    },
-                )
-            })
+            .map(|d| (d.name.clone(), d.stats.counters()))
             .collect()
     }
 }
@@ -302,72 +257,69 @@ impl Drop for Devices {
     }
 }
 
-struct BlockWorker {
-    name: String,
-    disk: Disk,
-    ring: Ring,
-    mem: GuestMemoryMmap,
-    map: MemoryMap,
-    doorbell: Arc<EventFd>,
-    stop: Arc<AtomicBool>,
-    notify: Arc<Notify>,
-    stats: Arc<DeviceStats>,
+/// A doorbell eventfd: non-blocking, and closed in programs the host starts (a `pvrun`
+/// embedded in a larger program must not leak a guest's doorbells into its children).
+fn new_doorbell() -> std::io::Result<EventFd> {
+    EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC)
 }
 
-impl BlockWorker {
-    /// Waits for the doorbell (or a stop) without spinning.
-    fn wait_doorbell(&self) {
-        let mut pfd = libc::pollfd {
-            fd: std::os::fd::AsRawFd::as_raw_fd(&*self.doorbell),
-            events: libc::POLLIN,
-            revents: 0,
+/// Starts the I/O thread `pvrun-KIND-NAME` serving `service`.
+fn spawn<S: Service>(
+    kind: &str,
+    doorbell: &Arc<EventFd>,
+    stop: &Arc<AtomicBool>,
+    dev: DeviceCtx,
+    service: S,
+) -> std::io::Result<JoinHandle<()>> {
+    let worker = IoWorker {
+        doorbell: doorbell.clone(),
+        stop: stop.clone(),
+        dev,
+        service,
+    };
+    std::thread::Builder::new()
+        .name(format!("pvrun-{kind}-{}", worker.dev.name))
+        .spawn(move || worker.run())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+
+    #[test]
+    fn bad_device_names_are_refused_before_anything_is_opened() {
+        for name in ["x".repeat(40), "a\nb".into(), String::new()] {
+            let disk = DiskConfig {
+                name: name.clone(),
+                path: "/nonexistent/image".into(),
+                read_only: true,
+            };
+            match plan(&[disk], &[]) {
+                Err(Error::Config(e)) => {
+                    assert!(e.contains("device name"), "{e}");
+                    assert!(!e.chars().any(|c| c.is_control()), "{e:?}");
+                }
+                Err(e) => panic!("{name:?}: {e}"),
+                Ok(_) => panic!("{name:?} accepted"),
+            }
+        }
+        let mut net = NetConfig::parse("eth0=tap:tap0").unwrap();
+        net.tap = "a-very-long-interface-name".into();
+        assert!(matches!(plan(&[], &[net]), Err(Error::Net { .. })));
+    }
+
+    #[test]
+    fn doorbells_are_close_on_exec_and_non_blocking() {
+        let fd = new_doorbell().unwrap();
+        // SAFETY: fcntl queries on a descriptor we own.
+        let (fd_flags, fl_flags) = unsafe {
+            (
+                libc::fcntl(fd.as_raw_fd(), libc::F_GETFD),
+                libc::fcntl(fd.as_raw_fd(), libc::F_GETFL),
+            )
         };
-        // SAFETY: poll on one descriptor we own, with a valid pollfd.
-        unsafe { libc::poll(&mut pfd, 1, -1) };
-        if let Ok(n) = self.doorbell.read() {
-            self.stats.doorbells.fetch_add(n, Ordering::Relaxed);
-        }
-    }
-
-    fn run(mut self) {
-        crate::seccomp::confine_io_thread();
-        loop {
-            self.wait_doorbell();
-            if self.stop.load(Ordering::SeqCst) {
-                return;
-            }
-            self.stats.wakeups.fetch_add(1, Ordering::Relaxed);
-            if let Err(e) = self.serve() {
-                // The guest corrupted its ring: stop serving it and say so once.
-                self.ring.mark_broken(&self.mem);
-                self.notify.signal();
-                eprintln!("pvrun: device `{}` broken: {}", self.name, e.0);
-                while !self.stop.load(Ordering::SeqCst) {
-                    self.wait_doorbell();
-                }
-                return;
-            }
-        }
-    }
-
-    /// Serves requests until the ring is empty and the guest was told to ring again.
-    fn serve(&mut self) -> Result<(), ring::RingError> {
-        loop {
-            let n = self.ring.pending(&self.mem)?;
-            if n == 0 {
-                if self.ring.idle_check(&self.mem)? {
-                    continue;
-                }
-                return Ok(());
-            }
-            for _ in 0..n {
-                let req: BlockRequest = self.ring.take(&self.mem)?;
-                let rsp = self.disk.handle(&req, &self.mem, &self.map);
-                self.ring.respond(&self.mem, rsp);
-            }
-            self.stats.requests.fetch_add(n as u64, Ordering::Relaxed);
-            self.ring.publish(&self.mem);
-            self.notify.signal();
-        }
+        assert!(fd_flags & libc::FD_CLOEXEC != 0, "{fd_flags:#x}");
+        assert!(fl_flags & libc::O_NONBLOCK != 0, "{fl_flags:#x}");
     }
 }

@@ -9,27 +9,24 @@
 //! queue (and the kernel drops them when it is full), and the host asks the guest to ring
 //! the doorbell when it posts more.
 
-use std::fs::{File, OpenOptions};
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::OpenOptionsExt;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+mod tap;
+mod worker;
 
-use pvrun_abi::{NetResponse, NetRxRequest, NetTxRequest, status};
-use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::eventfd::EventFd;
+use pvrun_abi::{NetRxRequest, NetTxRequest, status};
 
-use super::ring::{Ring, RingError};
-use super::{DeviceStats, Notify};
-use crate::error::Error;
-use crate::memory::{MemoryMap, UserMemory};
+use super::worker::check_device_name;
+use crate::memory::{MemoryMap, UserRange};
+
+pub use tap::{Tap, check_tap_name, is_gone};
+pub use worker::NetService;
 
 /// Default MTU (largest IP packet).
 pub const DEFAULT_MTU: u32 = 1500;
 /// Ethernet header bytes before the IP packet.
-pub const ETH_HEADER: u32 = 14;
+pub const ETH_HEADER: u32 = pvrun_abi::ETH_HEADER;
 
-/// A `--net NAME=tap:IFNAME[,mac=..][,ip=A.B.C.D/N][,gw=A.B.C.D][,mtu=N]` option.
+/// A `--net NAME=tap:IFNAME[,mac=..][,ip=A.B.C.D/N][,gw=A.B.C.D][,mtu=N][,mac-spoof=allow]`
+/// option.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NetConfig {
     /// The device name the guest looks up.
@@ -44,6 +41,10 @@ pub struct NetConfig {
     pub gateway: Option<[u8; 4]>,
     /// MTU.
     pub mtu: u32,
+    /// Forward frames whatever their source MAC address (`mac-spoof=allow`). By default
+    /// a frame whose source is not [`NetConfig::mac`] is dropped and counted, so a guest
+    /// cannot impersonate other hosts on the TAP's network.
+    pub allow_mac_spoof: bool,
 }
 
 fn parse_ipv4(s: &str) -> Result<[u8; 4], String> {
@@ -54,18 +55,19 @@ fn parse_ipv4(s: &str) -> Result<[u8; 4], String> {
 }
 
 impl NetConfig {
-    /// Parses `NAME=tap:IFNAME[,mac=..][,ip=A.B.C.D/N][,gw=A.B.C.D][,mtu=N]`.
+    /// Parses `NAME=tap:IFNAME[,mac=..][,ip=A.B.C.D/N][,gw=A.B.C.D][,mtu=N][,mac-spoof=allow]`.
     pub fn parse(s: &str) -> Result<Self, String> {
         let (name, rest) = s
             .split_once('=')
             .ok_or_else(|| format!("`{s}` is not NAME=tap:IFNAME[,mac=..][,ip=..][,gw=..]"))?;
-        super::block::check_device_name(name)?;
+        check_device_name(name)?;
         let mut parts = rest.split(',');
         let tap = parts
             .next()
             .and_then(|t| t.strip_prefix("tap:"))
             .filter(|t| !t.is_empty() && t.len() < 16)
             .ok_or_else(|| format!("network `{name}` needs `tap:IFNAME` (an interface name of at most 15 characters)"))?;
+        check_tap_name(tap)?;
         let mut cfg = NetConfig {
             name: name.to_string(),
             tap: tap.to_string(),
@@ -73,6 +75,7 @@ impl NetConfig {
             ip: None,
             gateway: None,
             mtu: DEFAULT_MTU,
+            allow_mac_spoof: false,
         };
         for p in parts {
             let (k, v) = p
@@ -108,6 +111,13 @@ impl NetConfig {
                         .filter(|m| (576..=9000).contains(m))
                         .ok_or_else(|| format!("mtu `{v}` must be 576..=9000"))?
                 }
+                "mac-spoof" => {
+                    cfg.allow_mac_spoof = match v {
+                        "allow" => true,
+                        "deny" => false,
+                        _ => return Err(format!("mac-spoof `{v}` must be `allow` or `deny`")),
+                    }
+                }
                 _ => return Err(format!("unknown network option `{k}`")),
             }
         }
@@ -124,280 +134,274 @@ fn random_mac() -> [u8; 6] {
     m
 }
 
-/// An opened TAP interface.
-pub struct Tap {
-    file: File,
+/// The largest frame for `mtu`: an Ethernet header and an IP packet of `mtu` bytes.
+pub fn max_frame(mtu: u32) -> u64 {
+    u64::from(ETH_HEADER) + u64::from(mtu)
 }
 
-const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
-const IFF_TAP: libc::c_short = 0x0002;
-const IFF_NO_PI: libc::c_short = 0x1000;
-
-impl Tap {
-    /// Opens TAP interface `name` (without packet-information headers, non-blocking).
-    pub fn open(cfg: &NetConfig) -> Result<Tap, Error> {
-        let fail = |why: String| Error::Net {
-            name: cfg.name.clone(),
-            tap: cfg.tap.clone(),
-            why,
-        };
-        let create = format!(
-            "create it with `sudo ip tuntap add dev {0} mode tap user $USER && sudo ip link set {0} up`",
-            cfg.tap
-        );
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
-            .open("/dev/net/tun")
-            .map_err(|e| match e.kind() {
-                std::io::ErrorKind::NotFound => {
-                    fail("/dev/net/tun does not exist (load the `tun` kernel module)".into())
-                }
-                std::io::ErrorKind::PermissionDenied => {
-                    fail(format!("no permission to open /dev/net/tun; {create}"))
-                }
-                _ => fail(format!("cannot open /dev/net/tun: {e}")),
-            })?;
-        #[repr(C)]
-        struct IfReq {
-            name: [u8; 16],
-            flags: libc::c_short,
-            pad: [u8; 22],
-        }
-        let mut req = IfReq {
-            name: [0; 16],
-            flags: IFF_TAP | IFF_NO_PI,
-            pad: [0; 22],
-        };
-        req.name[..cfg.tap.len()].copy_from_slice(cfg.tap.as_bytes());
-        // SAFETY: TUNSETIFF reads and writes an ifreq-sized struct we own.
-        if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &mut req) } < 0 {
-            let e = std::io::Error::last_os_error();
-            return Err(match e.raw_os_error() {
-                Some(libc::EPERM) | Some(libc::EACCES) => {
-                    fail(format!("no permission to use it; {create}"))
-                }
-                Some(libc::EBUSY) => fail("it is in use by another program".into()),
-                Some(libc::EINVAL) => fail("it exists but is not a TAP device".into()),
-                _ => fail(format!("cannot attach: {e}")),
-            });
-        }
-        Ok(Tap { file })
-    }
+/// A transmit request that passed validation: the frame's bytes in guest memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TxFrame {
+    /// The frame (14 ..= 14 + mtu bytes the guest may read).
+    pub buf: UserRange,
 }
 
-/// The I/O thread of one network device.
-pub struct NetWorker {
-    /// Device name.
-    pub name: String,
-    /// The TAP interface.
-    pub tap: Tap,
-    /// The transmit ring.
-    pub tx: Ring,
-    /// The receive ring.
-    pub rx: Ring,
-    /// MTU.
-    pub mtu: u32,
-    /// Guest memory.
-    pub mem: GuestMemoryMmap,
-    /// What the guest may access.
-    pub map: MemoryMap,
-    /// The doorbell.
-    pub doorbell: Arc<EventFd>,
-    /// Set to end the thread.
-    pub stop: Arc<AtomicBool>,
-    /// Wakes a waiting guest.
-    pub notify: Arc<Notify>,
-    /// Counters.
-    pub stats: Arc<DeviceStats>,
-}
-
-impl NetWorker {
-    /// Serves both rings until stopped; a corrupted ring is reported once and abandoned.
-    pub fn run(mut self) {
-        crate::seccomp::confine_io_thread();
-        let mut frame = vec![0u8; (ETH_HEADER + self.mtu) as usize];
-        let mut rx_waiting = false;
-        loop {
-            let mut fds = [
-                libc::pollfd {
-                    fd: self.doorbell.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-                libc::pollfd {
-                    fd: self.tap.file.as_raw_fd(),
-                    // Only listen to the TAP device while there are buffers to receive into.
-                    events: if rx_waiting { 0 } else { libc::POLLIN },
-                    revents: 0,
-                },
-            ];
-            // SAFETY: poll on two descriptors we own, with valid pollfds.
-            unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-            if self.stop.load(Ordering::SeqCst) {
-                return;
-            }
-            if fds[0].revents & libc::POLLIN != 0 {
-                if let Ok(n) = self.doorbell.read() {
-                    self.stats.doorbells.fetch_add(n, Ordering::Relaxed);
-                }
-                rx_waiting = false;
-            }
-            self.stats.wakeups.fetch_add(1, Ordering::Relaxed);
-            let r = self
-                .transmit(&mut frame)
-                .and_then(|_| self.receive().map(|waiting| rx_waiting = waiting));
-            if let Err(e) = r {
-                self.tx.mark_broken(&self.mem);
-                self.rx.mark_broken(&self.mem);
-                self.notify.signal();
-                eprintln!("pvrun: device `{}` broken: {}", self.name, e.0);
-                while !self.stop.load(Ordering::SeqCst) {
-                    let mut pfd = libc::pollfd {
-                        fd: self.doorbell.as_raw_fd(),
-                        events: libc::POLLIN,
-                        revents: 0,
-                    };
-                    // SAFETY: as above.
-                    unsafe { libc::poll(&mut pfd, 1, -1) };
-                    let _ = self.doorbell.read();
-                }
-                return;
-            }
-        }
-    }
-
-    /// Sends every posted frame; copies each out of guest memory once.
-    fn transmit(&mut self, frame: &mut [u8]) -> Result<(), RingError> {
-        loop {
-            let n = self.tx.pending(&self.mem)?;
-            if n == 0 {
-                if self.tx.idle_check(&self.mem)? {
-                    continue;
-                }
-                return Ok(());
-            }
-            for _ in 0..n {
-                let req: NetTxRequest = self.tx.take(&self.mem)?;
-                let status = self.send_one(&req, frame);
-                if status < 0 {
-                    self.stats.dropped.fetch_add(1, Ordering::Relaxed);
-                }
-                self.tx.respond(
-                    &self.mem,
-                    NetResponse {
-                        id: req.id,
-                        status,
-                        reserved: [0; 6],
-                    },
-                );
-            }
-            self.stats.requests.fetch_add(n as u64, Ordering::Relaxed);
-            self.tx.publish(&self.mem);
-            self.notify.signal();
-        }
-    }
-
-    fn send_one(&self, req: &NetTxRequest, frame: &mut [u8]) -> i64 {
+impl TxFrame {
+    /// Validates a transmit request copied out of its slot: flags and reserved fields
+    /// zero, a length of 14 ..= 14 + `mtu`, a buffer the guest may read.
+    pub fn parse(req: &NetTxRequest, mtu: u32, map: &MemoryMap) -> Result<TxFrame, i64> {
         if req.flags != 0 || req.reserved != [0; 5] {
-            return status::BAD_ARGUMENT;
+            return Err(status::BAD_ARGUMENT);
         }
-        let len = req.len as usize;
-        if len < ETH_HEADER as usize || len > frame.len() {
-            return status::BAD_LENGTH;
+        let len = u64::from(req.len);
+        if len < u64::from(ETH_HEADER) || len > max_frame(mtu) {
+            return Err(status::BAD_LENGTH);
         }
-        let range = match self.map.check_user(req.addr, len as u64, false) {
-            Ok(r) => r,
-            Err(e) => return e.status(),
-        };
-        // One private copy: the guest cannot change the frame while it is being sent.
-        if let Err(e) = self.mem.read_user(&range, &mut frame[..len]) {
-            return e.status();
-        }
-        // SAFETY: write from our own buffer to our own descriptor.
-        let w = unsafe { libc::write(self.tap.file.as_raw_fd(), frame.as_ptr().cast(), len) };
-        if w < 0 {
-            // A full TAP queue or a down interface loses the frame, as a real link would.
-            return status::IO_ERROR;
-        }
-        w as i64
+        let buf = map
+            .check_user(req.addr, len, false)
+            .map_err(|e| e.status())?;
+        Ok(TxFrame { buf })
     }
+}
 
-    /// Receives frames into posted buffers until the TAP device is empty or the buffers
-    /// run out; returns true when it stopped for lack of buffers.
-    fn receive(&mut self) -> Result<bool, RingError> {
-        let mut received = 0u64;
-        let waiting = loop {
-            if self.rx.pending(&self.mem)? == 0 {
-                // Ask the guest to ring when it posts buffers, then look once more.
-                if self.rx.idle_check(&self.mem)? {
-                    continue;
-                }
-                break true;
-            }
-            // Look at the next buffer without consuming it: it stays posted if no frame
-            // is waiting. This one copy of the slot is the one acted on.
-            let req: NetRxRequest = self.rx.peek(&self.mem)?;
-            let status = match self.receive_one(&req) {
-                None => break false,
-                Some(s) => s,
-            };
-            self.rx.advance();
-            self.rx.respond(
-                &self.mem,
-                NetResponse {
-                    id: req.id,
-                    status,
-                    reserved: [0; 6],
-                },
-            );
-            received += 1;
-            if received.is_multiple_of(32) {
-                self.rx.publish(&self.mem);
-                self.notify.signal();
-            }
-        };
-        if received > 0 {
-            self.stats.requests.fetch_add(received, Ordering::Relaxed);
-            self.rx.publish(&self.mem);
-            self.notify.signal();
-        }
-        Ok(waiting)
+/// Checks the source MAC address of a copied frame (at least [`ETH_HEADER`] bytes, as
+/// [`TxFrame::parse`] ensures): with `required` set, it must be that address.
+pub fn check_source_mac(frame: &[u8], required: Option<[u8; 6]>) -> Result<(), i64> {
+    match required {
+        None => Ok(()),
+        Some(mac) if frame.get(6..12) == Some(&mac[..]) => Ok(()),
+        Some(_) => Err(status::BAD_ARGUMENT),
     }
+}
 
-    /// Reads one frame into the guest buffer of `req`: its length, a negative status for
-    /// a bad buffer, or `None` when no frame is waiting.
-    fn receive_one(&self, req: &NetRxRequest) -> Option<i64> {
-        let cap = req.len as u64;
+/// A receive buffer that passed validation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RxBuffer {
+    /// The buffer (at least 14 + mtu bytes the guest may write).
+    pub buf: UserRange,
+}
+
+impl RxBuffer {
+    /// Validates a receive request copied out of its slot: flags and reserved fields zero,
+    /// room for a whole frame (14 + `mtu` bytes or more), memory the guest may write.
+    pub fn parse(req: &NetRxRequest, mtu: u32, map: &MemoryMap) -> Result<RxBuffer, i64> {
         if req.flags != 0 || req.reserved != [0; 5] {
-            return Some(status::BAD_ARGUMENT);
+            return Err(status::BAD_ARGUMENT);
         }
-        if cap < (ETH_HEADER + self.mtu) as u64 {
-            return Some(status::BAD_LENGTH);
+        let len = u64::from(req.len);
+        if len < max_frame(mtu) {
+            return Err(status::BAD_LENGTH);
         }
         // The kernel writes the frame straight into guest memory the guest may write.
-        let Ok(range) = self.map.check_user(req.addr, cap, true) else {
-            return Some(status::BAD_ADDRESS);
-        };
-        let Ok(slice) = self.mem.user_slice(&range) else {
-            return Some(status::BAD_ADDRESS);
-        };
-        let guard = slice.ptr_guard_mut();
-        // SAFETY: [ptr, ptr+cap) is the validated guest slice.
-        let r = unsafe {
-            libc::read(
-                self.tap.file.as_raw_fd(),
-                guard.as_ptr().cast(),
-                cap as usize,
-            )
-        };
-        if r < 0 { None } else { Some(r as i64) }
+        let buf = map
+            .check_user(req.addr, len, true)
+            .map_err(|e| e.status())?;
+        Ok(RxBuffer { buf })
     }
 }
 
-impl AsRawFd for Tap {
-    fn as_raw_fd(&self) -> std::os::fd::RawFd {
-        self.file.as_raw_fd()
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::worker::test_map;
+
+    const BUF: u64 = 0x40_0000;
+    const MTU: u32 = 1500;
+
+    fn tx(addr: u64, len: u32) -> NetTxRequest {
+        NetTxRequest {
+            id: 1,
+            addr,
+            len,
+            flags: 0,
+            reserved: [0; 5],
+        }
+    }
+
+    fn rx(addr: u64, len: u32) -> NetRxRequest {
+        NetRxRequest {
+            id: 2,
+            addr,
+            len,
+            flags: 0,
+            reserved: [0; 5],
+        }
+    }
+
+    #[test]
+    fn good_frames_and_buffers_parse() {
+        let map = test_map();
+        let f = TxFrame::parse(&tx(BUF, 60), MTU, &map).unwrap();
+        assert_eq!((f.buf.addr(), f.buf.len()), (BUF, 60));
+        assert!(TxFrame::parse(&tx(BUF, 14), MTU, &map).is_ok());
+        assert!(TxFrame::parse(&tx(BUF, 1514), MTU, &map).is_ok());
+        // Frames may come from read-only memory.
+        assert!(TxFrame::parse(&tx(0x10_0000, 60), MTU, &map).is_ok());
+        let b = RxBuffer::parse(&rx(BUF, 2048), MTU, &map).unwrap();
+        assert_eq!(
+            (b.buf.addr(), b.buf.len(), b.buf.writable()),
+            (BUF, 2048, true)
+        );
+        assert!(RxBuffer::parse(&rx(BUF, 1514), MTU, &map).is_ok());
+    }
+
+    #[test]
+    fn frames_from_another_source_mac_are_refused_unless_allowed() {
+        let mac = [0x02, 1, 2, 3, 4, 5];
+        let mut frame = [0u8; 60];
+        frame[..6].fill(0xff);
+        frame[6..12].copy_from_slice(&mac);
+        assert_eq!(check_source_mac(&frame, Some(mac)), Ok(()));
+        assert_eq!(check_source_mac(&frame, None), Ok(()));
+        for i in 6..12 {
+            let mut spoofed = frame;
+            spoofed[i] ^= 1;
+            assert_eq!(
+                check_source_mac(&spoofed, Some(mac)),
+                Err(status::BAD_ARGUMENT),
+                "byte {i}"
+            );
+            assert_eq!(check_source_mac(&spoofed, None), Ok(()));
+        }
+        // The destination does not count.
+        let mut to_self = frame;
+        to_self[..6].copy_from_slice(&mac);
+        to_self[6..12].fill(0xff);
+        assert_eq!(
+            check_source_mac(&to_self, Some(mac)),
+            Err(status::BAD_ARGUMENT)
+        );
+        assert_eq!(
+            check_source_mac(&frame[..8], Some(mac)),
+            Err(status::BAD_ARGUMENT)
+        );
+    }
+
+    #[test]
+    fn odd_tap_names_are_refused() {
+        assert!(NetConfig::parse("eth0=tap:a b").is_err());
+        assert!(NetConfig::parse("eth0=tap:a/b").is_err());
+        let e = NetConfig::parse("eth0=tap:a\x1bb").unwrap_err();
+        assert!(!e.chars().any(|c| c.is_control()), "{e:?}");
+        assert!(check_tap_name(&"t".repeat(16)).is_err());
+        assert!(check_tap_name("tap0").is_ok());
+    }
+
+    #[test]
+    fn source_mac_checking_is_the_default_and_can_be_turned_off() {
+        let c = NetConfig::parse("eth0=tap:tap0,mac=02:00:00:00:00:01").unwrap();
+        assert_eq!(c.mac, [2, 0, 0, 0, 0, 1]);
+        assert!(!c.allow_mac_spoof);
+        assert!(
+            NetConfig::parse("eth0=tap:tap0,mac-spoof=allow")
+                .unwrap()
+                .allow_mac_spoof
+        );
+        assert!(
+            !NetConfig::parse("eth0=tap:tap0,mac-spoof=deny")
+                .unwrap()
+                .allow_mac_spoof
+        );
+        assert!(NetConfig::parse("eth0=tap:tap0,mac-spoof=yes").is_err());
+    }
+
+    #[test]
+    fn tx_flags_and_reserved_fields_must_be_zero() {
+        let map = test_map();
+        let mut r = tx(BUF, 60);
+        r.flags = 1;
+        assert_eq!(TxFrame::parse(&r, MTU, &map), Err(status::BAD_ARGUMENT));
+        let mut r = tx(BUF, 60);
+        r.reserved[4] = 1;
+        assert_eq!(TxFrame::parse(&r, MTU, &map), Err(status::BAD_ARGUMENT));
+    }
+
+    #[test]
+    fn tx_frames_shorter_than_a_header_are_refused() {
+        let map = test_map();
+        for len in [0, 1, 13] {
+            assert_eq!(
+                TxFrame::parse(&tx(BUF, len), MTU, &map),
+                Err(status::BAD_LENGTH),
+                "{len}"
+            );
+        }
+    }
+
+    #[test]
+    fn tx_frames_over_the_mtu_are_refused() {
+        let map = test_map();
+        assert_eq!(
+            TxFrame::parse(&tx(BUF, 1515), MTU, &map),
+            Err(status::BAD_LENGTH)
+        );
+        assert_eq!(
+            TxFrame::parse(&tx(BUF, u32::MAX), MTU, &map),
+            Err(status::BAD_LENGTH)
+        );
+        assert_eq!(
+            TxFrame::parse(&tx(BUF, 1515), 1501, &map).map(|f| f.buf.len()),
+            Ok(1515)
+        );
+    }
+
+    #[test]
+    fn tx_frames_outside_guest_memory_are_refused() {
+        let map = test_map();
+        for addr in [0, 0x1000, 0xc0_0000, 0xbf_ffd0] {
+            assert_eq!(
+                TxFrame::parse(&tx(addr, 60), MTU, &map),
+                Err(status::BAD_ADDRESS),
+                "{addr:#x}"
+            );
+        }
+        assert_eq!(
+            TxFrame::parse(&tx(u64::MAX - 10, 60), MTU, &map),
+            Err(status::BAD_LENGTH)
+        );
+    }
+
+    #[test]
+    fn rx_flags_and_reserved_fields_must_be_zero() {
+        let map = test_map();
+        let mut r = rx(BUF, 2048);
+        r.flags = 0x8000_0000;
+        assert_eq!(RxBuffer::parse(&r, MTU, &map), Err(status::BAD_ARGUMENT));
+        let mut r = rx(BUF, 2048);
+        r.reserved[0] = 1;
+        assert_eq!(RxBuffer::parse(&r, MTU, &map), Err(status::BAD_ARGUMENT));
+    }
+
+    #[test]
+    fn rx_buffers_smaller_than_a_whole_frame_are_refused() {
+        let map = test_map();
+        for len in [0, 14, 1500, 1513] {
+            assert_eq!(
+                RxBuffer::parse(&rx(BUF, len), MTU, &map),
+                Err(status::BAD_LENGTH),
+                "{len}"
+            );
+        }
+        assert_eq!(
+            RxBuffer::parse(&rx(BUF, 9013), 9000, &map),
+            Err(status::BAD_LENGTH)
+        );
+    }
+
+    #[test]
+    fn rx_buffers_the_guest_may_not_write_are_refused() {
+        let map = test_map();
+        // Read-only data, text, host structures, unmapped, running off the end.
+        for addr in [0x10_0000, 0x20_0000, 0x1000, 0, 0xc0_0000, 0xbf_fc00] {
+            assert_eq!(
+                RxBuffer::parse(&rx(addr, 2048), MTU, &map),
+                Err(status::BAD_ADDRESS),
+                "{addr:#x}"
+            );
+        }
+        assert_eq!(
+            RxBuffer::parse(&rx(u64::MAX - 100, 2048), MTU, &map),
+            Err(status::BAD_LENGTH)
+        );
     }
 }
