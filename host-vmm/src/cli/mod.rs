@@ -27,7 +27,7 @@ pub struct VmOptions {
     pub disks: Vec<DiskConfig>,
     /// Attach a TAP interface as network device NAME (repeatable), e.g.
     /// `eth0=tap:tap0,ip=10.0.0.2/24,gw=10.0.0.1` (without `ip=` the guest uses DHCP).
-    #[arg(long = "net", value_name = "NAME=tap:IF[,mac=..][,ip=..][,gw=..]", value_parser = NetConfig::parse)]
+    #[arg(long = "net", value_name = "NAME=tap:IF[,mac=..][,ip=..][,gw=..][,mtu=..][,mac-spoof=allow]", value_parser = NetConfig::parse)]
     pub nets: Vec<NetConfig>,
 }
 
