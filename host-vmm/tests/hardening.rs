@@ -300,3 +300,21 @@ fn a_stalled_console_sink_never_delays_a_call_and_floods_are_dropped() {
     );
     assert!(sb.template().console_dropped() > 0);
 }
+
+#[test]
+fn a_tap_interface_that_does_not_exist_is_an_error_and_is_never_created() {
+    let r = common::pvrun(&guest("hello"), &["--net", "eth0=tap:pvt-nosuch0"], &[]);
+    assert_eq!(r.status, 125, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("no such interface") && r.stderr.contains("ip tuntap add"),
+        "{}",
+        r.stderr
+    );
+    let exists = Command::new("ip")
+        .args(["link", "show", "pvt-nosuch0"])
+        .output()
+        .expect("the `ip` command (iproute2) is needed")
+        .status
+        .success();
+    assert!(!exists, "pvrun created the TAP interface");
+}

@@ -49,6 +49,14 @@ impl Tap {
             "create it with `sudo ip tuntap add dev {0} mode tap user $USER && sudo ip link set {0} up`",
             cfg.tap
         );
+        // TUNSETIFF would create a missing interface (as root), which the guest would then
+        // serve where nobody can reach it: the interface must exist already.
+        let cname =
+            std::ffi::CString::new(cfg.tap.as_str()).map_err(|_| fail("bad name".into()))?;
+        // SAFETY: if_nametoindex reads a NUL-terminated name.
+        if unsafe { libc::if_nametoindex(cname.as_ptr()) } == 0 {
+            return Err(fail(format!("no such interface; {create}")));
+        }
         let file = OpenOptions::new()
             .read(true)
             .write(true)
