@@ -3,8 +3,9 @@
 //!
 //! The sleep is a `poll` on an eventfd, not a condition variable, so a signal delivered to
 //! the vCPU thread (SIGTERM, the stop kick) interrupts it at once: a guest idle in `WAIT`
-//! stops as promptly as a running one. Signalling costs no system call unless the vCPU
-//! thread is actually asleep (a Dekker-style pair of flags decides).
+//! stops as promptly as a running one. Every signal writes the eventfd (a version that
+//! skipped the write while nobody slept measured 5-10x slower at QD1 block I/O here:
+//! the device thread's write is what lets the vCPU thread see the response in time).
 //!
 //! [`Notify::clear`] forgets a pending wake-up; a sandbox reset calls it, so a wake-up
 //! meant for one call (a device response, a stop) never reaches the next.
@@ -20,8 +21,6 @@ use crate::error::Error;
 pub(crate) struct Notify {
     /// Something happened since the last wait.
     pending: AtomicBool,
-    /// The sleeper is (about to be) in `poll`.
-    sleeping: AtomicBool,
     efd: EventFd,
 }
 
@@ -30,7 +29,6 @@ impl Notify {
     pub fn new() -> Result<Notify, Error> {
         Ok(Notify {
             pending: AtomicBool::new(false),
-            sleeping: AtomicBool::new(false),
             efd: EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC).map_err(Error::Io)?,
         })
     }
@@ -38,9 +36,7 @@ impl Notify {
     /// Marks that something happened and wakes the sleeper, if any.
     pub fn signal(&self) {
         self.pending.store(true, Ordering::SeqCst);
-        if self.sleeping.load(Ordering::SeqCst) {
-            let _ = self.efd.write(1);
-        }
+        let _ = self.efd.write(1);
     }
 
     /// Forgets a pending wake-up.
@@ -53,23 +49,27 @@ impl Notify {
     /// the wake-up. True if signalled.
     pub fn wait(&self, timeout: Duration) -> bool {
         if self.pending.swap(false, Ordering::SeqCst) {
+            // Drain the write that came with it, so the next wait really sleeps (a signal
+            // racing with this read leaves `pending` set, which the next wait sees).
+            let _ = self.efd.read();
             return true;
         }
-        self.sleeping.store(true, Ordering::SeqCst);
-        if !self.pending.load(Ordering::SeqCst) {
+        {
             let mut pfd = libc::pollfd {
                 fd: std::os::fd::AsRawFd::as_raw_fd(&self.efd),
                 events: libc::POLLIN,
                 revents: 0,
             };
-            let ms = timeout.as_millis().min(i32::MAX as u128) as libc::c_int;
-            // Round up so a short timeout does not spin.
-            let ms = if ms == 0 && !timeout.is_zero() { 1 } else { ms };
-            // SAFETY: poll on one descriptor we own with a valid pollfd; EINTR (a signal)
-            // simply ends the wait.
-            unsafe { libc::poll(&mut pfd, 1, ms) };
+            // ppoll, not poll: guest deadlines are often microseconds away, and poll's
+            // millisecond timeout would turn each into a whole millisecond.
+            let ts = libc::timespec {
+                tv_sec: timeout.as_secs().min(i64::MAX as u64) as libc::time_t,
+                tv_nsec: timeout.subsec_nanos() as libc::c_long,
+            };
+            // SAFETY: ppoll on one descriptor we own with a valid pollfd and timespec, and
+            // no signal mask change; EINTR (a signal) simply ends the wait.
+            unsafe { libc::ppoll(&mut pfd, 1, &ts, std::ptr::null()) };
         }
-        self.sleeping.store(false, Ordering::SeqCst);
         let _ = self.efd.read();
         self.pending.swap(false, Ordering::SeqCst)
     }
