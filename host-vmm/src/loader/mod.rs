@@ -5,6 +5,8 @@
 //! `pvrun` ABI-version note. Loading copies the segments with linux-loader (which checks
 //! neither the type nor the machine, hence the checks here) and zeroes BSS.
 
+pub mod debuginfo;
+
 use std::io::Cursor;
 use std::path::Path;
 
@@ -339,6 +341,13 @@ impl GuestImage {
         Ok(())
     }
 
+    /// The name of the function containing `addr`, from the guest's symbol table.
+    pub fn symbol_name(&self, addr: u64) -> Option<&str> {
+        let i = self.symbols.partition_point(|s| s.addr <= addr);
+        let s = self.symbols[..i].last()?;
+        (s.size == 0 || addr - s.addr < s.size).then_some(s.name.as_str())
+    }
+
     /// Names `addr` as `function+0xoffset` from the guest's symbol table, if it has one.
     pub fn symbolize(&self, addr: u64) -> Option<String> {
         let i = self.symbols.partition_point(|s| s.addr <= addr);
@@ -348,6 +357,19 @@ impl GuestImage {
             return None;
         }
         Some(format!("{}+{:#x}", s.name, off))
+    }
+
+    /// The image's DWARF, parsed now (for a report being printed), if it has any.
+    pub fn debug_info(&self) -> Option<debuginfo::DebugInfo<'_>> {
+        debuginfo::DebugInfo::load(&self.bytes)
+    }
+
+    /// The guest's name: the file name of its path without the extension.
+    pub fn name(&self) -> String {
+        Path::new(&self.path)
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "guest".into())
     }
 
     /// The bytes of the image's memory at `addr` (up to `len`), from the file, for
