@@ -22,7 +22,7 @@ fn crashes(mode: &str, words: &[&str]) {
     let mut lines = r.stderr.trim_end().lines();
     let line = lines.next().unwrap_or("");
     for frame in lines {
-        assert!(frame.starts_with("   "), "{mode}: not a frame line: {frame}");
+        assert!(frame.starts_with(" "), "{mode}: not a frame line: {frame}");
     }
     assert!(line.starts_with("pvrun: guest crashed: "), "{mode}: {line}");
     for w in words {

@@ -36,7 +36,10 @@ fn marked(mark: &str) -> String {
 
 /// The frame lines of a report (after the first line), checked to be indented.
 fn frames(stderr: &str) -> Vec<&str> {
-    let lines: Vec<&str> = stderr.lines().skip_while(|l| !l.starts_with("   0: ")).collect();
+    let lines: Vec<&str> = stderr
+        .lines()
+        .skip_while(|l| !l.starts_with("   0: "))
+        .collect();
     for l in &lines {
         assert!(l.starts_with(' '), "frame line not indented: {l}\n{stderr}");
     }
@@ -48,7 +51,12 @@ fn frame_at(frames: &[&str], function: &str, location: &str) -> usize {
     frames
         .iter()
         .position(|f| f.contains(&format!(": {function} at ")) && f.contains(location))
-        .unwrap_or_else(|| panic!("no frame `{function} at ...{location}` in:\n{}", frames.join("\n")))
+        .unwrap_or_else(|| {
+            panic!(
+                "no frame `{function} at ...{location}` in:\n{}",
+                frames.join("\n")
+            )
+        })
 }
 
 #[test]
@@ -77,7 +85,8 @@ fn a_panic_prints_the_call_stack_with_rust_backtrace() {
     let r = crashes("panic", &[], true);
     assert_eq!(r.status, 101, "{}", r.stderr);
     assert!(
-        r.stderr.starts_with(&format!("pvrun: guest panicked at {}", marked("panic"))),
+        r.stderr
+            .starts_with(&format!("pvrun: guest panicked at {}", marked("panic"))),
         "{}",
         r.stderr
     );
@@ -112,7 +121,9 @@ fn a_corrupt_frame_chain_ends_the_walk_cleanly() {
         frame_at(&f, "crashes::corrupt_then_fault", &marked("corrupt"));
         assert!(f.len() <= 66, "{mode}: {}", r.stderr);
         assert!(
-            f.last().unwrap().contains("(backtrace stopped: frame pointer"),
+            f.last()
+                .unwrap()
+                .contains("(backtrace stopped: frame pointer"),
             "{mode}: {}",
             r.stderr
         );
@@ -121,19 +132,32 @@ fn a_corrupt_frame_chain_ends_the_walk_cleanly() {
 
 #[test]
 fn a_linux_system_call_is_named() {
-    for (mode, insn) in [("syscall", "syscall"), ("sysenter", "sysenter"), ("int80", "int 0x80")] {
+    for (mode, insn) in [
+        ("syscall", "syscall"),
+        ("sysenter", "sysenter"),
+        ("int80", "int 0x80"),
+    ] {
         let r = crashes(mode, &[], false);
         assert_eq!(r.status, 139, "{mode}: {}", r.stderr);
         let first = r.stderr.lines().next().unwrap();
         assert!(first.starts_with("pvrun: guest crashed: "), "{first}");
         assert!(
-            first.contains(&format!(
+            first.contains(
                 "the guest executed a Linux system call (nr 39) at crashes::linux_syscall+0x"
-            )) && first.contains(&format!("(`{insn}`); pvrun guests cannot make system calls")),
+            ) && first.contains(&format!(
+                "(`{insn}`); pvrun guests cannot make system calls"
+            )),
             "{mode}: {first}"
         );
-        assert!(!first.contains("null pointer") && !first.contains("rip 0x0,"), "{first}");
-        frame_at(&frames(&r.stderr), "crashes::linux_syscall", "crashes/src/main.rs:");
+        assert!(
+            !first.contains("null pointer") && !first.contains("rip 0x0,"),
+            "{first}"
+        );
+        frame_at(
+            &frames(&r.stderr),
+            "crashes::linux_syscall",
+            "crashes/src/main.rs:",
+        );
     }
 }
 
@@ -142,13 +166,18 @@ fn non_canonical_addresses_and_xsetbv_get_their_own_causes() {
     let r = crashes("noncanonical", &[], false);
     assert_eq!(r.status, 139);
     assert!(
-        r.stderr.contains("(#GP) accessing 0x8000000000001000: non-canonical address"),
+        r.stderr
+            .contains("(#GP) accessing 0x8000000000001000: non-canonical address"),
         "{}",
         r.stderr
     );
     let r = crashes("xsetbv", &[], false);
     assert_eq!(r.status, 139);
-    assert!(r.stderr.contains("privileged instruction `xsetbv`"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("privileged instruction `xsetbv`"),
+        "{}",
+        r.stderr
+    );
 }
 
 fn tempdir(tag: &str) -> PathBuf {
@@ -172,7 +201,10 @@ fn a_core_dump_is_read_back_by_gdb() {
     let name = cores[0].file_name().unwrap().to_string_lossy().into_owned();
     assert!(name.starts_with("core.crashes."), "{name}");
     let size = std::fs::metadata(&cores[0]).unwrap().len();
-    assert!(size < 4 << 20, "core of {size} bytes: zero pages must be left out");
+    assert!(
+        size < 4 << 20,
+        "core of {size} bytes: zero pages must be left out"
+    );
     let out = Command::new("gdb")
         .args(["-nx", "-batch", "-ex", "bt", "-ex", "info registers rip"])
         .arg(guest("crashes"))
@@ -185,7 +217,8 @@ fn a_core_dump_is_read_back_by_gdb() {
     let outer = text.find("fault_outer").unwrap_or_else(|| panic!("{text}"));
     assert!(inner < outer, "{text}");
     assert!(
-        text.lines().any(|l| l.starts_with("rip") && l.contains("fault_inner")),
+        text.lines()
+            .any(|l| l.starts_with("rip") && l.contains("fault_inner")),
         "{text}"
     );
 
@@ -200,7 +233,10 @@ fn a_core_dump_is_read_back_by_gdb() {
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("SIGABRT") && text.contains("panic_inner"), "{text}");
+    assert!(
+        text.contains("SIGABRT") && text.contains("panic_inner"),
+        "{text}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -211,7 +247,11 @@ fn core_dump_failures_warn_and_keep_the_status() {
     let bad = dir.join("missing/core");
     let r = crashes("fault", &["--core-dump", bad.to_str().unwrap()], false);
     assert_eq!(r.status, 139, "{}", r.stderr);
-    assert!(r.stderr.starts_with("pvrun: guest crashed: "), "{}", r.stderr);
+    assert!(
+        r.stderr.starts_with("pvrun: guest crashed: "),
+        "{}",
+        r.stderr
+    );
     let warning = format!("pvrun: warning: cannot write core dump {}: ", bad.display());
     assert_eq!(
         r.stderr.lines().filter(|l| l.starts_with(&warning)).count(),
@@ -225,11 +265,19 @@ fn core_dump_failures_warn_and_keep_the_status() {
     std::fs::write(&existing, b"precious").unwrap();
     let r = crashes("panic", &["--core-dump", existing.to_str().unwrap()], false);
     assert_eq!(r.status, 101, "{}", r.stderr);
-    assert!(r.stderr.contains("pvrun: warning: cannot write core dump"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("pvrun: warning: cannot write core dump"),
+        "{}",
+        r.stderr
+    );
     assert_eq!(std::fs::read(&existing).unwrap(), b"precious");
     let r = crashes(
         "panic",
-        &["--core-dump", existing.to_str().unwrap(), "--core-dump-overwrite"],
+        &[
+            "--core-dump",
+            existing.to_str().unwrap(),
+            "--core-dump-overwrite",
+        ],
         false,
     );
     assert_eq!(r.status, 101, "{}", r.stderr);
@@ -238,7 +286,11 @@ fn core_dump_failures_warn_and_keep_the_status() {
 
     // A normal exit writes nothing.
     let none = dir.join("none");
-    let r = pvrun(&guest("hello"), &["--core-dump", none.to_str().unwrap()], &[]);
+    let r = pvrun(
+        &guest("hello"),
+        &["--core-dump", none.to_str().unwrap()],
+        &[],
+    );
     assert_eq!(r.status, 0);
     assert!(!none.exists());
     let _ = std::fs::remove_dir_all(&dir);

@@ -76,9 +76,11 @@ impl<'a> DebugInfo<'a> {
             if out.len() >= MAX_INLINED {
                 break;
             }
-            let function = f.function.as_ref().and_then(|n| n.raw_name().ok()).map(|raw| {
-                format!("{:#}", rustc_demangle::demangle(&raw))
-            });
+            let function = f
+                .function
+                .as_ref()
+                .and_then(|n| n.raw_name().ok())
+                .map(|raw| format!("{:#}", rustc_demangle::demangle(&raw)));
             let location = f.location.as_ref().and_then(|l| {
                 let file = l.file?;
                 let file = match &self.strip {

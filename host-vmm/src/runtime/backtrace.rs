@@ -136,10 +136,7 @@ pub struct Backtrace {
 pub fn walk(mem: &impl UserMemory, map: &MemoryMap, rip: u64, rbp: u64) -> Backtrace {
     let mut pcs = vec![rip];
     let mut fp = rbp;
-    let is_code = |a: u64| {
-        map.find(a)
-            .is_some_and(|r| r.user && r.perm & perm::X != 0)
-    };
+    let is_code = |a: u64| map.find(a).is_some_and(|r| r.user && r.perm & perm::X != 0);
     let stopped = loop {
         if fp == 0 {
             break None; // `_start` clears rbp: the end of the chain.
@@ -147,7 +144,7 @@ pub fn walk(mem: &impl UserMemory, map: &MemoryMap, rip: u64, rbp: u64) -> Backt
         if pcs.len() >= MAX_FRAMES {
             break Some(format!("more than {MAX_FRAMES} frames"));
         }
-        if fp % 8 != 0 {
+        if !fp.is_multiple_of(8) {
             break Some(format!("frame pointer {fp:#x} is not aligned"));
         }
         let Ok(range) = map.check_user(fp, 16, false) else {
@@ -325,7 +322,12 @@ mod tests {
         assert!(bt.stopped.unwrap().contains("not in guest code"));
         // Too deep (a chain of 100 frames).
         for i in 0..100u64 {
-            frame(&mem, 0x30_0000 + i * 16, 0x30_0000 + (i + 1) * 16, 0x20_1000);
+            frame(
+                &mem,
+                0x30_0000 + i * 16,
+                0x30_0000 + (i + 1) * 16,
+                0x20_1000,
+            );
         }
         let bt = walk(&mem, &map, 0x20_0010, 0x30_0000);
         assert_eq!(bt.pcs.len(), MAX_FRAMES);

@@ -41,9 +41,33 @@ struct Run {
 /// `user_regs_struct` in Linux's order.
 fn user_regs(r: &Registers) -> [u64; 27] {
     [
-        r.r15, r.r14, r.r13, r.r12, r.rbp, r.rbx, r.r11, r.r10, r.r9, r.r8, r.rax, r.rcx, r.rdx,
-        r.rsi, r.rdi, u64::MAX, // orig_rax: not in a system call
-        r.rip, r.cs, r.rflags, r.rsp, r.ss, r.fs_base, r.gs_base, r.ds, r.es, r.fs, r.gs,
+        r.r15,
+        r.r14,
+        r.r13,
+        r.r12,
+        r.rbp,
+        r.rbx,
+        r.r11,
+        r.r10,
+        r.r9,
+        r.r8,
+        r.rax,
+        r.rcx,
+        r.rdx,
+        r.rsi,
+        r.rdi,
+        u64::MAX, // orig_rax: not in a system call
+        r.rip,
+        r.cs,
+        r.rflags,
+        r.rsp,
+        r.ss,
+        r.fs_base,
+        r.gs_base,
+        r.ds,
+        r.es,
+        r.fs,
+        r.gs,
     ]
 }
 

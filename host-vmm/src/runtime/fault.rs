@@ -100,8 +100,8 @@ fn strip_prefixes(code: &[u8]) -> (u8, &[u8]) {
 /// The general register numbered `n` (x86 encoding order) in `regs`.
 fn gpr(regs: &Registers, n: u8) -> u64 {
     [
-        regs.rax, regs.rcx, regs.rdx, regs.rbx, regs.rsp, regs.rbp, regs.rsi, regs.rdi,
-        regs.r8, regs.r9, regs.r10, regs.r11, regs.r12, regs.r13, regs.r14, regs.r15,
+        regs.rax, regs.rcx, regs.rdx, regs.rbx, regs.rsp, regs.rbp, regs.rsi, regs.rdi, regs.r8,
+        regs.r9, regs.r10, regs.r11, regs.r12, regs.r13, regs.r14, regs.r15,
     ][n as usize & 15]
 }
 
@@ -111,16 +111,46 @@ fn gpr(regs: &Registers, n: u8) -> u64 {
 fn memory_operand(code: &[u8], regs: &Registers) -> Option<u64> {
     let (rex, c) = strip_prefixes(code);
     let modrm_at = match c {
-        [0x0f, op, ..]
-            if matches!(op, 0x10..=0x17 | 0x28..=0x2f | 0x40..=0x4f | 0x6f | 0x7f | 0xaf | 0xb6 | 0xb7 | 0xbe | 0xbf | 0xd6 | 0xe7) =>
-        {
-            2
-        }
-        [op, ..]
-            if matches!(op, 0x00..=0x03 | 0x08..=0x0b | 0x10..=0x13 | 0x18..=0x1b | 0x20..=0x23 | 0x28..=0x2b | 0x30..=0x33 | 0x38..=0x3b | 0x63 | 0x69 | 0x6b | 0x80..=0x8b | 0xc0 | 0xc1 | 0xc6 | 0xc7 | 0xd0..=0xd3 | 0xf6 | 0xf7 | 0xfe | 0xff) =>
-        {
-            1
-        }
+        [
+            0x0f,
+            0x10..=0x17
+            | 0x28..=0x2f
+            | 0x40..=0x4f
+            | 0x6f
+            | 0x7f
+            | 0xaf
+            | 0xb6
+            | 0xb7
+            | 0xbe
+            | 0xbf
+            | 0xd6
+            | 0xe7,
+            ..,
+        ] => 2,
+        [
+            0x00..=0x03
+            | 0x08..=0x0b
+            | 0x10..=0x13
+            | 0x18..=0x1b
+            | 0x20..=0x23
+            | 0x28..=0x2b
+            | 0x30..=0x33
+            | 0x38..=0x3b
+            | 0x63
+            | 0x69
+            | 0x6b
+            | 0x80..=0x8b
+            | 0xc0
+            | 0xc1
+            | 0xc6
+            | 0xc7
+            | 0xd0..=0xd3
+            | 0xf6
+            | 0xf7
+            | 0xfe
+            | 0xff,
+            ..,
+        ] => 1,
         _ => return None,
     };
     let modrm = *c.get(modrm_at)?;
@@ -352,7 +382,10 @@ mod tests {
         // mov rdx, [rax]
         assert_eq!(memory_operand(&[0x48, 0x8b, 0x10], &regs), Some(regs.rax));
         // mov [r9+0x8], ecx
-        assert_eq!(memory_operand(&[0x41, 0x89, 0x49, 0x08], &regs), Some(0x4008));
+        assert_eq!(
+            memory_operand(&[0x41, 0x89, 0x49, 0x08], &regs),
+            Some(0x4008)
+        );
         // mov rax, [rax+rcx*4+0x100]
         assert_eq!(
             memory_operand(&[0x48, 0x8b, 0x84, 0x88, 0x00, 0x01, 0x00, 0x00], &regs),

@@ -70,9 +70,10 @@ impl Vm {
     /// it is a directory; an existing file is replaced only with `overwrite`. Returns the
     /// path written.
     pub fn write_core_dump(&self, path: &Path, overwrite: bool) -> std::io::Result<PathBuf> {
-        let crash = self.crash.as_ref().ok_or_else(|| {
-            std::io::Error::other("the guest did not crash or panic")
-        })?;
+        let crash = self
+            .crash
+            .as_ref()
+            .ok_or_else(|| std::io::Error::other("the guest did not crash or panic"))?;
         core_dump::write(
             path,
             overwrite,

@@ -259,10 +259,13 @@ impl Vm {
             &self.map,
         );
         // A `syscall` that jumped to 0: the backtrace starts at the instruction itself.
-        if let (Some(c), Some(rip)) = (self.crash.as_mut(), fault.rip) {
-            if let Some(pc) = c.backtrace.pcs.first_mut() {
-                *pc = rip;
-            }
+        if let (Some(pc), Some(rip)) = (
+            self.crash
+                .as_mut()
+                .and_then(|c| c.backtrace.pcs.first_mut()),
+            fault.rip,
+        ) {
+            *pc = rip;
         }
         fault
     }
