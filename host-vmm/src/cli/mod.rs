@@ -146,12 +146,10 @@ pub fn run_and_exit(elf: &Path, config: VmConfig, debug: &DebugOptions) -> ! {
             if let (Some(path), Some(_)) = (&debug.core_dump, vm.crash())
                 && let Err(e) = vm.write_core_dump(path, debug.core_dump_overwrite)
             {
-                {
-                    eprintln!(
-                        "pvrun: warning: cannot write core dump {}: {e}",
-                        path.display()
-                    );
-                }
+                eprintln!(
+                    "pvrun: warning: cannot write core dump {}: {e}",
+                    path.display()
+                );
             }
             vm.exit_process(outcome.exit_status())
         }
