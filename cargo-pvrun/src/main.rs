@@ -121,6 +121,6 @@ fn main() {
     host_vmm::stop_guest_on_signals();
     let mut args = vec![elf.display().to_string()];
     args.extend(cli.args);
-    let config = cli.vm.into_config(args);
-    run_and_exit(&elf, config)
+    let (config, debug) = cli.vm.into_parts(args);
+    run_and_exit(&elf, config, &debug)
 }

@@ -280,5 +280,6 @@ pub(crate) fn build(image: Arc<GuestImage>, config: VmConfig) -> Result<Vm, Erro
             max_output: config.max_output,
             host_writes: Vec::new(),
         },
+        crash: None,
     })
 }

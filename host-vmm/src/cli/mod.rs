@@ -3,7 +3,7 @@
 
 pub mod gateway;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use std::sync::Arc;
@@ -29,9 +29,46 @@ pub struct VmOptions {
     /// `eth0=tap:tap0,ip=10.0.0.2/24,gw=10.0.0.1` (without `ip=` the guest uses DHCP).
     #[arg(long = "net", value_name = "NAME=tap:IF[,mac=..][,ip=..][,gw=..][,mtu=..][,mac-spoof=allow]", value_parser = NetConfig::parse)]
     pub nets: Vec<NetConfig>,
+    /// Print the guest's call stack when it panics too (crashes always print it); also
+    /// on when RUST_BACKTRACE is set to 1 or full.
+    #[arg(long)]
+    pub backtrace: bool,
+    /// Write an ELF core file when the guest crashes or panics (a directory: write
+    /// `core.GUEST.PID` in it); `gdb GUEST CORE` reads it.
+    #[arg(long, value_name = "PATH")]
+    pub core_dump: Option<PathBuf>,
+    /// Replace an existing file at the --core-dump path.
+    #[arg(long, requires = "core_dump")]
+    pub core_dump_overwrite: bool,
+}
+
+/// What to do beyond the one-line report when a guest crashes or panics.
+#[derive(Clone, Debug, Default)]
+pub struct DebugOptions {
+    /// Print the call stack of a panic too (crashes always get one).
+    pub panic_backtrace: bool,
+    /// Write a core file here.
+    pub core_dump: Option<PathBuf>,
+    /// Replace an existing core file.
+    pub core_dump_overwrite: bool,
+}
+
+/// Whether `RUST_BACKTRACE` asks for backtraces (any value but `0`, like std).
+pub fn rust_backtrace_env() -> bool {
+    std::env::var_os("RUST_BACKTRACE").is_some_and(|v| !v.is_empty() && v != "0")
 }
 
 impl VmOptions {
+    /// The VM configuration (see [`VmOptions::into_config`]) and the crash options.
+    pub fn into_parts(self, args: Vec<String>) -> (VmConfig, DebugOptions) {
+        let debug = DebugOptions {
+            panic_backtrace: self.backtrace || rust_backtrace_env(),
+            core_dump: self.core_dump.clone(),
+            core_dump_overwrite: self.core_dump_overwrite,
+        };
+        (self.into_config(args), debug)
+    }
+
     /// The VM configuration for these options, with `args` (`argv[0]` first).
     pub fn into_config(self, args: Vec<String>) -> VmConfig {
         VmConfig {
@@ -88,23 +125,39 @@ pub fn parse_env(s: &str) -> Result<(String, String), String> {
     }
 }
 
-/// Boots `elf` with `config`, prints the outcome's report (if any) on stderr, and exits
-/// the process with the documented status. Host errors are one `pvrun: error:` line and
-/// status 125.
-pub fn run_and_exit(elf: &Path, config: VmConfig) -> ! {
+/// Boots `elf` with `config`, prints the outcome's report (if any, with the guest's call
+/// stack for a crash) on stderr, writes a core file if `debug` asks for one, and exits the
+/// process with the documented status. Host errors are one `pvrun: error:` line and
+/// status 125; a core file that cannot be written is one `pvrun: warning:` line and
+/// changes no status.
+pub fn run_and_exit(elf: &Path, config: VmConfig, debug: &DebugOptions) -> ! {
     let vm = GuestImage::from_file(elf).and_then(|image| Vm::new(Arc::new(image), config));
     let mut vm = match vm {
         Ok(vm) => vm,
         Err(e) => host_error(e),
     };
-    // From here on this thread only runs the guest: confine it (fails closed).
-    if let Err(e) = vm.confine_thread() {
+    // From here on this thread only runs the guest: confine it (fails closed). A core
+    // dump is a file the host creates after the crash, which the filter forbids: with
+    // `--core-dump` (a debugging session) the vCPU thread runs without its filter.
+    if debug.core_dump.is_none()
+        && let Err(e) = vm.confine_thread()
+    {
         host_error(e)
     }
     match vm.run() {
         Ok(outcome) => {
-            if let Some(report) = outcome.report() {
+            if let Some(report) =
+                outcome.report_with_backtrace(vm.crash(), vm.image(), debug.panic_backtrace)
+            {
                 crate::eprint_line(&report);
+            }
+            if let (Some(path), Some(_)) = (&debug.core_dump, vm.crash())
+                && let Err(e) = vm.write_core_dump(path, debug.core_dump_overwrite)
+            {
+                eprintln!(
+                    "pvrun: warning: cannot write core dump {}: {e}",
+                    path.display()
+                );
             }
             vm.exit_process(outcome.exit_status())
         }

@@ -232,6 +232,7 @@ impl Vm {
                 max_output: snap.max_output,
                 host_writes: Vec::new(),
             },
+            crash: None,
         })
     }
 

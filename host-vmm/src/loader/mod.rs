@@ -8,6 +8,7 @@
 //! the checks accepted (file bytes through vm-memory's checked writes, then zeroed BSS);
 //! the file is never parsed a second time.
 
+pub mod debuginfo;
 mod elf;
 mod symbols;
 
@@ -130,6 +131,24 @@ impl GuestImage {
     /// Names `addr` as `function+0xoffset` from the guest's symbol table, if it has one.
     pub fn symbolize(&self, addr: u64) -> Option<String> {
         self.symbols.symbolize(addr)
+    }
+
+    /// The name of the function containing `addr`, from the guest's symbol table.
+    pub fn symbol_name(&self, addr: u64) -> Option<&str> {
+        self.symbols.name(addr)
+    }
+
+    /// The image's DWARF, parsed now (for a report being printed), if it has any.
+    pub fn debug_info(&self) -> Option<debuginfo::DebugInfo<'_>> {
+        debuginfo::DebugInfo::load(&self.bytes)
+    }
+
+    /// The guest's name: the file name of its path without the extension.
+    pub fn name(&self) -> String {
+        Path::new(&self.path)
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "guest".into())
     }
 
     /// The bytes of the image's memory at `addr` (up to `len`), from the file, for

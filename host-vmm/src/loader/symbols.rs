@@ -48,4 +48,11 @@ impl Symbols {
         }
         Some(format!("{}+{:#x}", s.name, off))
     }
+
+    /// The name of the function containing `addr`.
+    pub(super) fn name(&self, addr: u64) -> Option<&str> {
+        let i = self.0.partition_point(|s| s.addr <= addr);
+        let s = self.0[..i].last()?;
+        (s.size == 0 || addr - s.addr < s.size).then_some(s.name.as_str())
+    }
 }

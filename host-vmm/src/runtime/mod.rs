@@ -1,13 +1,15 @@
 //! A running VM: the [`Vm`] itself, its run loop ([`run_loop`]), how runs end
 //! ([`outcome`], [`fault`]) and how they are stopped ([`control`]).
 
+pub(crate) mod backtrace;
 pub(crate) mod control;
+pub(crate) mod core_dump;
 pub(crate) mod fault;
 pub(crate) mod notify;
 pub(crate) mod outcome;
 mod run_loop;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -44,6 +46,8 @@ pub struct Vm {
     pub(crate) tsc_at_boot: u64,
     pub(crate) exits: u64,
     pub(crate) fns: FnContext,
+    /// The guest's state at the crash or panic that ended the last run, if it did.
+    pub(crate) crash: Option<backtrace::Crash>,
 }
 
 impl Drop for Vm {
@@ -56,6 +60,36 @@ impl Drop for Vm {
 }
 
 impl Vm {
+    /// The guest's registers and call stack at the crash or panic that ended the last
+    /// [`Vm::run`] (`None` if it did not end that way).
+    pub fn crash(&self) -> Option<&backtrace::Crash> {
+        self.crash.as_ref()
+    }
+
+    /// Writes an ELF core file of the guest as it was at the crash or panic that ended
+    /// the last run (see [`core_dump::write`]): to `path`, or to `core.NAME.PID` in it when
+    /// it is a directory; an existing file is replaced only with `overwrite`. Returns the
+    /// path written.
+    pub fn write_core_dump(&self, path: &Path, overwrite: bool) -> std::io::Result<PathBuf> {
+        let crash = self
+            .crash
+            .as_ref()
+            .ok_or_else(|| std::io::Error::other("the guest did not crash or panic"))?;
+        core_dump::write(
+            path,
+            overwrite,
+            &self.image.name(),
+            crash,
+            self.ram.mem(),
+            &self.map,
+        )
+    }
+
+    /// The image this VM runs.
+    pub fn image(&self) -> &GuestImage {
+        &self.image
+    }
+
     /// Creates the VM, loads the image, writes boot info and sets the vCPU at the entry.
     pub fn new(image: Arc<GuestImage>, config: VmConfig) -> Result<Vm, Error> {
         crate::builder::build(image, config)

@@ -3,6 +3,8 @@
 use std::time::Duration;
 
 use crate::function::Exports;
+use crate::loader::GuestImage;
+use crate::runtime::backtrace::{Crash, escape_controls};
 use crate::runtime::fault::Fault;
 
 /// Exit status when the guest panics (or calls `abort`).
@@ -67,8 +69,13 @@ impl Outcome {
     fn raw_report(&self) -> Option<String> {
         match self {
             Outcome::Exited(_) => None,
-            Outcome::Panicked(m) if m.starts_with("panicked") => Some(format!("pvrun: guest {m}")),
-            Outcome::Panicked(m) => Some(format!("pvrun: guest aborted: {m}")),
+            Outcome::Panicked(m) if m.starts_with("panicked") => {
+                Some(format!("pvrun: guest {}", escape_controls(m, true)))
+            }
+            Outcome::Panicked(m) => Some(format!(
+                "pvrun: guest aborted: {}",
+                escape_controls(m, true)
+            )),
             Outcome::Fault(f) => Some(format!("pvrun: guest crashed: {f}")),
             Outcome::TimedOut(t) => Some(format!(
                 "pvrun: guest timed out after {:.3} s and was stopped",
@@ -83,5 +90,28 @@ impl Outcome {
                     .into(),
             ),
         }
+    }
+
+    /// [`Outcome::report`] followed by the guest's call stack, one indented frame a line
+    /// (`   0: function at file:line:col`), when the run ended in a crash (always) or a
+    /// panic (with `panic_backtrace`) and `crash` holds the guest's state at that point
+    /// ([`crate::Vm::crash`]). The DWARF of `image` is parsed here, not before.
+    pub fn report_with_backtrace(
+        &self,
+        crash: Option<&Crash>,
+        image: &GuestImage,
+        panic_backtrace: bool,
+    ) -> Option<String> {
+        let mut report = self.report()?;
+        let wanted = match self {
+            Outcome::Fault(f) => f.vector.is_some(),
+            Outcome::Panicked(_) => panic_backtrace,
+            _ => false,
+        };
+        if let (true, Some(crash)) = (wanted, crash) {
+            report.push('\n');
+            report.push_str(crash.backtrace.render(image).trim_end());
+        }
+        Some(report)
     }
 }

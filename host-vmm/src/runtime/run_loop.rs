@@ -8,6 +8,7 @@ use pvrun_abi::{EXCEPTION_PORT, HYPERCALL_PORT_BASE, HYPERCALL_PORT_COUNT};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::Vm;
+use super::backtrace::{self, Crash, CrashKind, Registers};
 use super::control::{KillHandle, StopReason};
 use super::fault::{self, Fault};
 use super::outcome::Outcome;
@@ -61,6 +62,7 @@ impl Vm {
     /// Runs the guest until it exits, crashes, times out or is killed.
     pub fn run(&mut self) -> Result<Outcome, Error> {
         let started = Instant::now();
+        self.crash = None;
         self.control.enter(self.vcpu.kvm_run_ptr());
         if let Some(t) = self.timeout {
             if self.watchdog.is_none() {
@@ -173,7 +175,11 @@ impl Vm {
                 None
             }
             Action::Exit(code) => Some(Outcome::Exited(code)),
-            Action::Abort(msg) => Some(Outcome::Panicked(msg)),
+            Action::Abort(msg) => {
+                // The SDK function that issued ABORT is the innermost frame.
+                self.crash = self.capture(CrashKind::Abort, None);
+                Some(Outcome::Panicked(msg))
+            }
             Action::Fault(msg) => Some(Outcome::Fault(Fault::protocol(msg))),
             Action::Ready(exports) => Some(Outcome::Ready(exports)),
             Action::Returned { status, output } => Some(Outcome::Returned { status, output }),
@@ -211,6 +217,27 @@ impl Vm {
         }
     }
 
+    /// The guest's registers and call stack now; `frame` is the exception frame
+    /// `[rip, cs, rflags, rsp, ss]` the CPU pushed, for an exception.
+    fn capture(&self, kind: CrashKind, frame: Option<[u64; 5]>) -> Option<Crash> {
+        let r = self.vcpu.regs().ok()?;
+        let s = self.vcpu.sregs().ok()?;
+        let mut regs = Registers::from_kvm(&r, &s);
+        if let Some([rip, cs, rflags, rsp, ss]) = frame {
+            regs.rip = rip;
+            regs.cs = cs;
+            regs.rflags = rflags;
+            regs.rsp = rsp;
+            regs.ss = ss;
+        }
+        let backtrace = backtrace::walk(self.ram.mem(), &self.map, regs.rip, regs.rbp);
+        Some(Crash {
+            kind,
+            regs,
+            backtrace,
+        })
+    }
+
     /// Reads the exception frame the ring-0 stub left and describes the fault.
     fn exception(&mut self) -> Fault {
         let rsp = match self.vcpu.regs() {
@@ -231,15 +258,30 @@ impl Vm {
                 .read_obj::<u64>(GuestAddress(rsp + 8 * i as u64))
                 .unwrap_or(0);
         }
-        fault::describe(
-            frame[0],
-            frame[1],
-            frame[2],
-            frame[3],
-            cr2,
+        let cpu_frame = [frame[2], frame[3], frame[4], frame[5], frame[6]];
+        self.crash = self.capture(CrashKind::Exception(frame[0]), Some(cpu_frame));
+        let fault = fault::describe(
+            fault::Exception {
+                vector: frame[0],
+                error_code: frame[1],
+                rip: frame[2],
+                cs: frame[3],
+                cr2,
+                regs: self.crash.as_ref().map(|c| c.regs),
+            },
             &self.image,
             &self.map,
-        )
+        );
+        // A `syscall` that jumped to 0: the backtrace starts at the instruction itself.
+        if let (Some(pc), Some(rip)) = (
+            self.crash
+                .as_mut()
+                .and_then(|c| c.backtrace.pcs.first_mut()),
+            fault.rip,
+        ) {
+            *pc = rip;
+        }
+        fault
     }
 
     /// Test and benchmark support: re-enters the guest for `n` exits of any kind without

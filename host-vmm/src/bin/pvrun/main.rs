@@ -104,8 +104,8 @@ mod cli_main {
         host_vmm::stop_guest_on_signals();
         let mut args = vec![cli.guest.display().to_string()];
         args.extend(cli.args);
-        let config = cli.vm.into_config(args);
-        run_and_exit(&cli.guest, config)
+        let (config, debug) = cli.vm.into_parts(args);
+        run_and_exit(&cli.guest, config, &debug)
     }
 
     fn serve(cli: ServeCli) -> ! {
