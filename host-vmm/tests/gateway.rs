@@ -880,3 +880,37 @@ fn a_client_that_stops_reading_is_cut_off() {
     );
     assert!(cut < Duration::from_secs(10), "{cut:?}");
 }
+
+#[test]
+fn the_threads_that_run_calls_are_confined() {
+    let _g = serial();
+    let server = Server::start("functions", &["--pool", "2"]);
+    for _ in 0..4 {
+        let r = call(&server.addr, "POST", "/upper", b"abc").unwrap();
+        assert_eq!(r.status, 200);
+        assert_eq!(r.body, b"ABC");
+    }
+    // The threads with the vCPU filter: each sandbox's watchdog, and the blocking threads
+    // that ran the calls (the runtime names its threads `pvrun-gateway`).
+    let mut confined_callers = 0;
+    let mut seen = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{}/task", server.pid())).unwrap() {
+        let dir = task.unwrap().path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        let status = std::fs::read_to_string(dir.join("status")).unwrap_or_default();
+        let confined = status
+            .lines()
+            .any(|l| l.starts_with("Seccomp:") && l.ends_with('2'));
+        if comm.trim() == "pvrun-gateway" && confined {
+            confined_callers += 1;
+        }
+        seen.push((comm.trim().to_string(), confined));
+    }
+    assert!(
+        confined_callers >= 1,
+        "no call thread is confined: {seen:?}"
+    );
+    // And calls still work on a confined thread, including a crash and a timeout.
+    let r = call(&server.addr, "POST", "/sha256", b"x").unwrap();
+    assert_eq!(r.status, 200, "{:?}", server.log());
+}

@@ -377,6 +377,13 @@ pub struct SandboxPool {
     idle: Mutex<Vec<Sandbox>>,
     available: Condvar,
     size: usize,
+    /// Confine each thread that makes a call (see [`SandboxPool::confine_callers`]).
+    confine: bool,
+}
+
+thread_local! {
+    /// Whether this thread already runs under the vCPU seccomp filter.
+    static CONFINED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 impl SandboxPool {
@@ -392,7 +399,25 @@ impl SandboxPool {
             size: idle.len(),
             idle: Mutex::new(idle),
             available: Condvar::new(),
+            confine: false,
         })
+    }
+
+    /// Makes every thread that calls [`SandboxPool::call`] run under the vCPU thread's
+    /// seccomp filter from its first call on (permanent for the thread: use it where
+    /// threads are dedicated to calls, as `pvrun serve`'s blocking threads are). The
+    /// sandboxes' watchdogs are started now, since a confined thread cannot start threads.
+    pub fn confine_callers(mut self) -> Result<SandboxPool, Error> {
+        for sb in self
+            .idle
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter_mut()
+        {
+            sb.vm.ensure_watchdog()?;
+        }
+        self.confine = true;
+        Ok(self)
     }
 
     /// The exported function names.
@@ -413,6 +438,11 @@ impl SandboxPool {
 
     /// Calls `name` with `input` in an idle sandbox, from its clean state.
     pub fn call(&self, name: &str, input: &[u8]) -> Result<Vec<u8>, CallError> {
+        if self.confine && !CONFINED.with(|c| c.get()) {
+            crate::seccomp::confine(crate::seccomp::ThreadKind::Vcpu)
+                .map_err(|e| CallError::Host(e.to_string()))?;
+            CONFINED.with(|c| c.set(true));
+        }
         let mut sb = {
             let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
             loop {

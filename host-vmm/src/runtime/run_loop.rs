@@ -48,10 +48,17 @@ impl Vm {
     /// creating its VM). The watchdog thread is started first, since a confined thread
     /// cannot start threads.
     pub fn confine_thread(&mut self) -> Result<(), Error> {
+        self.ensure_watchdog()?;
+        crate::seccomp::confine(crate::seccomp::ThreadKind::Vcpu)
+    }
+
+    /// Starts the watchdog thread now if it is not running (a confined thread cannot
+    /// start it later).
+    pub(crate) fn ensure_watchdog(&mut self) -> Result<(), Error> {
         if self.watchdog.is_none() {
             self.watchdog = Some(self.control.start_watchdog()?);
         }
-        crate::seccomp::confine(crate::seccomp::ThreadKind::Vcpu)
+        Ok(())
     }
 
     /// A handle that stops this VM's guest from another thread.

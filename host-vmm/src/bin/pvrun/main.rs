@@ -133,7 +133,8 @@ mod cli_main {
         let guest = cli.guest.clone();
         gateway::serve(opts, cli.guest.display().to_string(), move || {
             let first = Sandbox::new(&guest, config)?;
-            SandboxPool::new(first, pool_size)
+            // Calls run on tokio's blocking threads, which then only run calls: confine them.
+            SandboxPool::new(first, pool_size)?.confine_callers()
         })
     }
 }
