@@ -71,6 +71,15 @@ impl Vm {
         let started = Instant::now();
         self.crash = None;
         self.control.enter(self.vcpu.kvm_run_ptr());
+        // Deregister on every way out (an early error, an unwinding panic): the kick
+        // handler must never see a stale kvm_run pointer.
+        struct Leave(std::sync::Arc<super::control::RunControl>);
+        impl Drop for Leave {
+            fn drop(&mut self) {
+                self.0.leave();
+            }
+        }
+        let _leave = Leave(self.control.clone());
         if let Some(t) = self.timeout {
             if self.watchdog.is_none() {
                 self.watchdog = Some(self.control.start_watchdog()?);
@@ -81,7 +90,6 @@ impl Vm {
         if self.timeout.is_some() {
             self.control.arm(None);
         }
-        self.control.leave();
         r.map(|o| match o {
             Outcome::TimedOut(_) => Outcome::TimedOut(started.elapsed()),
             o => o,
