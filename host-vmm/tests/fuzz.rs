@@ -89,13 +89,13 @@ fn run_fuzz(seed: u64, iters: u64, opts: &[&str], extra: &[&str]) -> String {
     let done = r
         .stdout
         .lines()
-        .find(|l| l.starts_with("fuzz done "))
+        .find_map(|l| l.find("fuzz done ").map(|i| &l[i..]))
         .unwrap_or_else(|| panic!("{what}: no `fuzz done` line, status {}\n{}", r.status, tail(&r.stdout)))
         .to_string();
     let violations: Vec<&str> = r
         .stdout
         .lines()
-        .filter(|l| l.starts_with("violation: "))
+        .filter(|l| l.contains("violation: "))
         .collect();
     assert!(
         r.stdout.lines().any(|l| l == "fuzz violations=0"),

@@ -990,6 +990,8 @@ fn fuzz(seed: u64, iterations: u64, disk: bool) -> i32 {
         violations,
         ..
     } = f;
+    // A newline first: valid console writes put arbitrary guest bytes on stdout.
+    println!();
     println!("fuzz done iterations={iterations} seed={seed} errors={errors} ok={ok}");
     println!("fuzz violations={violations}");
     pvrun::console::flush();
