@@ -90,7 +90,13 @@ fn run_fuzz(seed: u64, iters: u64, opts: &[&str], extra: &[&str]) -> String {
         .stdout
         .lines()
         .find_map(|l| l.find("fuzz done ").map(|i| &l[i..]))
-        .unwrap_or_else(|| panic!("{what}: no `fuzz done` line, status {}\n{}", r.status, tail(&r.stdout)))
+        .unwrap_or_else(|| {
+            panic!(
+                "{what}: no `fuzz done` line, status {}\n{}",
+                r.status,
+                tail(&r.stdout)
+            )
+        })
         .to_string();
     let violations: Vec<&str> = r
         .stdout

@@ -110,7 +110,10 @@ unsafe fn hypercall(nr: u16, arg: u64) -> (i64, bool) {
     }
     let kept = rdi == arg
         && rdx == port
-        && [rcx, rsi, r8, r9, r10, r11] == [CANARY[0], CANARY[1], CANARY[2], CANARY[3], CANARY[4], CANARY[5]];
+        && [rcx, rsi, r8, r9, r10, r11]
+            == [
+                CANARY[0], CANARY[1], CANARY[2], CANARY[3], CANARY[4], CANARY[5],
+            ];
     (rax as i64, kept)
 }
 
@@ -299,9 +302,7 @@ impl Fuzz {
 
     /// A length for a buffer at `addr` whose call allows at most `max` bytes.
     fn len(&mut self, addr: u64, max: u64) -> u64 {
-        let fit = self
-            .region_end(addr)
-            .map_or(512, |e| e - addr);
+        let fit = self.region_end(addr).map_or(512, |e| e - addr);
         match self.rng.below(16) {
             0 => 0,
             1 => 1,
@@ -366,7 +367,9 @@ impl Fuzz {
             self.violation(format_args!("call {nr:#x} ({what}) changed a register"));
         }
         if !documented(s) {
-            self.violation(format_args!("call {nr:#x} ({what}) returned undocumented {s}"));
+            self.violation(format_args!(
+                "call {nr:#x} ({what}) returned undocumented {s}"
+            ));
         }
         if let Some(ok) = expect_ok
             && ok != (s >= 0)
@@ -398,7 +401,13 @@ impl Fuzz {
         }
         // Calls that act on valid arguments in ways that end or stall the run, or print
         // the guest's bytes on stderr, only get addresses the host cannot read them at.
-        let dangerous = [nr::CONSOLE_WRITE, nr::EXIT, nr::WAIT, nr::FN_READY, nr::FN_RETURN];
+        let dangerous = [
+            nr::CONSOLE_WRITE,
+            nr::EXIT,
+            nr::WAIT,
+            nr::FN_READY,
+            nr::FN_RETURN,
+        ];
         let size = match n {
             nr::EXIT | nr::WAIT => 8,
             nr::CONSOLE_WRITE | nr::FN_RETURN => 24,
@@ -465,9 +474,8 @@ impl Fuzz {
             buf,
             len,
         };
-        let mut fields_ok = a.reserved == 0
-            && a.len <= abi::CONSOLE_WRITE_MAX
-            && self.covered(buf, len, perm::R);
+        let mut fields_ok =
+            a.reserved == 0 && a.len <= abi::CONSOLE_WRITE_MAX && self.covered(buf, len, perm::R);
         // Never print guest bytes on stderr, and keep stdout small.
         if fields_ok && (a.stream == 2 || (a.len > 256 && !self.rng.one_in(16))) {
             a.stream = 3;
@@ -660,7 +668,11 @@ impl Fuzz {
         } else {
             addr
         };
-        let reserved = if self.rng.one_in(16) { self.rng.next() as u32 } else { 0 };
+        let reserved = if self.rng.one_in(16) {
+            self.rng.next() as u32
+        } else {
+            0
+        };
         let reserved2 = if self.rng.one_in(16) {
             [self.rng.next(), 0, 0]
         } else {
@@ -698,7 +710,9 @@ impl Fuzz {
         // SAFETY: doorbells take no argument.
         let (s, kept) = unsafe { hypercall(d, 0) };
         if s as u64 != RAX_IN || !kept {
-            self.violation(format_args!("doorbell {d:#x} changed registers (rax {s:#x})"));
+            self.violation(format_args!(
+                "doorbell {d:#x} changed registers (rax {s:#x})"
+            ));
         }
         self.ok += 1;
     }
@@ -756,9 +770,8 @@ impl Fuzz {
         for &(idx, id, valid, len) in sent {
             // SAFETY: the slot lies inside the ring; the host wrote its response there.
             let rsp = unsafe { (ring.slot(idx) as *const BlockResponse).read_volatile() };
-            if rsp.id != id || !documented(rsp.status) || valid != (rsp.status >= 0) {
-                bad.push((idx, id, valid, rsp.id, rsp.status));
-            } else if valid && rsp.status >= 0 && rsp.status as u64 != len {
+            let wrong_len = valid && rsp.status >= 0 && rsp.status as u64 != len;
+            if rsp.id != id || !documented(rsp.status) || valid != (rsp.status >= 0) || wrong_len {
                 bad.push((idx, id, valid, rsp.id, rsp.status));
             }
             if rsp.status < 0 {
@@ -1079,7 +1092,7 @@ fn main() -> i32 {
     match (mode, seed) {
         ("fuzz", Some(seed)) => {
             let iterations = parse_u64(args.get(3)).unwrap_or(10_000);
-            let disk = args.iter().any(|a| *a == "--disk");
+            let disk = args.contains(&"--disk");
             fuzz(seed, iterations, disk)
         }
         ("fuzz-console", Some(seed)) => fuzz_console(seed),
