@@ -152,10 +152,19 @@ impl RunControl {
     /// timed call costs no thread spawn.
     pub fn start_watchdog(self: &Arc<Self>) -> Result<JoinHandle<()>, Error> {
         let control = self.clone();
-        std::thread::Builder::new()
+        let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
+        let handle = std::thread::Builder::new()
             .name("pvrun-watchdog".into())
-            .spawn(move || control.watchdog())
-            .map_err(Error::Io)
+            .spawn(move || {
+                crate::seccomp::confine_or_exit(crate::seccomp::ThreadKind::Watchdog);
+                let _ = ready_tx.send(());
+                control.watchdog()
+            })
+            .map_err(Error::Io)?;
+        // Return only once the thread is confined: no host thread runs unconfined, not
+        // even for the moment after it starts.
+        let _ = ready_rx.recv();
+        Ok(handle)
     }
 
     /// Ends the watchdog thread (the caller joins it).
@@ -166,7 +175,6 @@ impl RunControl {
 
     /// The watchdog thread: stops the guest when the armed deadline passes.
     fn watchdog(self: Arc<Self>) {
-        crate::seccomp::confine_or_exit(crate::seccomp::ThreadKind::Watchdog);
         let mut d = self.deadline.lock().unwrap_or_else(|p| p.into_inner());
         loop {
             if self.quit.load(Ordering::SeqCst) {
