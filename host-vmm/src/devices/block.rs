@@ -113,11 +113,18 @@ impl Disk {
         } else {
             libc::LOCK_EX
         };
+        // A lock held a moment longer than its VM (a child forked elsewhere in this
+        // process holds a copy of the descriptor until it execs) is waited out briefly;
+        // a lock that stays is another VM's.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_millis(200);
         // SAFETY: flock on a descriptor we own.
-        if unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) } != 0 {
-            return Err(fail(
-                "the image is in use by another VM (it is locked)".into(),
-            ));
+        while unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) } != 0 {
+            if std::time::Instant::now() >= deadline {
+                return Err(fail(
+                    "the image is in use by another VM (it is locked)".into(),
+                ));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
         }
         Ok(Disk {
             file,
