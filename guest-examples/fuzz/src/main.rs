@@ -717,12 +717,13 @@ impl Fuzz {
         self.ok += 1;
     }
 
-    /// Waits (up to 2 s) until the host answered every published request or marked the
-    /// ring broken; a hang is a violation.
+    /// Waits (up to 10 s: a batch may hold several `fdatasync`s, slow on a busy shared
+    /// disk) until the host answered every published request or marked the ring broken;
+    /// a hang is a violation.
     fn await_ring(&mut self, why: &str) -> bool {
         let ring = self.ring.as_ref().unwrap();
         let want = ring.prod;
-        let deadline = pvrun::time::monotonic_ns() + 2_000_000_000;
+        let deadline = pvrun::time::monotonic_ns() + 10_000_000_000;
         loop {
             let ring = self.ring.as_ref().unwrap();
             if ring.load(0x80) == want {
@@ -735,9 +736,9 @@ impl Fuzz {
             }
             let now = pvrun::time::monotonic_ns();
             if now > deadline {
-                let (rsp, st) = (ring.load(0x80), ring.load(0xc0));
+                let (rsp, ev, st) = (ring.load(0x80), ring.load(0x40), ring.load(0xc0));
                 self.violation(format_args!(
-                    "ring hang after {why}: rsp_prod={rsp} want {want} status={st}"
+                    "ring hang after {why}: rsp_prod={rsp} want {want} req_event={ev} status={st}"
                 ));
                 // Give up on the ring rather than report the same hang again.
                 self.ring.as_mut().unwrap().broken = true;
