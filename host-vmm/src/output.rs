@@ -5,16 +5,25 @@
 use std::borrow::Cow;
 use std::io::Write;
 
+/// Whether `c` must be escaped before a guest-chosen string is printed: control
+/// characters, line and paragraph separators and other non-space whitespace, and invisible
+/// or direction-changing marks (which could hide or reorder text on a terminal).
+pub(crate) fn needs_escape(c: char) -> bool {
+    c.is_control()
+        || (c.is_whitespace() && c != ' ')
+        || matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2060}'..='\u{2069}' | '\u{feff}')
+}
+
 /// `s` with every control character (newline, escape, NUL, DEL...) written as a Rust
 /// escape (`\n`, `\u{1b}`), so text a guest chose stays on one line and cannot drive a
 /// terminal or forge a report line.
 pub fn escape_controls(s: &str) -> Cow<'_, str> {
-    if !s.chars().any(char::is_control) {
+    if !s.chars().any(needs_escape) {
         return Cow::Borrowed(s);
     }
     let mut out = String::with_capacity(s.len() + 8);
     for c in s.chars() {
-        if c.is_control() {
+        if needs_escape(c) {
             out.extend(c.escape_default());
         } else {
             out.push(c);

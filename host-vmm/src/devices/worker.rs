@@ -56,15 +56,7 @@ impl DeviceStats {
 
 /// `s` with control characters escaped, for reports on the terminal.
 pub fn printable(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        if c.is_control() || matches!(c, '\u{2028}' | '\u{2029}') {
-            out.extend(c.escape_default());
-        } else {
-            out.push(c);
-        }
-    }
-    out
+    crate::output::escape_controls(s).into_owned()
 }
 
 /// Checks a device name: 1-31 bytes of `[A-Za-z0-9_.-]`.

@@ -163,13 +163,7 @@ impl GuestImage {
     }
 }
 
-/// Whether `c` must be escaped before a guest-chosen string is printed: control
-/// characters, line and paragraph separators, and invisible or direction-changing marks.
-pub(crate) fn needs_escape(c: char) -> bool {
-    c.is_control()
-        || (c.is_whitespace() && c != ' ')
-        || matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2060}'..='\u{2069}' | '\u{feff}')
-}
+pub(crate) use crate::output::needs_escape;
 
 /// A guest-chosen name (symbol, section, device) made safe to print on one line: invalid
 /// UTF-8 and the characters [`needs_escape`] picks are escaped, and it is cut to 96
