@@ -914,3 +914,71 @@ fn the_threads_that_run_calls_are_confined() {
     let r = call(&server.addr, "POST", "/sha256", b"x").unwrap();
     assert_eq!(r.status, 200, "{:?}", server.log());
 }
+
+#[test]
+fn a_stderr_nobody_reads_never_stalls_calls_or_shutdown() {
+    let _g = serial();
+    let mut child = Command::new(common::pvrun_bin())
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--pool",
+            "2",
+            "--timeout",
+            "2",
+        ])
+        .arg(guest("badfunctions"))
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start pvrun serve");
+    // Read up to the banner, then never again: the 64 KiB pipe fills and every write to
+    // stderr would block from then on.
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut addr = String::new();
+    let mut l = String::new();
+    while addr.is_empty() {
+        l.clear();
+        assert!(err.read_line(&mut l).unwrap() > 0, "no banner");
+        if let Some(rest) = l.split("http://").nth(1) {
+            addr = rest.split('/').next().unwrap().to_string();
+        }
+    }
+    // Fill the pipe with guest console output, then make calls that log (panics).
+    for _ in 0..4 {
+        let r = call(&addr, "POST", "/print", b"20000").unwrap();
+        assert_eq!(r.status, 200);
+    }
+    let t = Instant::now();
+    for _ in 0..50 {
+        let r = call(&addr, "POST", "/panic", b"").unwrap();
+        assert_eq!(r.status, 500);
+        let r = call(&addr, "POST", "/echo", b"still here").unwrap();
+        assert_eq!(r.body, b"still here");
+    }
+    assert!(
+        t.elapsed() < Duration::from_secs(20),
+        "calls stalled: {:?}",
+        t.elapsed()
+    );
+    // And SIGTERM still ends the server.
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break Some(s);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(
+        status.is_some(),
+        "SIGTERM did not end a server whose stderr is stalled"
+    );
+    drop(err);
+}

@@ -7,13 +7,72 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-/// Writes one line to stderr. Errors are ignored: a closed stderr (the reader went away)
-/// must not take the server down, which `eprintln!` would.
+/// The log queue: lines go to a writer thread, so a stderr nobody reads (a full pipe)
+/// stalls only that thread, never a connection, a call or shutdown. A full queue drops the
+/// line and counts it; the writer reports the count.
+struct LogQueue {
+    tx: std::sync::mpsc::SyncSender<String>,
+    /// Lines queued and not yet written.
+    pending: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    dropped: std::sync::Arc<AtomicU64>,
+}
+
+fn queue() -> &'static LogQueue {
+    static Q: std::sync::OnceLock<LogQueue> = std::sync::OnceLock::new();
+    Q.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<String>(4096);
+        let pending = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let dropped = std::sync::Arc::new(AtomicU64::new(0));
+        let (p, d) = (pending.clone(), dropped.clone());
+        let _ = std::thread::Builder::new()
+            .name("pvrun-log".into())
+            .spawn(move || {
+                let mut reported = 0;
+                while let Ok(l) = rx.recv() {
+                    // Errors are ignored: a closed stderr must not take the server down,
+                    // which `eprintln!` would.
+                    let mut e = std::io::stderr().lock();
+                    let now = d.load(Ordering::Relaxed);
+                    if now != reported {
+                        let _ = writeln!(
+                            e,
+                            "pvrun: {} log lines dropped (stderr too slow)",
+                            now - reported
+                        );
+                        reported = now;
+                    }
+                    let _ = e.write_all(l.as_bytes());
+                    p.fetch_sub(1, Ordering::SeqCst);
+                }
+            });
+        LogQueue {
+            tx,
+            pending,
+            dropped,
+        }
+    })
+}
+
+/// Logs one line on stderr without ever blocking the caller.
 pub fn line(msg: std::fmt::Arguments<'_>) {
     let mut s = String::with_capacity(128);
     let _ = s.write_fmt(msg);
     s.push('\n');
-    let _ = std::io::stderr().lock().write_all(s.as_bytes());
+    let q = queue();
+    q.pending.fetch_add(1, Ordering::SeqCst);
+    if q.tx.try_send(s).is_err() {
+        q.pending.fetch_sub(1, Ordering::SeqCst);
+        q.dropped.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Gives the log up to `within` to reach stderr, then ends the process with `code`.
+pub fn exit(code: i32, within: Duration) -> ! {
+    let deadline = Instant::now() + within;
+    while queue().pending.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    std::process::exit(code)
 }
 
 /// `text` with control characters (and backslashes) escaped and cut to `max` characters,

@@ -89,7 +89,7 @@ where
 {
     let fail = |e: &dyn std::fmt::Display| -> ! {
         log::line(format_args!("pvrun: error: {e}"));
-        std::process::exit(EXIT_HOST_ERROR)
+        log::exit(EXIT_HOST_ERROR, Duration::from_secs(1))
     };
     let max_inflight = opts.max_inflight.max(1);
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -224,7 +224,7 @@ where
                 _ = int.recv() => {}
             }
             log::line(format_args!("pvrun: second signal: exiting now"));
-            std::process::exit(1);
+            log::exit(1, Duration::from_secs(1));
         });
         let drained = async {
             graceful.shutdown().await;
@@ -246,7 +246,7 @@ where
         }
     });
     // Not `drop(rt)`: that would wait for blocking threads still inside a call.
-    std::process::exit(code)
+    log::exit(code, Duration::from_secs(1))
 }
 
 /// Binds a listener with a backlog long enough for bursts of connections.
