@@ -86,8 +86,11 @@ pub struct BuildRequest {
     pub no_default_features: bool,
     /// `--quiet`: hide cargo's progress output.
     pub quiet: bool,
-    /// `--locked` / `--offline` / `--frozen` passed through.
+    /// `--locked` / `--offline` / `--frozen` (and `-j`, `--color`, `-v`) passed through.
     pub extra_cargo_args: Vec<String>,
+    /// `--target-dir DIR`: build into `DIR/pvrun` (default: the workspace's
+    /// `target/pvrun`); relative to `cwd`.
+    pub target_dir: Option<PathBuf>,
 }
 
 /// A built guest.
@@ -246,7 +249,11 @@ pub fn build(req: &BuildRequest) -> Result<BuiltGuest> {
         }
     };
 
-    let target_dir = meta.target_directory.as_std_path().join("pvrun");
+    let target_dir = match &req.target_dir {
+        Some(d) if d.is_absolute() => d.join("pvrun"),
+        Some(d) => cwd.join(d).join("pvrun"),
+        None => meta.target_directory.as_std_path().join("pvrun"),
+    };
     fs::create_dir_all(&target_dir)
         .with_context(|| format!("cannot create {}", target_dir.display()))?;
     let script = target_dir.join("guest.ld");

@@ -1,7 +1,17 @@
-//! Command-line pieces shared by `pvrun` and `cargo pvrun`: option parsing helpers and
-//! running a guest to a process exit status.
+//! Command-line pieces shared by `pvrun` and `cargo pvrun`: option parsing helpers,
+//! running a guest to a process exit status, serving and calling function guests
+//! ([`function`]), host functions from the command line ([`hostfn`]), `-v`/`RUST_LOG`
+//! ([`logging`]), and mapping clap's errors onto the exit-status contract.
 
+pub mod function;
 pub mod gateway;
+pub mod hostfn;
+pub mod logging;
+
+pub use function::{
+    CallInput, CallOptions, EXIT_CALL_FAILED, HostFnOptions, ServeOptions, call_and_exit,
+    serve_and_exit,
+};
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -125,12 +135,70 @@ pub fn parse_env(s: &str) -> Result<(String, String), String> {
     }
 }
 
+/// Parses the command line into `P`, or exits the way the exit-status contract says:
+/// `--help` and `--version` print to stdout and exit 0; every usage error (unknown
+/// option, bad value, missing argument) prints clap's message and exits 125, not clap's
+/// default 2.
+pub fn parse_or_exit<P: clap::Parser>(argv: impl IntoIterator<Item = String>) -> P {
+    match P::try_parse_from(argv) {
+        Ok(p) => p,
+        Err(e) => exit_on_clap_error(e),
+    }
+}
+
+/// Prints a clap error or help text and exits 0 (help, version) or 125 (usage errors).
+pub fn exit_on_clap_error(e: clap::Error) -> ! {
+    use clap::error::ErrorKind;
+    let code = match e.kind() {
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => 0,
+        _ => EXIT_HOST_ERROR,
+    };
+    let _ = e.print();
+    std::process::exit(code)
+}
+
+/// Which program runs the guest, for the commands its messages suggest.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Program {
+    /// `pvrun GUEST`.
+    #[default]
+    Pvrun,
+    /// `cargo pvrun` in a guest crate.
+    CargoPvrun,
+}
+
+impl Program {
+    /// The one-line error for a function guest that was run as a program.
+    pub fn function_guest_hint(self, elf: &Path) -> String {
+        match self {
+            Program::Pvrun => format!(
+                "pvrun: error: `{}` is a function guest (it waits for calls); serve it with `pvrun serve --listen ADDR {0}`, or call one function with `pvrun call {0} NAME [INPUT|-]`",
+                elf.display()
+            ),
+            Program::CargoPvrun => "pvrun: error: this crate is a function guest (it waits for calls); serve it with `cargo pvrun serve --listen ADDR`, or call one function with `cargo pvrun call NAME [INPUT|-]`".to_string(),
+        }
+    }
+}
+
 /// Boots `elf` with `config`, prints the outcome's report (if any, with the guest's call
 /// stack for a crash) on stderr, writes a core file if `debug` asks for one, and exits the
 /// process with the documented status. Host errors are one `pvrun: error:` line and
 /// status 125; a core file that cannot be written is one `pvrun: warning:` line and
 /// changes no status.
 pub fn run_and_exit(elf: &Path, config: VmConfig, debug: &DebugOptions) -> ! {
+    run_and_exit_as(elf, config, debug, Program::Pvrun)
+}
+
+/// [`run_and_exit`], with the hints `program` gives (a function guest is told how to
+/// serve or call it with that program). A disk the guest never sent a request to gets a
+/// `pvrun: warning:` line at exit (a misspelt name in the guest is the usual cause).
+pub fn run_and_exit_as(
+    elf: &Path,
+    config: VmConfig,
+    debug: &DebugOptions,
+    program: Program,
+) -> ! {
+    let disks: Vec<String> = config.disks.iter().map(|d| d.name.clone()).collect();
     let vm = GuestImage::from_file(elf).and_then(|image| Vm::new(Arc::new(image), config));
     let mut vm = match vm {
         Ok(vm) => vm,
@@ -145,7 +213,12 @@ pub fn run_and_exit(elf: &Path, config: VmConfig, debug: &DebugOptions) -> ! {
         host_error(e)
     }
     match vm.run() {
+        Ok(outcome @ (crate::Outcome::Ready(_) | crate::Outcome::Returned { .. })) => {
+            crate::eprint_line(&program.function_guest_hint(elf));
+            vm.exit_process(outcome.exit_status())
+        }
         Ok(outcome) => {
+            tracing::debug!(?outcome, exits = vm.exits(), "guest run ended");
             if let Some(report) =
                 outcome.report_with_backtrace(vm.crash(), vm.image(), debug.panic_backtrace)
             {
@@ -154,10 +227,17 @@ pub fn run_and_exit(elf: &Path, config: VmConfig, debug: &DebugOptions) -> ! {
             if let (Some(path), Some(_)) = (&debug.core_dump, vm.crash())
                 && let Err(e) = vm.write_core_dump(path, debug.core_dump_overwrite)
             {
-                eprintln!(
+                crate::eprint_line(&format!(
                     "pvrun: warning: cannot write core dump {}: {e}",
                     path.display()
-                );
+                ));
+            }
+            for (name, c) in vm.device_counters() {
+                if disks.contains(&name) && c.requests == 0 && c.doorbells == 0 {
+                    crate::eprint_line(&format!(
+                        "pvrun: warning: disk `{name}` was attached but the guest never opened it (it sent no request)"
+                    ));
+                }
             }
             vm.exit_process(outcome.exit_status())
         }

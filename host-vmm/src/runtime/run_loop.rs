@@ -19,6 +19,7 @@ use crate::layout::{R0_STACK_BOTTOM, R0_STACK_TOP};
 use crate::vstate::vm as kvm_vm;
 
 /// What one `KVM_RUN` came back with, copied out of `kvm_run`.
+#[derive(Debug)]
 enum Exit {
     Out(u16),
     In(u16),
@@ -130,6 +131,7 @@ impl Vm {
                 }
                 Err(e) => return Err(Error::Kvm("KVM_RUN", e)),
             };
+            tracing::trace!(exit = self.exits, kind = ?exit, "VM exit");
             // Console output travels in the ring; deliver it at every exit, before anything
             // else happens, so it is never lost or reordered against a crash report.
             if let Err(msg) = self.console.drain(self.ram.mem()) {
@@ -184,6 +186,7 @@ impl Vm {
             map: &self.map,
         };
         let action = hypercall::dispatch(nr, rdi, &view, &mut self.console, &mut self.fns);
+        tracing::trace!(nr, arg = format_args!("{rdi:#x}"), "hypercall");
         Ok(match action {
             Action::Return(v) => {
                 self.vcpu.set_rax(v as u64)?;
