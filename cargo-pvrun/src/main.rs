@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 
 use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use host_vmm::cli::{
-    self, CallInput, CallOptions, Program, ServeOptions, VmOptions, call_and_exit,
-    run_and_exit_as, serve_and_exit,
+    self, CallInput, CallOptions, Program, ServeOptions, VmOptions, call_and_exit, run_and_exit_as,
+    serve_and_exit,
 };
 
 /// Build pvrun guest crates and run them in KVM VMs (like `cargo run`).
@@ -25,7 +25,12 @@ use host_vmm::cli::{
 /// wrong. `cargo pvrun call`: 0 when the function returned output, 1 when it returned an
 /// error, 101/139/124 as above, 125 otherwise.
 #[derive(Parser)]
-#[command(name = "cargo pvrun", bin_name = "cargo pvrun", version, propagate_version = true)]
+#[command(
+    name = "cargo pvrun",
+    bin_name = "cargo pvrun",
+    version,
+    propagate_version = true
+)]
 #[command(subcommand_required = true)]
 struct Cli {
     /// Verbose: cargo's `-v` (repeatable), and what the host does (-v: ELF segments,
@@ -261,7 +266,11 @@ fn pvrun_program() -> Option<PathBuf> {
         .ok()
         .and_then(|e| e.parent().map(|d| d.join("pvrun")));
     let on_path = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).map(|d| d.join("pvrun")).collect::<Vec<_>>())
+        .map(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join("pvrun"))
+                .collect::<Vec<_>>()
+        })
         .unwrap_or_default();
     beside
         .into_iter()
@@ -273,7 +282,13 @@ fn pvrun_program() -> Option<PathBuf> {
 /// The `Running` line: a command that does what is about to happen, to paste into a
 /// shell: the `pvrun` program (full path) with the VM options as typed, the ELF and the
 /// guest's arguments; or, without a `pvrun` program, the `cargo pvrun` command itself.
-fn running_line(sub: &str, m: &ArgMatches, elf: &Path, vm_args: &[clap::Arg], tail: &[String]) -> String {
+fn running_line(
+    sub: &str,
+    m: &ArgMatches,
+    elf: &Path,
+    vm_args: &[clap::Arg],
+    tail: &[String],
+) -> String {
     let mut words: Vec<String>;
     if let Some(p) = pvrun_program() {
         words = vec![p.display().to_string(), sub.to_string()];
@@ -368,8 +383,13 @@ fn main() {
         Command::Serve(s) => {
             check_kvm();
             let elf = build_guest(&s.build, verbose).elf;
-            let line =
-                running_line("serve", &sub_matches, &elf, &args_of::<ServeOptions>(), &s.args);
+            let line = running_line(
+                "serve",
+                &sub_matches,
+                &elf,
+                &args_of::<ServeOptions>(),
+                &s.args,
+            );
             say_running(s.build.quiet, &line);
             let mut args = vec![elf.display().to_string()];
             args.extend(s.args);
@@ -380,13 +400,18 @@ fn main() {
             let elf = build_guest(&c.build, verbose).elf;
             let mut tail = vec![c.name.clone()];
             tail.extend(c.input.clone());
-            let mut line =
-                running_line("call", &sub_matches, &elf, &args_of::<CallOptions>(), &[]);
+            let mut line = running_line("call", &sub_matches, &elf, &args_of::<CallOptions>(), &[]);
             line.push(' ');
             line.push_str(&tail.iter().map(|w| quote(w)).collect::<Vec<_>>().join(" "));
             if !c.args.is_empty() {
                 line.push_str(" -- ");
-                line.push_str(&c.args.iter().map(|w| quote(w)).collect::<Vec<_>>().join(" "));
+                line.push_str(
+                    &c.args
+                        .iter()
+                        .map(|w| quote(w))
+                        .collect::<Vec<_>>()
+                        .join(" "),
+                );
             }
             say_running(c.build.quiet, &line);
             let mut args = vec![elf.display().to_string()];
@@ -441,7 +466,10 @@ mod tests {
             .unwrap();
         let sub = m.subcommand().unwrap().1;
         let words = given_flags(sub, args_of::<VmOptions>().iter());
-        assert_eq!(words, argv(&["--mem", "14M", "--env", "A=b c", "--backtrace"]));
+        assert_eq!(
+            words,
+            argv(&["--mem", "14M", "--env", "A=b c", "--backtrace"])
+        );
         assert_eq!(quote("A=b c"), "'A=b c'");
     }
 }

@@ -81,15 +81,27 @@ fn find_sdk(explicit: Option<&Path>, start: &Path) -> Option<PathBuf> {
 
 /// A valid package name from `name`, or an error saying what is wrong.
 fn check_name(name: &str) -> Result<(), String> {
-    let ok_start = name.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
-    if !ok_start || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+    let ok_start = name
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
+    if !ok_start
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
         return Err(format!(
             "`{}` is not a valid package name: use letters, digits, `-` and `_`, starting with a letter (or pass --name)",
             host_vmm::escape_controls(name)
         ));
     }
-    if matches!(name, "pvrun" | "guest-sdk" | "core" | "alloc" | "std" | "test") {
-        return Err(format!("`{name}` would clash with a crate the guest uses; choose another name"));
+    if matches!(
+        name,
+        "pvrun" | "guest-sdk" | "core" | "alloc" | "std" | "test"
+    ) {
+        return Err(format!(
+            "`{name}` would clash with a crate the guest uses; choose another name"
+        ));
     }
     Ok(())
 }
@@ -268,7 +280,8 @@ pub fn run(a: NewArgs) -> ! {
             dir.display()
         ));
     }
-    let cwd = std::env::current_dir().unwrap_or_else(|e| fail(&format!("cannot read the current directory: {e}")));
+    let cwd = std::env::current_dir()
+        .unwrap_or_else(|e| fail(&format!("cannot read the current directory: {e}")));
     let abs = cwd.join(dir);
     let parent = abs.parent().unwrap_or(&cwd).to_path_buf();
     let sdk = find_sdk(a.sdk.as_deref(), &parent);
@@ -282,7 +295,8 @@ pub fn run(a: NewArgs) -> ! {
     let write = |rel: &str, text: &str| {
         let p = abs.join(rel);
         if let Some(d) = p.parent() {
-            fs::create_dir_all(d).unwrap_or_else(|e| fail(&format!("cannot create {}: {e}", d.display())));
+            fs::create_dir_all(d)
+                .unwrap_or_else(|e| fail(&format!("cannot create {}: {e}", d.display())));
         }
         fs::write(&p, text).unwrap_or_else(|e| fail(&format!("cannot write {}: {e}", p.display())));
     };

@@ -53,14 +53,22 @@ fn runs_the_guest_crate_in_the_current_directory_with_args_env_and_exit_code() {
     // pasted into a shell, does the same.
     assert!(stderr.contains("Finished"), "{stderr}");
     let line = running_line(&stderr);
-    assert!(line.contains("GREETING=hi") && line.ends_with("-- x --exit 5"), "{line}");
+    assert!(
+        line.contains("GREETING=hi") && line.ends_with("-- x --exit 5"),
+        "{line}"
+    );
     let words = shlex::split(&line).expect("the Running line is shell syntax");
     let again = Command::new(&words[0])
         .args(&words[1..])
         .current_dir(examples().join("hello"))
         .output()
         .unwrap();
-    assert_eq!(again.status.code(), Some(5), "{line}: {}", text(&again.stderr));
+    assert_eq!(
+        again.status.code(),
+        Some(5),
+        "{line}: {}",
+        text(&again.stderr)
+    );
     // The same output, but for the random bytes and the clock.
     let stable = |s: &str| -> Vec<String> {
         s.lines()
@@ -160,15 +168,6 @@ fn outside_any_crate_says_so() {
 /// A temporary directory, removed on drop.
 struct TempDir(PathBuf);
 
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        let d = std::env::temp_dir().join(format!("cargo-pvrun-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        TempDir(d)
-    }
-}
-
 impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
@@ -177,7 +176,10 @@ impl Drop for TempDir {
 
 #[test]
 fn build_prints_the_elf_path_or_one_json_object() {
-    let out = cargo_pvrun(&examples(), &["build", "-q", "--release", "-p", "functions"]);
+    let out = cargo_pvrun(
+        &examples(),
+        &["build", "-q", "--release", "-p", "functions"],
+    );
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let path = text(&out.stdout);
     let path = Path::new(path.trim_end());
@@ -187,7 +189,15 @@ fn build_prints_the_elf_path_or_one_json_object() {
     for (pkg, kind) in [("functions", "function"), ("hello", "program")] {
         let out = cargo_pvrun(
             &examples(),
-            &["build", "-q", "--release", "-p", pkg, "--message-format", "json"],
+            &[
+                "build",
+                "-q",
+                "--release",
+                "-p",
+                pkg,
+                "--message-format",
+                "json",
+            ],
         );
         assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
         let stdout = text(&out.stdout);
@@ -210,16 +220,30 @@ fn call_builds_and_calls_a_function_and_run_points_at_serve_and_call() {
     assert_eq!(out.stdout, b"HELLO");
     let out = cargo_pvrun(
         &dir,
-        &["call", "-q", "--release", "--host-fn", "lookup=tr a-z A-Z", "greet-via-host", "ann"],
+        &[
+            "call",
+            "-q",
+            "--release",
+            "--host-fn",
+            "lookup=tr a-z A-Z",
+            "greet-via-host",
+            "ann",
+        ],
     );
-    assert_eq!((out.status.code(), out.stdout.as_slice()), (Some(0), &b"hello, ANN"[..]), "{}", text(&out.stderr));
+    assert_eq!(
+        (out.status.code(), out.stdout.as_slice()),
+        (Some(0), &b"hello, ANN"[..]),
+        "{}",
+        text(&out.stderr)
+    );
     let out = cargo_pvrun(&dir, &["call", "-q", "--release", "json-transform", "x"]);
     assert_eq!(out.status.code(), Some(1));
     let out = cargo_pvrun(&dir, &["-q", "--release"]);
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(125), "{stderr}");
     assert!(
-        stderr.contains("cargo pvrun serve --listen ADDR") && stderr.contains("cargo pvrun call NAME"),
+        stderr.contains("cargo pvrun serve --listen ADDR")
+            && stderr.contains("cargo pvrun call NAME"),
         "{stderr}"
     );
 }
@@ -228,7 +252,15 @@ fn call_builds_and_calls_a_function_and_run_points_at_serve_and_call() {
 fn serve_builds_and_serves_over_http() {
     use std::io::{BufRead, Read, Write};
     let mut child = Command::new(env!("CARGO_BIN_EXE_cargo-pvrun"))
-        .args(["pvrun", "serve", "--release", "--listen", "127.0.0.1:0", "--pool", "1"])
+        .args([
+            "pvrun",
+            "serve",
+            "--release",
+            "--listen",
+            "127.0.0.1:0",
+            "--pool",
+            "1",
+        ])
         .args(["--host-fn", "lookup=tr a-z A-Z"])
         .current_dir(examples().join("functions"))
         .stderr(std::process::Stdio::piped())
@@ -247,7 +279,10 @@ fn serve_builds_and_serves_over_http() {
     let mut log = String::new();
     while addr.is_empty() {
         let mut l = String::new();
-        assert!(err.read_line(&mut l).unwrap() > 0, "exited before serving: {log}");
+        assert!(
+            err.read_line(&mut l).unwrap() > 0,
+            "exited before serving: {log}"
+        );
         log.push_str(&l);
         if let Some(rest) = l.split("http://").nth(1) {
             addr = rest.split('/').next().unwrap().to_string();
@@ -257,16 +292,23 @@ fn serve_builds_and_serves_over_http() {
     std::thread::spawn(move || for _ in err.lines() {});
     let post = |name: &str, body: &str| {
         let mut s = std::net::TcpStream::connect(&addr).unwrap();
-        s.set_read_timeout(Some(std::time::Duration::from_secs(20))).unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+            .unwrap();
         write!(s, "POST /{name} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).unwrap();
         let mut r = String::new();
         s.read_to_string(&mut r).unwrap();
         r
     };
     let r = post("upper", "abc");
-    assert!(r.starts_with("HTTP/1.1 200") && r.ends_with("\r\n\r\nABC"), "{r}");
+    assert!(
+        r.starts_with("HTTP/1.1 200") && r.ends_with("\r\n\r\nABC"),
+        "{r}"
+    );
     let r = post("greet-via-host", "bo");
-    assert!(r.starts_with("HTTP/1.1 200") && r.ends_with("\r\n\r\nhello, BO"), "{r}");
+    assert!(
+        r.starts_with("HTTP/1.1 200") && r.ends_with("\r\n\r\nhello, BO"),
+        "{r}"
+    );
 }
 
 /// `cargo pvrun new` with `template` flags in `root`, then `cargo pvrun ARGS` in the crate.
@@ -279,8 +321,14 @@ fn new_crate(root: &Path, name: &str, template: &[&str]) -> PathBuf {
     }
     let manifest = std::fs::read_to_string(dir.join("Cargo.toml")).unwrap();
     // Inside this repository the SDK is a path dependency on it.
-    let sdk = Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest-sdk").canonicalize().unwrap();
-    assert!(manifest.contains(&format!("guest-sdk = {{ path = \"{}\" }}", sdk.display())), "{manifest}");
+    let sdk = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../guest-sdk")
+        .canonicalize()
+        .unwrap();
+    assert!(
+        manifest.contains(&format!("guest-sdk = {{ path = \"{}\" }}", sdk.display())),
+        "{manifest}"
+    );
     assert!(manifest.contains("panic = \"abort\""), "{manifest}");
     dir
 }
@@ -289,7 +337,10 @@ fn new_crate(root: &Path, name: &str, template: &[&str]) -> PathBuf {
 fn new_makes_crates_that_build_and_run_as_created() {
     // Created inside this repository (so the SDK is found by path), in a temporary
     // directory; one target directory for all four, so the SDK builds once.
-    let root = TempDir(Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../target/new-test-{}", std::process::id())));
+    let root = TempDir(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join(format!("../target/new-test-{}", std::process::id())),
+    );
     let _ = std::fs::remove_dir_all(&root.0);
     std::fs::create_dir_all(&root.0).unwrap();
     let target = root.0.join("target");
@@ -300,7 +351,11 @@ fn new_makes_crates_that_build_and_run_as_created() {
     let out = cargo_pvrun(&dir, &[&build[..], &["--", "reader"]].concat());
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout), "hello, reader, from my-guest\n");
-    assert!(Path::new(target).join("pvrun/x86_64-unknown-linux-gnu/debug/my-guest").is_file());
+    assert!(
+        Path::new(target)
+            .join("pvrun/x86_64-unknown-linux-gnu/debug/my-guest")
+            .is_file()
+    );
 
     let dir = new_crate(&root.0, "my-fn", &["--function"]);
     let out = cargo_pvrun(&dir, &[&["call"][..], &build, &["hello", "you"]].concat());
@@ -315,8 +370,15 @@ fn new_makes_crates_that_build_and_run_as_created() {
     let disk = format!("data={}", img.display());
     let out = cargo_pvrun(&dir, &[&build[..], &["--disk", &disk]].concat());
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    assert_eq!(text(&out.stdout), "my-disk: wrote and read back 512 bytes of data (1048576 bytes)\n");
-    assert!(std::fs::read(&img).unwrap().starts_with(b"hello from my-disk"));
+    assert_eq!(
+        text(&out.stdout),
+        "my-disk: wrote and read back 512 bytes of data (1048576 bytes)\n"
+    );
+    assert!(
+        std::fs::read(&img)
+            .unwrap()
+            .starts_with(b"hello from my-disk")
+    );
 
     let dir = new_crate(&root.0, "my-net", &["--net"]);
     let out = cargo_pvrun(&dir, &[&["build"][..], &build].concat());

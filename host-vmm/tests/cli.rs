@@ -64,7 +64,10 @@ fn usage_errors_exit_125_and_help_and_version_exit_0() {
         &["call", "--host-fn", "f=cat 'open", "x.elf", "f"],
         &[],
     ] {
-        let out = Command::new(common::pvrun_bin()).args(args).output().unwrap();
+        let out = Command::new(common::pvrun_bin())
+            .args(args)
+            .output()
+            .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(125), "{args:?}: {stderr}");
         assert!(!stderr.is_empty(), "{args:?}: no message");
@@ -74,15 +77,27 @@ fn usage_errors_exit_125_and_help_and_version_exit_0() {
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("is not a size"));
-    for args in [&["--help"][..], &["--version"], &["help"], &["help", "call"], &["run", "--help"]] {
-        let out = Command::new(common::pvrun_bin()).args(args).output().unwrap();
+    for args in [
+        &["--help"][..],
+        &["--version"],
+        &["help"],
+        &["help", "call"],
+        &["run", "--help"],
+    ] {
+        let out = Command::new(common::pvrun_bin())
+            .args(args)
+            .output()
+            .unwrap();
         assert_eq!(out.status.code(), Some(0), "{args:?}");
         assert!(!out.stdout.is_empty(), "{args:?}");
     }
 }
 
 fn stdout_of(args: &[&str]) -> String {
-    let out = Command::new(common::pvrun_bin()).args(args).output().unwrap();
+    let out = Command::new(common::pvrun_bin())
+        .args(args)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(0), "{args:?}");
     String::from_utf8(out.stdout).unwrap()
 }
@@ -92,7 +107,8 @@ fn help_lists_the_subcommands_and_help_serve_describes_serve() {
     let help = stdout_of(&["--help"]);
     for sub in ["run", "serve", "call", "help"] {
         assert!(
-            help.lines().any(|l| l.trim_start().starts_with(&format!("{sub} "))),
+            help.lines()
+                .any(|l| l.trim_start().starts_with(&format!("{sub} "))),
             "`{sub}` missing from:\n{help}"
         );
     }
@@ -102,15 +118,28 @@ fn help_lists_the_subcommands_and_help_serve_describes_serve() {
         serve.contains("Usage: pvrun serve [OPTIONS] --listen <ADDR> <GUEST>"),
         "{serve}"
     );
-    for opt in ["--pool", "--host-fn <NAME=CMD>", "--host-fn-timeout", "--max-inflight"] {
+    for opt in [
+        "--pool",
+        "--host-fn <NAME=CMD>",
+        "--host-fn-timeout",
+        "--max-inflight",
+    ] {
         assert!(serve.contains(opt), "{opt} missing from:\n{serve}");
     }
     assert_eq!(serve, stdout_of(&["serve", "--help"]));
     let call = stdout_of(&["help", "call"]);
-    assert!(call.contains("Usage: pvrun call [OPTIONS] <GUEST> <NAME> [INPUT|-]"), "{call}");
+    assert!(
+        call.contains("Usage: pvrun call [OPTIONS] <GUEST> <NAME> [INPUT|-]"),
+        "{call}"
+    );
     // The README's "Command line" section shows the same usage lines.
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
-    for l in ["pvrun [run] [OPTIONS] GUEST", "pvrun serve [OPTIONS] --listen ADDR GUEST", "pvrun call [OPTIONS] GUEST NAME [INPUT|-]"] {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    for l in [
+        "pvrun [run] [OPTIONS] GUEST",
+        "pvrun serve [OPTIONS] --listen ADDR GUEST",
+        "pvrun call [OPTIONS] GUEST NAME [INPUT|-]",
+    ] {
         assert!(readme.contains(l), "README lacks `{l}`");
     }
 }
@@ -191,7 +220,13 @@ fn the_smallest_guest_boots_at_the_documented_minimum_and_sizes_echo_the_option(
 }
 
 /// Runs `pvrun call OPTS GUEST NAME [INPUT]` with `stdin` on its standard input.
-fn call(opts: &[&str], guest_name: &str, name: &str, input: Option<&str>, stdin: &[u8]) -> (i32, Vec<u8>, String) {
+fn call(
+    opts: &[&str],
+    guest_name: &str,
+    name: &str,
+    input: Option<&str>,
+    stdin: &[u8],
+) -> (i32, Vec<u8>, String) {
     use std::io::Write;
     let mut child = Command::new(common::pvrun_bin())
         .arg("call")
@@ -239,7 +274,10 @@ fn call_prints_the_output_raw_and_maps_errors_to_statuses() {
     // No such function: 125, naming what the guest exports.
     let (st, _, err) = call(&[], "functions", "nope", None, b"");
     assert_eq!(st, 125, "{err}");
-    assert!(err.contains("exports no function `nope`") && err.contains("upper, sha256"), "{err}");
+    assert!(
+        err.contains("exports no function `nope`") && err.contains("upper, sha256"),
+        "{err}"
+    );
     // Panics, crashes and timeouts get the run statuses.
     let (st, _, err) = call(&[], "badfunctions", "panic", None, b"");
     assert_eq!(st, 101, "{err}");
@@ -251,7 +289,13 @@ fn call_prints_the_output_raw_and_maps_errors_to_statuses() {
     assert_eq!(st, 124, "{err}");
     assert!(err.contains("call timed out after"), "{err}");
     // Input beyond the guest's limit (1 MiB) from stdin.
-    let (st, _, err) = call(&[], "badfunctions", "echo", Some("-"), &vec![b'x'; (1 << 20) + 100]);
+    let (st, _, err) = call(
+        &[],
+        "badfunctions",
+        "echo",
+        Some("-"),
+        &vec![b'x'; (1 << 20) + 100],
+    );
     assert_eq!(st, 125, "{err}");
     assert!(err.contains("larger than"), "{err}");
     // A program guest is not a function guest.
@@ -264,17 +308,23 @@ fn call_prints_the_output_raw_and_maps_errors_to_statuses() {
 fn running_a_function_guest_says_how_to_serve_or_call_it() {
     let e = host_error(&[guest("functions").to_str().unwrap()]);
     assert!(
-        e.contains("is a function guest") && e.contains("pvrun serve --listen ADDR") && e.contains("pvrun call "),
+        e.contains("is a function guest")
+            && e.contains("pvrun serve --listen ADDR")
+            && e.contains("pvrun call "),
         "{e}"
     );
 }
 
 /// Whether a process with exactly this command line is running.
 fn process_running(cmdline: &[&str]) -> bool {
-    let want: Vec<u8> = cmdline.iter().flat_map(|a| [a.as_bytes(), b"\0"].concat()).collect();
-    std::fs::read_dir("/proc").unwrap().filter_map(Result::ok).any(|e| {
-        std::fs::read(e.path().join("cmdline")).is_ok_and(|c| c == want)
-    })
+    let want: Vec<u8> = cmdline
+        .iter()
+        .flat_map(|a| [a.as_bytes(), b"\0"].concat())
+        .collect();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(Result::ok)
+        .any(|e| std::fs::read(e.path().join("cmdline")).is_ok_and(|c| c == want))
 }
 
 #[test]
@@ -284,13 +334,28 @@ fn host_fn_commands_answer_fail_and_are_killed_on_timeout() {
     assert_eq!((st, out.as_slice()), (0, &b"hello, BOB"[..]), "{err}");
     // The command is executed directly: shell syntax in it is just arguments.
     let (st, out, err) = greet(&["--host-fn", "lookup=echo $HOME; id"]);
-    assert_eq!((st, out.as_slice()), (0, &b"hello, $HOME; id\n"[..]), "{err}");
+    assert_eq!(
+        (st, out.as_slice()),
+        (0, &b"hello, $HOME; id\n"[..]),
+        "{err}"
+    );
     // A failing command: the guest's call fails, the command's stderr is logged escaped.
-    let (st, _, err) = greet(&["--host-fn", "lookup=sh -c 'printf \"no\\033]0;x\\n\" >&2; exit 3'"]);
+    let (st, _, err) = greet(&[
+        "--host-fn",
+        "lookup=sh -c 'printf \"no\\033]0;x\\n\" >&2; exit 3'",
+    ]);
     assert_eq!(st, 1, "{err}");
-    assert!(err.contains("pvrun: host function `lookup` stderr: no\\u{1b}]0;x\n"), "{err}");
+    assert!(
+        err.contains("pvrun: host function `lookup` stderr: no\\u{1b}]0;x\n"),
+        "{err}"
+    );
     assert!(!err.contains('\x1b'), "{err}");
-    assert!(err.contains("failed: host function lookup: host function failed: the command exited with status 3"), "{err}");
+    assert!(
+        err.contains(
+            "failed: host function lookup: host function failed: the command exited with status 3"
+        ),
+        "{err}"
+    );
     // A command that hangs (and a child holding its stdout) is killed at the timeout.
     let t = std::time::Instant::now();
     let (st, _, err) = greet(&[
@@ -300,10 +365,20 @@ fn host_fn_commands_answer_fail_and_are_killed_on_timeout() {
         "0.5",
     ]);
     assert_eq!(st, 1, "{err}");
-    assert!(err.contains("the command timed out after 0.500 s and was killed"), "{err}");
-    assert!(t.elapsed() < std::time::Duration::from_secs(8), "{:?}", t.elapsed());
+    assert!(
+        err.contains("the command timed out after 0.500 s and was killed"),
+        "{err}"
+    );
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(8),
+        "{:?}",
+        t.elapsed()
+    );
     std::thread::sleep(std::time::Duration::from_millis(200));
-    assert!(!process_running(&["sleep", "987"]), "the hung command survived");
+    assert!(
+        !process_running(&["sleep", "987"]),
+        "the hung command survived"
+    );
     // Too much output.
     let (st, _, err) = greet(&["--host-fn", "lookup=yes", "--host-fn-max-output", "4K"]);
     assert_eq!(st, 1, "{err}");
@@ -332,10 +407,16 @@ impl Server {
             .unwrap();
         let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
         let mut line = String::new();
-        let mut server = Server { child, addr: String::new() };
+        let mut server = Server {
+            child,
+            addr: String::new(),
+        };
         while server.addr.is_empty() {
             line.clear();
-            assert!(err.read_line(&mut line).unwrap() > 0, "pvrun serve exited before serving");
+            assert!(
+                err.read_line(&mut line).unwrap() > 0,
+                "pvrun serve exited before serving"
+            );
             if let Some(rest) = line.split("http://").nth(1) {
                 server.addr = rest.split('/').next().unwrap().to_string();
             }
@@ -349,8 +430,14 @@ impl Server {
     fn post(&self, name: &str, body: &[u8]) -> (u16, Vec<u8>) {
         use std::io::{Read, Write};
         let mut s = std::net::TcpStream::connect(&self.addr).unwrap();
-        s.set_read_timeout(Some(std::time::Duration::from_secs(20))).unwrap();
-        write!(s, "POST /{name} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len()).unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+            .unwrap();
+        write!(
+            s,
+            "POST /{name} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        )
+        .unwrap();
         s.write_all(body).unwrap();
         let mut resp = Vec::new();
         s.read_to_end(&mut resp).unwrap();
@@ -371,7 +458,10 @@ impl Drop for Server {
 #[test]
 fn serve_with_host_fn_answers_greet_via_host() {
     let server = Server::start(&["--host-fn", "lookup=tr a-z A-Z"], "functions");
-    assert_eq!(server.post("greet-via-host", b"world"), (200, b"hello, WORLD".to_vec()));
+    assert_eq!(
+        server.post("greet-via-host", b"world"),
+        (200, b"hello, WORLD".to_vec())
+    );
     drop(server);
     // A failing command is the function's error: 422.
     let server = Server::start(&["--host-fn", "lookup=false"], "functions");
@@ -398,11 +488,23 @@ fn verbose_shows_segments_memory_map_devices_and_the_end() {
         "host_vmm::devices: block device name=data",
         "guest run ended outcome=Exited(0)",
     ] {
-        assert!(r.stderr.contains(what), "`{what}` missing from:\n{}", r.stderr);
+        assert!(
+            r.stderr.contains(what),
+            "`{what}` missing from:\n{}",
+            r.stderr
+        );
     }
     // Quiet without -v and RUST_LOG; -vv adds the exits; RUST_LOG selects by module.
-    let quiet = Command::new(common::pvrun_bin()).env_remove("RUST_LOG").arg(guest("hello")).output().unwrap();
-    assert!(quiet.stderr.is_empty(), "{}", String::from_utf8_lossy(&quiet.stderr));
+    let quiet = Command::new(common::pvrun_bin())
+        .env_remove("RUST_LOG")
+        .arg(guest("hello"))
+        .output()
+        .unwrap();
+    assert!(
+        quiet.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&quiet.stderr)
+    );
     let vv = pvrun(&guest("hello"), &["-vv"], &[]);
     assert!(vv.stderr.contains("VM exit exit=1"), "{}", vv.stderr);
     let env = Command::new(common::pvrun_bin())
@@ -411,7 +513,10 @@ fn verbose_shows_segments_memory_map_devices_and_the_end() {
         .output()
         .unwrap();
     let e = String::from_utf8_lossy(&env.stderr);
-    assert!(e.contains("ELF segment") && !e.contains("memory map"), "{e}");
+    assert!(
+        e.contains("ELF segment") && !e.contains("memory map"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -431,7 +536,12 @@ fn a_disk_the_guest_never_opens_gets_a_warning_and_a_used_one_does_not() {
     std::fs::write(&spare, vec![0u8; 1 << 20]).unwrap();
     let r = pvrun(
         &guest("kvstore"),
-        &["--disk", &format!("data={}", img.display()), "--disk", &format!("spare={}", spare.display())],
+        &[
+            "--disk",
+            &format!("data={}", img.display()),
+            "--disk",
+            &format!("spare={}", spare.display()),
+        ],
         &["put", "k", "v"],
     );
     assert_eq!(r.status, 0, "{}", r.stderr);

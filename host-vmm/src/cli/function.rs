@@ -10,8 +10,8 @@ use super::gateway;
 use super::hostfn::{HostCommand, HostFnLimits, HostFnRunner, LogFn};
 use super::{parse_env, parse_mem, parse_timeout};
 use crate::{
-    CallError, EXIT_FAULT, EXIT_HOST_ERROR, EXIT_KILLED, EXIT_PANIC, EXIT_TIMEOUT, HostFn,
-    Sandbox, SandboxConfig, SandboxPool,
+    CallError, EXIT_FAULT, EXIT_HOST_ERROR, EXIT_KILLED, EXIT_PANIC, EXIT_TIMEOUT, HostFn, Sandbox,
+    SandboxConfig, SandboxPool,
 };
 
 /// `pvrun call` exit status when the function returned an error (its message is on stderr).
@@ -36,10 +36,7 @@ pub struct HostFnOptions {
 
 impl HostFnOptions {
     /// Starts the runner (before any thread is confined) and returns the functions.
-    fn functions(
-        &self,
-        log: LogFn,
-    ) -> Result<std::collections::HashMap<String, HostFn>, String> {
+    fn functions(&self, log: LogFn) -> Result<std::collections::HashMap<String, HostFn>, String> {
         if self.host_fns.is_empty() {
             return Ok(Default::default());
         }
@@ -261,7 +258,10 @@ pub fn call_and_exit(
         Ok(out) => {
             let mut so = crate::StdStream::stdout();
             if let Err(e) = so.write_all(&out).and_then(|()| so.flush()) {
-                (EXIT_HOST_ERROR, Some(format!("pvrun: error: cannot write the output: {e}")))
+                (
+                    EXIT_HOST_ERROR,
+                    Some(format!("pvrun: error: cannot write the output: {e}")),
+                )
             } else {
                 (0, None)
             }
@@ -301,7 +301,10 @@ pub fn call_and_exit(
         ),
         Err(e) => (
             EXIT_HOST_ERROR,
-            Some(format!("pvrun: error: {}", crate::escape_controls(&e.to_string()))),
+            Some(format!(
+                "pvrun: error: {}",
+                crate::escape_controls(&e.to_string())
+            )),
         ),
     };
     if let Some(l) = line {

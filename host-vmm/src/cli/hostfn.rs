@@ -361,7 +361,11 @@ mod tests {
         assert!(HostCommand::parse("noequals").is_err());
         assert!(HostCommand::parse("=cat").is_err());
         assert!(HostCommand::parse("f=").is_err());
-        assert!(HostCommand::parse("f=cat 'open").unwrap_err().contains("quotes"));
+        assert!(
+            HostCommand::parse("f=cat 'open")
+                .unwrap_err()
+                .contains("quotes")
+        );
         assert!(HostCommand::parse("a\nb=cat").is_err());
     }
 
@@ -393,7 +397,8 @@ mod tests {
         assert_eq!(out, b"x");
         let log = log.lock().unwrap();
         assert!(
-            log.iter().any(|l| l == "pvrun: host function `f` stderr: oops\\u{1b}[2J"),
+            log.iter()
+                .any(|l| l == "pvrun: host function `f` stderr: oops\\u{1b}[2J"),
             "{log:?}"
         );
     }
@@ -421,8 +426,11 @@ mod tests {
                 let stat = std::fs::read_to_string(e.ok()?.path().join("stat")).ok()?;
                 let after = stat.rsplit_once(") ")?.1.to_string();
                 let f: Vec<&str> = after.split(' ').collect();
-                (f.get(1) == Some(&me.as_str()) && (stat.contains("(sh)") || stat.contains("(sleep)") || stat.contains("(yes)")))
-                    .then_some(stat)
+                (f.get(1) == Some(&me.as_str())
+                    && (stat.contains("(sh)")
+                        || stat.contains("(sleep)")
+                        || stat.contains("(yes)")))
+                .then_some(stat)
             })
             .collect();
         assert!(kids.is_empty(), "children left: {kids:?}");

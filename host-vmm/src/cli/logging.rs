@@ -50,7 +50,9 @@ impl Drop for LineWriter {
 /// (every VM exit). Does nothing when neither asks for anything, so a quiet run pays
 /// nothing. A `RUST_LOG` that does not parse is reported once and ignored.
 pub fn init(verbose: u8) {
-    let rust_log = std::env::var("RUST_LOG").ok().filter(|s| !s.trim().is_empty());
+    let rust_log = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|s| !s.trim().is_empty());
     if verbose == 0 && rust_log.is_none() {
         return;
     }

@@ -24,10 +24,10 @@ use crate::{DiskConfig, EXIT_HOST_ERROR, GuestImage, NetConfig, Vm, VmConfig};
 #[derive(clap::Args, Debug)]
 pub struct VmOptions {
     /// Guest memory size (e.g. 64M, 1G).
-    #[arg(long, default_value = "64M", value_parser = parse_mem)]
+    #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = parse_mem)]
     pub mem: u64,
     /// Stop the guest after this many seconds (exit status 124).
-    #[arg(long, value_parser = parse_timeout)]
+    #[arg(long, value_name = "SECS", value_parser = parse_timeout)]
     pub timeout: Option<Duration>,
     /// Set an environment variable for the guest (repeatable).
     #[arg(long = "env", value_name = "KEY=VALUE", value_parser = parse_env)]
@@ -192,12 +192,7 @@ pub fn run_and_exit(elf: &Path, config: VmConfig, debug: &DebugOptions) -> ! {
 /// [`run_and_exit`], with the hints `program` gives (a function guest is told how to
 /// serve or call it with that program). A disk the guest never sent a request to gets a
 /// `pvrun: warning:` line at exit (a misspelt name in the guest is the usual cause).
-pub fn run_and_exit_as(
-    elf: &Path,
-    config: VmConfig,
-    debug: &DebugOptions,
-    program: Program,
-) -> ! {
+pub fn run_and_exit_as(elf: &Path, config: VmConfig, debug: &DebugOptions, program: Program) -> ! {
     let disks: Vec<String> = config.disks.iter().map(|d| d.name.clone()).collect();
     let vm = GuestImage::from_file(elf).and_then(|image| Vm::new(Arc::new(image), config));
     let mut vm = match vm {

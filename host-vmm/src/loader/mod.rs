@@ -220,6 +220,15 @@ pub(crate) fn printable(bytes: &[u8]) -> String {
     out
 }
 
+/// `rwx`-style permission bits, for log lines.
+pub(crate) fn perm_string(p: u32) -> String {
+    use pvrun_abi::perm;
+    [(perm::R, 'r'), (perm::W, 'w'), (perm::X, 'x')]
+        .iter()
+        .map(|&(bit, c)| if p & bit != 0 { c } else { '-' })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -265,13 +274,4 @@ mod tests {
             other => panic!("expected DoesNotFit, got {:?}", other.err()),
         }
     }
-}
-
-/// `rwx`-style permission bits, for log lines.
-pub(crate) fn perm_string(p: u32) -> String {
-    use pvrun_abi::perm;
-    [(perm::R, 'r'), (perm::W, 'w'), (perm::X, 'x')]
-        .iter()
-        .map(|&(bit, c)| if p & bit != 0 { c } else { '-' })
-        .collect()
 }

@@ -166,10 +166,7 @@ mod cli_main {
                 argv(&["pvrun", "run", "--mem", "1G", "g.elf"])
             );
             for a in ["serve", "call", "run", "help", "--help", "-V"] {
-                assert_eq!(
-                    with_implicit_run(argv(&["pvrun", a])),
-                    argv(&["pvrun", a])
-                );
+                assert_eq!(with_implicit_run(argv(&["pvrun", a])), argv(&["pvrun", a]));
             }
             Cli::command().debug_assert();
         }
