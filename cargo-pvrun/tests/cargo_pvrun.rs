@@ -388,6 +388,8 @@ fn new_makes_crates_that_build_and_run_as_created() {
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(125), "{stderr}");
     assert!(stderr.contains("--net eth0="), "{stderr}");
+    // With a TAP in a network namespace it echoes TCP on port 7.
+    net_guest_echoes(&dir, &build);
 
     // A second `new` at the same path, and a bad name, are one-line errors.
     let out = cargo_pvrun(&root.0, &["new", "my-guest"]);
@@ -397,4 +399,80 @@ fn new_makes_crates_that_build_and_run_as_created() {
     assert_eq!(out.status.code(), Some(125));
     let out = cargo_pvrun(&root.0, &["new", "x", "--net", "--disk"]);
     assert_eq!(out.status.code(), Some(125));
+}
+
+/// Runs the `--net` template crate in `dir` in a network namespace with a TAP and checks
+/// that it echoes over TCP. Needs root (like the host's network tests).
+fn net_guest_echoes(dir: &Path, build: &[&str]) {
+    use std::io::{BufRead, Read, Write};
+    let ip = |args: &[&str]| {
+        let out = Command::new("ip")
+            .args(args)
+            .output()
+            .expect("the `ip` command (iproute2) is needed");
+        assert!(out.status.success(), "ip {args:?}: {}", text(&out.stderr));
+    };
+    struct Netns(String);
+    impl Drop for Netns {
+        fn drop(&mut self) {
+            let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
+        }
+    }
+    let ns = Netns(format!("pvt-new-{}", std::process::id()));
+    let _ = Command::new("ip").args(["netns", "del", &ns.0]).output();
+    ip(&["netns", "add", &ns.0]);
+    ip(&["-n", &ns.0, "link", "set", "lo", "up"]);
+    ip(&["-n", &ns.0, "tuntap", "add", "dev", "tap0", "mode", "tap"]);
+    ip(&["-n", &ns.0, "addr", "add", "10.0.0.1/24", "dev", "tap0"]);
+    ip(&["-n", &ns.0, "link", "set", "tap0", "up"]);
+    let child = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &ns.0,
+            env!("CARGO_BIN_EXE_cargo-pvrun"),
+            "pvrun",
+        ])
+        .args(build)
+        .args([
+            "--offline",
+            "--timeout",
+            "60",
+            "--net",
+            "eth0=tap:tap0,ip=10.0.0.2/24",
+        ])
+        .current_dir(dir)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = Kill(child);
+    let mut out = std::io::BufReader::new(child.0.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert!(line.starts_with("my-net: echo on "), "{line:?}");
+    let path = format!("/var/run/netns/{}", ns.0);
+    let echoed = std::thread::spawn(move || {
+        use std::os::fd::AsRawFd;
+        let f = std::fs::File::open(&path).unwrap();
+        // SAFETY: setns on a namespace descriptor affects only this thread.
+        assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+        let timeout = std::time::Duration::from_secs(10);
+        let mut s =
+            std::net::TcpStream::connect_timeout(&"10.0.0.2:7".parse().unwrap(), timeout).unwrap();
+        s.set_read_timeout(Some(timeout)).unwrap();
+        s.write_all(b"ping over pvrun").unwrap();
+        let mut buf = [0u8; 15];
+        s.read_exact(&mut buf).unwrap();
+        buf
+    })
+    .join()
+    .unwrap();
+    assert_eq!(&echoed, b"ping over pvrun");
 }

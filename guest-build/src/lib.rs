@@ -312,8 +312,10 @@ pub fn build(req: &BuildRequest) -> Result<BuiltGuest> {
                     elf = Some(exe.into_std_path_buf());
                 }
             }
+            // Stray text from cargo goes to stderr with its progress: stdout is the
+            // guest's (and `cargo pvrun build`'s report).
             Message::TextLine(line) => {
-                let _ = writeln!(std::io::stdout(), "{line}");
+                let _ = writeln!(std::io::stderr(), "{line}");
             }
             _ => {}
         }
