@@ -210,6 +210,31 @@ fn build_prints_the_elf_path_or_one_json_object() {
     }
     let out = cargo_pvrun(&examples(), &["build", "--message-format", "xml"]);
     assert_eq!(out.status.code(), Some(125));
+    // -v and --color reach cargo: it lists the fresh units, in colour.
+    let out = cargo_pvrun(
+        &examples(),
+        &[
+            "build",
+            "-v",
+            "--color",
+            "always",
+            "--release",
+            "-p",
+            "hello",
+        ],
+    );
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("Fresh") && stderr.contains("guest-sdk"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("\x1b["), "{stderr}");
+    let out = cargo_pvrun(
+        &examples(),
+        &["build", "-q", "--color", "never", "-p", "hello"],
+    );
+    assert!(!text(&out.stderr).contains('\x1b'));
 }
 
 #[test]

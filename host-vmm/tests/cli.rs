@@ -379,6 +379,20 @@ fn host_fn_commands_answer_fail_and_are_killed_on_timeout() {
         !process_running(&["sleep", "987"]),
         "the hung command survived"
     );
+    // A command never outlives the call's own --timeout.
+    let t = std::time::Instant::now();
+    let (st, _, err) = greet(&["--host-fn", "lookup=sleep 988", "--timeout", "0.4"]);
+    assert_eq!(st, 124, "{err}");
+    assert!(
+        err.contains("host function `lookup` timed out after 0.400 s; killed"),
+        "{err}"
+    );
+    assert!(err.contains("pvrun: call timed out after"), "{err}");
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(4),
+        "{:?}",
+        t.elapsed()
+    );
     // Too much output.
     let (st, _, err) = greet(&["--host-fn", "lookup=yes", "--host-fn-max-output", "4K"]);
     assert_eq!(st, 1, "{err}");

@@ -26,7 +26,8 @@ pub struct HostFnOptions {
     /// an error for the guest. CMD's stderr goes to the log.
     #[arg(long = "host-fn", value_name = "NAME=CMD", value_parser = HostCommand::parse)]
     pub host_fns: Vec<HostCommand>,
-    /// Seconds a --host-fn command may run before it is killed (with its process group).
+    /// Seconds a --host-fn command may run before it is killed (with its process group);
+    /// at most the call's --timeout.
     #[arg(long, value_name = "SECS", default_value = "5", value_parser = parse_timeout)]
     pub host_fn_timeout: Duration,
     /// Largest output a --host-fn command may write; more kills it.
@@ -35,14 +36,20 @@ pub struct HostFnOptions {
 }
 
 impl HostFnOptions {
-    /// Starts the runner (before any thread is confined) and returns the functions.
-    fn functions(&self, log: LogFn) -> Result<std::collections::HashMap<String, HostFn>, String> {
+    /// Starts the runner (before any thread is confined) and returns the functions. A
+    /// command never outlives `call_timeout`: the guest's call waits for it outside
+    /// `KVM_RUN`, where the call's own timeout cannot interrupt it.
+    fn functions(
+        &self,
+        log: LogFn,
+        call_timeout: Duration,
+    ) -> Result<std::collections::HashMap<String, HostFn>, String> {
         if self.host_fns.is_empty() {
             return Ok(Default::default());
         }
         let runner = HostFnRunner::start(
             HostFnLimits {
-                timeout: self.host_fn_timeout,
+                timeout: self.host_fn_timeout.min(call_timeout),
                 max_output: usize::try_from(self.host_fn_max_output).unwrap_or(usize::MAX),
             },
             log,
@@ -124,7 +131,7 @@ pub fn serve_and_exit(guest: &Path, opts: ServeOptions, args: Vec<String>) -> ! 
     // Host-function commands log through the gateway's queue: a stalled stderr never
     // holds a call.
     let log: LogFn = Arc::new(|l: &str| gateway::log_line(l));
-    let host_functions = match opts.host.functions(log) {
+    let host_functions = match opts.host.functions(log, opts.timeout) {
         Ok(f) => f,
         Err(e) => usage_exit(&e),
     };
@@ -202,7 +209,7 @@ pub fn call_and_exit(
     args: Vec<String>,
 ) -> ! {
     let log: LogFn = Arc::new(|l: &str| crate::eprint_line(l));
-    let host_functions = match opts.host.functions(log) {
+    let host_functions = match opts.host.functions(log, opts.timeout) {
         Ok(f) => f,
         Err(e) => usage_exit(&e),
     };
