@@ -337,7 +337,11 @@ fn main() {
         .unwrap_or_else(|e| cli::exit_on_clap_error(e));
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| cli::exit_on_clap_error(e));
     let verbose = cli.verbose;
-    cli::logging::init(verbose);
+    let sink = match cli.command {
+        Command::Serve(_) => cli::logging::Sink::Gateway,
+        _ => cli::logging::Sink::Stderr,
+    };
+    cli::logging::init_to(verbose, sink);
     let sub_matches = matches
         .subcommand()
         .map(|(_, m)| m.clone())

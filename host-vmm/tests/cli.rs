@@ -564,3 +564,40 @@ fn a_disk_the_guest_never_opens_gets_a_warning_and_a_used_one_does_not() {
         "pvrun: warning: disk `spare` was attached but the guest never opened it (it sent no request)"
     );
 }
+
+#[test]
+fn serve_verbose_logs_through_the_queue_so_a_stalled_stderr_never_holds_calls() {
+    use std::io::BufRead;
+    // -vv logs every exit of every call; stderr is read up to the banner, then never.
+    let mut child = Command::new(common::pvrun_bin())
+        .args(["serve", "-vv", "--listen", "127.0.0.1:0", "--pool", "1"])
+        .arg(guest("badfunctions"))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut server = Server {
+        child,
+        addr: String::new(),
+    };
+    let mut log = String::new();
+    while server.addr.is_empty() {
+        let mut l = String::new();
+        assert!(err.read_line(&mut l).unwrap() > 0, "no banner: {log}");
+        log.push_str(&l);
+        if let Some(rest) = l.split("http://").nth(1) {
+            server.addr = rest.split('/').next().unwrap().to_string();
+        }
+    }
+    assert!(log.contains("host_vmm::builder: memory map"), "{log}");
+    let t = std::time::Instant::now();
+    for i in 0..1500 {
+        let (status, body) = server.post("echo", b"x");
+        assert_eq!((status, body.as_slice()), (200, &b"x"[..]), "call {i}");
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(60),
+            "stalled at call {i}"
+        );
+    }
+    drop(err);
+}

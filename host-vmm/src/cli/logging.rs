@@ -7,13 +7,28 @@
 //! costs a relaxed load. `tracing-subscriber`'s `EnvFilter` gives `RUST_LOG` its usual
 //! meaning (`RUST_LOG=host_vmm=trace`, `RUST_LOG=host_vmm::runtime=trace`, ...).
 //!
-//! Every line goes through [`crate::StdStream`]: a closed or stalled stderr drops log
-//! output, never panics or blocks a stopping guest.
+//! Every line goes through [`crate::StdStream`] (a closed stderr drops log output, never
+//! panics, and a stalled one never holds a stopping guest), or, for `serve`, through the
+//! gateway's bounded log queue ([`Sink::Gateway`]), which never blocks a call at all.
 
 use std::io::Write;
+use std::sync::OnceLock;
 
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::filter::LevelFilter;
+
+/// Where log lines go.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Sink {
+    /// Straight to stderr.
+    #[default]
+    Stderr,
+    /// Through the gateway's log queue (`serve`: lines are dropped, counted, rather than
+    /// ever blocking a call).
+    Gateway,
+}
+
+static SINK: OnceLock<Sink> = OnceLock::new();
 
 /// A `MakeWriter` over the host's stderr that never panics.
 struct Stderr;
@@ -41,7 +56,15 @@ impl Write for LineWriter {
 
 impl Drop for LineWriter {
     fn drop(&mut self) {
-        let _ = crate::StdStream::stderr().write_all(&self.0);
+        match SINK.get().copied().unwrap_or_default() {
+            Sink::Stderr => {
+                let _ = crate::StdStream::stderr().write_all(&self.0);
+            }
+            Sink::Gateway => {
+                let text = String::from_utf8_lossy(&self.0);
+                super::gateway::log_line(text.trim_end_matches('\n'));
+            }
+        }
     }
 }
 
@@ -50,6 +73,12 @@ impl Drop for LineWriter {
 /// (every VM exit). Does nothing when neither asks for anything, so a quiet run pays
 /// nothing. A `RUST_LOG` that does not parse is reported once and ignored.
 pub fn init(verbose: u8) {
+    init_to(verbose, Sink::Stderr)
+}
+
+/// [`init`], writing to `sink`.
+pub fn init_to(verbose: u8, sink: Sink) {
+    let _ = SINK.set(sink);
     let rust_log = std::env::var("RUST_LOG")
         .ok()
         .filter(|s| !s.trim().is_empty());

@@ -124,7 +124,11 @@ mod cli_main {
     pub fn real_main() {
         let argv: Vec<String> = std::env::args().collect();
         let cli: Cli = cli::parse_or_exit(with_implicit_run(argv));
-        cli::logging::init(cli.verbose);
+        let sink = match cli.command {
+            Command::Serve(_) => cli::logging::Sink::Gateway,
+            _ => cli::logging::Sink::Stderr,
+        };
+        cli::logging::init_to(cli.verbose, sink);
         match cli.command {
             Command::Run(r) => {
                 host_vmm::stop_guest_on_signals();
