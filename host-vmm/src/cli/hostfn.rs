@@ -75,6 +75,8 @@ pub struct HostFnLimits {
 
 /// Lines of a command's stderr logged per call (the rest is counted).
 const STDERR_LINES: usize = 20;
+/// Characters of one stderr line logged (the rest is cut, `...`).
+const STDERR_LINE_MAX: usize = 400;
 /// Bytes of a command's stderr read per call (the rest is discarded unread).
 const STDERR_MAX: usize = 64 << 10;
 
@@ -91,7 +93,13 @@ struct Job {
 /// The thread that starts host-function commands on behalf of (confined) vCPU threads.
 pub struct HostFnRunner {
     jobs: Sender<Job>,
+    limits: HostFnLimits,
 }
+
+/// How much longer than the command's timeout a guest's call waits for the runner's
+/// answer (the runner kills and reaps in that time; past it, something is stuck, e.g. a
+/// log line on a stalled stderr, and the call fails instead of hanging).
+const ANSWER_GRACE: Duration = Duration::from_secs(2);
 
 impl HostFnRunner {
     /// Starts the runner thread; call this before any thread is confined. Each job gets
@@ -118,7 +126,7 @@ impl HostFnRunner {
                     }
                 }
             })?;
-        Ok(HostFnRunner { jobs })
+        Ok(HostFnRunner { jobs, limits })
     }
 
     /// The host functions for `commands`, each running its command through this runner.
@@ -128,6 +136,7 @@ impl HostFnRunner {
             let jobs = self.jobs.clone();
             let name = c.name.clone();
             let argv: Arc<[String]> = c.argv.clone().into();
+            let wait = self.limits.timeout + ANSWER_GRACE;
             let f: HostFn = Arc::new(move |input: &[u8]| {
                 let (reply, answer) = mpsc::sync_channel(1);
                 let job = Job {
@@ -140,9 +149,15 @@ impl HostFnRunner {
                 // make the vCPU threads wait for each other).
                 jobs.send(job)
                     .map_err(|_| "the host-function runner is gone".to_string())?;
-                answer
-                    .recv()
-                    .map_err(|_| "the host function could not be started".to_string())?
+                match answer.recv_timeout(wait) {
+                    Ok(r) => r,
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        Err("the host function did not answer in time".to_string())
+                    }
+                    Err(mpsc::RecvTimeoutError::Disconnected) => {
+                        Err("the host function could not be started".to_string())
+                    }
+                }
             });
             if fns.insert(c.name.clone(), f).is_some() {
                 return Err(format!(
@@ -321,10 +336,12 @@ fn run_command(
         let text = String::from_utf8_lossy(&err);
         let lines: Vec<&str> = text.lines().collect();
         for l in lines.iter().take(STDERR_LINES) {
-            log(&format!(
-                "pvrun: host function `{shown}` stderr: {}",
-                crate::escape_controls(l)
-            ));
+            let mut l: String = crate::escape_controls(l).into_owned();
+            if let Some((cut, _)) = l.char_indices().nth(STDERR_LINE_MAX) {
+                l.truncate(cut);
+                l.push_str("...");
+            }
+            log(&format!("pvrun: host function `{shown}` stderr: {l}"));
         }
         if lines.len() > STDERR_LINES {
             log(&format!(
