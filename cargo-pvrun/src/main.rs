@@ -356,7 +356,14 @@ fn main() {
             let mut args = vec![elf.display().to_string()];
             args.extend(r.args);
             let (config, debug) = r.vm.into_parts(args);
-            run_and_exit_as(&elf, config, &debug, Program::CargoPvrun)
+            let build_options = given_flags(&sub_matches, args_of::<BuildOpts>().iter())
+                .iter()
+                .filter(|w| *w != "--quiet")
+                .map(|w| quote(w))
+                .collect::<Vec<_>>()
+                .join(" ");
+            let program = Program::CargoPvrun { build_options };
+            run_and_exit_as(&elf, config, &debug, &program)
         }
         Command::Build(b) => {
             let built = build_guest(&b.build, verbose);

@@ -267,8 +267,8 @@ fn call_builds_and_calls_a_function_and_run_points_at_serve_and_call() {
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(125), "{stderr}");
     assert!(
-        stderr.contains("cargo pvrun serve --listen ADDR")
-            && stderr.contains("cargo pvrun call NAME"),
+        stderr.contains("cargo pvrun serve --release --listen ADDR")
+            && stderr.contains("cargo pvrun call --release NAME"),
         "{stderr}"
     );
 }

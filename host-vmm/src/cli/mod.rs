@@ -158,24 +158,37 @@ pub fn exit_on_clap_error(e: clap::Error) -> ! {
 }
 
 /// Which program runs the guest, for the commands its messages suggest.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub enum Program {
     /// `pvrun GUEST`.
     #[default]
     Pvrun,
-    /// `cargo pvrun` in a guest crate.
-    CargoPvrun,
+    /// `cargo pvrun` in a guest crate, with these crate-selection and build options
+    /// (shell-quoted, e.g. `--release -p functions`; may be empty).
+    CargoPvrun {
+        /// The options, to repeat in the suggested commands.
+        build_options: String,
+    },
 }
 
 impl Program {
     /// The one-line error for a function guest that was run as a program.
-    pub fn function_guest_hint(self, elf: &Path) -> String {
+    pub fn function_guest_hint(&self, elf: &Path) -> String {
         match self {
             Program::Pvrun => format!(
                 "pvrun: error: `{}` is a function guest (it waits for calls); serve it with `pvrun serve --listen ADDR {0}`, or call one function with `pvrun call {0} NAME [INPUT|-]`",
                 elf.display()
             ),
-            Program::CargoPvrun => "pvrun: error: this crate is a function guest (it waits for calls); serve it with `cargo pvrun serve --listen ADDR`, or call one function with `cargo pvrun call NAME [INPUT|-]`".to_string(),
+            Program::CargoPvrun { build_options } => {
+                let opts = if build_options.is_empty() {
+                    String::new()
+                } else {
+                    format!(" {build_options}")
+                };
+                format!(
+                    "pvrun: error: this crate is a function guest (it waits for calls); serve it with `cargo pvrun serve{opts} --listen ADDR`, or call one function with `cargo pvrun call{opts} NAME [INPUT|-]`"
+                )
+            }
         }
     }
 }
@@ -186,13 +199,13 @@ impl Program {
 /// status 125; a core file that cannot be written is one `pvrun: warning:` line and
 /// changes no status.
 pub fn run_and_exit(elf: &Path, config: VmConfig, debug: &DebugOptions) -> ! {
-    run_and_exit_as(elf, config, debug, Program::Pvrun)
+    run_and_exit_as(elf, config, debug, &Program::Pvrun)
 }
 
 /// [`run_and_exit`], with the hints `program` gives (a function guest is told how to
 /// serve or call it with that program). A disk the guest never sent a request to gets a
 /// `pvrun: warning:` line at exit (a misspelt name in the guest is the usual cause).
-pub fn run_and_exit_as(elf: &Path, config: VmConfig, debug: &DebugOptions, program: Program) -> ! {
+pub fn run_and_exit_as(elf: &Path, config: VmConfig, debug: &DebugOptions, program: &Program) -> ! {
     let disks: Vec<String> = config.disks.iter().map(|d| d.name.clone()).collect();
     let vm = GuestImage::from_file(elf).and_then(|image| Vm::new(Arc::new(image), config));
     let mut vm = match vm {
