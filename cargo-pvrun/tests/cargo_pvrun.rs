@@ -501,3 +501,65 @@ fn net_guest_echoes(dir: &Path, build: &[&str]) {
     .unwrap();
     assert_eq!(&echoed, b"ping over pvrun");
 }
+
+#[test]
+fn serve_under_cargo_shuts_down_cleanly_when_cargo_gets_sigterm() {
+    use std::io::BufRead;
+    // The real `cargo pvrun`: cargo finds this cargo-pvrun on PATH and runs it (on Unix
+    // cargo replaces itself with it, so a supervisor's SIGTERM to cargo reaches serve).
+    let bin_dir = Path::new(env!("CARGO_BIN_EXE_cargo-pvrun"))
+        .parent()
+        .unwrap();
+    let path = format!(
+        "{}:{}",
+        bin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut child = Command::new(cargo)
+        .args([
+            "pvrun",
+            "serve",
+            "-q",
+            "--release",
+            "--listen",
+            "127.0.0.1:0",
+            "--pool",
+            "1",
+        ])
+        .env("PATH", path)
+        .current_dir(examples().join("functions"))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut addr = String::new();
+    while addr.is_empty() {
+        let mut l = String::new();
+        if err.read_line(&mut l).unwrap() == 0 {
+            let _ = child.kill();
+            panic!("cargo pvrun serve exited before serving");
+        }
+        if let Some(rest) = l.split("http://").nth(1) {
+            addr = rest.split('/').next().unwrap().to_string();
+        }
+    }
+    // SIGTERM to the pid we started (not its process group), as a supervisor sends it.
+    // SAFETY: kill on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let _ = child.wait();
+    let mut rest = String::new();
+    for l in err.lines().map_while(Result::ok) {
+        rest.push_str(&l);
+        rest.push('\n');
+    }
+    // The server's stderr reached end of file: it exited, after a clean shutdown.
+    assert!(
+        rest.contains("pvrun: got signal 15") && rest.contains("shut down cleanly"),
+        "{rest}"
+    );
+    assert!(
+        std::net::TcpStream::connect(&addr).is_err(),
+        "still listening on {addr}"
+    );
+}
