@@ -112,7 +112,9 @@ impl Pvrun {
         for e in ["set confirm off", "set pagination off"]
             .iter()
             .copied()
-            .chain(std::iter::once(format!("target remote :{}", self.port).as_str()))
+            .chain(std::iter::once(
+                format!("target remote :{}", self.port).as_str(),
+            ))
             .chain(cmds.iter().copied())
         {
             c.args(["-ex", e]);
@@ -167,7 +169,10 @@ fn gdb_breaks_steps_prints_and_runs_the_guest_to_its_exit_status() {
         "continue",
     ]);
     // The breakpoint, then the call stack innermost first, with file:line.
-    let hit = find(&out, "Breakpoint 1, debuggee::add_scaled (value=10, factor=3)");
+    let hit = find(
+        &out,
+        "Breakpoint 1, debuggee::add_scaled (value=10, factor=3)",
+    );
     let bt0 = find(&out, "#0  debuggee::add_scaled (value=10, factor=3) at ");
     let bt1 = find(&out, "debuggee::middle (n=5) at ");
     let bt2 = find(&out, "debuggee::outer (n=4) at ");
@@ -264,7 +269,12 @@ fn detach_lets_the_guest_run_on_and_kill_stops_it() {
 fn the_timeout_does_not_run_while_the_guest_is_stopped() {
     // 2 s of --timeout, 3 s at the breakpoint: the guest still finishes.
     let p = Pvrun::start("run", &["--timeout", "2"]);
-    let out = p.gdb(&["break debuggee::add_scaled", "continue", "shell sleep 3", "continue"]);
+    let out = p.gdb(&[
+        "break debuggee::add_scaled",
+        "continue",
+        "shell sleep 3",
+        "continue",
+    ]);
     assert!(out.contains("exited with code 040"), "{out}");
     let (status, _, stderr) = p.finish();
     assert_eq!(status, 32, "{stderr}");
@@ -357,7 +367,10 @@ fn ctrl_c_stops_a_running_and_a_sleeping_guest() {
         std::thread::sleep(Duration::from_millis(200));
         c.0.write_all(&[0x03]).unwrap();
         let again = c.reply();
-        assert!(again.starts_with("T02") || again.starts_with("S02"), "{again}");
+        assert!(
+            again.starts_with("T02") || again.starts_with("S02"),
+            "{again}"
+        );
         c.send("k");
         let (status, _, stderr) = p.finish();
         assert_eq!(status, EXIT_KILLED, "{mode}: {stderr}");
@@ -369,7 +382,15 @@ fn gdb_cannot_read_or_write_host_memory_or_guest_text() {
     let p = Pvrun::start("run", &["--timeout", "60"]);
     let mut c = Rsp::connect(p.port);
     // The GDT, IDT, ring-0 stubs and stack, the page tables, page 0, past the end.
-    for addr in ["0", "1000", "2000", "4000", "5000", "100000", "ffffffff00000000"] {
+    for addr in [
+        "0",
+        "1000",
+        "2000",
+        "4000",
+        "5000",
+        "100000",
+        "ffffffff00000000",
+    ] {
         let r = c.ask(&format!("m{addr},10"));
         assert!(r.starts_with('E'), "read at {addr}: {r}");
         let w = c.ask(&format!("M{addr},4:cccccccc"));
@@ -403,7 +424,8 @@ fn a_client_sending_garbage_or_hanging_up_leaves_the_guest_to_run_on() {
     // Garbage, then the connection closes: the guest runs to its end, with a message.
     let p = Pvrun::start("run", &["--timeout", "60"]);
     let mut c = Rsp::connect(p.port);
-    c.0.write_all(b"hello\x00\xff$zz#00$m0,zz#ff+-+--$").unwrap();
+    c.0.write_all(b"hello\x00\xff$zz#00$m0,zz#ff+-+--$")
+        .unwrap();
     c.0.write_all(&[b'x'; 10000]).unwrap();
     let _ = c.0.write_all(b"$qSupported:xyz#00");
     drop(c);

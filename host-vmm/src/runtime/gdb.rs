@@ -49,7 +49,9 @@ use gdbstub::target::ext::base::singlethread::{
     SingleThreadBase, SingleThreadResume, SingleThreadResumeOps, SingleThreadSingleStep,
     SingleThreadSingleStepOps,
 };
-use gdbstub::target::ext::breakpoints::{Breakpoints, BreakpointsOps, SwBreakpoint, SwBreakpointOps};
+use gdbstub::target::ext::breakpoints::{
+    Breakpoints, BreakpointsOps, SwBreakpoint, SwBreakpointOps,
+};
 use gdbstub::target::{Target, TargetError, TargetResult};
 use gdbstub_arch::x86::X86_64_SSE;
 use gdbstub_arch::x86::reg::X86_64CoreRegs;
@@ -70,7 +72,8 @@ use crate::memory::UserMemory;
 const TF: u64 = 1 << 8;
 /// The RFLAGS bits gdb may change: CF PF AF ZF SF TF DF OF AC ID. Never IOPL, NT, RF, VM,
 /// VIF/VIP or IF: a debugger must not give the guest port access or change its mode.
-const USER_FLAGS: u64 = 0x1 | 0x4 | 0x10 | 0x40 | 0x80 | 0x100 | 0x400 | 0x800 | 0x4_0000 | 0x20_0000;
+const USER_FLAGS: u64 =
+    0x1 | 0x4 | 0x10 | 0x40 | 0x80 | 0x100 | 0x400 | 0x800 | 0x4_0000 | 0x20_0000;
 /// How long a write to gdb may block before the session is given up (a client that
 /// stopped reading must not hold the host).
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
@@ -409,7 +412,12 @@ impl Debuggee<'_> {
         if let Some(at) = self.frame.take() {
             // Back through the trampoline: rdx, rip, rflags and rsp from the frame.
             let mem = self.vm.ram.mem();
-            for (slot, v) in [(0, regs.rdx), (3, regs.rip), (5, regs.rflags), (6, regs.rsp)] {
+            for (slot, v) in [
+                (0, regs.rdx),
+                (3, regs.rip),
+                (5, regs.rflags),
+                (6, regs.rsp),
+            ] {
                 mem.write_obj(v, GuestAddress(at + 8 * slot))
                     .map_err(|e| Error::Layout(format!("cannot write the exception frame: {e}")))?;
             }
@@ -427,9 +435,12 @@ impl Debuggee<'_> {
     }
 
     /// Runs the guest until the next event gdb must hear about.
-    fn run(&mut self, conn: &mut Conn) -> Result<run_blocking::Event<SingleThreadStopReason<u64>>, Error> {
-        use run_blocking::Event as E;
+    fn run(
+        &mut self,
+        conn: &mut Conn,
+    ) -> Result<run_blocking::Event<SingleThreadStopReason<u64>>, Error> {
         use SingleThreadStopReason as S;
+        use run_blocking::Event as E;
         if let Some(o) = self.fatal.take() {
             let sig = match &o {
                 Outcome::Panicked(_) => Signal::SIGABRT,
@@ -449,7 +460,11 @@ impl Debuggee<'_> {
                     let vector = f[1];
                     if vector == 1 || vector == 3 {
                         self.load_exception()?;
-                        if vector == 3 && self.breakpoints.contains_key(&self.regs.rip.wrapping_sub(1)) {
+                        if vector == 3
+                            && self
+                                .breakpoints
+                                .contains_key(&self.regs.rip.wrapping_sub(1))
+                        {
                             self.regs.rip -= 1;
                             return Ok(E::TargetStopped(S::SwBreak(())));
                         }
@@ -479,7 +494,9 @@ impl Debuggee<'_> {
                         continue;
                     }
                     self.load()?;
-                    let byte = conn.read().map_err(|e| Error::Config(format!("gdb: {e}")))?;
+                    let byte = conn
+                        .read()
+                        .map_err(|e| Error::Config(format!("gdb: {e}")))?;
                     return Ok(E::IncomingData(byte));
                 }
             }
@@ -551,7 +568,10 @@ impl Debuggee<'_> {
             return fd.get_fpu().map_err(|e| Error::Kvm("KVM_GET_FPU", e));
         };
         // The legacy region of the XSAVE area, as FXSAVE lays it out.
-        let b: Vec<u8> = x.region[..128].iter().flat_map(|w| w.to_le_bytes()).collect();
+        let b: Vec<u8> = x.region[..128]
+            .iter()
+            .flat_map(|w| w.to_le_bytes())
+            .collect();
         let u16_at = |o: usize| u16::from_le_bytes([b[o], b[o + 1]]);
         let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap_or([0; 8]));
         let mut f = kvm_fpu {
@@ -579,7 +599,10 @@ impl Debuggee<'_> {
         let Ok(mut x) = fd.get_xsave() else {
             return fd.set_fpu(f).map_err(|e| Error::Kvm("KVM_SET_FPU", e));
         };
-        let mut b: Vec<u8> = x.region[..128].iter().flat_map(|w| w.to_le_bytes()).collect();
+        let mut b: Vec<u8> = x.region[..128]
+            .iter()
+            .flat_map(|w| w.to_le_bytes())
+            .collect();
         b[0..2].copy_from_slice(&f.fcw.to_le_bytes());
         b[2..4].copy_from_slice(&f.fsw.to_le_bytes());
         b[4] = f.ftwx;
@@ -660,7 +683,13 @@ impl SingleThreadBase for Debuggee<'_> {
         regs.fpu.fstat = fpu.fsw as u32;
         // The abridged tag (a bit per register) as the full tag word (00 valid, 11 empty).
         regs.fpu.ftag = (0..8)
-            .map(|i| if fpu.ftwx >> i & 1 != 0 { 0 } else { 3u32 << (2 * i) })
+            .map(|i| {
+                if fpu.ftwx >> i & 1 != 0 {
+                    0
+                } else {
+                    3u32 << (2 * i)
+                }
+            })
             .sum();
         regs.fpu.fop = fpu.last_opcode as u32;
         regs.fpu.fioff = fpu.last_ip as u32;
@@ -718,7 +747,10 @@ impl SingleThreadBase for Debuggee<'_> {
             let Ok(range) = self.vm.map.check_user(addr, n, false) else {
                 break;
             };
-            if mem.read_user(&range, &mut data[done..done + n as usize]).is_err() {
+            if mem
+                .read_user(&range, &mut data[done..done + n as usize])
+                .is_err()
+            {
                 break;
             }
             done += n as usize;
@@ -727,7 +759,10 @@ impl SingleThreadBase for Debuggee<'_> {
             return Err(TargetError::Errno(libc::EFAULT as u8));
         }
         // gdb sees the original bytes under its breakpoints.
-        for (&addr, &byte) in self.breakpoints.range(start..start.saturating_add(done as u64)) {
+        for (&addr, &byte) in self
+            .breakpoints
+            .range(start..start.saturating_add(done as u64))
+        {
             data[(addr - start) as usize] = byte;
         }
         Ok(done)
@@ -824,10 +859,8 @@ impl<'a> BlockingEventLoop for Loop<'a> {
     fn wait_for_stop_reason(
         target: &mut Debuggee<'a>,
         conn: &mut Conn,
-    ) -> Result<
-        run_blocking::Event<Self::StopReason>,
-        WaitForStopReasonError<Error, std::io::Error>,
-    > {
+    ) -> Result<run_blocking::Event<Self::StopReason>, WaitForStopReasonError<Error, std::io::Error>>
+    {
         target.run(conn).map_err(WaitForStopReasonError::Target)
     }
 

@@ -12,10 +12,10 @@ use super::backtrace::{self, Crash, CrashKind, Registers};
 use super::control::{KillHandle, StopReason};
 use super::fault::{self, Fault};
 use super::outcome::Outcome;
+use crate::arch::FRAME_WORDS;
 use crate::devices::DeviceCounters;
 use crate::error::Error;
 use crate::hypercall::{self, Action, GuestView};
-use crate::arch::FRAME_WORDS;
 use crate::layout::{R0_STACK_BOTTOM, R0_STACK_TOP};
 use crate::vstate::vm as kvm_vm;
 

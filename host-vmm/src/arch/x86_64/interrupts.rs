@@ -163,14 +163,15 @@ mod tests {
 
     #[test]
     fn tables_are_the_old_bytes() {
-        // Captured from the hand-assembled tables this module replaced.
+        // Captured from the hand-assembled tables this module replaced (the stubs' page
+        // since: each stub pushes rdx, and the resume trampoline follows them).
         assert_eq!(
             page_sha(&idt_bytes()),
             "7ccf6c32ba612270f24eeaf537406bf25edc471d7999aa66da652963748400db"
         );
         assert_eq!(
             page_sha(&stubs_bytes()),
-            "ab7aaefa61476f39afe94c94c1c85d60b79d950677ece73cecc7b721c687f979"
+            "13ebb71d7455988e1abe3cdcdbc0dc03497d78d533401a85aef242ca0243b3d4"
         );
         assert_eq!(IDT_LIMIT, 511);
     }
@@ -190,6 +191,25 @@ mod tests {
             assert_eq!((lo >> 45) & 3, 0, "DPL 0");
             assert_eq!((lo >> 40) & 0xf, 0xe, "64-bit interrupt gate");
             assert_eq!((lo >> 32) & 7, 1, "IST1");
+        }
+    }
+
+    #[test]
+    fn the_resume_trampoline_follows_the_stubs() {
+        let stubs = stubs_bytes();
+        let at = (RESUME_ADDR - STUBS_ADDR) as usize;
+        assert_eq!(at as u64, IDT_ENTRIES * STUB_SIZE);
+        // pop rdx ; add rsp, 16 ; iretq
+        assert_eq!(
+            &stubs[at..at + 7],
+            &[0x5a, 0x48, 0x83, 0xc4, 0x10, 0x48, 0xcf]
+        );
+        assert!(stubs.len() as u64 <= 4096);
+        // Every stub saves rdx right before clobbering it.
+        for v in 0..IDT_ENTRIES as u8 {
+            let code = stub(v);
+            let mov = code.windows(2).position(|w| w == MOV_DX_IMM16).unwrap();
+            assert_eq!(code[mov - 1], PUSH_RDX, "vector {v}");
         }
     }
 
