@@ -378,6 +378,23 @@ fn ctrl_c_stops_a_running_and_a_sleeping_guest() {
 }
 
 #[test]
+fn sigint_to_pvrun_ends_a_session_stopped_in_gdb() {
+    let p = Pvrun::start("run", &["--timeout", "60"]);
+    let mut c = Rsp::connect(p.port);
+    let stop = c.ask("?");
+    assert!(stop.starts_with('S') || stop.starts_with('T'), "{stop}");
+    let st = Command::new("kill")
+        .args(["-INT", &p.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let (status, stdout, stderr) = p.finish();
+    assert_eq!(status, 130, "{stderr}");
+    assert!(!stdout.contains("result"), "{stdout}");
+    assert!(stderr.contains("interrupted by signal 2"), "{stderr}");
+}
+
+#[test]
 fn gdb_cannot_read_or_write_host_memory_or_guest_text() {
     let p = Pvrun::start("run", &["--timeout", "60"]);
     let mut c = Rsp::connect(p.port);

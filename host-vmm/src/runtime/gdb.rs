@@ -77,6 +77,9 @@ const USER_FLAGS: u64 =
 /// How long a write to gdb may block before the session is given up (a client that
 /// stopped reading must not hold the host).
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+/// At most this many software breakpoints at once (a client cannot grow host memory
+/// without bound).
+const MAX_BREAKPOINTS: usize = 4096;
 /// How often the poller looks at the socket while the guest runs (it also wakes on data).
 const POLL_MS: i32 = 100;
 
@@ -157,6 +160,7 @@ impl GdbSession {
         let watch = OwnedFd::from(stream.try_clone().map_err(Error::Io)?);
         let poller = Arc::new(Poller::default());
         let p = poller.clone();
+        let stops = control.clone();
         let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
         let thread = std::thread::Builder::new()
             .name("pvrun-gdb-poll".into())
@@ -173,6 +177,7 @@ impl GdbSession {
                 input: Vec::new(),
                 at: 0,
                 output: Vec::new(),
+                control: stops,
             }),
             poller,
             poller_thread: Some(thread),
@@ -196,6 +201,8 @@ struct Conn {
     input: Vec<u8>,
     at: usize,
     output: Vec<u8>,
+    /// Tells a real stop (SIGINT/SIGTERM, a kill) from a late debugger kick.
+    control: Arc<RunControl>,
 }
 
 impl Conn {
@@ -215,9 +222,10 @@ impl Conn {
                     self.at = 0;
                     return Ok(());
                 }
-                // The kick interrupts reads; a real stop (SIGINT/SIGTERM) ends the session.
+                // A signal interrupts reads: a real stop (SIGINT/SIGTERM, a kill) ends the
+                // session; a kick the poller sent as the guest stopped does not.
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {
-                    if super::control::stop_pending() {
+                    if self.control.stopped().is_some() {
                         return Err(e);
                     }
                 }
@@ -361,6 +369,8 @@ struct Debuggee<'a> {
     sregs: kvm_sregs,
     /// The stub's frame on the ring-0 stack, when stopped at an exception.
     frame: Option<u64>,
+    /// CS and SS from that frame (the guest's, in ring 3).
+    frame_segments: (u64, u64),
     /// Software breakpoints: address -> the byte the `int3` replaced.
     breakpoints: BTreeMap<u64, u8>,
     /// Single-step on the next resume.
@@ -392,7 +402,8 @@ impl Debuggee<'_> {
     fn load_exception(&mut self) -> Result<u64, Error> {
         let (at, f) = self.vm.exception_frame().map_err(Error::Layout)?;
         self.load()?;
-        let [rdx, vector, _error, rip, _cs, rflags, rsp, _ss] = f;
+        let [rdx, vector, _error, rip, cs, rflags, rsp, ss] = f;
+        self.frame_segments = (cs, ss);
         self.regs.rdx = rdx;
         self.regs.rip = rip;
         self.regs.rflags = rflags;
@@ -451,6 +462,10 @@ impl Debuggee<'_> {
             return Ok(E::TargetStopped(S::Terminated(sig)));
         }
         self.store()?;
+        // A kick that arrived while the guest was stopped is stale (gdb's data, if any,
+        // is still in the socket, and the poller sees it on this run).
+        self.vm.control.take_debug_break();
+        self.vm.vcpu.set_immediate_exit(0);
         loop {
             let event = self.run_guest()?;
             match event {
@@ -486,11 +501,8 @@ impl Debuggee<'_> {
                     // Interrupted inside the stub: it reports its exception in a few
                     // instructions; stop there instead.
                     let s = self.vm.vcpu.sregs()?;
-                    if s.cs.selector & 3 == 0 && self.pending_wait.is_none() {
-                        continue;
-                    }
-                    if !conn.readable() {
-                        // A late kick for data already handled: run on.
+                    // Or a late kick for data already handled: run on.
+                    if (s.cs.selector & 3 == 0 && self.pending_wait.is_none()) || !conn.readable() {
                         continue;
                     }
                     self.load()?;
@@ -665,12 +677,10 @@ impl SingleThreadBase for Debuggee<'_> {
         regs.rip = r.rip;
         regs.eflags = r.rflags as u32;
         let s = &self.sregs;
-        regs.segments.cs = crate::arch::USER_CS as u32;
-        regs.segments.ss = (crate::arch::USER_CS as u32).wrapping_sub(8);
-        if self.frame.is_none() {
-            regs.segments.cs = s.cs.selector as u32;
-            regs.segments.ss = s.ss.selector as u32;
-        }
+        (regs.segments.cs, regs.segments.ss) = match self.frame {
+            Some(_) => (self.frame_segments.0 as u32, self.frame_segments.1 as u32),
+            None => (s.cs.selector as u32, s.ss.selector as u32),
+        };
         regs.segments.ds = s.ds.selector as u32;
         regs.segments.es = s.es.selector as u32;
         regs.segments.fs = s.fs.selector as u32;
@@ -815,7 +825,7 @@ impl SwBreakpoint for Debuggee<'_> {
         if self.breakpoints.contains_key(&addr) {
             return Ok(true);
         }
-        if !self.in_text(addr) {
+        if !self.in_text(addr) || self.breakpoints.len() >= MAX_BREAKPOINTS {
             return Ok(false);
         }
         let range = self
@@ -896,6 +906,7 @@ impl Vm {
             raw: kvm_regs::default(),
             sregs: kvm_sregs::default(),
             frame: None,
+            frame_segments: (0, 0),
             breakpoints: BTreeMap::new(),
             step: false,
             pending_wait: None,
