@@ -212,6 +212,44 @@ fn gdb_breaks_steps_prints_and_runs_the_guest_to_its_exit_status() {
 }
 
 #[test]
+fn next_steps_over_a_hypercall() {
+    let p = Pvrun::start("run", &["--timeout", "60"]);
+    let line = marked("print");
+    let out = p.gdb(&[
+        "break debuggee::add_scaled",
+        &format!("break {line}"),
+        "continue",
+        "finish",
+        "continue",
+        "next",
+        "info line",
+        "print result",
+        "continue",
+    ]);
+    // `finish` ran to the return (a temporary breakpoint at the return address).
+    let finish = find(&out, "Value returned is $1 = 31");
+    let hit = find(
+        &out,
+        &format!("Breakpoint 2, debuggee::main () at debuggee/src/{line}"),
+    );
+    assert!(finish < hit, "{out}");
+    // `next` single-stepped and ran the console hypercalls to the following line.
+    let after = find(
+        &out,
+        &format!(
+            "{}\t",
+            line.trim_start_matches("main.rs:").parse::<u32>().unwrap() + 1
+        ),
+    );
+    assert!(hit < after, "{out}");
+    assert!(out.contains("$2 = 32"), "{out}");
+    assert!(out.contains("exited with code 040"), "{out}");
+    let (status, stdout, stderr) = p.finish();
+    assert_eq!(status, 32, "{stderr}");
+    assert_eq!(stdout, "result 32\n");
+}
+
+#[test]
 fn a_crash_stops_gdb_with_sigsegv_at_the_faulting_function() {
     let p = Pvrun::start("fault", &["--timeout", "60"]);
     let out = p.gdb(&["continue", "bt", "info registers rip", "continue"]);
@@ -398,6 +436,20 @@ fn sigint_to_pvrun_ends_a_session_stopped_in_gdb() {
 fn gdb_cannot_read_or_write_host_memory_or_guest_text() {
     let p = Pvrun::start("run", &["--timeout", "60"]);
     let mut c = Rsp::connect(p.port);
+    assert!(!c.ask("?").is_empty());
+    // With gdb attached, every thread (the vCPU thread, the socket poller) runs under
+    // its seccomp filter.
+    let tasks = std::fs::read_dir(format!("/proc/{}/task", p.child.id())).unwrap();
+    let mut n = 0;
+    for t in tasks {
+        let status = std::fs::read_to_string(t.unwrap().path().join("status")).unwrap();
+        assert!(
+            status.lines().any(|l| l == "Seccomp:\t2"),
+            "a thread is not confined:\n{status}"
+        );
+        n += 1;
+    }
+    assert!(n >= 2, "the vCPU and poller threads");
     // The GDT, IDT, ring-0 stubs and stack, the page tables, page 0, past the end.
     for addr in [
         "0",

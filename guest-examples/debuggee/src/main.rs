@@ -69,7 +69,7 @@ fn main() -> i32 {
     match args.get(1).copied().unwrap_or("run") {
         "run" => {
             let result = outer(black_box(4));
-            pvrun::println!("result {result}");
+            pvrun::println!("result {result}"); // MARK: print
             result as i32
         }
         "spin" => spin(),

@@ -2,8 +2,9 @@
 //! can debug a guest as it would a remote process.
 //!
 //! How the pieces fit this KVM (probed on our PVM hosts: `KVM_SET_GUEST_DEBUG` is accepted
-//! but neither software breakpoints nor single-step reach the host through it, so nothing
-//! here uses it):
+//! but neither software breakpoints nor single-step reach the host through it, and debug
+//! registers set with `KVM_SET_DEBUGREGS` never fire, so nothing here uses them and there
+//! are no hardware breakpoints or watchpoints):
 //!
 //! - **Breakpoints** are `int3` bytes the host writes into guest text (the guest cannot
 //!   write its text; the host can). The `#BP` goes through the IDT to the ring-0 stub
@@ -924,6 +925,7 @@ impl Vm {
         match result {
             Ok(DisconnectReason::TargetExited(_)) | Ok(DisconnectReason::TargetTerminated(_)) => {
                 if let Some(o) = d.ended.take() {
+                    d.remove_breakpoints();
                     return Ok(timed_out(o));
                 }
             }
