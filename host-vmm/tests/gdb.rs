@@ -523,6 +523,22 @@ fn a_client_sending_garbage_or_hanging_up_leaves_the_guest_to_run_on() {
         stderr.contains("gdb closed the connection; the guest goes on without the debugger"),
         "{stderr}"
     );
+
+    // Hanging up while the guest runs: the poller notices, the guest runs on (here to
+    // its timeout, since it spins).
+    let p = Pvrun::start("spin", &["--timeout", "3"]);
+    let mut c = Rsp::connect(p.port);
+    c.send("c");
+    std::thread::sleep(Duration::from_millis(300));
+    drop(c);
+    let (status, _, stderr) = p.finish();
+    assert_eq!(status, 124, "{stderr}");
+    assert!(
+        stderr.contains(
+            "pvrun: gdb: gdb closed the connection; the guest goes on without the debugger"
+        ),
+        "{stderr}"
+    );
 }
 
 /// The address of function `name` in the debuggee (from `nm`-like lookup with gdb).

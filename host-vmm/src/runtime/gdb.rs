@@ -1,6 +1,11 @@
 //! `--gdb`: a GDB remote-serial-protocol stub on the `gdbstub` crate, so Debian's `gdb`
 //! can debug a guest as it would a remote process.
 //!
+//! `gdbstub` (with `gdbstub_arch`'s `X86_64_SSE` register layout) is the maintained Rust
+//! implementation of the protocol that crosvm and Firecracker's gdb support also use: it
+//! parses every packet (with bounds on its buffer), so this module only maps its target
+//! traits onto the vCPU and the guest's memory map.
+//!
 //! How the pieces fit this KVM (probed on our PVM hosts: `KVM_SET_GUEST_DEBUG` is accepted
 //! but neither software breakpoints nor single-step reach the host through it, and debug
 //! registers set with `KVM_SET_DEBUGREGS` never fire, so nothing here uses them and there
