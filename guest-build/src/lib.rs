@@ -102,8 +102,17 @@ pub struct BuiltGuest {
 }
 
 /// The `CARGO_ENCODED_RUSTFLAGS` for a guest build using the linker script at `script`.
+///
+/// Besides code generation and linking they set two cfgs for every crate of the guest:
+/// `pvrun_guest` (the SDK builds its start-up code only with it; without it, as under a
+/// plain `cargo build`, it builds a host program that says to use `cargo pvrun`) and
+/// `getrandom_backend="custom"` (getrandom 0.3 and 0.4 then call the SDK's backend).
+/// Cargo applies these flags to the guest's crates only, never to build scripts or proc
+/// macros, because the build passes `--target`.
 pub fn guest_rustflags(script: &Path) -> Vec<String> {
     [
+        "--cfg=pvrun_guest".to_string(),
+        "--cfg=getrandom_backend=\"custom\"".to_string(),
         "-Crelocation-model=static".to_string(),
         "-Cpanic=abort".to_string(),
         "-Cforce-frame-pointers=yes".to_string(),

@@ -23,6 +23,9 @@
 //! `main` may return `()`, `i32` (the exit code) or `Result<(), E>` with `E: Debug` (an
 //! error is printed to stderr and the exit code is 1); see [`process::Termination`].
 #![no_std]
+// Without `--cfg pvrun_guest` (set by guest-build) the crate is built for a host link that
+// only reports "use cargo pvrun", and the start-up code is left out.
+#![cfg_attr(not(pvrun_guest), allow(dead_code, unused_imports))]
 
 extern crate alloc;
 
@@ -34,10 +37,13 @@ pub mod env;
 pub mod function;
 pub mod heap;
 pub mod hypercall;
+#[cfg(feature = "log")]
+pub mod log;
 mod mem;
 pub mod net;
 mod note;
 mod panic;
+pub mod platform;
 pub mod process;
 pub mod random;
 mod ring;
