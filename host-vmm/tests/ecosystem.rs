@@ -124,10 +124,7 @@ fn log_lines_are_filtered_by_rust_log_from_the_guest_environment() {
             .collect()
     };
     // Unset: errors only, as with env_logger.
-    assert_eq!(
-        lines(&ecosystem(&[])),
-        ["[ERROR ecosystem] log error line"]
-    );
+    assert_eq!(lines(&ecosystem(&[])), ["[ERROR ecosystem] log error line"]);
     // A default level and one target turned off.
     assert_eq!(
         lines(&ecosystem(&["--env", "RUST_LOG=info,ecosystem::noisy=off"])),
