@@ -31,12 +31,18 @@ fn block_after(readme: &str, heading: &str, lang: &str) -> String {
 fn the_readme_networking_example_is_the_tcp_echo_guest_verbatim() {
     let shown = block_after(&readme(), "## Networking", "rust");
     let real = std::fs::read_to_string(examples_dir().join("tcp-echo/src/main.rs")).unwrap();
-    assert_eq!(shown, real, "README and guest-examples/tcp-echo drifted apart");
+    assert_eq!(
+        shown, real,
+        "README and guest-examples/tcp-echo drifted apart"
+    );
     let code_lines = real
         .lines()
         .filter(|l| !l.trim().is_empty() && !l.starts_with("#!") && !l.starts_with("use "))
         .count();
-    assert!(code_lines <= 16, "{code_lines} lines is no longer a short example");
+    assert!(
+        code_lines <= 16,
+        "{code_lines} lines is no longer a short example"
+    );
 }
 
 #[test]
@@ -79,7 +85,12 @@ fn the_sdk_docs_build_with_the_readme_command_and_no_warnings() {
     let target = Path::new(env!("CARGO_TARGET_TMPDIR")).join("sdk-doc");
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let out = Command::new(cargo)
-        .args(["doc", "--manifest-path", "guest-sdk/Cargo.toml", "--no-deps"])
+        .args([
+            "doc",
+            "--manifest-path",
+            "guest-sdk/Cargo.toml",
+            "--no-deps",
+        ])
         .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join(".."))
         .env("CARGO_TARGET_DIR", &target)
         .env("RUSTDOCFLAGS", "-Dwarnings")
@@ -92,5 +103,8 @@ fn the_sdk_docs_build_with_the_readme_command_and_no_warnings() {
         String::from_utf8_lossy(&out.stderr)
     );
     let index = std::fs::read_to_string(target.join("doc/pvrun/index.html")).unwrap();
-    assert!(index.contains("platform") && index.contains("log"), "{index}");
+    assert!(
+        index.contains("platform") && index.contains("log"),
+        "{index}"
+    );
 }
