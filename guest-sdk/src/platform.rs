@@ -58,6 +58,9 @@ mod random_hooks {
         Ok(())
     }
 
+    // The C functions below exist only in real guest builds: in the host program a plain
+    // `cargo build` links (see `start.rs`), they would interpose the C library's own.
+
     /// `SYS_getrandom` on x86_64 Linux.
     const SYS_GETRANDOM: i64 = 318;
     /// `ENOSYS`: function not implemented.
@@ -69,6 +72,7 @@ mod random_hooks {
     static mut ERRNO: i32 = 0;
 
     /// glibc's `errno` accessor, which `getrandom` 0.2 reads after a failed call.
+    #[cfg(pvrun_guest)]
     #[unsafe(no_mangle)]
     extern "C" fn __errno_location() -> *mut i32 {
         &raw mut ERRNO
@@ -84,6 +88,7 @@ mod random_hooks {
     ///
     /// # Safety
     /// For `SYS_getrandom`, `a1` points at `a2` writable bytes.
+    #[cfg(pvrun_guest)]
     #[unsafe(no_mangle)]
     unsafe extern "C" fn syscall(number: i64, a1: usize, a2: usize, _a3: usize) -> isize {
         let fail = |e: i32| {
@@ -117,6 +122,7 @@ mod random_hooks {
     ///
     /// # Safety
     /// `buf` is valid for writes of `len` bytes.
+    #[cfg(pvrun_guest)]
     #[unsafe(no_mangle)]
     unsafe extern "C" fn __xpg_strerror_r(errnum: i32, buf: *mut u8, len: usize) -> i32 {
         let text: &[u8] = match errnum {
