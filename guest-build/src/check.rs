@@ -63,7 +63,7 @@ fn problems_in(bytes: &[u8]) -> Result<Problems> {
         for sym in table.symbols().iter().skip(1) {
             if sym.is_undefined(endian) && sym.st_bind() != elf::STB_WEAK {
                 let name = table.symbol_name(endian, sym).unwrap_or_default();
-                let name = String::from_utf8_lossy(name).into_owned();
+                let name = printable(name);
                 if !name.is_empty() && !p.undefined.contains(&name) {
                     p.undefined.push(name);
                 }
@@ -82,7 +82,7 @@ fn problems_in(bytes: &[u8]) -> Result<Problems> {
         let ty = sh.sh_type(endian);
         let alloc = sh.sh_flags(endian).0 & elf::SHF_ALLOC.0 != 0;
         let name = sections.section_name(endian, sh).unwrap_or_default();
-        let name = String::from_utf8_lossy(name).into_owned();
+        let name = printable(name);
         let plt = matches!(name.as_str(), ".plt" | ".plt.got" | ".plt.sec");
         if ty == elf::SHT_DYNAMIC
             || (alloc && matches!(ty, elf::SHT_RELA | elf::SHT_REL) && sh.sh_size(endian) > 0)
@@ -112,7 +112,7 @@ pub fn referencing_crates(symbol: &str, rlibs: &[Rlib]) -> Vec<String> {
                 return false; // lib.rmeta and other non-object members
             };
             obj.symbols()
-                .any(|s| s.is_undefined() && s.name_bytes() == Ok(symbol.as_bytes()))
+                .any(|s| s.is_undefined() && s.name_bytes().map(printable).as_deref() == Ok(symbol))
         });
         if refs && !found.contains(&rlib.package) {
             found.push(rlib.package.clone());
@@ -167,4 +167,19 @@ fn quoted(items: &[String]) -> String {
         .map(|i| format!("`{i}`"))
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// A name from the file as text for a terminal: invalid UTF-8 replaced, control
+/// characters escaped (`\u{1b}`).
+fn printable(raw: &[u8]) -> String {
+    String::from_utf8_lossy(raw)
+        .chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_unicode().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }

@@ -147,3 +147,77 @@ fn log_lines_are_filtered_by_rust_log_from_the_guest_environment() {
     assert_eq!(all.len(), 7, "{all:?}");
     assert!(all.contains(&"[TRACE ecosystem] log trace line".to_string()));
 }
+
+/// guest-build's post-link check reads the same things as the host's loader: the
+/// hand-assembled images of `loader.rs`, checked before any build would boot them.
+mod post_link_check {
+    use host_vmm::testing::{self as raw_guest, EXIT_LOOP, RawElf, RawSection};
+
+    fn problems(opts: RawElf) -> guest_build::check::Problems {
+        // One directory per test thread, so no test removes another's.
+        let dir = std::env::temp_dir().join(format!(
+            "pvrun-postlink-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("guest.elf");
+        std::fs::write(&path, raw_guest::elf(EXIT_LOOP, opts)).unwrap();
+        let p = guest_build::check::problems(&path);
+        let _ = std::fs::remove_file(&path);
+        let _ = std::fs::remove_dir(&dir);
+        p.unwrap()
+    }
+
+    #[test]
+    fn a_static_image_passes_and_weak_symbols_are_fine() {
+        let p = problems(RawElf {
+            text_symbol: Some("_start"),
+            weak_undefined: &["__gmon_start__"],
+            ..RawElf::default()
+        });
+        assert_eq!(p, Default::default());
+    }
+
+    #[test]
+    fn undefined_symbols_are_named_and_escaped() {
+        let p = problems(RawElf {
+            undefined: &["getrandom", "evil\x1b]0;x\x07"],
+            ..RawElf::default()
+        });
+        assert_eq!(p.undefined, ["getrandom", "evil\\u{1b}]0;x\\u{7}"]);
+    }
+
+    #[test]
+    fn plt_relocations_and_dynamic_parts_are_found() {
+        for (name, sh_type, flags) in [(".rela.plt", 4, 2), (".dynamic", 6, 3), (".plt", 1, 6)] {
+            let p = problems(RawElf {
+                text_symbol: Some("_start"),
+                extra_section: Some(RawSection {
+                    name,
+                    sh_type,
+                    flags,
+                }),
+                ..RawElf::default()
+            });
+            assert_eq!(p.dynamic, [format!("`{name}`")], "{name}");
+        }
+        // Not in memory: a relocatable leftover does not matter.
+        let p = problems(RawElf {
+            text_symbol: Some("_start"),
+            extra_section: Some(RawSection {
+                name: ".rela.debug",
+                sh_type: 4,
+                flags: 0,
+            }),
+            ..RawElf::default()
+        });
+        assert!(p.dynamic.is_empty(), "{p:?}");
+        let p = problems(RawElf {
+            text_symbol: Some("_start"),
+            extra_phdr: Some(3), // PT_INTERP
+            ..RawElf::default()
+        });
+        assert_eq!(p.dynamic, ["PT_INTERP"]);
+    }
+}
