@@ -205,6 +205,20 @@ fn plain_cargo_run_in_a_guest_crate_says_to_use_cargo_pvrun() {
         "#![no_std]\n#![no_main]\npvrun::entry!(main);\nfn main() {\n    pvrun::println!(\"hi\");\n}\n",
     );
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let out = Command::new(&cargo)
+        .arg("build")
+        .current_dir(&dir)
+        .env("CARGO_TARGET_DIR", target_dir())
+        .env_remove("RUSTFLAGS")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .output()
+        .expect("cannot run cargo");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.lines().any(|l| l.ends_with("built for the host, not as a pvrun guest: a guest crate built this way only says to use `cargo pvrun`; build and run guests with `cargo pvrun`")),
+        "{stderr}"
+    );
     let out = Command::new(cargo)
         .args(["run", "-q"])
         .current_dir(&dir)
