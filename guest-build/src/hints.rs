@@ -52,6 +52,13 @@ pub fn std_dependency(krate: &str) -> String {
     )
 }
 
+/// The hint for a platform hook whose SDK feature is off.
+pub fn sdk_feature(feature: &str) -> String {
+    format!(
+        "hint: a dependency needs the SDK's `{feature}` backend, which is off: turn guest-sdk's `{feature}` feature back on (it is a default feature)"
+    )
+}
+
 impl Hints {
     /// Looks at one compiler diagnostic, emitted while compiling crate `compiling` (its
     /// crate name), for the guest whose crate name is `guest`.
@@ -64,6 +71,16 @@ impl Hints {
             || text.contains("`#[panic_handler]` function required, but not found")
         {
             self.add(NO_ENTRY.to_string());
+        }
+        for (symbol, feature) in [
+            ("__getrandom_v03_custom", "getrandom"),
+            ("_critical_section_1_0_acquire", "critical-section"),
+        ] {
+            if text.contains(&format!("undefined symbol: {symbol}"))
+                || text.contains(&format!("undefined reference to `{symbol}'"))
+            {
+                self.add(sdk_feature(feature));
+            }
         }
         if text.contains("using `fn main` requires the standard library")
             || text.contains("requires `start` lang_item")
@@ -102,6 +119,72 @@ impl Hints {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A diagnostic as rustc writes it in cargo's JSON messages.
+    fn diag(message: &str, code: Option<&str>, notes: &[&str]) -> Diagnostic {
+        let child = |m: &str| {
+            serde_json::json!({"message": m, "code": null, "level": "note", "spans": [],
+                "children": [], "rendered": null})
+        };
+        let code = code.map(|c| serde_json::json!({"code": c, "explanation": null}));
+        serde_json::from_value(serde_json::json!({
+            "message": message, "code": code, "level": "error", "spans": [],
+            "children": notes.iter().map(|n| child(n)).collect::<Vec<_>>(),
+            "rendered": format!("error: {message}\n"),
+        }))
+        .unwrap()
+    }
+
+    fn hints_for(d: &Diagnostic, compiling: &str) -> Vec<String> {
+        let mut h = Hints::default();
+        h.observe(d, compiling, "guest");
+        h.observe(d, compiling, "guest"); // seen twice, said once
+        h.lines().to_vec()
+    }
+
+    #[test]
+    fn each_known_failure_gets_its_hint() {
+        let link = |sym: &str| {
+            diag(
+                "linking with `cc` failed: exit status: 1",
+                None,
+                &[&format!(
+                    "rust-lld: error: undefined symbol: {sym}\n>>> referenced by x"
+                )],
+            )
+        };
+        assert_eq!(hints_for(&link("__pvrun_main"), "guest"), [NO_ENTRY]);
+        assert_eq!(
+            hints_for(&link("__getrandom_v03_custom"), "guest"),
+            [sdk_feature("getrandom")]
+        );
+        assert_eq!(
+            hints_for(&link("_critical_section_1_0_acquire"), "guest"),
+            [sdk_feature("critical-section")]
+        );
+        let e0152 = |who: &str| {
+            diag(
+                "duplicate lang item in crate `pvrun` (which `guest` depends on): `panic_impl`",
+                Some("E0152"),
+                &[&format!(
+                    "the lang item is first defined in crate `std` (which `{who}` depends on)"
+                )],
+            )
+        };
+        assert_eq!(hints_for(&e0152("guest"), "guest"), [NO_STD]);
+        assert_eq!(
+            hints_for(&e0152("serde_json"), "guest"),
+            [std_dependency("serde_json")]
+        );
+        let e0463 = diag("can't find crate for `std`", Some("E0463"), &[]);
+        assert_eq!(hints_for(&e0463, "guest"), [NO_STD]);
+        assert_eq!(hints_for(&e0463, "anyhow"), [std_dependency("anyhow")]);
+        let no_main = diag("using `fn main` requires the standard library", None, &[]);
+        assert_eq!(hints_for(&no_main, "guest"), [NO_MAIN]);
+        // Anything else: no hint.
+        let other = diag("mismatched types", Some("E0308"), &[]);
+        assert!(hints_for(&other, "guest").is_empty());
+    }
 
     #[test]
     fn finds_the_crate_that_depends_on_std() {
