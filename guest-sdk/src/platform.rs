@@ -26,8 +26,9 @@
 //!
 //! # Floating-point functions
 //!
-//! `f64::sqrt`, `sin`, `powf`, `exp`, ... are methods of `std`, not `core`, and the float
-//! `%` operator calls the C library's `fmod`. In a guest use the
+//! `f64::sqrt`, `sin`, `powf`, `exp`, ... are methods of `std`, not `core` (the `%`
+//! operator on floats works: it calls the `fmod` that `compiler_builtins` provides). In a
+//! guest use the
 //! [`libm`](https://docs.rs/libm) crate (pure Rust, `no_std`, a port of musl's libm):
 //! `libm::sqrt(2.0)`, `libm::sinf(x)`, `libm::fmod(a, b)`; or `num-traits` with
 //! `default-features = false, features = ["libm"]` for the `Float` trait's methods. The

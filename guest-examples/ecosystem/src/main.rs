@@ -202,15 +202,23 @@ fn float_checks(c: &mut Checks) {
     let sine = libm::sin(core::f64::consts::FRAC_PI_2);
     let rem = libm::fmod(10.5, 3.0);
     let pow = Float::powf(2.0f64, 10.0);
+    // `%` on floats compiles to a call of C's `fmod`/`fmodf`, which the SDK provides.
+    let (a, b) = core::hint::black_box((10.5f64, 3.0f64));
+    let (af, bf) = core::hint::black_box((7.5f32, 2.0f32));
+    let rem_op = (a % b, af % bf);
     let ok = (root * root - 2.0).abs() < 1e-12
         && (sine - 1.0).abs() < 1e-15
         && rem == 1.5
+        && rem_op == (1.5, 1.5)
         && pow == 1024.0
         && Float::ln(core::f64::consts::E) == 1.0;
     c.check(
         "libm",
         ok,
-        &format!("sqrt(2)={root:.6} sin(pi/2)={sine} fmod(10.5,3)={rem} 2^10={pow}"),
+        &format!(
+            "sqrt(2)={root:.6} sin(pi/2)={sine} fmod(10.5,3)={rem} 2^10={pow} 10.5%3={} 7.5f32%2={}",
+            rem_op.0, rem_op.1
+        ),
     );
 }
 
