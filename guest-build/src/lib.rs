@@ -263,7 +263,11 @@ pub fn build(req: &BuildRequest) -> Result<BuiltGuest> {
         .with_context(|| format!("cannot create {}", target_dir.display()))?;
     let script = target_dir.join("guest.ld");
     if fs::read_to_string(&script).ok().as_deref() != Some(LINKER_SCRIPT) {
-        fs::write(&script, LINKER_SCRIPT)
+        // Written aside and renamed, so a build running in the same target directory never
+        // links with a half-written script.
+        let tmp = target_dir.join(format!("guest.ld.{}", std::process::id()));
+        fs::write(&tmp, LINKER_SCRIPT)
+            .and_then(|()| fs::rename(&tmp, &script))
             .with_context(|| format!("cannot write {}", script.display()))?;
     }
 
