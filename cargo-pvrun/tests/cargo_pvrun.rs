@@ -563,3 +563,72 @@ fn serve_under_cargo_shuts_down_cleanly_when_cargo_gets_sigterm() {
         "still listening on {addr}"
     );
 }
+
+#[test]
+fn gdb_debugs_a_guest_started_with_cargo_pvrun_gdb() {
+    use std::io::BufRead;
+    assert!(Path::new("/dev/kvm").exists(), "needs /dev/kvm");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cargo-pvrun"))
+        .args([
+            "pvrun",
+            "--release",
+            "-p",
+            "debuggee",
+            "--gdb",
+            "127.0.0.1:0",
+        ])
+        .args(["--timeout", "60"])
+        .current_dir(examples())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("cannot run cargo-pvrun");
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut child = Kill(child);
+    // Cargo's own lines may come first.
+    let (port, elf) = loop {
+        let mut line = String::new();
+        assert_ne!(err.read_line(&mut line).unwrap(), 0, "no waiting line");
+        if let Some(rest) = line.strip_prefix("pvrun: waiting for gdb on 127.0.0.1:") {
+            let port: u16 = rest.split(' ').next().unwrap().parse().unwrap();
+            let elf = rest
+                .split("(gdb ")
+                .nth(1)
+                .unwrap()
+                .split(" -ex")
+                .next()
+                .unwrap();
+            break (port, elf.to_string());
+        }
+    };
+    let out = Command::new("timeout")
+        .args(["60", "gdb", "-batch", "-nx", &elf])
+        .args(["-ex", &format!("target remote :{port}")])
+        .args([
+            "-ex",
+            "break debuggee::middle",
+            "-ex",
+            "continue",
+            "-ex",
+            "bt",
+        ])
+        .args(["-ex", "continue"])
+        .output()
+        .expect("gdb is needed (apt-get install gdb)");
+    let text = text(&out.stdout);
+    assert!(
+        text.contains("Breakpoint 1, debuggee::middle (n=5)"),
+        "{text}"
+    );
+    assert!(text.contains("debuggee::outer (n=4)"), "{text}");
+    assert!(text.contains("exited with code 040"), "{text}");
+    let status = child.0.wait().unwrap();
+    assert_eq!(status.code(), Some(32));
+}

@@ -50,6 +50,10 @@ pub struct VmOptions {
     /// Replace an existing file at the --core-dump path.
     #[arg(long, requires = "core_dump")]
     pub core_dump_overwrite: bool,
+    /// Wait for gdb on this port (127.0.0.1) or ADDR:PORT before the guest's first
+    /// instruction, and let it debug the guest (see README "Debugging a guest").
+    #[arg(long, value_name = "[ADDR:]PORT", value_parser = crate::parse_gdb_addr)]
+    pub gdb: Option<std::net::SocketAddr>,
 }
 
 /// What to do beyond the one-line report when a guest crashes or panics.
@@ -61,6 +65,8 @@ pub struct DebugOptions {
     pub core_dump: Option<PathBuf>,
     /// Replace an existing core file.
     pub core_dump_overwrite: bool,
+    /// Run the guest under gdb, listening here.
+    pub gdb: Option<std::net::SocketAddr>,
 }
 
 /// Whether `RUST_BACKTRACE` asks for backtraces (any value but `0`, like std).
@@ -75,6 +81,7 @@ impl VmOptions {
             panic_backtrace: self.backtrace || rust_backtrace_env(),
             core_dump: self.core_dump.clone(),
             core_dump_overwrite: self.core_dump_overwrite,
+            gdb: self.gdb,
         };
         (self.into_config(args), debug)
     }
@@ -212,6 +219,13 @@ pub fn run_and_exit_as(elf: &Path, config: VmConfig, debug: &DebugOptions, progr
         Ok(vm) => vm,
         Err(e) => host_error(e),
     };
+    // With --gdb: listen and wait for gdb before the first instruction (the session's
+    // socket and poller thread exist before the thread is confined).
+    let session = debug.gdb.map(|addr| {
+        let listener = crate::GdbListener::bind(addr).unwrap_or_else(|e| host_error(e));
+        crate::eprint_line(&listener.waiting_line(elf));
+        listener.accept(&vm).unwrap_or_else(|e| host_error(e))
+    });
     // From here on this thread only runs the guest: confine it (fails closed). A core
     // dump is a file the host creates after the crash, which the filter forbids: with
     // `--core-dump` (a debugging session) the vCPU thread runs without its filter.
@@ -220,7 +234,11 @@ pub fn run_and_exit_as(elf: &Path, config: VmConfig, debug: &DebugOptions, progr
     {
         host_error(e)
     }
-    match vm.run() {
+    let outcome = match session {
+        Some(session) => vm.run_gdb(session),
+        None => vm.run(),
+    };
+    match outcome {
         Ok(outcome @ (crate::Outcome::Ready(_) | crate::Outcome::Returned { .. })) => {
             crate::eprint_line(&program.function_guest_hint(elf));
             vm.exit_process(outcome.exit_status())
