@@ -1,5 +1,8 @@
 //! `cargo pvrun`: build a guest crate for pvrun and boot it, the way `cargo run` runs a
-//! program. The guest's exit status becomes this command's.
+//! program. The guest's exit status becomes this command's. `cargo pvrun test` (in
+//! `test.rs`) runs a guest crate's tests in VMs, like `cargo test`.
+
+mod test;
 
 use std::path::PathBuf;
 
@@ -64,6 +67,9 @@ fn main() {
     let mut argv: Vec<String> = std::env::args().collect();
     if argv.get(1).map(String::as_str) == Some("pvrun") {
         argv.remove(1);
+    }
+    if argv.get(1).map(String::as_str) == Some("test") {
+        test::main(argv);
     }
     let cli = Cli::parse_from(argv);
 
