@@ -246,7 +246,14 @@ fn prepare(req: &BuildRequest) -> Result<Prepared> {
 
 /// The cargo command for a guest build: `cargo SUBCOMMAND` for the package, the guest
 /// target, target directory and rustflags, and the options every build shares.
-fn guest_cargo(p: &Prepared, subcommand: &[&str], req: &BuildRequest) -> Command {
+/// With `render_diagnostics` cargo prints rustc's diagnostics itself; otherwise they
+/// arrive as `compiler-message`s on stdout for the caller to print.
+fn guest_cargo(
+    p: &Prepared,
+    subcommand: &[&str],
+    req: &BuildRequest,
+    render_diagnostics: bool,
+) -> Command {
     let mut cmd = Command::new(&p.cargo);
     cmd.args(subcommand)
         .arg("--manifest-path")
@@ -257,7 +264,11 @@ fn guest_cargo(p: &Prepared, subcommand: &[&str], req: &BuildRequest) -> Command
         .arg(GUEST_TRIPLE)
         .arg("--target-dir")
         .arg(&p.target_dir)
-        .arg("--message-format=json-render-diagnostics");
+        .arg(if render_diagnostics {
+            "--message-format=json-render-diagnostics"
+        } else {
+            "--message-format=json"
+        });
     if req.release {
         cmd.arg("--release");
     }
@@ -323,7 +334,7 @@ pub fn build(req: &BuildRequest) -> Result<BuiltGuest> {
         }
     };
 
-    let mut cmd = guest_cargo(&prepared, &["build", kind_flag, &target_name], req);
+    let mut cmd = guest_cargo(&prepared, &["build", kind_flag, &target_name], req, true);
     let mut child = cmd.spawn().context("cannot run cargo")?;
     let stdout = child.stdout.take().expect("piped stdout");
     let mut elf = None;
@@ -425,7 +436,7 @@ pub fn build_tests(req: &BuildRequest, sel: &TestSelection) -> Result<Vec<BuiltT
         args.extend(["--test".into(), t.clone()]);
     }
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut cmd = guest_cargo(&prepared, &argv, req);
+    let mut cmd = guest_cargo(&prepared, &argv, req, false);
     let mut child = cmd.spawn().context("cannot run cargo")?;
     let stdout = child.stdout.take().expect("piped stdout");
     let pkg_dir = pkg
@@ -433,7 +444,8 @@ pub fn build_tests(req: &BuildRequest, sel: &TestSelection) -> Result<Vec<BuiltT
         .parent()
         .map(|d| d.as_std_path().to_path_buf())
         .unwrap_or_default();
-    let mut built = Vec::new();
+    let mut built: Vec<BuiltTest> = Vec::new();
+    let mut duplicate_lang_item = false;
     for msg in Message::parse_stream(BufReader::new(stdout)) {
         let msg = msg.context("cannot read cargo's output")?;
         match msg {
@@ -460,6 +472,15 @@ pub fn build_tests(req: &BuildRequest, sel: &TestSelection) -> Result<Vec<BuiltT
                         .unwrap_or_else(|_| src.to_path_buf()),
                 });
             }
+            Message::CompilerMessage(m) => {
+                if m.message.code.as_ref().is_some_and(|c| c.code == "E0152") {
+                    duplicate_lang_item = true;
+                }
+                if let Some(r) = &m.message.rendered {
+                    let mut e = std::io::stderr().lock();
+                    let _ = e.write_all(r.as_bytes());
+                }
+            }
             Message::TextLine(line) => {
                 let _ = writeln!(std::io::stdout(), "{line}");
             }
@@ -468,10 +489,23 @@ pub fn build_tests(req: &BuildRequest, sel: &TestSelection) -> Result<Vec<BuiltT
     }
     let status = child.wait().context("cannot wait for cargo")?;
     if !status.success() {
+        let hint = if duplicate_lang_item {
+            "; a test target of a pvrun guest needs `harness = false` in Cargo.toml (libtest needs std; see the README, \"Testing a guest\")"
+        } else {
+            ""
+        };
         bail!(
-            "could not build the tests of `{}` (cargo exited with {status}); each test target of a pvrun guest needs `harness = false` in Cargo.toml (see the README, \"Testing a guest\")",
+            "could not build the tests of `{}` (cargo exited with {status}){hint}",
             pkg.name
         );
     }
+    // Like `cargo test`: the library first, then the binaries, then the integration tests.
+    let rank = |k: &str| match k {
+        "lib" => 0,
+        "bin" => 1,
+        "test" => 2,
+        _ => 3,
+    };
+    built.sort_by(|a, b| (rank(&a.kind), &a.target).cmp(&(rank(&b.kind), &b.target)));
     Ok(built)
 }

@@ -333,3 +333,35 @@ macro_rules! export_functions {
         }
     };
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn echo(i: &[u8]) -> Result<Vec<u8>, String> {
+        Ok(i.to_vec())
+    }
+
+    #[crate::test]
+    fn the_export_list_is_nul_separated() {
+        assert_eq!(export_list(&[("a", echo), ("bc", echo)]), b"a\0bc\0");
+    }
+
+    #[crate::test]
+    #[should_panic(expected = "exported twice")]
+    fn a_name_exported_twice_is_refused() {
+        export_list(&[("a", echo), ("a", echo)]);
+    }
+
+    #[crate::test]
+    #[should_panic(expected = "NUL byte")]
+    fn a_name_with_a_nul_is_refused() {
+        export_list(&[("a\0b", echo)]);
+    }
+
+    #[crate::test]
+    fn statuses_have_names() {
+        assert_eq!(status_name(status::NOT_FOUND), "not found (status -10)");
+        assert_eq!(status_name(-77), "status -77");
+    }
+}
