@@ -6,16 +6,14 @@
 //! snapshot, so a test that panics, crashes, loops or scribbles memory fails alone. Output
 //! and exit status follow libtest and cargo: 0 when every test passed, 101 when a test
 //! failed, 125 when the tests could not be built or the host failed, 2 for usage errors.
-
-mod list;
-mod runner;
+//! The runner itself is `host_vmm::cli::test_runner`.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
 
-use runner::{HarnessOptions, RunError};
+use host_vmm::cli::test_runner::{self as runner, HarnessOptions, RunError};
 
 /// Build a pvrun guest crate's tests and run them in KVM VMs (like `cargo test`).
 ///
@@ -241,7 +239,7 @@ pub fn main(mut argv: Vec<String>) -> ! {
                 shown.display()
             ));
         }
-        match runner::run_binary(&t.elf, &t.target, &opts) {
+        match runner::run_binary(&t.elf, &t.target, &opts, &mut std::io::stdout()) {
             Ok(sum) if sum.failed == 0 => {}
             Ok(_) => failed_targets.push(rerun_arg(t)),
             Err(RunError::Host(m)) => fail(&format!("error: {m}"), host_vmm::EXIT_HOST_ERROR),

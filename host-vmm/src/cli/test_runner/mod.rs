@@ -1,4 +1,4 @@
-//! Running one test binary: boot it once into a function sandbox, list its tests, run each
+//! `cargo pvrun test`'s runner. Running one test binary: boot it once into a function sandbox, list its tests, run each
 //! selected test as one call from the same snapshot (over several sandboxes in parallel)
 //! and print what libtest prints.
 //!
@@ -13,9 +13,12 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use host_vmm::{CallError, GuestImage, Sandbox, SandboxConfig, StdStream, escape_controls};
+use crate::output::{StdStream, escape_controls};
+use crate::{CallError, GuestImage, Sandbox, SandboxConfig};
 
-use super::list::{self, ShouldPanic, TestDesc};
+pub mod list;
+
+use list::{ShouldPanic, TestDesc};
 
 /// Largest captured console output kept per test; the rest is counted and cut.
 const CAPTURE_MAX: usize = 1 << 20;
@@ -101,17 +104,19 @@ impl Write for Capture {
     }
 }
 
-/// Writes to stdout; a closed stdout is ignored (the host never panics on it).
-fn out(s: &str) {
-    let mut o = std::io::stdout().lock();
-    let _ = o.write_all(s.as_bytes());
-    let _ = o.flush();
-}
+/// Where the report goes; a write error (a closed stdout) is ignored: the host never
+/// panics on it, and the tests still run to give the exit status.
+struct Out<'a>(&'a mut dyn Write);
 
-fn out_bytes(b: &[u8]) {
-    let mut o = std::io::stdout().lock();
-    let _ = o.write_all(b);
-    let _ = o.flush();
+impl Out<'_> {
+    fn put(&mut self, s: &str) {
+        self.put_bytes(s.as_bytes());
+    }
+
+    fn put_bytes(&mut self, b: &[u8]) {
+        let _ = self.0.write_all(b);
+        let _ = self.0.flush();
+    }
 }
 
 /// Whether `name` passes the filters and skips, as libtest decides it.
@@ -126,12 +131,14 @@ fn selected(name: &str, o: &HarnessOptions) -> bool {
     (o.filters.is_empty() || o.filters.iter().any(matches)) && !o.skip.iter().any(matches)
 }
 
-/// A guest-chosen multi-line text with each line escaped.
+/// A guest-chosen multi-line text (a panic message) with each line escaped and every line
+/// after the first indented by two spaces: readable, and unable to forge a result line
+/// (`test result: ok. ...`) at the start of a line.
 fn escape_lines(s: &str) -> String {
     s.lines()
         .map(|l| escape_controls(l).into_owned())
         .collect::<Vec<_>>()
-        .join("\n")
+        .join("\n  ")
 }
 
 /// The verdict of a finished call for a test with these expectations.
@@ -178,8 +185,16 @@ fn describe(e: CallError) -> String {
     }
 }
 
-/// Boots `elf`, lists its tests and runs the selected ones, printing libtest's output.
-pub fn run_binary(elf: &Path, name: &str, o: &HarnessOptions) -> Result<Summary, RunError> {
+/// Boots `elf`, lists its tests and runs the selected ones, writing libtest's report to
+/// `report` (`cargo pvrun test` passes stdout). With `nocapture` the tests' console output
+/// goes to this process's stdout as it is written.
+pub fn run_binary(
+    elf: &Path,
+    name: &str,
+    o: &HarnessOptions,
+    report: &mut dyn Write,
+) -> Result<Summary, RunError> {
+    let mut w = Out(report);
     let started = Instant::now();
     let image = GuestImage::from_file(elf)
         .map(Arc::new)
@@ -195,7 +210,7 @@ pub fn run_binary(elf: &Path, name: &str, o: &HarnessOptions) -> Result<Summary,
     };
     let mut first = match Sandbox::from_image(image, config) {
         Ok(s) => s,
-        Err(host_vmm::Error::Config(m)) => {
+        Err(crate::Error::Config(m)) => {
             return Err(RunError::Binary(format!(
                 "{} (a test binary is built by `cargo pvrun test` and serves its tests; did its initialisation fail?)",
                 escape_controls(&m)
@@ -224,19 +239,19 @@ pub fn run_binary(elf: &Path, name: &str, o: &HarnessOptions) -> Result<Summary,
 
     if o.list {
         for t in &chosen {
-            out(&format!("{}: test\n", escape_controls(&t.name)));
+            w.put(&format!("{}: test\n", escape_controls(&t.name)));
         }
         if !chosen.is_empty() {
-            out("\n");
+            w.put("\n");
         }
-        out(&format!("{} tests, 0 benchmarks\n", chosen.len()));
+        w.put(&format!("{} tests, 0 benchmarks\n", chosen.len()));
         return Ok(Summary {
             filtered_out,
             ..Summary::default()
         });
     }
 
-    out(&format!(
+    w.put(&format!(
         "\nrunning {} test{}\n",
         chosen.len(),
         if chosen.len() == 1 { "" } else { "s" }
@@ -312,16 +327,16 @@ pub fn run_binary(elf: &Path, name: &str, o: &HarnessOptions) -> Result<Summary,
             let t = chosen[d.pos];
             let name = escape_controls(&t.name);
             match &d.verdict {
-                Verdict::Ok => out(&format!("test {name} ... ok\n")),
+                Verdict::Ok => w.put(&format!("test {name} ... ok\n")),
                 Verdict::Failed(m) => {
                     if m.starts_with("pvrun: host error") && host_error.is_none() {
                         host_error = Some(m.clone());
                     }
-                    out(&format!("test {name} ... FAILED\n"))
+                    w.put(&format!("test {name} ... FAILED\n"))
                 }
-                Verdict::Ignored(r) if r.is_empty() => out(&format!("test {name} ... ignored\n")),
+                Verdict::Ignored(r) if r.is_empty() => w.put(&format!("test {name} ... ignored\n")),
                 Verdict::Ignored(r) => {
-                    out(&format!("test {name} ... ignored, {}\n", escape_controls(r)))
+                    w.put(&format!("test {name} ... ignored, {}\n", escape_controls(r)))
                 }
             }
             let pos = d.pos;
@@ -352,7 +367,7 @@ pub fn run_binary(elf: &Path, name: &str, o: &HarnessOptions) -> Result<Summary,
             Verdict::Ignored(_) => sum.ignored += 1,
         }
     }
-    let section = |title: &str, list: &[(&&TestDesc, &Done)], with_empty: bool| {
+    let mut section = |title: &str, list: &[(&&TestDesc, &Done)], with_empty: bool| {
         let shown: Vec<_> = list
             .iter()
             .filter(|(_, d)| with_empty || !d.output.is_empty())
@@ -360,28 +375,28 @@ pub fn run_binary(elf: &Path, name: &str, o: &HarnessOptions) -> Result<Summary,
         if list.is_empty() {
             return;
         }
-        out(&format!("\n{title}:\n\n"));
+        w.put(&format!("\n{title}:\n\n"));
         for (t, d) in &shown {
-            out(&format!("---- {} stdout ----\n", escape_controls(&t.name)));
-            out_bytes(&d.output);
+            w.put(&format!("---- {} stdout ----\n", escape_controls(&t.name)));
+            w.put_bytes(&d.output);
             if !d.output.is_empty() && !d.output.ends_with(b"\n") {
-                out("\n");
+                w.put("\n");
             }
             if let Verdict::Failed(m) = &d.verdict {
-                out(&format!("{m}\n"));
+                w.put(&format!("{m}\n"));
             }
-            out("\n");
+            w.put("\n");
         }
-        out(&format!("\n{title}:\n"));
+        w.put(&format!("\n{title}:\n"));
         for (t, _) in list {
-            out(&format!("    {}\n", escape_controls(&t.name)));
+            w.put(&format!("    {}\n", escape_controls(&t.name)));
         }
     };
     if o.show_output && !o.nocapture {
         section("successes", &successes, false);
     }
     section("failures", &failures, true);
-    out(&format!(
+    w.put(&format!(
         "\ntest result: {}. {} passed; {} failed; {} ignored; 0 measured; {} filtered out; finished in {:.2}s\n\n",
         if sum.failed == 0 { "ok" } else { "FAILED" },
         sum.passed,
