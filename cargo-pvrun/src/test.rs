@@ -86,7 +86,11 @@ struct TestCli {
 
 /// The libtest arguments `cargo pvrun test -- ...` accepts.
 #[derive(Parser)]
-#[command(name = "test harness", no_binary_name = true, disable_version_flag = true)]
+#[command(
+    name = "test harness",
+    no_binary_name = true,
+    disable_version_flag = true
+)]
 struct HarnessCli {
     /// Run only tests whose names contain one of these (or equal them, with --exact).
     filters: Vec<String>,

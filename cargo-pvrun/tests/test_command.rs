@@ -93,7 +93,11 @@ fn every_kind_of_test_gets_its_verdict_and_a_crash_does_not_reach_the_next_test(
         ["test result: FAILED. 4 passed; 8 failed; 2 ignored; 0 measured; 0 filtered out"]
     );
     // The failures section: each failing test's output and report, in libtest's layout.
-    let failures = r.stdout.split("\nfailures:\n").nth(1).expect("failures section");
+    let failures = r
+        .stdout
+        .split("\nfailures:\n")
+        .nth(1)
+        .expect("failures section");
     for want in [
         "---- tests::fails stdout ----\noutput of fails\npvrun: guest panicked at testdemo/src/lib.rs:",
         "assertion `left == right` failed: one and one\n    left: 2\n   right: 3",
@@ -108,12 +112,20 @@ fn every_kind_of_test_gets_its_verdict_and_a_crash_does_not_reach_the_next_test(
     ] {
         assert!(failures.contains(want), "missing {want:?} in:\n{failures}");
     }
-    let list = r.stdout.split("\nfailures:\n").nth(2).expect("failure list");
-    assert!(list.starts_with("    tests::fails\n    tests::faults\n"), "{list}");
+    let list = r
+        .stdout
+        .split("\nfailures:\n")
+        .nth(2)
+        .expect("failure list");
+    assert!(
+        list.starts_with("    tests::fails\n    tests::faults\n"),
+        "{list}"
+    );
     // Passing tests' output is captured and not shown.
     assert!(!r.stdout.contains("output of passes"), "{}", r.stdout);
     assert!(
-        r.stderr.contains("error: test failed, to rerun pass `--lib`"),
+        r.stderr
+            .contains("error: test failed, to rerun pass `--lib`"),
         "{}",
         r.stderr
     );
@@ -141,9 +153,7 @@ fn tests_run_in_parallel_sandboxes_with_the_same_verdicts() {
 
 #[test]
 fn filters_exact_skip_and_ignored_select_like_libtest() {
-    let lib = |h: &[&str]| {
-        cargo_pvrun_test(&[&["-p", "testdemo", "--lib", "--"], h].concat())
-    };
+    let lib = |h: &[&str]| cargo_pvrun_test(&[&["-p", "testdemo", "--lib", "--"], h].concat());
     let r = lib(&["--exact", "tests::passes"]);
     assert_eq!(r.code, Some(0), "{}\n{}", r.stdout, r.stderr);
     assert_eq!(results(&r.stdout), ["test tests::passes ... ok"]);
@@ -162,7 +172,11 @@ fn filters_exact_skip_and_ignored_select_like_libtest() {
             "test tests::should_panic_with_the_message ... ok"
         ]
     );
-    assert!(summary(&r.stdout)[0].ends_with("12 filtered out"), "{}", r.stdout);
+    assert!(
+        summary(&r.stdout)[0].ends_with("12 filtered out"),
+        "{}",
+        r.stdout
+    );
 
     // --exact makes a partial name match nothing.
     let r = lib(&["--exact", "passes"]);
@@ -185,7 +199,10 @@ fn filters_exact_skip_and_ignored_select_like_libtest() {
     // --include-ignored runs them beside the others.
     let r = lib(&["ignored", "--include-ignored"]);
     assert_eq!(results(&r.stdout).len(), 2, "{}", r.stdout);
-    assert!(summary(&r.stdout)[0].contains("1 passed; 1 failed; 0 ignored; 0 measured; 12 filtered out"));
+    assert!(
+        summary(&r.stdout)[0]
+            .contains("1 passed; 1 failed; 0 ignored; 0 measured; 12 filtered out")
+    );
 }
 
 #[test]
@@ -197,7 +214,11 @@ fn list_show_output_and_nocapture() {
         "tests::scribble_a_first: test\ntests::scribble_b_next_test_starts_clean: test\n\n2 tests, 0 benchmarks\n"
     );
     let r = cargo_pvrun_test(&["-p", "testdemo", "--lib", "--", "--list", "--ignored"]);
-    assert!(r.stdout.ends_with("\n2 tests, 0 benchmarks\n"), "{}", r.stdout);
+    assert!(
+        r.stdout.ends_with("\n2 tests, 0 benchmarks\n"),
+        "{}",
+        r.stdout
+    );
 
     let r = cargo_pvrun_test(&[
         "-p",
@@ -252,14 +273,27 @@ fn integration_tests_and_binaries_are_selected_like_cargo() {
     assert_eq!(results(&r.stdout), ["test tests::bin_test_passes ... ok"]);
     // Without -q, cargo-like progress names each test binary on stderr.
     let out = Command::new(env!("CARGO_BIN_EXE_cargo-pvrun"))
-        .args(["pvrun", "test", "--release", "-p", "testdemo", "--bins", "--test", "integration"])
+        .args([
+            "pvrun",
+            "test",
+            "--release",
+            "-p",
+            "testdemo",
+            "--bins",
+            "--test",
+            "integration",
+        ])
         .current_dir(examples())
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stderr}");
-    let bin = stderr.find("Running unittests src/main.rs (").expect(&stderr);
-    let it = stderr.find("Running tests/integration.rs (").expect(&stderr);
+    let bin = stderr
+        .find("Running unittests src/main.rs (")
+        .expect(&stderr);
+    let it = stderr
+        .find("Running tests/integration.rs (")
+        .expect(&stderr);
     assert!(bin < it, "{stderr}");
 }
 
@@ -280,7 +314,11 @@ fn misbehaving_test_binaries_get_a_clear_report() {
     // Names and messages with terminal escapes and newlines cannot forge lines.
     let r = cargo_pvrun_test(&["-p", "testdemo", "--test", "evil_names"]);
     assert_eq!(r.code, Some(101), "{}\n{}", r.stdout, r.stderr);
-    assert!(!r.stdout.contains('\x1b') && !r.stdout.contains('\x07'), "{:?}", r.stdout);
+    assert!(
+        !r.stdout.contains('\x1b') && !r.stdout.contains('\x07'),
+        "{:?}",
+        r.stdout
+    );
     assert!(
         r.stdout
             .contains("test evil\\u{1b}[2J\\ntest forged ... ok ... ok\n"),
@@ -289,7 +327,12 @@ fn misbehaving_test_binaries_get_a_clear_report() {
     );
     assert!(!r.stdout.lines().any(|l| l == "test forged ... ok"));
     // A panic message's lines are indented, so it cannot forge a result line either.
-    assert!(r.stdout.contains("\\u{1b}[31mred\n  test result: ok. 99 passed"), "{}", r.stdout);
+    assert!(
+        r.stdout
+            .contains("\\u{1b}[31mred\n  test result: ok. 99 passed"),
+        "{}",
+        r.stdout
+    );
     assert_eq!(
         summary(&r.stdout),
         ["test result: FAILED. 1 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out"]
@@ -303,7 +346,8 @@ fn bad_arguments_are_usage_errors() {
     let r = cargo_pvrun_test(&["-p", "testdemo", "--test", "nope"]);
     assert_eq!(r.code, Some(125), "{}", r.stderr);
     assert!(
-        r.stderr.contains("package `testdemo` has no integration test `nope`"),
+        r.stderr
+            .contains("package `testdemo` has no integration test `nope`"),
         "{}",
         r.stderr
     );
@@ -318,7 +362,9 @@ fn kvstore_and_sdk_tests_pass_in_guests() {
     let r = cargo_pvrun_test(&["-p", "kvstore"]);
     assert_eq!(r.code, Some(0), "{}\n{}", r.stdout, r.stderr);
     assert!(
-        results(&r.stdout).contains(&"test tests::a_record_round_trips_with_the_documented_layout ... ok".to_string()),
+        results(&r.stdout).contains(
+            &"test tests::a_record_round_trips_with_the_documented_layout ... ok".to_string()
+        ),
         "{}",
         r.stdout
     );
@@ -329,7 +375,8 @@ fn kvstore_and_sdk_tests_pass_in_guests() {
     let r = cargo_pvrun_test(&["-p", "guest-sdk"]);
     assert_eq!(r.code, Some(0), "{}\n{}", r.stdout, r.stderr);
     assert!(
-        results(&r.stdout).contains(&"test random::tests::chacha20_block_matches_rfc_8439 ... ok".to_string()),
+        results(&r.stdout)
+            .contains(&"test random::tests::chacha20_block_matches_rfc_8439 ... ok".to_string()),
         "{}",
         r.stdout
     );

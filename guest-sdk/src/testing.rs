@@ -185,10 +185,7 @@ mod tests {
             should_panic: ShouldPanic::No,
         };
         assert_eq!(display_name(&t), "tests::parses");
-        let top = TestCase {
-            name: "it",
-            ..t
-        };
+        let top = TestCase { name: "it", ..t };
         assert_eq!(display_name(&top), "it");
     }
 
@@ -228,6 +225,10 @@ mod tests {
     #[crate::test]
     fn a_bad_index_fails_the_call_instead_of_panicking() {
         assert!(run(&[1, 2]).unwrap_err().contains("expected 4"));
-        assert!(run(&u32::MAX.to_le_bytes()).unwrap_err().contains("bad test index"));
+        assert!(
+            run(&u32::MAX.to_le_bytes())
+                .unwrap_err()
+                .contains("bad test index")
+        );
     }
 }

@@ -153,7 +153,11 @@ mod tests {
         let a = Instant::now();
         let b = a + Duration::from_millis(5);
         assert_eq!(b - a, Duration::from_millis(5));
-        assert_eq!(a - b, Duration::ZERO, "an earlier instant saturates at zero");
+        assert_eq!(
+            a - b,
+            Duration::ZERO,
+            "an earlier instant saturates at zero"
+        );
         assert!(Instant::now() >= a);
     }
 }

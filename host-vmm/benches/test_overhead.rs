@@ -11,7 +11,8 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use host_vmm::cli::test_runner::{HarnessOptions, run_binary};
+use host_vmm::cli::test_runner::{HarnessOptions, list, run_binary};
+use host_vmm::{Sandbox, SandboxConfig};
 
 const TESTS: usize = 1000;
 
@@ -139,6 +140,26 @@ fn main() {
     let one = time(&opts(1, true), 1);
     let all1 = time(&opts(1, false), TESTS);
     let all2 = time(&opts(2, false), TESTS);
+    // The same tests as bare sandbox calls (reset + call, no runner), in a sandbox made
+    // from the template as the runner's are: what the runner adds is the difference.
+    let config = SandboxConfig {
+        env: vec![(list::HARNESS_ENV.into(), "1".into())],
+        console: std::sync::Arc::new(std::sync::Mutex::new(Box::new(std::io::sink()))),
+        ..SandboxConfig::default()
+    };
+    let first = Sandbox::new(&elf, config).unwrap();
+    let mut sb = Sandbox::from_template(first.template()).unwrap();
+    let bare = median(
+        (0..runs)
+            .map(|_| {
+                let t = Instant::now();
+                for i in 0..TESTS as u32 {
+                    sb.call(list::RUN_FUNCTION, &i.to_le_bytes()).unwrap();
+                }
+                t.elapsed() / TESTS as u32
+            })
+            .collect(),
+    );
     let per1 = all1.saturating_sub(one) / (TESTS as u32 - 1);
     let per2 = all2.saturating_sub(one) / (TESTS as u32 - 1);
     let f = floor.as_secs_f64();
@@ -168,6 +189,12 @@ fn main() {
         us(per1),
         us(floor),
         per1.as_secs_f64() / f
+    );
+    println!(
+        "| of which a bare sandbox call + reset of the same test (no runner) | {} | {} | {:.2}x | - |",
+        us(bare),
+        us(floor),
+        bare.as_secs_f64() / f
     );
     println!(
         "| run phase, {TESTS} tests, 2 threads (total) | {:.1} ms | - | - | - |",

@@ -511,7 +511,10 @@ mod tests {
         let r = encode(OP_PUT, 5, "key", "value");
         assert_eq!(r.len(), HEADER + 3 + 5);
         assert_eq!(&r[0..4], b"PKV1");
-        assert_eq!(u32::from_le_bytes(r[8..12].try_into().unwrap()), r.len() as u32);
+        assert_eq!(
+            u32::from_le_bytes(r[8..12].try_into().unwrap()),
+            r.len() as u32
+        );
         assert_eq!(r[12], OP_PUT);
         assert_eq!(r[13], 0);
         assert_eq!(u16::from_le_bytes([r[14], r[15]]), 3);
@@ -573,7 +576,10 @@ mod tests {
             ]
         );
         assert!(matches!(parse(&["put", "k", "v"]), Ok(Cmd::Put("k", "v"))));
-        assert!(matches!(parse(&["fill", "10", "p"]), Ok(Cmd::Fill(10, "p"))));
+        assert!(matches!(
+            parse(&["fill", "10", "p"]),
+            Ok(Cmd::Fill(10, "p"))
+        ));
         assert!(matches!(parse(&["fill", "x", "p"]), Err(e) if e.contains("not a number")));
         assert!(matches!(parse(&["frob"]), Err(e) if e.contains("bad command")));
     }

@@ -103,7 +103,11 @@ mod tests {
 
     #[pvrun::test]
     fn scribble_b_next_test_starts_clean() {
-        assert_eq!(STATE.load(Ordering::Relaxed), 7, "state leaked from the scribbler");
+        assert_eq!(
+            STATE.load(Ordering::Relaxed),
+            7,
+            "state leaked from the scribbler"
+        );
         STATE.store(8, Ordering::Relaxed);
         let v: Vec<u64> = (0..1000).collect();
         assert_eq!(v.iter().sum::<u64>(), 499_500);

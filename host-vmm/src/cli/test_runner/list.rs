@@ -140,7 +140,11 @@ mod tests {
 
     #[test]
     fn a_good_list_parses() {
-        let t = parse(&list(&[(0, "a", "", ""), (1 | 2 | 4, "m::b", "slow", "boom")])).unwrap();
+        let t = parse(&list(&[
+            (0, "a", "", ""),
+            (1 | 2 | 4, "m::b", "slow", "boom"),
+        ]))
+        .unwrap();
         assert_eq!(t.len(), 2);
         assert_eq!(t[0].name, "a");
         assert_eq!(t[0].should_panic, ShouldPanic::No);
@@ -160,7 +164,12 @@ mod tests {
         let mut trailing = good.clone();
         trailing.push(0);
         assert!(parse(&trailing).unwrap_err().to_string().contains("follow"));
-        assert!(parse(b"NOTALIST\0\0\0\0").unwrap_err().to_string().contains("magic"));
+        assert!(
+            parse(b"NOTALIST\0\0\0\0")
+                .unwrap_err()
+                .to_string()
+                .contains("magic")
+        );
         let mut huge = MAGIC.to_vec();
         huge.extend_from_slice(&u32::MAX.to_le_bytes());
         assert!(parse(&huge).unwrap_err().to_string().contains("claims"));
@@ -169,7 +178,12 @@ mod tests {
         long.extend_from_slice(&1u32.to_le_bytes());
         long.push(0);
         long.extend_from_slice(&(MAX_STRING - 1).to_le_bytes());
-        assert!(parse(&long).unwrap_err().to_string().contains("ends inside"));
+        assert!(
+            parse(&long)
+                .unwrap_err()
+                .to_string()
+                .contains("ends inside")
+        );
         let mut too_long = MAGIC.to_vec();
         too_long.extend_from_slice(&1u32.to_le_bytes());
         too_long.push(0);

@@ -216,7 +216,11 @@ pub fn run_binary(
                 escape_controls(&m)
             )));
         }
-        Err(e) => return Err(RunError::Host(format!("cannot boot test binary `{name}`: {e}"))),
+        Err(e) => {
+            return Err(RunError::Host(format!(
+                "cannot boot test binary `{name}`: {e}"
+            )));
+        }
     };
     let raw = first
         .call(list::LIST_FUNCTION, &[])
@@ -259,10 +263,7 @@ pub fn run_binary(
     let runs_ignored = o.ignored || o.include_ignored;
     let next = AtomicUsize::new(0);
     let (tx, rx) = mpsc::channel::<Done>();
-    let to_run = chosen
-        .iter()
-        .filter(|t| runs_ignored || !t.ignore)
-        .count();
+    let to_run = chosen.iter().filter(|t| runs_ignored || !t.ignore).count();
     let threads = o.threads.max(1).min(to_run.max(1));
     let mut results: Vec<Option<Done>> = (0..chosen.len()).map(|_| None).collect();
     let mut host_error = None;
@@ -335,9 +336,10 @@ pub fn run_binary(
                     w.put(&format!("test {name} ... FAILED\n"))
                 }
                 Verdict::Ignored(r) if r.is_empty() => w.put(&format!("test {name} ... ignored\n")),
-                Verdict::Ignored(r) => {
-                    w.put(&format!("test {name} ... ignored, {}\n", escape_controls(r)))
-                }
+                Verdict::Ignored(r) => w.put(&format!(
+                    "test {name} ... ignored, {}\n",
+                    escape_controls(r)
+                )),
             }
             let pos = d.pos;
             results[pos] = Some(d);
