@@ -385,3 +385,64 @@ fn kvstore_and_sdk_tests_pass_in_guests() {
         ["test result: ok. 16 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out"]
     );
 }
+
+/// A temporary guest crate, removed when dropped (also when the test fails).
+struct TempCrate(PathBuf);
+
+impl Drop for TempCrate {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn a_test_target_without_harness_false_gets_told_what_to_change() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .canonicalize()
+        .unwrap();
+    let dir = std::env::temp_dir().join(format!("pvrun-no-harness-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let guard = TempCrate(dir.clone());
+    std::fs::create_dir_all(dir.join("src")).unwrap();
+    std::fs::create_dir_all(dir.join(".cargo")).unwrap();
+    std::fs::write(
+        dir.join("Cargo.toml"),
+        format!(
+            "[package]\nname = \"noharness\"\nversion = \"0.1.0\"\nedition = \"2024\"\n\n[dependencies]\nguest-sdk = {{ path = \"{}\" }}\n\n[workspace]\n\n[profile.release]\npanic = \"abort\"\ndebug = false\nstrip = \"debuginfo\"\n",
+            root.join("guest-sdk").display()
+        ),
+    )
+    .unwrap();
+    // The examples' lock file and build directory: only this crate is compiled.
+    std::fs::copy(
+        root.join("guest-examples/Cargo.lock"),
+        dir.join("Cargo.lock"),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join(".cargo/config.toml"),
+        format!(
+            "[build]\ntarget-dir = \"{}\"\n",
+            root.join("guest-examples/target").display()
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("src/lib.rs"),
+        "#![no_std]\n#![cfg_attr(test, no_main)]\n#[cfg(test)]\nmod tests {\n    #[pvrun::test]\n    fn t() {}\n}\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_cargo-pvrun"))
+        .args(["pvrun", "test", "-q", "--release", "--lib"])
+        .current_dir(&guard.0)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{stderr}");
+    assert!(
+        stderr.contains("could not build the tests of `noharness`")
+            && stderr.contains("needs `harness = false` in Cargo.toml"),
+        "{stderr}"
+    );
+}
