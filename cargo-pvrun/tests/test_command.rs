@@ -256,18 +256,33 @@ fn list_show_output_and_nocapture() {
 #[test]
 fn integration_tests_and_binaries_are_selected_like_cargo() {
     let r = cargo_pvrun_test(&["-p", "testdemo", "--test", "integration"]);
-    assert_eq!(r.code, Some(0), "{}\n{}", r.stdout, r.stderr);
+    assert_eq!(r.code, Some(101), "{}\n{}", r.stdout, r.stderr);
     assert_eq!(
         results(&r.stdout),
         [
+            "test chatty_fails ... FAILED",
             "test ignored_in_integration ... ignored",
             "test uses_the_library ... ok"
         ]
     );
     assert_eq!(
         summary(&r.stdout),
-        ["test result: ok. 1 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out"]
+        ["test result: FAILED. 1 passed; 1 failed; 1 ignored; 0 measured; 0 filtered out"]
     );
+    assert!(
+        r.stderr.contains("to rerun pass `--test integration`"),
+        "{}",
+        r.stderr
+    );
+    // 2 MiB of output: the report keeps the first MiB of it and says so.
+    assert!(r.stdout.len() < (1 << 20) + 10_000, "{}", r.stdout.len());
+    assert!(
+        r.stdout
+            .contains("[pvrun: 1048576 more bytes of this test's output were cut]\n"),
+        "{}",
+        &r.stdout[r.stdout.len().saturating_sub(2000)..]
+    );
+    assert!(r.stdout.contains("chatty failed"));
     let r = cargo_pvrun_test(&["-p", "testdemo", "--bins"]);
     assert_eq!(r.code, Some(0), "{}\n{}", r.stdout, r.stderr);
     assert_eq!(results(&r.stdout), ["test tests::bin_test_passes ... ok"]);
@@ -282,6 +297,9 @@ fn integration_tests_and_binaries_are_selected_like_cargo() {
             "--bins",
             "--test",
             "integration",
+            "--",
+            "--skip",
+            "chatty",
         ])
         .current_dir(examples())
         .output()

@@ -10,3 +10,14 @@ fn uses_the_library() {
 #[pvrun::test]
 #[ignore]
 fn ignored_in_integration() {}
+
+/// Prints more than the runner keeps of one test's output (1 MiB), then fails.
+#[pvrun::test]
+fn chatty_fails() {
+    let line = [b'x'; 1023];
+    for _ in 0..2048 {
+        pvrun::console::write_stdout(&line);
+        pvrun::console::write_stdout(b"\n");
+    }
+    panic!("chatty failed");
+}

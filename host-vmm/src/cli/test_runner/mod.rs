@@ -22,6 +22,9 @@ use list::{ShouldPanic, TestDesc};
 
 /// Largest captured console output kept per test; the rest is counted and cut.
 const CAPTURE_MAX: usize = 1 << 20;
+/// Largest captured output kept for the report over all the tests of a binary; later
+/// tests' output is dropped (with a note) so 1,000 chatty tests cannot exhaust the host.
+const KEPT_MAX: usize = 64 << 20;
 
 /// The libtest options that decide what runs and what is printed.
 #[derive(Clone, Debug, Default)]
@@ -267,6 +270,7 @@ pub fn run_binary(
     let threads = o.threads.max(1).min(to_run.max(1));
     let mut results: Vec<Option<Done>> = (0..chosen.len()).map(|_| None).collect();
     let mut host_error = None;
+    let mut kept = 0usize;
     std::thread::scope(|s| {
         for _ in 0..threads {
             let tx = tx.clone();
@@ -341,6 +345,20 @@ pub fn run_binary(
                     escape_controls(r)
                 )),
             }
+            let mut d = d;
+            // Only what the report prints is kept, within KEPT_MAX in all.
+            let shown = matches!(d.verdict, Verdict::Failed(_)) || o.show_output;
+            if !shown {
+                d.output = Vec::new();
+            } else if kept + d.output.len() > KEPT_MAX {
+                d.output = format!(
+                    "[pvrun: {} bytes of output dropped: the report keeps at most {} MiB of output per test binary]\n",
+                    d.output.len(),
+                    KEPT_MAX >> 20
+                )
+                .into_bytes();
+            }
+            kept += d.output.len();
             let pos = d.pos;
             results[pos] = Some(d);
         }
