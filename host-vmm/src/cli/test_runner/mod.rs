@@ -188,6 +188,73 @@ fn describe(e: CallError) -> String {
     }
 }
 
+/// What a worker needs: the shared queue of selected tests and the template.
+struct Work<'a> {
+    next: &'a AtomicUsize,
+    chosen: &'a [&'a TestDesc],
+    template: &'a Arc<crate::Template>,
+    o: &'a HarnessOptions,
+    runs_ignored: bool,
+}
+
+impl Work<'_> {
+    /// Takes tests off the queue until it is empty, each in this worker's own sandbox
+    /// (made on its first test), and hands every result to `emit`.
+    fn run(&self, emit: &mut dyn FnMut(Done)) {
+        let capture = Capture::default();
+        let sink = |c: &Capture| -> Box<dyn Write + Send> {
+            if self.o.nocapture {
+                Box::new(StdStream::stdout())
+            } else {
+                Box::new(c.clone())
+            }
+        };
+        let mut sandbox = None;
+        loop {
+            let pos = self.next.fetch_add(1, Ordering::Relaxed);
+            let Some(t) = self.chosen.get(pos) else {
+                return;
+            };
+            if t.ignore && !self.runs_ignored {
+                emit(Done {
+                    pos,
+                    verdict: Verdict::Ignored(t.ignore_reason.clone()),
+                    output: Vec::new(),
+                });
+                continue;
+            }
+            if sandbox.is_none() {
+                match Sandbox::from_template_with_console(
+                    self.template,
+                    sink(&capture),
+                    sink(&capture),
+                ) {
+                    Ok(sb) => sandbox = Some(sb),
+                    Err(e) => {
+                        emit(Done {
+                            pos,
+                            verdict: Verdict::Failed(format!(
+                                "pvrun: host error: cannot create a sandbox: {e}"
+                            )),
+                            output: Vec::new(),
+                        });
+                        continue;
+                    }
+                }
+            }
+            let sb = sandbox.as_mut().expect("created above");
+            capture.take();
+            let r = sb.call(list::RUN_FUNCTION, &t.index.to_le_bytes());
+            let verdict = judge(t, r);
+            emit(Done {
+                pos,
+                verdict,
+                output: capture.take(),
+            });
+        }
+    }
+}
+
 /// Boots `elf`, lists its tests and runs the selected ones, writing libtest's report to
 /// `report` (`cargo pvrun test` passes stdout). With `nocapture` the tests' console output
 /// goes to this process's stdout as it is written.
@@ -265,104 +332,73 @@ pub fn run_binary(
     ));
     let runs_ignored = o.ignored || o.include_ignored;
     let next = AtomicUsize::new(0);
-    let (tx, rx) = mpsc::channel::<Done>();
     let to_run = chosen.iter().filter(|t| runs_ignored || !t.ignore).count();
     let threads = o.threads.max(1).min(to_run.max(1));
     let mut results: Vec<Option<Done>> = (0..chosen.len()).map(|_| None).collect();
     let mut host_error = None;
     let mut kept = 0usize;
-    std::thread::scope(|s| {
-        for _ in 0..threads {
-            let tx = tx.clone();
-            let (next, chosen, template) = (&next, &chosen, &template);
-            s.spawn(move || {
-                let capture = Capture::default();
-                let sink = |c: &Capture| -> Box<dyn Write + Send> {
-                    if o.nocapture {
-                        Box::new(StdStream::stdout())
-                    } else {
-                        Box::new(c.clone())
-                    }
-                };
-                let mut sandbox = None;
-                loop {
-                    let pos = next.fetch_add(1, Ordering::Relaxed);
-                    let Some(t) = chosen.get(pos) else { return };
-                    if t.ignore && !runs_ignored {
-                        let _ = tx.send(Done {
-                            pos,
-                            verdict: Verdict::Ignored(t.ignore_reason.clone()),
-                            output: Vec::new(),
-                        });
-                        continue;
-                    }
-                    if sandbox.is_none() {
-                        match Sandbox::from_template_with_console(
-                            template,
-                            sink(&capture),
-                            sink(&capture),
-                        ) {
-                            Ok(sb) => sandbox = Some(sb),
-                            Err(e) => {
-                                let _ = tx.send(Done {
-                                    pos,
-                                    verdict: Verdict::Failed(format!(
-                                        "pvrun: host error: cannot create a sandbox: {e}"
-                                    )),
-                                    output: Vec::new(),
-                                });
-                                continue;
-                            }
-                        }
-                    }
-                    let sb = sandbox.as_mut().expect("created above");
-                    capture.take();
-                    let r = sb.call(list::RUN_FUNCTION, &t.index.to_le_bytes());
-                    let verdict = judge(t, r);
-                    let _ = tx.send(Done {
-                        pos,
-                        verdict,
-                        output: capture.take(),
-                    });
+    // Prints a result line as it arrives and keeps what the report needs.
+    let mut handle = |mut d: Done| {
+        let t = chosen[d.pos];
+        let name = escape_controls(&t.name);
+        match &d.verdict {
+            Verdict::Ok => w.put(&format!("test {name} ... ok\n")),
+            Verdict::Failed(m) => {
+                if m.starts_with("pvrun: host error") && host_error.is_none() {
+                    host_error = Some(m.clone());
                 }
-            });
-        }
-        drop(tx);
-        for d in rx {
-            let t = chosen[d.pos];
-            let name = escape_controls(&t.name);
-            match &d.verdict {
-                Verdict::Ok => w.put(&format!("test {name} ... ok\n")),
-                Verdict::Failed(m) => {
-                    if m.starts_with("pvrun: host error") && host_error.is_none() {
-                        host_error = Some(m.clone());
-                    }
-                    w.put(&format!("test {name} ... FAILED\n"))
-                }
-                Verdict::Ignored(r) if r.is_empty() => w.put(&format!("test {name} ... ignored\n")),
-                Verdict::Ignored(r) => w.put(&format!(
-                    "test {name} ... ignored, {}\n",
-                    escape_controls(r)
-                )),
+                w.put(&format!("test {name} ... FAILED\n"))
             }
-            let mut d = d;
-            // Only what the report prints is kept, within KEPT_MAX in all.
-            let shown = matches!(d.verdict, Verdict::Failed(_)) || o.show_output;
-            if !shown {
-                d.output = Vec::new();
-            } else if kept + d.output.len() > KEPT_MAX {
-                d.output = format!(
-                    "[pvrun: {} bytes of output dropped: the report keeps at most {} MiB of output per test binary]\n",
-                    d.output.len(),
-                    KEPT_MAX >> 20
-                )
-                .into_bytes();
-            }
-            kept += d.output.len();
-            let pos = d.pos;
-            results[pos] = Some(d);
+            Verdict::Ignored(r) if r.is_empty() => w.put(&format!("test {name} ... ignored\n")),
+            Verdict::Ignored(r) => w.put(&format!(
+                "test {name} ... ignored, {}\n",
+                escape_controls(r)
+            )),
         }
-    });
+        // Only what the report prints is kept, within KEPT_MAX in all.
+        let shown = matches!(d.verdict, Verdict::Failed(_)) || o.show_output;
+        if !shown {
+            d.output = Vec::new();
+        } else if kept + d.output.len() > KEPT_MAX {
+            d.output = format!(
+                "[pvrun: {} bytes of output dropped: the report keeps at most {} MiB of output per test binary]\n",
+                d.output.len(),
+                KEPT_MAX >> 20
+            )
+            .into_bytes();
+        }
+        kept += d.output.len();
+        let pos = d.pos;
+        results[pos] = Some(d);
+    };
+    let work = Work {
+        next: &next,
+        chosen: &chosen,
+        template: &template,
+        o,
+        runs_ignored,
+    };
+    if threads == 1 {
+        // Like libtest with one thread: the tests run on this thread, no hand-offs.
+        work.run(&mut handle);
+    } else {
+        let (tx, rx) = mpsc::channel::<Done>();
+        std::thread::scope(|s| {
+            for _ in 0..threads {
+                let tx = tx.clone();
+                let work = &work;
+                s.spawn(move || {
+                    work.run(&mut |d| {
+                        let _ = tx.send(d);
+                    })
+                });
+            }
+            drop(tx);
+            for d in rx {
+                handle(d);
+            }
+        });
+    }
     if let Some(e) = host_error {
         return Err(RunError::Host(e));
     }
