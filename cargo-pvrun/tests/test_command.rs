@@ -283,6 +283,34 @@ fn integration_tests_and_binaries_are_selected_like_cargo() {
         &r.stdout[r.stdout.len().saturating_sub(2000)..]
     );
     assert!(r.stdout.contains("chatty failed"));
+    // Features are passed to the build like cargo's.
+    let only = |features: &[&str]| {
+        cargo_pvrun_test(
+            &[
+                &["-p", "testdemo", "--test", "integration"],
+                features,
+                &["--", "--exact", "only_with_extra"],
+            ]
+            .concat(),
+        )
+    };
+    let r = only(&["--features", "extra"]);
+    assert_eq!(r.code, Some(0), "{}\n{}", r.stdout, r.stderr);
+    assert_eq!(results(&r.stdout), ["test only_with_extra ... ok"]);
+    assert!(
+        summary(&r.stdout)[0].ends_with("3 filtered out"),
+        "{}",
+        r.stdout
+    );
+    let r = only(&[]);
+    assert_eq!(r.code, Some(0), "{}\n{}", r.stdout, r.stderr);
+    assert!(r.stdout.contains("\nrunning 0 tests\n"), "{}", r.stdout);
+    assert!(
+        summary(&r.stdout)[0].ends_with("3 filtered out"),
+        "{}",
+        r.stdout
+    );
+
     let r = cargo_pvrun_test(&["-p", "testdemo", "--bins"]);
     assert_eq!(r.code, Some(0), "{}\n{}", r.stdout, r.stderr);
     assert_eq!(results(&r.stdout), ["test tests::bin_test_passes ... ok"]);

@@ -21,3 +21,8 @@ fn chatty_fails() {
     }
     panic!("chatty failed");
 }
+
+/// Exists only with `--features extra`.
+#[cfg(feature = "extra")]
+#[pvrun::test]
+fn only_with_extra() {}
