@@ -149,7 +149,7 @@ fn main() {
     };
     let mut first = Sandbox::new(&elf, config).unwrap();
     let mut sb = Sandbox::from_template(first.template()).unwrap();
-    let mut bare_in = |sb: &mut Sandbox| {
+    let bare_in = |sb: &mut Sandbox| {
         median(
             (0..runs)
                 .map(|_| {
