@@ -1,11 +1,13 @@
 //! `cargo pvrun`: build a guest crate for pvrun and boot it, the way `cargo run` runs a
 //! program (`cargo pvrun [run]`); build only (`build`); serve or call a function guest
-//! (`serve`, `call`); create a new guest crate (`new`).
+//! (`serve`, `call`); create a new guest crate (`new`); run a guest crate's tests in VMs
+//! like `cargo test` (`test`, in `test.rs`, which parses its own arguments).
 //!
 //! Adding a subcommand: a variant in [`Command`] with its `clap::Args` struct and an arm
 //! in [`main`]; the implicit `run` and the usage-error mapping need nothing.
 
 mod new;
+mod test;
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -53,6 +55,14 @@ enum Command {
     Call(CallArgs),
     /// Create a new guest crate that builds and runs as created.
     New(new::NewArgs),
+    /// Build the guest crate's tests and run them in VMs, like `cargo test` (see `cargo
+    /// pvrun test --help`).
+    #[command(disable_help_flag = true)]
+    Test {
+        /// Options and harness arguments (see `cargo pvrun test --help`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 /// Which crate and how to build it: the options `cargo run` takes.
@@ -332,6 +342,9 @@ fn main() {
     if argv.get(1).map(String::as_str) == Some("pvrun") {
         argv.remove(1);
     }
+    if argv.get(1).map(String::as_str) == Some("test") {
+        test::main(argv);
+    }
     let matches = Cli::command()
         .try_get_matches_from(with_implicit_run(argv))
         .unwrap_or_else(|e| cli::exit_on_clap_error(e));
@@ -431,6 +444,13 @@ fn main() {
             call_and_exit(&elf, &c.name, input, c.opts, args)
         }
         Command::New(n) => new::run(n),
+        // `main` hands `test` to `test::main` before parsing; this arm is reached only
+        // through an abbreviation clap resolved, so pass the arguments on the same way.
+        Command::Test { args } => {
+            let mut argv = vec!["cargo-pvrun".to_string(), "test".to_string()];
+            argv.extend(args);
+            test::main(argv)
+        }
     }
 }
 

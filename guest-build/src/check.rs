@@ -161,6 +161,22 @@ pub fn check_guest(elf: &Path, guest: &str, rlibs: &[Rlib]) -> Result<()> {
     )
 }
 
+/// Whether the ELF at `path` defines the symbol `name` (`None` when it has no symbol
+/// table to tell, e.g. a stripped guest).
+pub fn defines_symbol(path: &Path, name: &str) -> Result<Option<bool>> {
+    let bytes = fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let file = ElfFile64::<Endianness>::parse(&*bytes)
+        .with_context(|| format!("cannot parse the ELF {}", path.display()))?;
+    let mut any = false;
+    for sym in file.symbols() {
+        any = true;
+        if sym.name_bytes().ok() == Some(name.as_bytes()) && !sym.is_undefined() {
+            return Ok(Some(true));
+        }
+    }
+    Ok(if any { Some(false) } else { None })
+}
+
 fn quoted(items: &[String]) -> String {
     items
         .iter()

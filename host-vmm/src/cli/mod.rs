@@ -1,12 +1,14 @@
 //! Command-line pieces shared by `pvrun` and `cargo pvrun`: option parsing helpers,
 //! running a guest to a process exit status, serving and calling function guests
 //! ([`function`]), host functions from the command line ([`hostfn`]), `-v`/`RUST_LOG`
-//! ([`logging`]), and mapping clap's errors onto the exit-status contract.
+//! ([`logging`]), running guest tests ([`test_runner`]), and mapping clap's errors onto
+//! the exit-status contract.
 
 pub mod function;
 pub mod gateway;
 pub mod hostfn;
 pub mod logging;
+pub mod test_runner;
 
 pub use function::{
     CallInput, CallOptions, EXIT_CALL_FAILED, HostFnOptions, ServeOptions, call_and_exit,

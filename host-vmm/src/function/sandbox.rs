@@ -265,6 +265,31 @@ impl Sandbox {
         })
     }
 
+    /// Like [`Sandbox::from_template`], with this sandbox's console output going to its own
+    /// `stdout` and `stderr` sinks instead of the template's shared queue: written
+    /// synchronously at the guest's exits, so when a call returns its output is in the
+    /// sinks (`cargo pvrun test` captures each test's output this way). The sinks must not
+    /// block for long; they are not rate-limited.
+    pub fn from_template_with_console(
+        template: &Arc<Template>,
+        stdout: Box<dyn Write + Send>,
+        stderr: Box<dyn Write + Send>,
+    ) -> Result<Sandbox, Error> {
+        let vm = Vm::from_snapshot_in(
+            template.take_shell(),
+            &template.snapshot,
+            stdout,
+            stderr,
+            template.call_timeout,
+        )?;
+        Ok(Sandbox {
+            vm,
+            template: template.clone(),
+            dirty: false,
+            resumable: true,
+        })
+    }
+
     /// What new sandboxes can be made from.
     pub fn template(&self) -> &Arc<Template> {
         &self.template
