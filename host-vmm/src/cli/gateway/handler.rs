@@ -35,6 +35,8 @@ pub(super) struct Ready {
     /// The largest input a call takes: the guest's input buffer minus the call header.
     pub max_input: u64,
     pub listing: Bytes,
+    /// The queue of the call threads.
+    pub calls: std::sync::mpsc::Sender<super::Job>,
 }
 
 type Resp = Response<Full<Bytes>>;
@@ -170,19 +172,24 @@ async fn route(shared: &Arc<Shared>, id: &str, req: Request<Incoming>) -> Resp {
     let pool = ready.pool.clone();
     let call_name = name.clone();
     let started = Instant::now();
-    // The permit moves into the blocking task: a call whose client went away still
-    // counts until it has really finished.
-    let joined = tokio::task::spawn_blocking(move || {
-        let r = pool.call(&call_name, &input);
+    // The permit moves into the job: a call whose client went away still counts until
+    // it has really finished.
+    let (answer, answered) = tokio::sync::oneshot::channel();
+    let job: super::Job = Box::new(move || {
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            pool.call(&call_name, &input)
+        }))
+        .unwrap_or_else(|_| Err(CallError::Host("the call panicked".into())));
         drop(permit);
-        r
-    })
-    .await;
-    let took = started.elapsed().as_secs_f64();
-    let result = match joined {
-        Ok(r) => r,
-        Err(_) => Err(CallError::Host("the call's thread panicked".into())),
+        let _ = answer.send(r);
+    });
+    let result = match ready.calls.send(job) {
+        Ok(()) => answered
+            .await
+            .unwrap_or_else(|_| Err(CallError::Host("the call thread ended".into()))),
+        Err(_) => Err(CallError::Host("no call thread is running".into())),
     };
+    let took = started.elapsed().as_secs_f64();
     let e = match result {
         Ok(out) => {
             let mut r = Response::new(Full::new(Bytes::from(out)));
