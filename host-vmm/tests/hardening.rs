@@ -363,7 +363,10 @@ fn the_console_writer_and_the_shell_thread_run_confined() {
     // Both threads are confined by the time their constructors return.
     let console = threads_named("pvrun-console");
     let shells = threads_named("pvrun-shells");
-    assert!(!console.is_empty() && !shells.is_empty(), "{console:?} {shells:?}");
+    assert!(
+        !console.is_empty() && !shells.is_empty(),
+        "{console:?} {shells:?}"
+    );
     for mode in console.iter().chain(&shells) {
         assert_eq!(mode, "2", "console {console:?}, shells {shells:?}");
     }
@@ -381,7 +384,10 @@ fn the_console_writer_and_the_shell_thread_run_confined() {
     assert_eq!(first.call("print", b"2").unwrap(), b"printed 2");
     let t = Instant::now();
     while out.lock().unwrap().iter().filter(|&&b| b == b'\n').count() < 2 {
-        assert!(t.elapsed() < Duration::from_secs(5), "no console output arrived");
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "no console output arrived"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
 }

@@ -409,7 +409,11 @@ fn ymm_zmm_and_opmask_registers_do_not_carry_data_into_the_next_call() {
     let kept = text(sb.call_keep_state("avx-get", b""));
     for field in kept.split(' ').skip(1) {
         let (name, value) = field.split_once('=').unwrap();
-        let expect = if name == "k7" { "5a5a".to_string() } else { leaked.repeat(value.len() / 16) };
+        let expect = if name == "k7" {
+            "5a5a".to_string()
+        } else {
+            leaked.repeat(value.len() / 16)
+        };
         assert_eq!(value, expect, "{name} was not kept without a reset: {kept}");
     }
     // A sandbox made from the template starts clean too.

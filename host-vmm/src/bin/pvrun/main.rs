@@ -82,6 +82,11 @@ mod cli_main {
         /// (default: 4 x --pool).
         #[arg(long, value_name = "N")]
         max_inflight: Option<usize>,
+        /// Bytes of request bodies and call outputs held in memory at once (a body from
+        /// before it is read until its call ends, an output until it is sent); requests
+        /// beyond are answered 503 with Retry-After.
+        #[arg(long, value_name = "BYTES", default_value = "256M", value_parser = parse_mem)]
+        max_buffered: u64,
         /// Seconds a shutdown (SIGTERM/SIGINT) waits for calls in flight.
         #[arg(long, value_name = "SECS", default_value = "30", value_parser = parse_timeout)]
         shutdown_timeout: Duration,
@@ -128,6 +133,7 @@ mod cli_main {
             body_timeout: cli.body_timeout,
             max_connections: cli.max_connections,
             max_inflight: cli.max_inflight.unwrap_or(4 * pool_size),
+            max_buffered: cli.max_buffered,
             shutdown_timeout: cli.shutdown_timeout,
         };
         let guest = cli.guest.clone();

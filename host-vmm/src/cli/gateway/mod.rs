@@ -13,7 +13,7 @@
 //! | not `POST` (`GET /` lists the functions) | 405 | `error` |
 //! | malformed request or body | 400 | `bad-request` (or no header: hyper's own 400) |
 //! | the body did not arrive within `--body-timeout` | 408 | `body-timeout` |
-//! | too many calls in flight, too many connections, or still starting | 503 + `Retry-After` | `busy`, `starting` |
+//! | too many calls in flight, too many connections, too many bytes buffered (`--max-buffered`), or still starting | 503 + `Retry-After` | `busy`, `starting` |
 //!
 //! Every response carries `X-Request-Id`; the log line of a failed call (with the crash
 //! report, which names guest addresses and symbols) carries the same id. `GET /healthz`
@@ -67,6 +67,10 @@ pub struct Options {
     pub max_connections: usize,
     /// Calls running or waiting for a sandbox; more are answered 503.
     pub max_inflight: usize,
+    /// Bytes of request bodies and call outputs held at once (a body from before it is
+    /// read until its call ends, an output until it is sent); requests beyond are
+    /// answered 503.
+    pub max_buffered: u64,
     /// How long a shutdown waits for calls in flight.
     pub shutdown_timeout: Duration,
 }
@@ -92,6 +96,9 @@ where
         log::exit(EXIT_HOST_ERROR, Duration::from_secs(1))
     };
     let max_inflight = opts.max_inflight.max(1);
+    let max_buffered = usize::try_from(opts.max_buffered)
+        .unwrap_or(usize::MAX)
+        .min(Semaphore::MAX_PERMITS);
     // Every thread starts before anything is confined: a confined thread cannot start one.
     log::start();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -125,6 +132,8 @@ where
             inflight: Arc::new(Semaphore::new(max_inflight)),
             max_inflight,
             body_timeout: opts.body_timeout,
+            buffered: Arc::new(Semaphore::new(max_buffered)),
+            max_buffered,
             ids: log::RequestIds::new(),
             call_log: RateLimited::new(20),
             busy_log: RateLimited::new(1),
