@@ -33,6 +33,7 @@ pub(crate) enum ThreadKind {
     Watchdog,
     /// Serves HTTP: `pvrun serve`'s main thread once it serves, and its tokio workers.
     /// Sockets that already exist only (accept, read, write, epoll); no KVM, no files.
+    #[cfg_attr(not(feature = "cli"), allow(dead_code))]
     Gateway,
     /// Creates VMs ahead of time for new sandboxes (`Template::keep_shells_ready`): the
     /// KVM requests that create a VM, its memory slot and vCPU, and set its CPUID.
