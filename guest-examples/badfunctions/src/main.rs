@@ -11,6 +11,7 @@
 //! | `big-output` | input: a decimal byte count N (empty: 2 MiB) | N bytes `x` |
 //! | `echo` | | the input, unchanged (any bytes) |
 //! | `touch-pages` | input: a decimal page count N (empty: 16, at most 256); writes one byte in each of N distinct 4 KiB pages of a 1 MiB static buffer | `ok` |
+//! | `init-host` | with `PVRUN_INIT_HOST_CALL` set at initialisation, the init called host function `init-probe` once | that call's answer (empty without the variable) |
 //! | `init-state` | reads a global the initialisation set to 42 | `42` (`0` if init had not run) |
 //! | `random` | draws 16 bytes from `pvrun::random` and 16 from its ChaCha20 fallback | `GENERATION HEX HEX` |
 //! | `print` | input: a decimal line count N (empty: 1000); prints N lines to stdout | `printed N` |
@@ -40,6 +41,7 @@ pvrun::export_functions! {
     "echo" => echo,
     "touch-pages" => touch_pages,
     "init-state" => init_state,
+    "init-host" => init_host,
     "xmm-set" => xmm_set,
     "xmm-get" => xmm_get,
     "avx-set" => avx_set,
@@ -68,6 +70,27 @@ static TOUCH: [AtomicU8; TOUCH_SIZE] = [const { AtomicU8::new(0) }; TOUCH_SIZE];
 /// Runs once before the guest declares itself ready (the host snapshots after it).
 fn init() {
     INIT_STATE.store(42, Ordering::Relaxed);
+    // With `PVRUN_INIT_HOST_CALL` in the environment, call host function `init-probe`
+    // once during the initialisation and keep its answer for `init-host`.
+    if pvrun::env::var("PVRUN_INIT_HOST_CALL").is_some() {
+        let answer = pvrun::function::call_host("init-probe", b"")
+            .unwrap_or_else(|_| b"host call failed".to_vec());
+        let n = answer.len().min(INIT_ANSWER.len());
+        for (slot, b) in INIT_ANSWER.iter().zip(&answer[..n]) {
+            slot.store(*b, Ordering::Relaxed);
+        }
+        INIT_ANSWER_LEN.store(n as u64, Ordering::Relaxed);
+    }
+}
+
+/// What `init-probe` answered during the initialisation (see [`init`]).
+static INIT_ANSWER: [AtomicU8; 64] = [const { AtomicU8::new(0) }; 64];
+static INIT_ANSWER_LEN: AtomicU64 = AtomicU64::new(0);
+
+/// The answer of the host call the initialisation made, if it made one.
+fn init_host(_input: &[u8]) -> Result<Vec<u8>, String> {
+    let n = INIT_ANSWER_LEN.load(Ordering::Relaxed) as usize;
+    Ok(INIT_ANSWER[..n].iter().map(|b| b.load(Ordering::Relaxed)).collect())
 }
 
 /// The input as a decimal number, or `default` when it is empty.

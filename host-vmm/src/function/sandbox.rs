@@ -56,6 +56,12 @@ pub struct SandboxConfig {
     /// process. On by default; turn it off for a sink that needs more (one that opens
     /// files or sends on sockets itself).
     pub console_confined: bool,
+    /// Run the guest's initialisation (up to `FN_READY`) on a thread of its own under the
+    /// vCPU seccomp filter, as calls from a [`SandboxPool::confine_callers`] pool run, so
+    /// no guest instruction ever runs beside an unconfined host thread's state. Host
+    /// functions the initialisation calls then run under that filter too. Off by default
+    /// (it costs a thread start per [`Sandbox::new`]); `pvrun serve` turns it on.
+    pub confine_init: bool,
 }
 
 impl Default for SandboxConfig {
@@ -70,6 +76,7 @@ impl Default for SandboxConfig {
             console: Arc::new(Mutex::new(Box::new(crate::output::StdStream::stderr()))),
             console_rate: 1 << 20,
             console_confined: true,
+            confine_init: false,
         }
     }
 }
@@ -250,7 +257,29 @@ impl Sandbox {
         };
         let path = image.path.clone();
         let mut vm = Vm::new(image, vm_config)?;
-        let exports = match vm.run()? {
+        let init = if config.confine_init {
+            // A scoped thread that confines itself, runs the initialisation and ends; the
+            // snapshot (memfds, /proc/self/pagemap) is taken back on this thread.
+            let vm = &mut vm;
+            std::thread::scope(|scope| {
+                std::thread::Builder::new()
+                    .name("pvrun-init".into())
+                    .spawn_scoped(scope, move || {
+                        vm.confine_thread()?;
+                        vm.run()
+                    })
+                    .map_err(Error::Io)?
+                    .join()
+                    .unwrap_or_else(|_| {
+                        Err(Error::Config(
+                            "the guest's initialisation thread panicked".into(),
+                        ))
+                    })
+            })?
+        } else {
+            vm.run()?
+        };
+        let exports = match init {
             Outcome::Ready(e) => e,
             other => {
                 let what = other

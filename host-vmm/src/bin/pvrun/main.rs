@@ -125,6 +125,8 @@ mod cli_main {
             max_output: cli.max_output,
             // Guest console text goes to the log escaped, one `guest: ` line at a time.
             console: Arc::new(Mutex::new(Box::new(gateway::GuestConsole::new()))),
+            // The guest's initialisation runs confined too, like every call.
+            confine_init: true,
             ..SandboxConfig::default()
         };
         let opts = gateway::Options {
