@@ -399,9 +399,7 @@ fn with_confine_init_the_guest_initialisation_runs_under_the_vcpu_filter() {
     // file fails with EPERM (a report-only call), which proves the filter by itself.
     let probe: host_vmm::HostFn = Arc::new(|_: &[u8]| {
         Ok(match std::fs::read_to_string("/proc/thread-self/status") {
-            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
-                b"filtered".to_vec()
-            }
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => b"filtered".to_vec(),
             Err(e) => format!("error {e}").into_bytes(),
             Ok(s) => s
                 .lines()
