@@ -90,7 +90,10 @@ static INIT_ANSWER_LEN: AtomicU64 = AtomicU64::new(0);
 /// The answer of the host call the initialisation made, if it made one.
 fn init_host(_input: &[u8]) -> Result<Vec<u8>, String> {
     let n = INIT_ANSWER_LEN.load(Ordering::Relaxed) as usize;
-    Ok(INIT_ANSWER[..n].iter().map(|b| b.load(Ordering::Relaxed)).collect())
+    Ok(INIT_ANSWER[..n]
+        .iter()
+        .map(|b| b.load(Ordering::Relaxed))
+        .collect())
 }
 
 /// The input as a decimal number, or `default` when it is empty.
@@ -230,13 +233,17 @@ fn vector_level() -> Vector {
 #[target_feature(enable = "avx")]
 unsafe fn ymm15_load(v: &[u8; 64]) {
     // SAFETY: reads 32 bytes of `v`; writes only ymm15, on purpose.
-    unsafe { core::arch::asm!("vmovdqu ymm15, [{p}]", p = in(reg) v.as_ptr(), options(nostack, readonly)) };
+    unsafe {
+        core::arch::asm!("vmovdqu ymm15, [{p}]", p = in(reg) v.as_ptr(), options(nostack, readonly))
+    };
 }
 
 #[target_feature(enable = "avx")]
 unsafe fn ymm15_store(out: &mut [u8; 64]) {
     // SAFETY: writes 32 bytes of `out`.
-    unsafe { core::arch::asm!("vmovdqu [{p}], ymm15", p = in(reg) out.as_mut_ptr(), options(nostack)) };
+    unsafe {
+        core::arch::asm!("vmovdqu [{p}], ymm15", p = in(reg) out.as_mut_ptr(), options(nostack))
+    };
 }
 
 /// Loads all of `zmm15` and `zmm31` from `v` and `k7` from `k`, and leaves them set.
