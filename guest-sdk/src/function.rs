@@ -154,7 +154,8 @@ unsafe fn run_call(
         ));
     }
     // SAFETY: checked above: the input lies inside the buffer, which the host wrote.
-    let input = unsafe { core::slice::from_raw_parts(inbuf.add(HEADER), header.input_len as usize) };
+    let input =
+        unsafe { core::slice::from_raw_parts(inbuf.add(HEADER), header.input_len as usize) };
     function(input)
 }
 

@@ -120,8 +120,7 @@ fn chacha_next() -> [u8; 64] {
         COUNTER.store(0, Ordering::Relaxed);
     }
     // SAFETY: as in `generation`.
-    let gen_seed: [u8; 32] =
-        unsafe { core::ptr::addr_of!(info.generation_seed).read_volatile() };
+    let gen_seed: [u8; 32] = unsafe { core::ptr::addr_of!(info.generation_seed).read_volatile() };
     let mut key = [0u32; 8];
     for ((k, c), g) in key
         .iter_mut()

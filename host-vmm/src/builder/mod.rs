@@ -316,6 +316,7 @@ pub(crate) fn build(image: Arc<GuestImage>, config: VmConfig) -> Result<Vm, Erro
             host_fns: config.host_functions,
             max_output: config.max_output,
             host_writes: Vec::new(),
+            ..FnContext::default()
         },
         crash: None,
     })

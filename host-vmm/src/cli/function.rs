@@ -95,6 +95,11 @@ pub struct ServeOptions {
     /// (default: 4 x --pool).
     #[arg(long, value_name = "N")]
     pub max_inflight: Option<usize>,
+    /// Bytes of request bodies and call outputs held in memory at once (a body from
+    /// before it is read until its call ends, an output until it is sent); requests
+    /// beyond are answered 503 with Retry-After.
+    #[arg(long, value_name = "BYTES", default_value = "256M", value_parser = parse_mem)]
+    pub max_buffered: u64,
     /// Seconds a shutdown (SIGTERM/SIGINT) waits for calls in flight.
     #[arg(long, value_name = "SECS", default_value = "30", value_parser = parse_timeout)]
     pub shutdown_timeout: Duration,
@@ -144,6 +149,8 @@ pub fn serve_and_exit(guest: &Path, opts: ServeOptions, args: Vec<String>) -> ! 
         max_output: opts.max_output,
         // Guest console text goes to the log escaped, one `guest: ` line at a time.
         console: Arc::new(Mutex::new(Box::new(gateway::GuestConsole::new()))),
+        // The guest's initialisation runs confined too, like every call.
+        confine_init: true,
         ..SandboxConfig::default()
     };
     let gw = gateway::Options {
@@ -152,6 +159,7 @@ pub fn serve_and_exit(guest: &Path, opts: ServeOptions, args: Vec<String>) -> ! 
         body_timeout: opts.body_timeout,
         max_connections: opts.max_connections,
         max_inflight: opts.max_inflight.unwrap_or(4 * pool_size),
+        max_buffered: opts.max_buffered,
         shutdown_timeout: opts.shutdown_timeout,
     };
     let path = guest.to_path_buf();
@@ -220,6 +228,8 @@ pub fn call_and_exit(
         host_functions,
         call_timeout: Some(opts.timeout),
         max_output: opts.max_output,
+        // The guest's initialisation runs confined, like the call.
+        confine_init: true,
         ..SandboxConfig::default()
     };
     crate::stop_guest_on_signals();

@@ -116,6 +116,7 @@ impl Vm {
         if self.timeout.is_some() {
             self.control.arm(None);
         }
+        self.fns.clean_exit = matches!(r, Ok(Outcome::Returned { .. } | Outcome::Ready(_)));
         r.map(|o| match o {
             Outcome::TimedOut(_) => Outcome::TimedOut(started.elapsed()),
             o => o,
