@@ -116,10 +116,30 @@ fn a_guest_without_an_entry_point_is_told_to_add_entry() {
         "",
         "#![no_std]\n#![no_main]\n\nfn main() {\n    pvrun::println!(\"hi\");\n}\n",
     );
+    // `_start` refers to the user's `main` weakly (test binaries have none), so the link
+    // succeeds and guest-build's post-link check refuses the guest after cargo finished.
     let stderr = failed_build(&dir);
-    assert_hint_after_cargo(
-        &stderr,
-        "hint: the guest has no entry point: add `pvrun::entry!(main);` to src/main.rs (or `pvrun::export_functions! { \"name\" => function }` for a function guest)",
+    let lines: Vec<&str> = stderr.lines().collect();
+    let hint = "hint: the guest has no entry point: add `pvrun::entry!(main);` to src/main.rs (or `pvrun::export_functions! { \"name\" => function }` for a function guest)";
+    let at = lines
+        .iter()
+        .position(|l| *l == hint)
+        .unwrap_or_else(|| panic!("no line `{hint}` in:\n{stderr}"));
+    let finished = lines
+        .iter()
+        .position(|l| l.trim_start().starts_with("Finished"))
+        .unwrap_or_else(|| panic!("cargo's output is missing:\n{stderr}"));
+    assert!(finished < at, "the hint comes before cargo's output:\n{stderr}");
+    assert!(
+        lines[at + 1..]
+            .iter()
+            .any(|l| l.contains("could not build guest `noentry`: it has no entry point")),
+        "{stderr}"
+    );
+    assert_eq!(
+        lines.iter().filter(|l| l.starts_with("hint: ")).count(),
+        1,
+        "{stderr}"
     );
 }
 

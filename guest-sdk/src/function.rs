@@ -308,6 +308,13 @@ macro_rules! export_functions {
         #[doc(hidden)]
         #[unsafe(no_mangle)]
         pub extern "C" fn __pvrun_main() -> i32 {
+            /// Marks the ELF as a function guest for tools that read its symbols
+            /// (`cargo pvrun build --message-format json`'s `kind`, `pvrun package`).
+            #[doc(hidden)]
+            #[unsafe(no_mangle)]
+            #[inline(never)]
+            pub extern "C" fn __pvrun_function_guest() {}
+            ::core::hint::black_box(__pvrun_function_guest as extern "C" fn());
             $(
                 let code = $crate::process::Termination::report($init());
                 if code != 0 {

@@ -106,7 +106,9 @@ impl GuestImage {
         if self.symbols.is_empty() {
             return None;
         }
-        Some(self.symbols.any_starts_with("pvrun::function::serve"))
+        // `pvrun::export_functions!` defines this marker (every guest links the SDK's
+        // `function::serve`, which also serves `cargo pvrun test`'s test binaries).
+        Some(self.symbols.any_starts_with("__pvrun_function_guest"))
     }
 
     /// End of the highest segment (page aligned).
