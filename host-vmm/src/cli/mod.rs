@@ -2,6 +2,7 @@
 //! running a guest to a process exit status.
 
 pub mod gateway;
+pub mod snapshot;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -20,6 +20,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use super::console::ConsoleHub;
+use super::snapfile::SnapshotFileInfo;
 use super::snapshot::{Snapshot, VmShell};
 use super::{FN_DATA_MAX, HostFn};
 use crate::config::VmConfig;
@@ -135,6 +136,40 @@ impl Template {
         self.console.dropped()
     }
 
+    /// Loads a snapshot file written by [`Template::write_snapshot_file`] (`pvrun
+    /// snapshot`): its memory is mapped copy-on-write (`MAP_PRIVATE`), so every sandbox in
+    /// every process shares the page cache's copy, and resets copy back from those pages.
+    /// The file is checked as a fresh boot would check an ELF (see docs/SNAPSHOT.md); a
+    /// damaged, foreign or tampered file is an [`Error::BadSnapshot`]. The memory size,
+    /// arguments and environment are the file's; `config` gives the rest (host functions,
+    /// timeout, output limit, console).
+    pub fn from_snapshot_file(path: &Path, config: SandboxConfig) -> Result<Arc<Template>, Error> {
+        let (snapshot, shell) = super::snapfile::load(
+            path,
+            Arc::new(config.host_functions),
+            config.max_output,
+        )?;
+        Ok(Arc::new(Template {
+            snapshot: Arc::new(snapshot),
+            console: ConsoleHub::new(config.console.clone(), config.console_rate),
+            call_timeout: config.call_timeout,
+            max_output: config.max_output,
+            // The VM the file's vCPU state was checked in makes the first sandbox.
+            shells: Mutex::new((vec![shell], 0)),
+            shell_taken: Condvar::new(),
+        }))
+    }
+
+    /// Writes the template's snapshot to a snapshot file (format: docs/SNAPSHOT.md).
+    pub fn write_snapshot_file(&self, path: &Path) -> Result<SnapshotFileInfo, Error> {
+        super::snapfile::write(&self.snapshot, path)
+    }
+
+    /// Guest memory size of the template's sandboxes.
+    pub fn mem_size(&self) -> u64 {
+        self.snapshot.mem_size()
+    }
+
     /// Creates `n` VMs now for later [`Sandbox::from_template`] calls, which then only map
     /// the snapshot and load registers instead of waiting for KVM to create a VM.
     pub fn prepare_shells(&self, n: usize) -> Result<(), Error> {
@@ -245,6 +280,12 @@ impl Sandbox {
             dirty: false,
             resumable: true,
         })
+    }
+
+    /// A sandbox from a snapshot file (see [`Template::from_snapshot_file`]); more come
+    /// from its [`Sandbox::template`].
+    pub fn from_snapshot_file(path: &Path, config: SandboxConfig) -> Result<Sandbox, Error> {
+        Self::from_template(&Template::from_snapshot_file(path, config)?)
     }
 
     /// A new sandbox from the same snapshot as this one (copy-on-write memory), in a VM

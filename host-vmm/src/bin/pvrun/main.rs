@@ -23,7 +23,7 @@ mod cli_main {
     use clap::Parser;
     use host_vmm::cli::gateway;
     use host_vmm::cli::{VmOptions, parse_env, parse_mem, parse_timeout, run_and_exit};
-    use host_vmm::{Sandbox, SandboxConfig, SandboxPool};
+    use host_vmm::{Sandbox, SandboxConfig, SandboxPool, Template};
 
     /// Run a pvrun unikernel (a guest ELF built with `cargo pvrun`) in a KVM VM.
     ///
@@ -88,8 +88,13 @@ mod cli_main {
         /// Set an environment variable for the guest's initialisation (repeatable).
         #[arg(long = "env", value_name = "KEY=VALUE", value_parser = parse_env)]
         env: Vec<(String, String)>,
+        /// Serve from a snapshot file written by `pvrun snapshot` instead of booting a guest
+        /// ELF (its memory size, arguments and environment are the file's).
+        #[arg(long, value_name = "FILE", conflicts_with_all = ["guest", "mem", "env", "args"])]
+        snapshot: Option<PathBuf>,
         /// The function guest ELF.
-        guest: PathBuf,
+        #[arg(required_unless_present = "snapshot")]
+        guest: Option<PathBuf>,
         /// Arguments for the guest's initialisation (after `--`).
         #[arg(last = true)]
         args: Vec<String>,
@@ -99,6 +104,9 @@ mod cli_main {
         let argv: Vec<String> = std::env::args().collect();
         if argv.get(1).map(String::as_str) == Some("serve") {
             serve(ServeCli::parse_from(&argv[1..]));
+        }
+        if argv.get(1).map(String::as_str) == Some("snapshot") {
+            host_vmm::cli::snapshot::main(&argv[1..]);
         }
         let cli = Cli::parse();
         host_vmm::stop_guest_on_signals();
@@ -110,7 +118,12 @@ mod cli_main {
 
     fn serve(cli: ServeCli) -> ! {
         let pool_size = cli.pool.max(1);
-        let mut args = vec![cli.guest.display().to_string()];
+        let source = match (&cli.snapshot, &cli.guest) {
+            (Some(file), _) => file.clone(),
+            (None, Some(elf)) => elf.clone(),
+            (None, None) => PathBuf::new(), // clap requires one of them
+        };
+        let mut args = vec![source.display().to_string()];
         args.extend(cli.args);
         let config = SandboxConfig {
             mem_size: cli.mem,
@@ -130,9 +143,12 @@ mod cli_main {
             max_inflight: cli.max_inflight.unwrap_or(4 * pool_size),
             shutdown_timeout: cli.shutdown_timeout,
         };
-        let guest = cli.guest.clone();
-        gateway::serve(opts, cli.guest.display().to_string(), move || {
-            let first = Sandbox::new(&guest, config)?;
+        let snapshot = cli.snapshot.clone();
+        gateway::serve(opts, source.display().to_string(), move || {
+            let first = match snapshot {
+                Some(file) => Sandbox::from_template(&Template::from_snapshot_file(&file, config)?)?,
+                None => Sandbox::new(&source, config)?,
+            };
             // Calls run on tokio's blocking threads, which then only run calls: confine them.
             SandboxPool::new(first, pool_size)?.confine_callers()
         })
