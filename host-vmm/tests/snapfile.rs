@@ -29,10 +29,8 @@ impl TempDir {
     fn new(tag: &str) -> TempDir {
         static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let p = std::env::temp_dir().join(format!(
-            "pvrun-snapfile-{tag}-{}-{n}",
-            std::process::id()
-        ));
+        let p =
+            std::env::temp_dir().join(format!("pvrun-snapfile-{tag}-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&p);
         std::fs::create_dir_all(&p).unwrap();
         TempDir(p)
@@ -104,7 +102,10 @@ fn a_call_from_a_file_answers_like_one_from_a_fresh_boot() {
     let calls: [(&str, &[u8]); 6] = [
         ("sha256", b"abc"),
         ("upper", b"Hello, pvrun"),
-        ("json-transform", br#"{"name":"Ada","langs":["rust","c"],"age":36}"#),
+        (
+            "json-transform",
+            br#"{"name":"Ada","langs":["rust","c"],"age":36}"#,
+        ),
         ("greet-via-host", b"Ada"),
         ("compress", &data),
         ("json-transform", b"{not json"),
@@ -141,15 +142,24 @@ fn random_bytes_differ_per_sandbox_and_per_call() {
             let out = text(sb.call("random", b""));
             let parts: Vec<&str> = out.split(' ').collect();
             assert_eq!(parts.len(), 3, "{out}");
-            assert!(seen.insert(parts[1].to_string()), "fill_bytes repeated: {out}");
-            assert!(seen.insert(parts[2].to_string()), "keystream repeated: {out}");
+            assert!(
+                seen.insert(parts[1].to_string()),
+                "fill_bytes repeated: {out}"
+            );
+            assert!(
+                seen.insert(parts[2].to_string()),
+                "keystream repeated: {out}"
+            );
         }
     }
     // Another template from the same file (as another process would make) repeats none.
     let other = Sandbox::from_snapshot_file(&file, config());
     let out = text(other.unwrap().call("random", b""));
     for part in out.split(' ').skip(1) {
-        assert!(seen.insert(part.to_string()), "repeated across templates: {out}");
+        assert!(
+            seen.insert(part.to_string()),
+            "repeated across templates: {out}"
+        );
     }
 }
 
@@ -286,16 +296,45 @@ fn every_damaged_or_tampered_file_is_refused_with_one_line() {
         b
     };
     refused(&dir, "magic", &flip(2), "not a pvrun snapshot file");
-    refused(&dir, "hdr-crc", &flip(57), "checksum of its header and metadata");
-    refused(&dir, "hdr-elf", &flip(70), "checksum of its header and metadata");
-    refused(&dir, "hdr-digest", &flip(100), "checksum of its header and metadata");
+    refused(
+        &dir,
+        "hdr-crc",
+        &flip(57),
+        "checksum of its header and metadata",
+    );
+    refused(
+        &dir,
+        "hdr-elf",
+        &flip(70),
+        "checksum of its header and metadata",
+    );
+    refused(
+        &dir,
+        "hdr-digest",
+        &flip(100),
+        "checksum of its header and metadata",
+    );
     refused(&dir, "hdr-size", &flip(19), "");
-    for at in [l.meta_offset + 3, l.regs + 5, l.meta_offset + l.meta_len - 1] {
-        refused(&dir, &format!("meta{at}"), &flip(at), "checksum of its header and metadata");
+    for at in [
+        l.meta_offset + 3,
+        l.regs + 5,
+        l.meta_offset + l.meta_len - 1,
+    ] {
+        refused(
+            &dir,
+            &format!("meta{at}"),
+            &flip(at),
+            "checksum of its header and metadata",
+        );
     }
     for (start, len) in [l.extents[0], *l.extents.last().unwrap()] {
         let at = l.data_offset + (start + len / 2) as usize;
-        refused(&dir, &format!("page{at}"), &flip(at), "checksum of its memory pages");
+        refused(
+            &dir,
+            &format!("page{at}"),
+            &flip(at),
+            "checksum of its memory pages",
+        );
     }
 
     // Another format version or ABI version, checksums recomputed.
@@ -310,34 +349,115 @@ fn every_damaged_or_tampered_file_is_refused_with_one_line() {
     refused(&dir, "memsize", &edit(&|b| b[18] ^= 0x10), "truncated");
 
     // Registers a fresh boot would never produce, checksums recomputed.
-    let set64 = |b: &mut Vec<u8>, at: usize, v: u64| b[at..at + 8].copy_from_slice(&v.to_le_bytes());
+    let set64 =
+        |b: &mut Vec<u8>, at: usize, v: u64| b[at..at + 8].copy_from_slice(&v.to_le_bytes());
     let rip = l.regs + 16 * 8;
     let rsp = l.regs + 6 * 8;
     let rflags = l.regs + 17 * 8;
-    refused(&dir, "cs-ring0", &edit(&|b| b[l.selectors] = 0x08), "segment selectors");
-    refused(&dir, "ss-ring0", &edit(&|b| b[l.selectors + 2] = 0x10), "segment selectors");
-    refused(&dir, "rip-stub", &edit(&|b| set64(b, rip, 0x4000)), "instruction pointer");
-    refused(&dir, "rip-outside", &edit(&|b| set64(b, rip, 1 << 40)), "instruction pointer");
-    refused(&dir, "rip-stack", &edit(&|b| set64(b, rip, (64 << 20) - 64)), "instruction pointer");
-    refused(&dir, "rsp-r0", &edit(&|b| set64(b, rsp, 0x6000)), "stack pointer");
-    refused(&dir, "rsp-outside", &edit(&|b| set64(b, rsp, u64::MAX)), "stack pointer");
-    refused(&dir, "rsp-text", &edit(&|b| set64(b, rsp, 0x20_2000)), "stack pointer");
+    refused(
+        &dir,
+        "cs-ring0",
+        &edit(&|b| b[l.selectors] = 0x08),
+        "segment selectors",
+    );
+    refused(
+        &dir,
+        "ss-ring0",
+        &edit(&|b| b[l.selectors + 2] = 0x10),
+        "segment selectors",
+    );
+    refused(
+        &dir,
+        "rip-stub",
+        &edit(&|b| set64(b, rip, 0x4000)),
+        "instruction pointer",
+    );
+    refused(
+        &dir,
+        "rip-outside",
+        &edit(&|b| set64(b, rip, 1 << 40)),
+        "instruction pointer",
+    );
+    refused(
+        &dir,
+        "rip-stack",
+        &edit(&|b| set64(b, rip, (64 << 20) - 64)),
+        "instruction pointer",
+    );
+    refused(
+        &dir,
+        "rsp-r0",
+        &edit(&|b| set64(b, rsp, 0x6000)),
+        "stack pointer",
+    );
+    refused(
+        &dir,
+        "rsp-outside",
+        &edit(&|b| set64(b, rsp, u64::MAX)),
+        "stack pointer",
+    );
+    refused(
+        &dir,
+        "rsp-text",
+        &edit(&|b| set64(b, rsp, 0x20_2000)),
+        "stack pointer",
+    );
     refused(&dir, "iopl", &edit(&|b| set64(b, rflags, 0x3002)), "flags");
     refused(&dir, "if", &edit(&|b| set64(b, rflags, 0x202)), "flags");
     refused(&dir, "rax", &edit(&|b| set64(b, l.regs, 5)), "FN_READY");
-    refused(&dir, "fsbase", &edit(&|b| set64(b, l.selectors + 12, 1 << 50)), "canonical");
+    refused(
+        &dir,
+        "fsbase",
+        &edit(&|b| set64(b, l.selectors + 12, 1 << 50)),
+        "canonical",
+    );
     // A writable and executable segment, a segment in the host's area, an input buffer in
     // read-only memory.
-    refused(&dir, "wx", &edit(&|b| b[l.segments + 16] = 7), "image segment");
-    refused(&dir, "lowseg", &edit(&|b| set64(b, l.segments, 0x1000)), "image segment");
-    refused(&dir, "inbuf", &edit(&|b| set64(b, l.inbuf, 0x1_0000)), "input buffer");
-    refused(&dir, "inbuf-len", &edit(&|b| set64(b, l.inbuf + 8, 1 << 40)), "input buffer");
+    refused(
+        &dir,
+        "wx",
+        &edit(&|b| b[l.segments + 16] = 7),
+        "image segment",
+    );
+    refused(
+        &dir,
+        "lowseg",
+        &edit(&|b| set64(b, l.segments, 0x1000)),
+        "image segment",
+    );
+    refused(
+        &dir,
+        "inbuf",
+        &edit(&|b| set64(b, l.inbuf, 0x1_0000)),
+        "input buffer",
+    );
+    refused(
+        &dir,
+        "inbuf-len",
+        &edit(&|b| set64(b, l.inbuf + 8, 1 << 40)),
+        "input buffer",
+    );
     // Host structures changed (an extra PML4 entry mapping the tables' own memory, a stub
     // rewritten, a descriptor's privilege level): the page checksum is recomputed, the
     // tables are not what this host builds.
-    refused(&dir, "pagetable", &edit(&|b| b[l.data_offset + 0x10_0000 + 8] = 0x07), "host structures");
-    refused(&dir, "stub", &edit(&|b| b[l.data_offset + 0x4000] = 0x90), "host structures");
-    refused(&dir, "gdt", &edit(&|b| b[l.data_offset + 0x1000 + 0x1d] ^= 0x60), "host structures");
+    refused(
+        &dir,
+        "pagetable",
+        &edit(&|b| b[l.data_offset + 0x10_0000 + 8] = 0x07),
+        "host structures",
+    );
+    refused(
+        &dir,
+        "stub",
+        &edit(&|b| b[l.data_offset + 0x4000] = 0x90),
+        "host structures",
+    );
+    refused(
+        &dir,
+        "gdt",
+        &edit(&|b| b[l.data_offset + 0x1000 + 0x1d] ^= 0x60),
+        "host structures",
+    );
     // The extent list: as many bytes as the header says, inside memory.
     refused(&dir, "extent-len", &edit(&|b| b[48] ^= 0x10), "page list");
 
@@ -370,7 +490,10 @@ fn snapshotting_a_guest_that_is_not_a_function_guest_fails_with_one_line() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(125), "{err}");
     let last = err.lines().last().unwrap_or("");
-    assert!(last.starts_with("pvrun: error:") && last.contains("not a function guest"), "{err}");
+    assert!(
+        last.starts_with("pvrun: error:") && last.contains("not a function guest"),
+        "{err}"
+    );
     assert!(!file.exists());
 }
 
@@ -399,7 +522,14 @@ struct Server {
 impl Server {
     fn start(file: &Path) -> Server {
         let mut child = Command::new(pvrun_bin())
-            .args(["serve", "--listen", "127.0.0.1:0", "--pool", "2", "--snapshot"])
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--pool",
+                "2",
+                "--snapshot",
+            ])
             .arg(file)
             .stderr(Stdio::piped())
             .spawn()
@@ -422,7 +552,10 @@ impl Server {
         // Keep draining the log so the server never blocks on it.
         std::thread::spawn(move || for _ in lines.by_ref() {});
         let server = Server { child, addr };
-        assert!(!server.addr.is_empty(), "pvrun serve did not get ready: {seen:?}");
+        assert!(
+            !server.addr.is_empty(),
+            "pvrun serve did not get ready: {seen:?}"
+        );
         server
     }
 
@@ -487,12 +620,18 @@ fn two_processes_share_the_file_pages() {
         assert!(!maps.is_empty(), "the snapshot file is not mapped");
         // Every mapping of the file is private (copy-on-write), never shared-writable.
         for (perms, _) in &maps {
-            assert!(perms.ends_with('p'), "mapping {perms} is not MAP_PRIVATE: {maps:?}");
+            assert!(
+                perms.ends_with('p'),
+                "mapping {perms} is not MAP_PRIVATE: {maps:?}"
+            );
         }
         // Pages of the file that both processes use are counted as shared (mapped by more
         // than one process): the page cache's copy, not a copy each.
         let shared: u64 = maps.iter().map(|m| m.1).sum();
-        assert!(shared >= 64, "only {shared} KiB of the file shared: {maps:?}");
+        assert!(
+            shared >= 64,
+            "only {shared} KiB of the file shared: {maps:?}"
+        );
     }
     // A third process that is gone shares nothing afterwards: drop one, the other still
     // serves from its mapping.

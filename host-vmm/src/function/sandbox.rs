@@ -144,11 +144,8 @@ impl Template {
     /// arguments and environment are the file's; `config` gives the rest (host functions,
     /// timeout, output limit, console).
     pub fn from_snapshot_file(path: &Path, config: SandboxConfig) -> Result<Arc<Template>, Error> {
-        let (snapshot, shell) = super::snapfile::load(
-            path,
-            Arc::new(config.host_functions),
-            config.max_output,
-        )?;
+        let (snapshot, shell) =
+            super::snapfile::load(path, Arc::new(config.host_functions), config.max_output)?;
         Ok(Arc::new(Template {
             snapshot: Arc::new(snapshot),
             console: ConsoleHub::new(config.console.clone(), config.console_rate),

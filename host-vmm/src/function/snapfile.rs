@@ -579,9 +579,13 @@ fn check(path: &Path) -> Result<Checked, Error> {
             "is corrupt (its header's layout is impossible); {again}"
         )));
     }
-    let expected = h.data_offset.checked_add(h.mem_size).unwrap_or(u64::MAX);
+    let expected = h.data_offset.saturating_add(h.mem_size);
     if len != expected {
-        let what = if len < expected { "truncated" } else { "too long" };
+        let what = if len < expected {
+            "truncated"
+        } else {
+            "too long"
+        };
         return Err(bad(format!(
             "is {what}: {len} bytes, but its header says {expected}; {again}"
         )));
@@ -644,8 +648,7 @@ fn check(path: &Path) -> Result<Checked, Error> {
     let r = &meta.regs;
     let user_ds = USER_DS.0;
     let [cs, ss, ds, es, fs, gs] = meta.selectors;
-    if cs != USER_CS || ss != user_ds || [ds, es, fs, gs].iter().any(|&s| s != user_ds && s != 0)
-    {
+    if cs != USER_CS || ss != user_ds || [ds, es, fs, gs].iter().any(|&s| s != user_ds && s != 0) {
         return Err(bad(format!(
             "has segment selectors other than ring 3's (cs {cs:#x}, ss {ss:#x}); {again}"
         )));
@@ -671,7 +674,15 @@ fn check(path: &Path) -> Result<Checked, Error> {
         )));
     }
     // Arithmetic flags, TF, DF, RF, AC, ID and the reserved one; never IF, IOPL, NT, VM.
-    const RFLAGS_ALLOWED: u64 = 0x1 | 0x2 | 0x4 | 0x10 | 0x40 | 0x80 | 0x100 | 0x400 | 0x800
+    const RFLAGS_ALLOWED: u64 = 0x1
+        | 0x2
+        | 0x4
+        | 0x10
+        | 0x40
+        | 0x80
+        | 0x100
+        | 0x400
+        | 0x800
         | 0x1_0000
         | 0x4_0000
         | 0x20_0000;
@@ -688,9 +699,7 @@ fn check(path: &Path) -> Result<Checked, Error> {
     }
     let canonical = |v: u64| ((v as i64) << 16 >> 16) as u64 == v;
     if !canonical(meta.fs_base) || !canonical(meta.gs_base) {
-        return Err(bad(format!(
-            "has a non-canonical FS or GS base; {again}"
-        )));
+        return Err(bad(format!("has a non-canonical FS or GS base; {again}")));
     }
     let xsave_mxcsr = meta.xsave.as_ref().map(|x| x.region[6]).unwrap_or(0);
     if (meta.fpu.mxcsr | xsave_mxcsr) & !0xffff != 0 {

@@ -106,9 +106,13 @@ impl MemorySnapshot {
             }
             // SAFETY: as above.
             let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
-            let hole = if hole < 0 { end } else { (hole as u64).min(end) };
-            let first = (data as u64 - self.offset) / crate::layout::PAGE_SIZE
-                * crate::layout::PAGE_SIZE;
+            let hole = if hole < 0 {
+                end
+            } else {
+                (hole as u64).min(end)
+            };
+            let first =
+                (data as u64 - self.offset) / crate::layout::PAGE_SIZE * crate::layout::PAGE_SIZE;
             let last = (hole - self.offset).next_multiple_of(crate::layout::PAGE_SIZE);
             out.push((first, last.min(self.size)));
             at = hole.max(data as u64 + 1);

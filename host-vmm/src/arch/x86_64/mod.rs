@@ -46,7 +46,7 @@ pub fn write_system_tables(ram: &GuestRam) -> Result<(), Error> {
 /// Every page of host-owned structures a fresh boot writes for `map`, by guest address:
 /// GDT, IDT, TSS, exception stubs, the (zeroed) ring-0 stack and the page tables; and the
 /// PML4 address (CR3). A snapshot file must hold exactly these bytes there.
-pub fn host_pages(map: &crate::memory::MemoryMap) -> Result<(u64, Vec<(u64, Vec<u8>)>), Error> {
+pub fn host_pages(map: &crate::memory::MemoryMap) -> Result<(u64, Vec<paging::HostPage>), Error> {
     use crate::layout::{PAGE_SIZE, R0_STACK_BOTTOM, R0_STACK_TOP};
     let page = |bytes: &[u8]| {
         let mut p = bytes.to_vec();

@@ -72,6 +72,9 @@ fn leaf_flags(r: &Region) -> PageTableFlags {
     f
 }
 
+/// One page of a host-owned structure: its guest address and its 4 KiB.
+pub type HostPage = (u64, Vec<u8>);
+
 /// Builds the page tables for `map` in guest memory and returns the PML4 address (CR3).
 pub fn build(ram: &GuestRam, map: &MemoryMap) -> Result<u64, Error> {
     let (cr3, tables) = tables(map)?;
@@ -85,7 +88,7 @@ pub fn build(ram: &GuestRam, map: &MemoryMap) -> Result<u64, Error> {
 
 /// The page tables for `map`: the PML4 address (CR3) and every table page, by guest
 /// address. (A snapshot file's tables are checked against these.)
-pub fn tables(map: &MemoryMap) -> Result<(u64, Vec<(u64, Vec<u8>)>), Error> {
+pub fn tables(map: &MemoryMap) -> Result<(u64, Vec<HostPage>), Error> {
     let mut b = Builder {
         tables: Vec::new(),
         next: PAGE_TABLES_ADDR,

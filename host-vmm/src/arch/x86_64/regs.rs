@@ -238,12 +238,7 @@ impl CpuSetup {
     /// checked them canonical); then the file's FPU or XSAVE area, which KVM checks
     /// (reserved bits, components this CPU lacks), and its general registers (the caller
     /// checked RIP, RSP and RFLAGS).
-    pub fn load_file_state(
-        &self,
-        vcpu: &VcpuFd,
-        cr3: u64,
-        file: &FileVcpu,
-    ) -> Result<(), Error> {
+    pub fn load_file_state(&self, vcpu: &VcpuFd, cr3: u64, file: &FileVcpu) -> Result<(), Error> {
         let sregs = vcpu
             .get_sregs()
             .map_err(|e| Error::Kvm("KVM_GET_SREGS", e))?;

@@ -146,7 +146,9 @@ mod cli_main {
         let snapshot = cli.snapshot.clone();
         gateway::serve(opts, source.display().to_string(), move || {
             let first = match snapshot {
-                Some(file) => Sandbox::from_template(&Template::from_snapshot_file(&file, config)?)?,
+                Some(file) => {
+                    Sandbox::from_template(&Template::from_snapshot_file(&file, config)?)?
+                }
                 None => Sandbox::new(&source, config)?,
             };
             // Calls run on tokio's blocking threads, which then only run calls: confine them.
