@@ -50,7 +50,9 @@ pub use devices::block::DiskConfig;
 pub use devices::net::NetConfig;
 pub use devices::{DeviceCounters, DeviceStats};
 pub use error::Error;
-pub use function::sandbox::{CallError, Sandbox, SandboxConfig, SandboxPool, Template};
+pub use function::sandbox::{
+    CallError, PoolStats, Sandbox, SandboxConfig, SandboxCreations, SandboxPool, Template,
+};
 pub use function::snapfile::{FORMAT_VERSION as SNAPSHOT_FORMAT_VERSION, SnapshotFileInfo};
 pub use function::snapshot::{Snapshot, VmShell};
 pub use function::{Exports, FN_DATA_MAX, HostFn};

@@ -113,6 +113,40 @@ pub enum CallError {
     Host(String),
 }
 
+/// Sandboxes created in this process so far, by where they came from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SandboxCreations {
+    /// Booted from a guest ELF ([`Sandbox::new`], [`Sandbox::from_image`]).
+    pub elf: u64,
+    /// Made from a snapshot in a new VM ([`Sandbox::from_template`] without a shell).
+    pub snapshot: u64,
+    /// Made from a snapshot in a VM created ahead of time ([`Template::prepare_shells`];
+    /// a template loaded from a file has one for its first sandbox).
+    pub shell: u64,
+    /// Snapshot files loaded ([`Template::from_snapshot_file`]).
+    pub files_loaded: u64,
+}
+
+static CREATED: [std::sync::atomic::AtomicU64; 4] =
+    [const { std::sync::atomic::AtomicU64::new(0) }; 4];
+
+fn count_creation(i: usize) {
+    CREATED[i].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
+impl SandboxCreations {
+    /// The counts so far in this process.
+    pub fn now() -> SandboxCreations {
+        let g = |i: usize| CREATED[i].load(std::sync::atomic::Ordering::Relaxed);
+        SandboxCreations {
+            elf: g(0),
+            snapshot: g(1),
+            shell: g(2),
+            files_loaded: g(3),
+        }
+    }
+}
+
 /// A snapshot plus what sandboxes made from it need.
 pub struct Template {
     snapshot: Arc<Snapshot>,
@@ -146,6 +180,7 @@ impl Template {
     pub fn from_snapshot_file(path: &Path, config: SandboxConfig) -> Result<Arc<Template>, Error> {
         let (snapshot, shell) =
             super::snapfile::load(path, Arc::new(config.host_functions), config.max_output)?;
+        count_creation(3);
         Ok(Arc::new(Template {
             snapshot: Arc::new(snapshot),
             console: ConsoleHub::new(config.console.clone(), config.console_rate),
@@ -264,6 +299,7 @@ impl Sandbox {
             }
         };
         let snapshot = Arc::new(vm.snapshot(exports)?);
+        count_creation(0);
         Ok(Sandbox {
             vm,
             template: Arc::new(Template {
@@ -288,13 +324,16 @@ impl Sandbox {
     /// A new sandbox from the same snapshot as this one (copy-on-write memory), in a VM
     /// created ahead of time when the template has one ready.
     pub fn from_template(template: &Arc<Template>) -> Result<Sandbox, Error> {
+        let shell = template.take_shell();
+        let source = if shell.is_some() { 2 } else { 1 };
         let vm = Vm::from_snapshot_in(
-            template.take_shell(),
+            shell,
             &template.snapshot,
             Box::new(template.console.sandbox_console()),
             Box::new(template.console.sandbox_console()),
             template.call_timeout,
         )?;
+        count_creation(source);
         Ok(Sandbox {
             vm,
             template: template.clone(),
@@ -417,6 +456,22 @@ pub struct SandboxPool {
     size: usize,
     /// Confine each thread that makes a call (see [`SandboxPool::confine_callers`]).
     confine: bool,
+    /// Resets done, and pages they copied.
+    resets: std::sync::atomic::AtomicU64,
+    reset_pages: std::sync::atomic::AtomicU64,
+}
+
+/// What a [`SandboxPool`] has done so far.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PoolStats {
+    /// Sandboxes in the pool.
+    pub size: usize,
+    /// Sandboxes running a call (or being reset) now.
+    pub busy: usize,
+    /// Resets after calls.
+    pub resets: u64,
+    /// Pages those resets copied back.
+    pub reset_pages: u64,
 }
 
 thread_local! {
@@ -438,6 +493,8 @@ impl SandboxPool {
             idle: Mutex::new(idle),
             available: Condvar::new(),
             confine: false,
+            resets: Default::default(),
+            reset_pages: Default::default(),
         })
     }
 
@@ -474,8 +531,36 @@ impl SandboxPool {
         self.template.snapshot.exports.inbuf_len.saturating_sub(16)
     }
 
+    /// Sizes and counters, for metrics.
+    pub fn stats(&self) -> PoolStats {
+        let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner()).len();
+        PoolStats {
+            size: self.size,
+            busy: self.size.saturating_sub(idle),
+            resets: self.resets.load(std::sync::atomic::Ordering::Relaxed),
+            reset_pages: self.reset_pages.load(std::sync::atomic::Ordering::Relaxed),
+        }
+    }
+
     /// Calls `name` with `input` in an idle sandbox, from its clean state.
     pub fn call(&self, name: &str, input: &[u8]) -> Result<Vec<u8>, CallError> {
+        self.call_and_reset(name, input).0
+    }
+
+    /// Like [`SandboxPool::call`], and also says how many pages the reset after the call
+    /// copied back (0 if nothing ran).
+    pub fn call_and_reset(&self, name: &str, input: &[u8]) -> (Result<Vec<u8>, CallError>, usize) {
+        match self.call_inner(name, input) {
+            Ok((r, pages)) => (r, pages),
+            Err(e) => (Err(e), 0),
+        }
+    }
+
+    fn call_inner(
+        &self,
+        name: &str,
+        input: &[u8],
+    ) -> Result<(Result<Vec<u8>, CallError>, usize), CallError> {
         if self.confine && !CONFINED.with(|c| c.get()) {
             crate::seccomp::confine(crate::seccomp::ThreadKind::Vcpu)
                 .map_err(|e| CallError::Host(e.to_string()))?;
@@ -495,7 +580,13 @@ impl SandboxPool {
         let reset = sb.reset();
         self.idle.lock().unwrap_or_else(|p| p.into_inner()).push(sb);
         self.available.notify_one();
-        reset.map_err(|e| CallError::Host(e.to_string()))?;
-        r
+        let pages = reset.map_err(|e| CallError::Host(e.to_string()))?;
+        if pages > 0 {
+            self.resets
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.reset_pages
+                .fetch_add(pages as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok((r, pages))
     }
 }

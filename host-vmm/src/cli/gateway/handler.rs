@@ -27,6 +27,7 @@ pub(super) struct Shared {
     pub ids: RequestIds,
     pub call_log: RateLimited,
     pub busy_log: RateLimited,
+    pub metrics: super::metrics::Metrics,
 }
 
 /// The built pool and what requests need from it.
@@ -86,6 +87,17 @@ async fn route(shared: &Arc<Shared>, id: &str, req: Request<Incoming>) -> Resp {
     if is_get {
         match path {
             "/healthz" => return text(200, "ok", "live\n"),
+            "/metrics" => {
+                let stats = shared.pool.get().map(|r| r.pool.stats());
+                let mut r = text(200, "ok", shared.metrics.render(stats));
+                r.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static(
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    ),
+                );
+                return r;
+            }
             "/readyz" => {
                 return match shared.pool.get() {
                     Some(_) => text(200, "ok", "ready\n"),
@@ -114,8 +126,32 @@ async fn route(shared: &Arc<Shared>, id: &str, req: Request<Incoming>) -> Resp {
             log::escape(name, 100),
             ready.pool.functions().join(", ")
         );
+        shared.metrics.call("-", "unknown", None, 0);
         return text(404, "unknown", msg);
     }
+    let name = name.to_string();
+    let mut facts = (None, 0);
+    let resp = call(shared, id, ready, &name, req, &mut facts).await;
+    // The outcome header is set on every response below.
+    let outcome = resp
+        .headers()
+        .get("x-pvrun-outcome")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("error");
+    shared.metrics.call(&name, outcome, facts.0, facts.1);
+    resp
+}
+
+/// A call to a known function: body, admission, the call, its response. `facts` gets the
+/// call's latency (if it ran) and the pages its reset copied back.
+async fn call(
+    shared: &Arc<Shared>,
+    id: &str,
+    ready: &Ready,
+    name: &str,
+    req: Request<Incoming>,
+    facts: &mut (Option<f64>, usize),
+) -> Resp {
     let name = name.to_string();
 
     // The body: refused by its declared length before a byte is read, counted as it
@@ -173,14 +209,17 @@ async fn route(shared: &Arc<Shared>, id: &str, req: Request<Incoming>) -> Resp {
     // The permit moves into the blocking task: a call whose client went away still
     // counts until it has really finished.
     let joined = tokio::task::spawn_blocking(move || {
-        let r = pool.call(&call_name, &input);
+        let r = pool.call_and_reset(&call_name, &input);
         drop(permit);
         r
     })
     .await;
     let took = started.elapsed().as_secs_f64();
     let result = match joined {
-        Ok(r) => r,
+        Ok((r, pages)) => {
+            *facts = (Some(took), pages);
+            r
+        }
         Err(_) => Err(CallError::Host("the call's thread panicked".into())),
     };
     let e = match result {
