@@ -41,6 +41,10 @@ pub struct VmOptions {
     /// Replace an existing file at the --core-dump path.
     #[arg(long, requires = "core_dump")]
     pub core_dump_overwrite: bool,
+    /// Print the VM's counters on stderr when the guest ends: VM exits by kind,
+    /// hypercalls by name, console bytes, and each device's ring requests.
+    #[arg(long)]
+    pub stats: bool,
 }
 
 /// What to do beyond the one-line report when a guest crashes or panics.
@@ -52,6 +56,8 @@ pub struct DebugOptions {
     pub core_dump: Option<PathBuf>,
     /// Replace an existing core file.
     pub core_dump_overwrite: bool,
+    /// Print the VM's counters at exit (`--stats`).
+    pub stats: bool,
 }
 
 /// Whether `RUST_BACKTRACE` asks for backtraces (any value but `0`, like std).
@@ -66,6 +72,7 @@ impl VmOptions {
             panic_backtrace: self.backtrace || rust_backtrace_env(),
             core_dump: self.core_dump.clone(),
             core_dump_overwrite: self.core_dump_overwrite,
+            stats: self.stats,
         };
         (self.into_config(args), debug)
     }
@@ -151,6 +158,11 @@ pub fn run_and_exit(elf: &Path, config: VmConfig, debug: &DebugOptions) -> ! {
                 outcome.report_with_backtrace(vm.crash(), vm.image(), debug.panic_backtrace)
             {
                 crate::eprint_line(&report);
+            }
+            if debug.stats {
+                for line in vm.stats().lines() {
+                    crate::eprint_line(&line);
+                }
             }
             if let (Some(path), Some(_)) = (&debug.core_dump, vm.crash())
                 && let Err(e) = vm.write_core_dump(path, debug.core_dump_overwrite)

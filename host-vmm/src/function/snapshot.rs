@@ -231,6 +231,7 @@ impl Vm {
             tsc_hz: snap.tsc_hz,
             tsc_at_boot: snap.tsc_at_boot,
             exits: 0,
+            counts: Default::default(),
             fns: FnContext {
                 host_fns: snap.host_functions.clone(),
                 max_output: snap.max_output,
