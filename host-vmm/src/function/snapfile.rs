@@ -30,7 +30,10 @@ use super::{Exports, HostFn};
 use crate::arch::{self, FileVcpu, USER_CS, USER_DS, VcpuState};
 use crate::builder::{Plan, memory_map};
 use crate::error::Error;
-use crate::layout::{GUEST_IMAGE_BASE, PAGE_SIZE, R0_STACK_BOTTOM, R0_STACK_TOP, align_up};
+use crate::layout::{
+    GUEST_IMAGE_BASE, LARGE_PAGE_SIZE, MAX_MEM_SIZE, MIN_MEM_SIZE, PAGE_SIZE, R0_STACK_BOTTOM,
+    R0_STACK_TOP, align_up,
+};
 use crate::loader::{GuestImage, Segment};
 use crate::memory::{MemoryMap, MemorySnapshot};
 use crate::vstate::kvm::{cpu_policy, kvm};
@@ -525,7 +528,9 @@ struct Checked {
 }
 
 /// Reads and checks a snapshot file: everything but the vCPU state KVM checks on load.
-fn check(path: &Path) -> Result<Checked, Error> {
+/// `sized` is called with the memory size as soon as the header has been checked (so the
+/// caller can create the VM while the rest is checked).
+fn check(path: &Path, sized: impl FnOnce(u64)) -> Result<Checked, Error> {
     let shown = path.display().to_string();
     let bad = |reason: String| Error::BadSnapshot {
         path: shown.clone(),
@@ -590,6 +595,15 @@ fn check(path: &Path) -> Result<Checked, Error> {
             "is {what}: {len} bytes, but its header says {expected}; {again}"
         )));
     }
+    if !(MIN_MEM_SIZE..=MAX_MEM_SIZE).contains(&h.mem_size)
+        || !h.mem_size.is_multiple_of(LARGE_PAGE_SIZE)
+    {
+        return Err(bad(format!(
+            "has an impossible memory size ({} bytes); {again}",
+            h.mem_size
+        )));
+    }
+    sized(h.mem_size);
     let mut meta_raw = vec![0u8; h.meta_len as usize];
     file.read_exact_at(&mut meta_raw, h.meta_offset)
         .map_err(|e| bad(format!("cannot be read: {e}")))?;
@@ -793,14 +807,27 @@ pub(crate) fn load(
     host_functions: Arc<HashMap<String, HostFn>>,
     max_output: u64,
 ) -> Result<(Snapshot, VmShell), Error> {
-    let c = check(path)?;
+    // KVM's VM creation (and, first in a process, its CPUID probe) is most of the cost:
+    // do it on another thread while the file is checked.
+    let mut pending = None;
+    let c = check(path, |mem| {
+        pending = std::thread::Builder::new()
+            .name("pvrun-vm".into())
+            .spawn(move || VmShell::new(mem))
+            .ok();
+    })?;
     let shown = path.display().to_string();
     let bad = |reason: String| Error::BadSnapshot {
         path: shown.clone(),
         reason,
     };
     let mem_size = c.header.mem_size;
-    let shell = VmShell::new(mem_size)?;
+    let shell = match pending {
+        Some(t) => t
+            .join()
+            .map_err(|_| Error::Layout("the VM creation thread panicked".into()))??,
+        None => VmShell::new(mem_size)?,
+    };
     let host_hz = shell.vcpu.tsc_hz()?;
     // The guest's clocks assume the TSC rate in its boot info.
     if host_hz.abs_diff(c.meta.tsc_hz) > c.meta.tsc_hz / 1000 {
