@@ -176,6 +176,8 @@ struct Layout {
     segments: usize,
     /// Offset of inbuf, inbuf_len.
     inbuf: usize,
+    /// Offset of the XSAVE area and its length (0: none).
+    xsave: (usize, usize),
     /// (guest address, length) of the stored pages.
     extents: Vec<(u64, u64)>,
 }
@@ -198,6 +200,7 @@ fn layout(b: &[u8]) -> Layout {
     let selectors = regs + 18 * 8;
     let fpu = selectors + 12 + 16;
     let xsave_len = fpu + 411;
+    let xsave = (xsave_len + 4, u32_at(b, xsave_len) as usize);
     let mut at = xsave_len + 4 + u32_at(b, xsave_len) as usize;
     at += 8; // console consumed
     let inbuf = at;
@@ -222,6 +225,7 @@ fn layout(b: &[u8]) -> Layout {
         selectors,
         segments,
         inbuf,
+        xsave,
         extents,
     }
 }
@@ -411,6 +415,23 @@ fn every_damaged_or_tampered_file_is_refused_with_one_line() {
         &edit(&|b| set64(b, l.selectors + 12, 1 << 50)),
         "canonical",
     );
+    // Vector state KVM refuses: an XSAVE header naming every state component, or an MXCSR
+    // with reserved bits.
+    if l.xsave.1 == 4096 {
+        let bv = l.xsave.0 + 512;
+        refused(
+            &dir,
+            "xstate-bv",
+            &edit(&|b| set64(b, bv, u64::MAX)),
+            "vCPU state",
+        );
+        refused(
+            &dir,
+            "xsave-mxcsr",
+            &edit(&|b| b[l.xsave.0 + 27] = 0xff),
+            "MXCSR",
+        );
+    }
     // A writable and executable segment, a segment in the host's area, an input buffer in
     // read-only memory.
     refused(
@@ -460,6 +481,22 @@ fn every_damaged_or_tampered_file_is_refused_with_one_line() {
     );
     // The extent list: as many bytes as the header says, inside memory.
     refused(&dir, "extent-len", &edit(&|b| b[48] ^= 0x10), "page list");
+
+    // A file anyone may write (and so change running sandboxes' memory) is refused.
+    let open = dir.join("open.snap");
+    std::fs::write(&open, &good).unwrap();
+    std::fs::set_permissions(&open, std::os::unix::fs::PermissionsExt::from_mode(0o666)).unwrap();
+    match Template::from_snapshot_file(&open, config()) {
+        Err(e) => assert!(e.to_string().contains("writable by every user"), "{e}"),
+        Ok(_) => panic!("a world-writable snapshot file was accepted"),
+    }
+    // A directory, a missing file.
+    for p in [dir.0.clone(), dir.join("missing.snap")] {
+        let e = Template::from_snapshot_file(&p, config())
+            .err()
+            .expect("refused");
+        assert!(matches!(e, Error::BadSnapshot { .. }), "{e}");
+    }
 
     // From the command line: one `pvrun: error:` line and exit 125.
     let bad = dir.join("bad.snap");

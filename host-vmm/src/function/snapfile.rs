@@ -544,6 +544,13 @@ fn check(path: &Path, sized: impl FnOnce(u64)) -> Result<Checked, Error> {
     if !st.is_file() {
         return Err(bad("is not a regular file".into()));
     }
+    // Sandboxes map the file: whoever may write it may change their memory (see
+    // docs/SNAPSHOT.md, "Sharing").
+    if std::os::unix::fs::PermissionsExt::mode(&st.permissions()) & 0o002 != 0 {
+        return Err(bad(
+            "is writable by every user, who could then change the memory of running sandboxes; `chmod o-w` it".into(),
+        ));
+    }
     let len = st.len();
     let mut raw = [0u8; HEADER_LEN];
     if len < HEADER_LEN as u64 {
