@@ -173,4 +173,27 @@ mod tests {
         assert!(t.contains("pvrun_pool_busy_sandboxes 1"));
         assert!(t.trim_end().ends_with("# EOF"));
     }
+
+    #[test]
+    fn a_guest_chosen_function_name_cannot_forge_lines() {
+        // Export names are the guest's: quotes, backslashes and newlines are escaped, so a
+        // name can never end its label or start a sample of its own.
+        let m = Metrics::new();
+        m.call("x\"} 999\npvrun_resets_total 7\n\\", "ok", Some(0.001), 0);
+        let t = m.render(None);
+        assert!(
+            !t.lines().any(|l| l.starts_with("pvrun_resets_total 7")),
+            "{t}"
+        );
+        assert!(
+            t.contains(r#"function="x\"} 999\npvrun_resets_total 7\n\\""#),
+            "{t}"
+        );
+        assert_eq!(
+            t.lines()
+                .filter(|l| l.starts_with("pvrun_calls_total"))
+                .count(),
+            1
+        );
+    }
 }
