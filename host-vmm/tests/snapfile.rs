@@ -675,3 +675,40 @@ fn two_processes_share_the_file_pages() {
     drop(a);
     assert_eq!(b.post("/upper", b"still"), (200, b"STILL".to_vec()));
 }
+
+#[test]
+fn sandboxes_from_a_file_reset_and_recover_like_booted_ones() {
+    let file = snapfile("badfunctions");
+    let template = Template::from_snapshot_file(&file, config()).unwrap();
+    let mut sb = Sandbox::from_template(&template).unwrap();
+    // The initialisation ran before the snapshot; every call starts from it.
+    assert_eq!(text(sb.call("init-state", b"")), "42");
+    for _ in 0..3 {
+        assert_eq!(text(sb.call("counter", b"")), "1");
+    }
+    assert_eq!(text(sb.call_keep_state("counter", b"")), "2");
+    assert_eq!(text(sb.call_keep_state("counter", b"")), "3");
+    assert_eq!(text(sb.call("counter", b"")), "1");
+    // Dirtied pages come back from the file's pages.
+    sb.call("touch-pages", b"64").unwrap();
+    assert!(sb.reset().unwrap() >= 64);
+    assert_eq!(text(sb.call("counter", b"")), "1");
+    // Vector registers are reset to the file's state.
+    let clean = sb.call("xmm-get", b"").unwrap();
+    assert_eq!(text(sb.call("xmm-set", b"secret!!")), "set");
+    assert_eq!(
+        sb.call("xmm-get", b"").unwrap(),
+        clean,
+        "xmm leaked across a reset"
+    );
+    // Faults, panics and timeouts end the call, not the sandbox.
+    assert!(matches!(sb.call("fault", b""), Err(CallError::Fault(_))));
+    assert_eq!(text(sb.call("counter", b"")), "1");
+    assert!(matches!(sb.call("panic", b""), Err(CallError::Panic(_))));
+    sb.set_call_timeout(Some(Duration::from_millis(200)));
+    assert!(matches!(sb.call("spin", b""), Err(CallError::Timeout(_))));
+    assert_eq!(text(sb.call("echo", b"alive")), "alive");
+    // A second sandbox of the template shares nothing of the first's calls.
+    let mut other = Sandbox::from_template(&template).unwrap();
+    assert_eq!(text(other.call_keep_state("counter", b"")), "1");
+}
