@@ -64,7 +64,7 @@ pub use runtime::fault::Fault;
 pub use runtime::outcome::{
     EXIT_FAULT, EXIT_HOST_ERROR, EXIT_KILLED, EXIT_PANIC, EXIT_TIMEOUT, Outcome,
 };
-pub use runtime::stats::VmStats;
+pub use runtime::stats::{EXIT_KINDS, VmStats};
 pub use runtime::{Vm, run_file};
 
 /// Checks that the KVM device can be opened (the error says what to do when it cannot).

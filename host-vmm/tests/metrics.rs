@@ -322,6 +322,9 @@ fn metrics_parse_and_count_the_calls_made() {
     assert_eq!(m.get("pvrun_reset_dirty_pages_count"), 7.0);
     assert!(m.get("pvrun_reset_dirty_pages_sum") >= 7.0);
     assert_eq!(m.get("pvrun_pool_busy_sandboxes"), 0.0);
+    // Each call that ran ended with an FN_RETURN hypercall exit; none crashed.
+    assert!(m.get("pvrun_vm_exits_total{kind=hypercall}") >= 7.0);
+    assert_eq!(m.get("pvrun_vm_exits_total{kind=exception}"), 0.0);
     assert_eq!(m.get("pvrun_sandbox_creations_total{source=elf}"), 1.0);
 }
 

@@ -459,6 +459,8 @@ pub struct SandboxPool {
     /// Resets done, and pages they copied.
     resets: std::sync::atomic::AtomicU64,
     reset_pages: std::sync::atomic::AtomicU64,
+    /// VM exits of the calls made, by kind (see [`PoolStats::exits`]).
+    exits: [std::sync::atomic::AtomicU64; 5],
 }
 
 /// What a [`SandboxPool`] has done so far.
@@ -472,6 +474,9 @@ pub struct PoolStats {
     pub resets: u64,
     /// Pages those resets copied back.
     pub reset_pages: u64,
+    /// VM exits of the calls made, by kind: hypercall, doorbell, exception, interrupted,
+    /// other (as in [`crate::VmStats`]).
+    pub exits: [u64; 5],
 }
 
 thread_local! {
@@ -495,6 +500,7 @@ impl SandboxPool {
             confine: false,
             resets: Default::default(),
             reset_pages: Default::default(),
+            exits: Default::default(),
         })
     }
 
@@ -539,6 +545,9 @@ impl SandboxPool {
             busy: self.size.saturating_sub(idle),
             resets: self.resets.load(std::sync::atomic::Ordering::Relaxed),
             reset_pages: self.reset_pages.load(std::sync::atomic::Ordering::Relaxed),
+            exits: std::array::from_fn(|i| {
+                self.exits[i].load(std::sync::atomic::Ordering::Relaxed)
+            }),
         }
     }
 
@@ -575,7 +584,15 @@ impl SandboxPool {
                 idle = self.available.wait(idle).unwrap_or_else(|p| p.into_inner());
             }
         };
+        let before = sb.vm.exit_kinds();
         let r = sb.call(name, input);
+        let after = sb.vm.exit_kinds();
+        for (i, counter) in self.exits.iter().enumerate() {
+            counter.fetch_add(
+                after[i].saturating_sub(before[i]),
+                std::sync::atomic::Ordering::Relaxed,
+            );
+        }
         // Reset before the sandbox goes back, so the next caller does not wait for it.
         let reset = sb.reset();
         self.idle.lock().unwrap_or_else(|p| p.into_inner()).push(sb);

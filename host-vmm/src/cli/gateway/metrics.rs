@@ -9,6 +9,7 @@
 //! | `pvrun_pool_busy_sandboxes` | gauge | |
 //! | `pvrun_resets_total` | counter | |
 //! | `pvrun_reset_dirty_pages` | histogram (pages copied back per reset) | |
+//! | `pvrun_vm_exits_total` | counter (exits of the calls made) | `kind`: `hypercall`, `doorbell`, `exception`, `interrupted`, `other` |
 //! | `pvrun_sandbox_creations_total` | counter | `source`: `elf`, `snapshot`, `shell` |
 //! | `pvrun_snapshot_files_loaded_total` | counter | |
 //!
@@ -37,6 +38,7 @@ pub(super) struct Metrics {
     reset_pages: Histogram,
     creations: Family<Labels, Counter>,
     files_loaded: Counter,
+    exits: Family<Labels, Counter>,
 }
 
 impl Metrics {
@@ -79,6 +81,12 @@ impl Metrics {
             "Sandboxes created in this process, by source (elf, snapshot, shell)",
             creations.clone(),
         );
+        let exits = Family::<Labels, Counter>::default();
+        registry.register(
+            "vm_exits",
+            "VM exits of the calls made, by kind",
+            exits.clone(),
+        );
         let files_loaded = Counter::default();
         registry.register(
             "snapshot_files_loaded",
@@ -95,6 +103,7 @@ impl Metrics {
             reset_pages,
             creations,
             files_loaded,
+            exits,
         }
     }
 
@@ -123,6 +132,12 @@ impl Metrics {
         if let Some(p) = pool {
             self.pool_size.set(p.size as i64);
             self.pool_busy.set(p.busy as i64);
+            for (kind, n) in crate::EXIT_KINDS.iter().zip(p.exits) {
+                self.exits
+                    .get_or_create(&vec![("kind", kind.to_string())])
+                    .inner()
+                    .store(n, std::sync::atomic::Ordering::Relaxed);
+            }
         }
         let c = SandboxCreations::now();
         for (source, n) in [("elf", c.elf), ("snapshot", c.snapshot), ("shell", c.shell)] {
@@ -159,7 +174,16 @@ mod tests {
             busy: 1,
             resets: 3,
             reset_pages: 9,
+            exits: [5, 0, 1, 0, 0],
         }));
+        assert!(
+            t.contains(r#"pvrun_vm_exits_total{kind="hypercall"} 5"#),
+            "{t}"
+        );
+        assert!(
+            t.contains(r#"pvrun_vm_exits_total{kind="exception"} 1"#),
+            "{t}"
+        );
         assert!(
             t.contains(r#"pvrun_calls_total{function="upper",outcome="ok"} 2"#),
             "{t}"
