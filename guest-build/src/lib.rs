@@ -9,8 +9,11 @@
 //!
 //! Used by `cargo pvrun` and by the tests that need guest binaries.
 
+pub mod check;
+pub mod hints;
+
 use std::fs;
-use std::io::{BufReader, Write};
+use std::io::{BufReader, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -86,8 +89,11 @@ pub struct BuildRequest {
     pub no_default_features: bool,
     /// `--quiet`: hide cargo's progress output.
     pub quiet: bool,
-    /// `--locked` / `--offline` / `--frozen` passed through.
+    /// `--locked` / `--offline` / `--frozen` (and `-j`, `--color`, `-v`) passed through.
     pub extra_cargo_args: Vec<String>,
+    /// `--target-dir DIR`: build into `DIR/pvrun` (default: the workspace's
+    /// `target/pvrun`); relative to `cwd`.
+    pub target_dir: Option<PathBuf>,
 }
 
 /// A built guest.
@@ -102,8 +108,17 @@ pub struct BuiltGuest {
 }
 
 /// The `CARGO_ENCODED_RUSTFLAGS` for a guest build using the linker script at `script`.
+///
+/// Besides code generation and linking they set two cfgs for every crate of the guest:
+/// `pvrun_guest` (the SDK builds its start-up code only with it; without it, as under a
+/// plain `cargo build`, it builds a host program that says to use `cargo pvrun`) and
+/// `getrandom_backend="custom"` (getrandom 0.3 and 0.4 then call the SDK's backend).
+/// Cargo applies these flags to the guest's crates only, never to build scripts or proc
+/// macros, because the build passes `--target`.
 pub fn guest_rustflags(script: &Path) -> Vec<String> {
     [
+        "--cfg=pvrun_guest".to_string(),
+        "--cfg=getrandom_backend=\"custom\"".to_string(),
         "-Crelocation-model=static".to_string(),
         "-Cpanic=abort".to_string(),
         "-Cforce-frame-pointers=yes".to_string(),
@@ -246,12 +261,20 @@ pub fn build(req: &BuildRequest) -> Result<BuiltGuest> {
         }
     };
 
-    let target_dir = meta.target_directory.as_std_path().join("pvrun");
+    let target_dir = match &req.target_dir {
+        Some(d) if d.is_absolute() => d.join("pvrun"),
+        Some(d) => cwd.join(d).join("pvrun"),
+        None => meta.target_directory.as_std_path().join("pvrun"),
+    };
     fs::create_dir_all(&target_dir)
         .with_context(|| format!("cannot create {}", target_dir.display()))?;
     let script = target_dir.join("guest.ld");
     if fs::read_to_string(&script).ok().as_deref() != Some(LINKER_SCRIPT) {
-        fs::write(&script, LINKER_SCRIPT)
+        // Written aside and renamed, so a build running in the same target directory never
+        // links with a half-written script.
+        let tmp = target_dir.join(format!("guest.ld.{}", std::process::id()));
+        fs::write(&tmp, LINKER_SCRIPT)
+            .and_then(|()| fs::rename(&tmp, &script))
             .with_context(|| format!("cannot write {}", script.display()))?;
     }
 
@@ -267,7 +290,13 @@ pub fn build(req: &BuildRequest) -> Result<BuiltGuest> {
         .arg(GUEST_TRIPLE)
         .arg("--target-dir")
         .arg(&target_dir)
-        .arg("--message-format=json-render-diagnostics");
+        // Diagnostics come as JSON, so the hints can read them; they are printed as rustc
+        // rendered them (in colour when stderr is a terminal, as cargo would).
+        .arg(if std::io::stderr().is_terminal() {
+            "--message-format=json-diagnostic-rendered-ansi"
+        } else {
+            "--message-format=json"
+        });
     if req.release {
         cmd.arg("--release");
     }
@@ -297,6 +326,9 @@ pub fn build(req: &BuildRequest) -> Result<BuiltGuest> {
     let mut child = cmd.spawn().context("cannot run cargo")?;
     let stdout = child.stdout.take().expect("piped stdout");
     let mut elf = None;
+    let mut rlibs = Vec::new();
+    let mut hints = hints::Hints::default();
+    let guest_crate = target_name.replace('-', "_");
     for msg in Message::parse_stream(BufReader::new(stdout)) {
         let msg = msg.context("cannot read cargo's output")?;
         match msg {
@@ -305,14 +337,39 @@ pub fn build(req: &BuildRequest) -> Result<BuiltGuest> {
                     elf = Some(exe.into_std_path_buf());
                 }
             }
+            Message::CompilerArtifact(a) => {
+                let package = package_label(&a.package_id.repr);
+                for f in &a.filenames {
+                    if f.extension() == Some("rlib") {
+                        rlibs.push(check::Rlib {
+                            krate: a.target.name.replace('-', "_"),
+                            package: package.clone(),
+                            path: f.clone().into_std_path_buf(),
+                        });
+                    }
+                }
+            }
+            Message::CompilerMessage(m) => {
+                if let Some(r) = &m.message.rendered {
+                    let _ = std::io::stderr().write_all(r.as_bytes());
+                }
+                hints.observe(&m.message, &m.target.name.replace('-', "_"), &guest_crate);
+            }
+            // Stray text from cargo goes to stderr with its progress: stdout is the
+            // guest's (and `cargo pvrun build`'s report).
             Message::TextLine(line) => {
-                let _ = writeln!(std::io::stdout(), "{line}");
+                let _ = writeln!(std::io::stderr(), "{line}");
             }
             _ => {}
         }
     }
     let status = child.wait().context("cannot wait for cargo")?;
     if !status.success() {
+        // After cargo's own output, one line per recognised mistake.
+        let mut err = std::io::stderr().lock();
+        for h in hints.lines() {
+            let _ = writeln!(err, "{h}");
+        }
         bail!(
             "could not build guest `{}` (cargo exited with {status})",
             target_name
@@ -320,9 +377,51 @@ pub fn build(req: &BuildRequest) -> Result<BuiltGuest> {
     }
     let elf =
         elf.ok_or_else(|| anyhow!("cargo built `{target_name}` but reported no executable"))?;
+    check::check_guest(&elf, &target_name, &rlibs)?;
     Ok(BuiltGuest {
         elf,
         package: pkg.name.to_string(),
         target: target_name,
     })
+}
+
+/// `name version` from a cargo package id (`registry+https://...#getrandom@0.2.17`,
+/// `path+file:///x/dep#0.1.0`, or the old `name version (source)` form).
+fn package_label(id: &str) -> String {
+    if let Some((source, frag)) = id.rsplit_once('#') {
+        return match frag.split_once('@') {
+            Some((name, version)) => format!("{name} {version}"),
+            // `path+file:///dir/name#version`: the name is the directory's.
+            None => {
+                let name = source.rsplit('/').next().unwrap_or(source);
+                format!("{name} {frag}")
+            }
+        };
+    }
+    id.split(" (").next().unwrap_or(id).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::package_label;
+
+    #[test]
+    fn package_labels() {
+        assert_eq!(
+            package_label("registry+https://github.com/rust-lang/crates.io-index#getrandom@0.2.17"),
+            "getrandom 0.2.17"
+        );
+        assert_eq!(
+            package_label("path+file:///tmp/x/stdonly#0.1.0"),
+            "stdonly 0.1.0"
+        );
+        assert_eq!(
+            package_label("path+file:///tmp/x/dir#my-dep@0.1.0"),
+            "my-dep 0.1.0"
+        );
+        assert_eq!(
+            package_label("libc 0.2.1 (registry+https://x)"),
+            "libc 0.2.1"
+        );
+    }
 }

@@ -22,7 +22,26 @@
 //!
 //! `main` may return `()`, `i32` (the exit code) or `Result<(), E>` with `E: Debug` (an
 //! error is printed to stderr and the exit code is 1); see [`process::Termination`].
+//!
+//! # crates.io crates
+//!
+//! `no_std` crates from crates.io work unmodified: the SDK provides the platform hooks
+//! they expect ([`platform`]: backends for `getrandom` 0.2, 0.3 and 0.4, a
+//! `critical-section` implementation) and a `log` logger on the console filtered by the
+//! guest's `RUST_LOG` ([`log::init`]). Float functions such as `sqrt` are `std`-only; use
+//! the `libm` crate (see [`platform`]). The features `getrandom`, `critical-section` and
+//! `log` (all on by default) turn these off for a guest that brings its own.
+//!
+//! # Building
+//!
+//! Guests are built with `cargo pvrun` (or the `guest-build` crate), which compiles them
+//! for `x86_64-unknown-linux-gnu` with the pvrun linker script and `--cfg pvrun_guest`.
+//! Without that cfg, as under a plain `cargo build`, the SDK defines no `_start` and the
+//! result is a host program that only says to use `cargo pvrun` (exit status 125).
 #![no_std]
+// Without `--cfg pvrun_guest` (set by guest-build) the crate is built for a host link that
+// only reports "use cargo pvrun", and the start-up code is left out.
+#![cfg_attr(not(pvrun_guest), allow(dead_code, unused_imports))]
 
 extern crate alloc;
 
@@ -34,10 +53,13 @@ pub mod env;
 pub mod function;
 pub mod heap;
 pub mod hypercall;
+#[cfg(feature = "log")]
+pub mod log;
 mod mem;
 pub mod net;
 mod note;
 mod panic;
+pub mod platform;
 pub mod process;
 pub mod random;
 mod ring;

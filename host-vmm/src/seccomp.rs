@@ -52,6 +52,9 @@ const COMMON: &[i64] = &[
     libc::SYS_nanosleep,
     libc::SYS_rt_sigprocmask,
     libc::SYS_rt_sigreturn,
+    // A wait with a timeout (futex, nanosleep, poll) that a signal (the stop kick)
+    // interrupts resumes through restart_syscall; the call it restarts passed this filter.
+    libc::SYS_restart_syscall,
     libc::SYS_sigaltstack,
     libc::SYS_getpid,
     libc::SYS_gettid,
@@ -328,6 +331,14 @@ mod tests {
         };
         for kind in [ThreadKind::Vcpu, ThreadKind::Io, ThreadKind::Watchdog] {
             assert!(exited_ok(in_child(kind, write0)), "{kind:?}: allowed call");
+            // A wait interrupted by the stop kick resumes through restart_syscall.
+            let restart = || unsafe {
+                libc::syscall(libc::SYS_restart_syscall);
+            };
+            assert!(
+                exited_ok(in_child(kind, restart)),
+                "{kind:?}: restart_syscall"
+            );
             // Starting a program, a socket: never.
             let execve = || unsafe {
                 libc::syscall(libc::SYS_execve, c"/bin/true".as_ptr(), 0, 0);

@@ -6,9 +6,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::Parser;
-
-use super::{parse_env, parse_mem, parse_timeout};
+use super::{ServeOptions, parse_env, parse_mem, parse_timeout};
 use crate::{EXIT_HOST_ERROR, Sandbox, SandboxConfig, eprint_line};
 
 /// Boot a function guest, run its initialisation, and write a snapshot file at the point
@@ -17,9 +15,8 @@ use crate::{EXIT_HOST_ERROR, Sandbox, SandboxConfig, eprint_line};
 ///
 /// Exit status: 0 when the file is written; 125 if the guest is not a function guest, does
 /// not become ready, or the file cannot be written.
-#[derive(Parser)]
-#[command(name = "pvrun snapshot", version)]
-pub struct SnapshotCli {
+#[derive(clap::Args, Debug)]
+pub struct SnapshotArgs {
     /// Where to write the snapshot file (replaced atomically if it exists).
     #[arg(short = 'o', long = "output", value_name = "FILE")]
     pub output: PathBuf,
@@ -39,9 +36,13 @@ pub struct SnapshotCli {
     pub args: Vec<String>,
 }
 
-/// Runs `pvrun snapshot` with `argv` (`argv[0]` is `snapshot`) and exits.
-pub fn main(argv: &[String]) -> ! {
-    let cli = SnapshotCli::parse_from(argv);
+/// `pvrun serve --snapshot FILE`: serves the functions of the snapshot file at `file`.
+pub fn serve_snapshot_and_exit(file: &std::path::Path, opts: ServeOptions) -> ! {
+    super::function::serve_source_and_exit(file, true, opts, Vec::new())
+}
+
+/// Runs `pvrun snapshot` and exits.
+pub fn snapshot_and_exit(cli: SnapshotArgs) -> ! {
     let mut args = vec![cli.guest.display().to_string()];
     args.extend(cli.args);
     let config = SandboxConfig {

@@ -56,6 +56,12 @@ use log::RateLimited;
 
 pub use log::GuestConsole;
 
+/// Logs one line through the gateway's log queue: it never blocks the caller (a stalled
+/// stderr drops lines, counted), and lines reach stderr in order.
+pub fn log_line(line: &str) {
+    log::line(format_args!("{line}"));
+}
+
 /// How the gateway treats its clients.
 #[derive(Clone, Debug)]
 pub struct Options {
