@@ -19,7 +19,7 @@
 //! report, which names guest addresses and symbols) carries the same id. `GET /healthz`
 //! is 200 while the process serves; `GET /readyz` is 200 once the sandboxes are built.
 //! `GET /metrics` reports calls, latencies, the pool, resets and sandbox creations in the
-//! Prometheus text format (see [`metrics`]).
+//! Prometheus text format (see `metrics.rs`).
 //!
 //! Why hyper 1.x on tokio: it is the HTTP/1.1 implementation the Rust ecosystem standardised
 //! on (under axum, reqwest, tonic), its parser is fuzzed and hardened, and it has the knobs
