@@ -69,20 +69,15 @@ fn snapshot_cli(name: &str, file: &Path) -> String {
     err
 }
 
-/// A snapshot file of guest `name` shared by the tests of this file (made once).
-fn snapfile(name: &str) -> PathBuf {
-    static MADE: Mutex<Option<(TempDir, HashMap<String, PathBuf>)>> = Mutex::new(None);
-    let mut made = MADE.lock().unwrap_or_else(|p| p.into_inner());
-    let (dir, files) = made.get_or_insert_with(|| (TempDir::new("shared"), HashMap::new()));
-    if let Some(p) = files.get(name) {
-        return p.clone();
-    }
+/// A snapshot file of guest `name` in a temporary directory (removed when the returned
+/// guard drops), written by `pvrun snapshot`.
+fn snapfile(name: &str) -> (TempDir, PathBuf) {
+    let dir = TempDir::new(name);
     let file = dir.join(&format!("{name}.snap"));
     let said = snapshot_cli(name, &file);
     assert!(said.starts_with("pvrun: wrote "), "{said}");
     assert_eq!(said.lines().count(), 1, "{said}");
-    files.insert(name.to_string(), file.clone());
-    file
+    (dir, file)
 }
 
 fn text(r: Result<Vec<u8>, CallError>) -> String {
@@ -91,7 +86,7 @@ fn text(r: Result<Vec<u8>, CallError>) -> String {
 
 #[test]
 fn a_call_from_a_file_answers_like_one_from_a_fresh_boot() {
-    let file = snapfile("functions");
+    let (_dir, file) = snapfile("functions");
     let mut fresh = Sandbox::new(&guest("functions"), config()).expect("boot (needs /dev/kvm)");
     let template = Template::from_snapshot_file(&file, config()).expect("load the snapshot file");
     assert_eq!(template.mem_size(), 64 << 20);
@@ -133,7 +128,7 @@ fn a_call_from_a_file_answers_like_one_from_a_fresh_boot() {
 
 #[test]
 fn random_bytes_differ_per_sandbox_and_per_call() {
-    let file = snapfile("badfunctions");
+    let (_dir, file) = snapfile("badfunctions");
     let template = Template::from_snapshot_file(&file, config()).unwrap();
     let mut seen = std::collections::HashSet::new();
     for _ in 0..3 {
@@ -266,7 +261,8 @@ fn refused(dir: &TempDir, case: &str, bytes: &[u8], want: &str) -> String {
 
 #[test]
 fn every_damaged_or_tampered_file_is_refused_with_one_line() {
-    let good = std::fs::read(snapfile("functions")).unwrap();
+    let (_shared, good_file) = snapfile("functions");
+    let good = std::fs::read(&good_file).unwrap();
     let l = layout(&good);
     let dir = TempDir::new("corrupt");
     // Sanity: the untouched bytes load, and a resealed copy does too.
@@ -536,7 +532,7 @@ fn snapshotting_a_guest_that_is_not_a_function_guest_fails_with_one_line() {
 
 #[test]
 fn the_file_is_sparse() {
-    let file = snapfile("functions");
+    let (_dir, file) = snapfile("functions");
     let st = std::fs::metadata(&file).unwrap();
     let allocated = st.blocks() * 512;
     assert!(st.len() > 64 << 20, "apparent size {}", st.len());
@@ -678,7 +674,7 @@ fn two_processes_share_the_file_pages() {
 
 #[test]
 fn sandboxes_from_a_file_reset_and_recover_like_booted_ones() {
-    let file = snapfile("badfunctions");
+    let (_dir, file) = snapfile("badfunctions");
     let template = Template::from_snapshot_file(&file, config()).unwrap();
     let mut sb = Sandbox::from_template(&template).unwrap();
     // The initialisation ran before the snapshot; every call starts from it.
