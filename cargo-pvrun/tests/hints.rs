@@ -129,7 +129,10 @@ fn a_guest_without_an_entry_point_is_told_to_add_entry() {
         .iter()
         .position(|l| l.trim_start().starts_with("Finished"))
         .unwrap_or_else(|| panic!("cargo's output is missing:\n{stderr}"));
-    assert!(finished < at, "the hint comes before cargo's output:\n{stderr}");
+    assert!(
+        finished < at,
+        "the hint comes before cargo's output:\n{stderr}"
+    );
     assert!(
         lines[at + 1..]
             .iter()

@@ -44,7 +44,49 @@ fn rss_kib() -> u64 {
     s.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 4
 }
 
+/// Environment variable that makes this binary a child which times one thing: creating
+/// the first sandbox of its process from the snapshot file it names, then exits.
+const COLD_CHILD: &str = "PVRUN_BENCH_SNAPFILE_COLD";
+
+/// In a child process: the first sandbox of the process from a snapshot file (KVM opened,
+/// CPU policy probed, file checked and mapped, VM created): prints the microseconds.
+fn cold_child(path: &str) -> ! {
+    let config = SandboxConfig {
+        console: Arc::new(Mutex::new(Box::new(std::io::sink()))),
+        ..SandboxConfig::default()
+    };
+    let t = Instant::now();
+    let sb = Sandbox::from_snapshot_file(std::path::Path::new(path), config).unwrap();
+    let e = t.elapsed();
+    std::hint::black_box(&sb);
+    println!("{}", e.as_nanos());
+    std::process::exit(0)
+}
+
+/// Median over `runs` child processes of [`cold_child`].
+fn cold_from_file(path: &std::path::Path, runs: usize) -> Duration {
+    let me = std::env::current_exe().unwrap();
+    median(
+        (0..runs)
+            .map(|_| {
+                let out = std::process::Command::new(&me)
+                    .env(COLD_CHILD, path)
+                    .output()
+                    .unwrap();
+                let ns: u64 = String::from_utf8_lossy(&out.stdout)
+                    .trim()
+                    .parse()
+                    .unwrap_or_else(|_| panic!("cold child: {out:?}"));
+                Duration::from_nanos(ns)
+            })
+            .collect(),
+    )
+}
+
 fn main() {
+    if let Ok(path) = std::env::var(COLD_CHILD) {
+        cold_child(&path);
+    }
     let quick = !std::env::args().any(|a| a == "--bench");
     let runs = if quick { 5 } else { 201 };
     let elf = guest("badfunctions");
@@ -68,6 +110,23 @@ fn main() {
     let shells = if quick { 3 } else { 52 };
     template.prepare_shells(shells).unwrap();
     let create_shell = time(shells - 1, || Sandbox::from_template(&template).unwrap());
+
+    // Snapshot files: the same guest written to a file, then sandboxes from it.
+    let dir = std::env::temp_dir().join(format!("pvrun-bench-snapfile-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("badfunctions.snap");
+    let info = template.write_snapshot_file(&file).unwrap();
+    let file_cold = cold_from_file(&file, if quick { 3 } else { 21 });
+    let file_load = time(if quick { 2 } else { 51 }, || {
+        Sandbox::from_snapshot_file(&file, config()).unwrap()
+    });
+    let file_template = host_vmm::Template::from_snapshot_file(&file, config()).unwrap();
+    file_template.prepare_shells(shells).unwrap();
+    let file_shell = time(shells - 1, || {
+        Sandbox::from_template(&file_template).unwrap()
+    });
+    drop(file_template);
+    let _ = std::fs::remove_dir_all(&dir);
 
     let warm = time(runs, || sb.call_keep_state("echo", b"x").unwrap());
     sb.reset().unwrap();
@@ -136,6 +195,25 @@ fn main() {
         us(create_shell),
         us(floor),
         create_shell.as_secs_f64() / f
+    );
+    println!(
+        "| create from a snapshot file, cold: first sandbox of a new process ({} KiB stored) | {} | {} | {:.0} exits | <= 300 µs |",
+        info.data_bytes >> 10,
+        us(file_cold),
+        us(floor),
+        file_cold.as_secs_f64() / f
+    );
+    println!(
+        "| create from a snapshot file, file checked again (`Sandbox::from_snapshot_file`, warm process) | {} | {} | {:.0} exits | - |",
+        us(file_load),
+        us(floor),
+        file_load.as_secs_f64() / f
+    );
+    println!(
+        "| create from a snapshot file's template into a pre-created VM | {} | {} | {:.0} exits | <= 60 µs |",
+        us(file_shell),
+        us(floor),
+        file_shell.as_secs_f64() / f
     );
     println!(
         "| warm call (`echo`, 1 byte, no reset) | {} | {} | {:.2}x | <= 1.3x floor |",

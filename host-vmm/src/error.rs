@@ -114,6 +114,14 @@ pub enum Error {
         /// The option that attaches one.
         flag: &'static str,
     },
+    /// A snapshot file that cannot be used (see docs/SNAPSHOT.md).
+    #[error("snapshot file `{path}` {reason}")]
+    BadSnapshot {
+        /// The file.
+        path: String,
+        /// What is wrong and what to do, as the end of a sentence.
+        reason: String,
+    },
     /// An invalid configuration (device names, counts).
     #[error("{0}")]
     Config(String),

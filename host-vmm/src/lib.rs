@@ -50,7 +50,10 @@ pub use devices::block::DiskConfig;
 pub use devices::net::NetConfig;
 pub use devices::{DeviceCounters, DeviceStats};
 pub use error::Error;
-pub use function::sandbox::{CallError, Sandbox, SandboxConfig, SandboxPool, Template};
+pub use function::sandbox::{
+    CallError, PoolStats, Sandbox, SandboxConfig, SandboxCreations, SandboxPool, Template,
+};
+pub use function::snapfile::{FORMAT_VERSION as SNAPSHOT_FORMAT_VERSION, SnapshotFileInfo};
 pub use function::snapshot::{Snapshot, VmShell};
 pub use function::{Exports, FN_DATA_MAX, HostFn};
 pub use loader::{GuestImage, Segment};
@@ -62,6 +65,7 @@ pub use runtime::gdb::{GdbListener, GdbSession, parse_gdb_addr};
 pub use runtime::outcome::{
     EXIT_FAULT, EXIT_HOST_ERROR, EXIT_KILLED, EXIT_PANIC, EXIT_TIMEOUT, Outcome,
 };
+pub use runtime::stats::{EXIT_KINDS, VmStats};
 pub use runtime::{Vm, run_file};
 
 /// Checks that the KVM device can be opened (the error says what to do when it cannot).

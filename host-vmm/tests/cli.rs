@@ -105,7 +105,7 @@ fn stdout_of(args: &[&str]) -> String {
 #[test]
 fn help_lists_the_subcommands_and_help_serve_describes_serve() {
     let help = stdout_of(&["--help"]);
-    for sub in ["run", "serve", "call", "help"] {
+    for sub in ["run", "serve", "call", "snapshot", "help"] {
         assert!(
             help.lines()
                 .any(|l| l.trim_start().starts_with(&format!("{sub} "))),
@@ -115,10 +115,11 @@ fn help_lists_the_subcommands_and_help_serve_describes_serve() {
     assert!(help.contains("Usage: pvrun [OPTIONS] <COMMAND>"), "{help}");
     let serve = stdout_of(&["help", "serve"]);
     assert!(
-        serve.contains("Usage: pvrun serve [OPTIONS] --listen <ADDR> <GUEST>"),
+        serve.contains("Usage: pvrun serve [OPTIONS] --listen <ADDR> [GUEST]"),
         "{serve}"
     );
     for opt in [
+        "--snapshot <FILE>",
         "--pool",
         "--host-fn <NAME=CMD>",
         "--host-fn-timeout",
@@ -137,8 +138,9 @@ fn help_lists_the_subcommands_and_help_serve_describes_serve() {
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
     for l in [
         "pvrun [run] [OPTIONS] GUEST",
-        "pvrun serve [OPTIONS] --listen ADDR GUEST",
+        "pvrun serve [OPTIONS] --listen ADDR (GUEST [-- ARGS...] | --snapshot FILE)",
         "pvrun call [OPTIONS] GUEST NAME [INPUT|-]",
+        "pvrun snapshot -o FILE",
     ] {
         assert!(readme.contains(l), "README lacks `{l}`");
     }

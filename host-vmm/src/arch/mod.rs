@@ -5,6 +5,9 @@
 
 pub(crate) mod x86_64;
 
+pub(crate) use self::x86_64::gdt::USER_DS;
 pub(crate) use self::x86_64::interrupts::{FRAME_WORDS, RESUME_ADDR};
 pub(crate) use self::x86_64::paging::build as build_page_tables;
-pub(crate) use self::x86_64::{CpuSetup, USER_CS, VcpuState, write_system_tables};
+pub(crate) use self::x86_64::{
+    CpuSetup, FileVcpu, USER_CS, VcpuState, host_pages, write_system_tables,
+};

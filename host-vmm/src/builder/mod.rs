@@ -312,6 +312,7 @@ pub(crate) fn build(image: Arc<GuestImage>, config: VmConfig) -> Result<Vm, Erro
         tsc_hz,
         tsc_at_boot,
         exits: 0,
+        counts: Default::default(),
         fns: FnContext {
             host_fns: config.host_functions,
             max_output: config.max_output,

@@ -132,6 +132,17 @@ pub struct CallOptions {
 /// Serves the function guest at `guest` over HTTP (see [`gateway::serve`]); `args` are
 /// its initialisation's arguments (`argv[0]` first). Never returns.
 pub fn serve_and_exit(guest: &Path, opts: ServeOptions, args: Vec<String>) -> ! {
+    serve_source_and_exit(guest, false, opts, args)
+}
+
+/// [`serve_and_exit`] from the guest ELF at `source`, or with `snapshot` from the snapshot
+/// file there (then `args`, `opts.mem` and `opts.env` are unused: they are the file's).
+pub(crate) fn serve_source_and_exit(
+    source: &Path,
+    snapshot: bool,
+    opts: ServeOptions,
+    args: Vec<String>,
+) -> ! {
     let pool_size = opts.pool.max(1);
     // Host-function commands log through the gateway's queue: a stalled stderr never
     // holds a call.
@@ -162,9 +173,13 @@ pub fn serve_and_exit(guest: &Path, opts: ServeOptions, args: Vec<String>) -> ! 
         max_buffered: opts.max_buffered,
         shutdown_timeout: opts.shutdown_timeout,
     };
-    let path = guest.to_path_buf();
-    gateway::serve(gw, guest.display().to_string(), move || {
-        let first = Sandbox::new(&path, config)?;
+    let path = source.to_path_buf();
+    gateway::serve(gw, source.display().to_string(), move || {
+        let first = if snapshot {
+            Sandbox::from_snapshot_file(&path, config)?
+        } else {
+            Sandbox::new(&path, config)?
+        };
         // Calls run on tokio's blocking threads, which then only run calls: confine them.
         SandboxPool::new(first, pool_size)?.confine_callers()
     })

@@ -8,6 +8,7 @@ pub mod function;
 pub mod gateway;
 pub mod hostfn;
 pub mod logging;
+pub mod snapshot;
 pub mod test_runner;
 
 pub use function::{
@@ -52,6 +53,10 @@ pub struct VmOptions {
     /// Replace an existing file at the --core-dump path.
     #[arg(long, requires = "core_dump")]
     pub core_dump_overwrite: bool,
+    /// Print the VM's counters on stderr when the guest ends: VM exits by kind,
+    /// hypercalls by name, console bytes, and each device's ring requests.
+    #[arg(long)]
+    pub stats: bool,
     /// Wait for gdb on this port (127.0.0.1) or ADDR:PORT before the guest's first
     /// instruction, and let it debug the guest (see README "Debugging a guest").
     #[arg(long, value_name = "[ADDR:]PORT", value_parser = crate::parse_gdb_addr)]
@@ -67,6 +72,8 @@ pub struct DebugOptions {
     pub core_dump: Option<PathBuf>,
     /// Replace an existing core file.
     pub core_dump_overwrite: bool,
+    /// Print the VM's counters at exit (`--stats`).
+    pub stats: bool,
     /// Run the guest under gdb, listening here.
     pub gdb: Option<std::net::SocketAddr>,
 }
@@ -83,6 +90,7 @@ impl VmOptions {
             panic_backtrace: self.backtrace || rust_backtrace_env(),
             core_dump: self.core_dump.clone(),
             core_dump_overwrite: self.core_dump_overwrite,
+            stats: self.stats,
             gdb: self.gdb,
         };
         (self.into_config(args), debug)
@@ -251,6 +259,11 @@ pub fn run_and_exit_as(elf: &Path, config: VmConfig, debug: &DebugOptions, progr
                 outcome.report_with_backtrace(vm.crash(), vm.image(), debug.panic_backtrace)
             {
                 crate::eprint_line(&report);
+            }
+            if debug.stats {
+                for line in vm.stats().lines() {
+                    crate::eprint_line(&line);
+                }
             }
             if let (Some(path), Some(_)) = (&debug.core_dump, vm.crash())
                 && let Err(e) = vm.write_core_dump(path, debug.core_dump_overwrite)

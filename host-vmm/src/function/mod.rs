@@ -7,6 +7,7 @@
 
 pub(crate) mod console;
 pub(crate) mod sandbox;
+pub(crate) mod snapfile;
 pub(crate) mod snapshot;
 
 use std::collections::HashMap;

@@ -20,6 +20,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use super::console::ConsoleHub;
+use super::snapfile::SnapshotFileInfo;
 use super::snapshot::{Snapshot, VmShell};
 use super::{FN_DATA_MAX, HostFn};
 use crate::config::VmConfig;
@@ -126,6 +127,40 @@ pub enum CallError {
     Host(String),
 }
 
+/// Sandboxes created in this process so far, by where they came from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SandboxCreations {
+    /// Booted from a guest ELF ([`Sandbox::new`], [`Sandbox::from_image`]).
+    pub elf: u64,
+    /// Made from a snapshot in a new VM ([`Sandbox::from_template`] without a shell).
+    pub snapshot: u64,
+    /// Made from a snapshot in a VM created ahead of time ([`Template::prepare_shells`];
+    /// a template loaded from a file has one for its first sandbox).
+    pub shell: u64,
+    /// Snapshot files loaded ([`Template::from_snapshot_file`]).
+    pub files_loaded: u64,
+}
+
+static CREATED: [std::sync::atomic::AtomicU64; 4] =
+    [const { std::sync::atomic::AtomicU64::new(0) }; 4];
+
+fn count_creation(i: usize) {
+    CREATED[i].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
+impl SandboxCreations {
+    /// The counts so far in this process.
+    pub fn now() -> SandboxCreations {
+        let g = |i: usize| CREATED[i].load(std::sync::atomic::Ordering::Relaxed);
+        SandboxCreations {
+            elf: g(0),
+            snapshot: g(1),
+            shell: g(2),
+            files_loaded: g(3),
+        }
+    }
+}
+
 /// A snapshot plus what sandboxes made from it need.
 pub struct Template {
     snapshot: Arc<Snapshot>,
@@ -147,6 +182,42 @@ impl Template {
     /// (over their rate limit, or while the sink was too slow).
     pub fn console_dropped(&self) -> u64 {
         self.console.dropped()
+    }
+
+    /// Loads a snapshot file written by [`Template::write_snapshot_file`] (`pvrun
+    /// snapshot`): its memory is mapped copy-on-write (`MAP_PRIVATE`), so every sandbox in
+    /// every process shares the page cache's copy, and resets copy back from those pages.
+    /// The file is checked as a fresh boot would check an ELF (see docs/SNAPSHOT.md); a
+    /// damaged, foreign or tampered file is an [`Error::BadSnapshot`]. The memory size,
+    /// arguments and environment are the file's; `config` gives the rest (host functions,
+    /// timeout, output limit, console).
+    pub fn from_snapshot_file(path: &Path, config: SandboxConfig) -> Result<Arc<Template>, Error> {
+        let (snapshot, shell) =
+            super::snapfile::load(path, Arc::new(config.host_functions), config.max_output)?;
+        count_creation(3);
+        Ok(Arc::new(Template {
+            snapshot: Arc::new(snapshot),
+            console: ConsoleHub::new(
+                config.console.clone(),
+                config.console_rate,
+                config.console_confined,
+            ),
+            call_timeout: config.call_timeout,
+            max_output: config.max_output,
+            // The VM the file's vCPU state was checked in makes the first sandbox.
+            shells: Mutex::new((vec![shell], 0)),
+            shell_taken: Condvar::new(),
+        }))
+    }
+
+    /// Writes the template's snapshot to a snapshot file (format: docs/SNAPSHOT.md).
+    pub fn write_snapshot_file(&self, path: &Path) -> Result<SnapshotFileInfo, Error> {
+        super::snapfile::write(&self.snapshot, path)
+    }
+
+    /// Guest memory size of the template's sandboxes.
+    pub fn mem_size(&self) -> u64 {
+        self.snapshot.mem_size()
     }
 
     /// Creates `n` VMs now for later [`Sandbox::from_template`] calls, which then only map
@@ -291,6 +362,7 @@ impl Sandbox {
             }
         };
         let snapshot = Arc::new(vm.snapshot(exports)?);
+        count_creation(0);
         Ok(Sandbox {
             vm,
             template: Arc::new(Template {
@@ -306,16 +378,25 @@ impl Sandbox {
         })
     }
 
+    /// A sandbox from a snapshot file (see [`Template::from_snapshot_file`]); more come
+    /// from its [`Sandbox::template`].
+    pub fn from_snapshot_file(path: &Path, config: SandboxConfig) -> Result<Sandbox, Error> {
+        Self::from_template(&Template::from_snapshot_file(path, config)?)
+    }
+
     /// A new sandbox from the same snapshot as this one (copy-on-write memory), in a VM
     /// created ahead of time when the template has one ready.
     pub fn from_template(template: &Arc<Template>) -> Result<Sandbox, Error> {
+        let shell = template.take_shell();
+        let source = if shell.is_some() { 2 } else { 1 };
         let vm = Vm::from_snapshot_in(
-            template.take_shell(),
+            shell,
             &template.snapshot,
             Box::new(template.console.sandbox_console()),
             Box::new(template.console.sandbox_console()),
             template.call_timeout,
         )?;
+        count_creation(source);
         Ok(Sandbox {
             vm,
             template: template.clone(),
@@ -463,6 +544,27 @@ pub struct SandboxPool {
     size: usize,
     /// Confine each thread that makes a call (see [`SandboxPool::confine_callers`]).
     confine: bool,
+    /// Resets done, and pages they copied.
+    resets: std::sync::atomic::AtomicU64,
+    reset_pages: std::sync::atomic::AtomicU64,
+    /// VM exits of the calls made, by kind (see [`PoolStats::exits`]).
+    exits: [std::sync::atomic::AtomicU64; 5],
+}
+
+/// What a [`SandboxPool`] has done so far.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PoolStats {
+    /// Sandboxes in the pool.
+    pub size: usize,
+    /// Sandboxes running a call (or being reset) now.
+    pub busy: usize,
+    /// Resets after calls.
+    pub resets: u64,
+    /// Pages those resets copied back.
+    pub reset_pages: u64,
+    /// VM exits of the calls made, by kind: hypercall, doorbell, exception, interrupted,
+    /// other (as in [`crate::VmStats`]).
+    pub exits: [u64; 5],
 }
 
 thread_local! {
@@ -494,6 +596,9 @@ impl SandboxPool {
             idle: Mutex::new(idle),
             available: Condvar::new(),
             confine: false,
+            resets: Default::default(),
+            reset_pages: Default::default(),
+            exits: Default::default(),
         })
     }
 
@@ -530,8 +635,39 @@ impl SandboxPool {
         self.template.snapshot.exports.inbuf_len.saturating_sub(16)
     }
 
+    /// Sizes and counters, for metrics.
+    pub fn stats(&self) -> PoolStats {
+        let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner()).len();
+        PoolStats {
+            size: self.size,
+            busy: self.size.saturating_sub(idle),
+            resets: self.resets.load(std::sync::atomic::Ordering::Relaxed),
+            reset_pages: self.reset_pages.load(std::sync::atomic::Ordering::Relaxed),
+            exits: std::array::from_fn(|i| {
+                self.exits[i].load(std::sync::atomic::Ordering::Relaxed)
+            }),
+        }
+    }
+
     /// Calls `name` with `input` in an idle sandbox, from its clean state.
     pub fn call(&self, name: &str, input: &[u8]) -> Result<Vec<u8>, CallError> {
+        self.call_and_reset(name, input).0
+    }
+
+    /// Like [`SandboxPool::call`], and also says how many pages the reset after the call
+    /// copied back (0 if nothing ran).
+    pub fn call_and_reset(&self, name: &str, input: &[u8]) -> (Result<Vec<u8>, CallError>, usize) {
+        match self.call_inner(name, input) {
+            Ok((r, pages)) => (r, pages),
+            Err(e) => (Err(e), 0),
+        }
+    }
+
+    fn call_inner(
+        &self,
+        name: &str,
+        input: &[u8],
+    ) -> Result<(Result<Vec<u8>, CallError>, usize), CallError> {
         if self.confine {
             confine_caller().map_err(|e| CallError::Host(e.to_string()))?;
         }
@@ -544,12 +680,26 @@ impl SandboxPool {
                 idle = self.available.wait(idle).unwrap_or_else(|p| p.into_inner());
             }
         };
+        let before = sb.vm.exit_kinds();
         let r = sb.call(name, input);
+        let after = sb.vm.exit_kinds();
+        for (i, counter) in self.exits.iter().enumerate() {
+            counter.fetch_add(
+                after[i].saturating_sub(before[i]),
+                std::sync::atomic::Ordering::Relaxed,
+            );
+        }
         // Reset before the sandbox goes back, so the next caller does not wait for it.
         let reset = sb.reset();
         self.idle.lock().unwrap_or_else(|p| p.into_inner()).push(sb);
         self.available.notify_one();
-        reset.map_err(|e| CallError::Host(e.to_string()))?;
-        r
+        let pages = reset.map_err(|e| CallError::Host(e.to_string()))?;
+        if pages > 0 {
+            self.resets
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.reset_pages
+                .fetch_add(pages as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok((r, pages))
     }
 }

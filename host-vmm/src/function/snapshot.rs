@@ -33,19 +33,22 @@ use crate::vstate::vm as kvm_vm;
 /// A function guest frozen at its `FN_READY` exit: what a sandbox is reset to between
 /// calls, and what new sandboxes start from. See [`Vm::snapshot`].
 pub struct Snapshot {
-    memory: MemorySnapshot,
-    image: Arc<GuestImage>,
-    map: MemoryMap,
-    vcpu: VcpuState,
-    console_consumed: u64,
+    pub(super) memory: MemorySnapshot,
+    pub(super) image: Arc<GuestImage>,
+    pub(super) map: MemoryMap,
+    pub(super) vcpu: VcpuState,
+    pub(super) console_consumed: u64,
     /// What the guest exports.
     pub exports: Exports,
-    guest_tsc: u64,
-    tsc_hz: u64,
-    tsc_at_boot: u64,
-    taken: Instant,
-    host_functions: Arc<HashMap<String, HostFn>>,
-    max_output: u64,
+    pub(super) guest_tsc: u64,
+    pub(super) tsc_hz: u64,
+    pub(super) tsc_at_boot: u64,
+    pub(super) taken: Instant,
+    pub(super) host_functions: Arc<HashMap<String, HostFn>>,
+    pub(super) max_output: u64,
+    /// SHA-256 of the guest ELF, when the snapshot came from a file (an ELF-booted
+    /// snapshot hashes its image's bytes when it is written out).
+    pub(super) elf_sha256: Option<[u8; 32]>,
 }
 
 impl Snapshot {
@@ -60,9 +63,9 @@ impl Snapshot {
 /// to create them (~0.4 ms on PVM hosts).
 pub struct VmShell {
     // Drop order: vCPU, VM, memory.
-    vcpu: Vcpu,
-    vm: kvm_ioctls::VmFd,
-    ram: GuestRam,
+    pub(super) vcpu: Vcpu,
+    pub(super) vm: kvm_ioctls::VmFd,
+    pub(super) ram: GuestRam,
 }
 
 impl VmShell {
@@ -128,6 +131,7 @@ impl Vm {
             taken: Instant::now(),
             host_functions: self.fns.host_fns.clone(),
             max_output: self.fns.max_output,
+            elf_sha256: None,
         })
     }
 
@@ -233,6 +237,7 @@ impl Vm {
             tsc_hz: snap.tsc_hz,
             tsc_at_boot: snap.tsc_at_boot,
             exits: 0,
+            counts: Default::default(),
             fns: FnContext {
                 host_fns: snap.host_functions.clone(),
                 max_output: snap.max_output,

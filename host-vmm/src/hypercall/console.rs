@@ -19,6 +19,8 @@ pub struct Console {
     /// Bytes of the console ring consumed so far. The host keeps its own count and never
     /// trusts the copy it publishes to the guest.
     consumed: u64,
+    /// Payload bytes the guest wrote (ring records and `CONSOLE_WRITE`), for statistics.
+    bytes: u64,
 }
 
 impl Console {
@@ -29,7 +31,13 @@ impl Console {
             stderr,
             scratch: Vec::new(),
             consumed: 0,
+            bytes: 0,
         }
+    }
+
+    /// Bytes the guest wrote to its console so far (ring and `CONSOLE_WRITE`).
+    pub fn bytes(&self) -> u64 {
+        self.bytes
     }
 
     /// Bytes of the console ring consumed so far.
@@ -124,6 +132,7 @@ impl Console {
         if data.is_empty() {
             return;
         }
+        self.bytes += data.len() as u64;
         let sink = if stream == stream::STDERR {
             &mut self.stderr
         } else {
@@ -152,6 +161,7 @@ pub(super) fn console_write(
     let mut buf = std::mem::take(&mut console.scratch);
     let r = guest.read_buf(a.buf, a.len, CONSOLE_WRITE_MAX, &mut buf);
     if r.is_ok() {
+        console.bytes += a.len;
         // Host-side output errors (a closed pipe) are not the guest's fault; drop the bytes.
         let _ = sink.write_all(&buf).and_then(|_| sink.flush());
     }

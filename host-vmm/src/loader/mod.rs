@@ -172,6 +172,26 @@ impl GuestImage {
         debuginfo::DebugInfo::load(&self.bytes)
     }
 
+    /// An image known only by its memory layout, for a VM made from a snapshot file: no
+    /// file bytes (reports then have no symbols or code bytes), and the segments the file
+    /// lists (the caller validates them as the ELF check would).
+    pub(crate) fn from_layout(path: String, entry: u64, segments: Vec<Segment>) -> Self {
+        GuestImage {
+            bytes: Vec::new(),
+            entry,
+            segments,
+            abi_version: pvrun_abi::ABI_VERSION,
+            required_devices: Vec::new(),
+            path,
+            symbols: Symbols::default(),
+        }
+    }
+
+    /// The ELF file's bytes (empty for an image made from a snapshot file).
+    pub(crate) fn file(&self) -> &[u8] {
+        &self.bytes
+    }
+
     /// The guest's name: the file name of its path without the extension.
     pub fn name(&self) -> String {
         Path::new(&self.path)

@@ -45,16 +45,16 @@ pub struct GuestRam {
 impl GuestRam {
     /// Maps `size` bytes of zeroed guest memory at guest address 0.
     pub fn new(size: u64) -> Result<Self, Error> {
-        Self::map(size, None)
+        Self::map(size, None, 0)
     }
 
     /// Maps guest memory as a private copy-on-write view of a snapshot: pages come from
     /// the snapshot until the guest (or host) writes them.
     pub fn from_snapshot(snap: &MemorySnapshot) -> Result<Self, Error> {
-        Self::map(snap.size, Some(&snap.fd))
+        Self::map(snap.size, Some(&snap.fd), snap.offset)
     }
 
-    fn map(size: u64, backing: Option<&std::fs::File>) -> Result<Self, Error> {
+    fn map(size: u64, backing: Option<&std::fs::File>, offset: u64) -> Result<Self, Error> {
         let len = usize::try_from(size).map_err(|_| Error::BadMemSize(size))?;
         let align = LARGE_PAGE_SIZE as usize;
         let reserve = len + align;
@@ -97,7 +97,7 @@ impl GuestRam {
                     libc::PROT_READ | libc::PROT_WRITE,
                     libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
                     file.as_raw_fd(),
-                    0,
+                    offset as libc::off_t,
                 )
             };
             if m == libc::MAP_FAILED {
@@ -182,7 +182,7 @@ impl GuestRam {
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
                 snap.fd.as_raw_fd(),
-                0,
+                snap.offset as libc::off_t,
             )
         };
         if m == libc::MAP_FAILED {

@@ -5,12 +5,14 @@ use std::ptr::NonNull;
 
 use crate::error::Error;
 
-/// A frozen copy of guest memory in a memfd, shared by every VM made from it (each maps
-/// it copy-on-write) and read back when a VM is reset to it.
+/// A frozen copy of guest memory in a memfd (or a snapshot file), shared by every VM made
+/// from it (each maps it copy-on-write) and read back when a VM is reset to it.
 pub struct MemorySnapshot {
     pub(super) fd: std::fs::File,
     view: NonNull<u8>,
     pub(super) size: u64,
+    /// Where guest address 0 is in `fd` (0 for a memfd; the data offset of a file).
+    pub(super) offset: u64,
 }
 
 // SAFETY: after `seal` the view is read-only memory owned by this struct.
@@ -48,7 +50,74 @@ impl MemorySnapshot {
             fd,
             view: NonNull::new(view.cast()).expect("mmap returned a non-null address"),
             size,
+            offset: 0,
         })
+    }
+
+    /// Guest memory of `size` bytes stored in `file` from `offset` (page aligned) on: a
+    /// read-only view of the file, which VMs map copy-on-write (`MAP_PRIVATE`), so all of
+    /// them, in every process, share the page cache's copy. The caller has checked that
+    /// the file holds `offset + size` bytes.
+    pub fn from_file(file: std::fs::File, offset: u64, size: u64) -> Result<Self, Error> {
+        use std::os::fd::AsRawFd;
+        let len = usize::try_from(size).map_err(|_| Error::BadMemSize(size))?;
+        let off = libc::off_t::try_from(offset)
+            .map_err(|_| Error::Layout("snapshot data offset out of range".into()))?;
+        // SAFETY: a new read-only private mapping of a file we own; checked below.
+        let view = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE | libc::MAP_NORESERVE,
+                file.as_raw_fd(),
+                off,
+            )
+        };
+        if view == libc::MAP_FAILED {
+            return Err(Error::Mmap(std::io::Error::last_os_error()));
+        }
+        Ok(MemorySnapshot {
+            fd: file,
+            view: NonNull::new(view.cast()).expect("mmap returned a non-null address"),
+            size,
+            offset,
+        })
+    }
+
+    /// The guest memory, read-only.
+    pub fn bytes(&self) -> &[u8] {
+        self.view()
+    }
+
+    /// The 4 KiB pages that may hold data, as sorted `(first, end)` guest ranges: the
+    /// backing file's data extents (`SEEK_DATA`/`SEEK_HOLE`); holes read as zeroes.
+    pub fn data_ranges(&self) -> Vec<(u64, u64)> {
+        use std::os::fd::AsRawFd;
+        let fd = self.fd.as_raw_fd();
+        let end = self.offset + self.size;
+        let mut out = Vec::new();
+        let mut at = self.offset;
+        while at < end {
+            // SAFETY: lseek on our own descriptor.
+            let data = unsafe { libc::lseek(fd, at as libc::off_t, libc::SEEK_DATA) };
+            if data < 0 || data as u64 >= end {
+                break;
+            }
+            // SAFETY: as above.
+            let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+            let hole = if hole < 0 {
+                end
+            } else {
+                (hole as u64).min(end)
+            };
+            let first =
+                (data as u64 - self.offset) / crate::layout::PAGE_SIZE * crate::layout::PAGE_SIZE;
+            let last = (hole - self.offset).next_multiple_of(crate::layout::PAGE_SIZE);
+            out.push((first, last.min(self.size)));
+            at = hole.max(data as u64 + 1);
+        }
+        out
     }
 
     pub(super) fn view(&self) -> &[u8] {

@@ -9,6 +9,7 @@ pub(crate) mod gdb;
 pub(crate) mod notify;
 pub(crate) mod outcome;
 mod run_loop;
+pub(crate) mod stats;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -46,6 +47,7 @@ pub struct Vm {
     pub(crate) tsc_hz: u64,
     pub(crate) tsc_at_boot: u64,
     pub(crate) exits: u64,
+    pub(crate) counts: stats::Counts,
     pub(crate) fns: FnContext,
     /// The guest's state at the crash or panic that ended the last run, if it did.
     pub(crate) crash: Option<backtrace::Crash>,

@@ -184,9 +184,27 @@ impl Vm {
     /// Acts on one exit; `Some` ends the run (or, with `debug`, stops it).
     fn handle(&mut self, exit: Exit, debug: bool) -> Result<Option<Event>, Error> {
         let protocol = |msg: String| Ok(Some(Event::Outcome(Outcome::Fault(Fault::protocol(msg)))));
+        // A doorbell that was not served in the kernel: hand it to the device.
+        if let Exit::Out(port) = exit
+            && self.devices.ring_doorbell(port)
+        {
+            self.counts.doorbell_exits += 1;
+            return Ok(None);
+        }
+        let c = &mut self.counts;
+        match &exit {
+            Exit::Out(port)
+                if (HYPERCALL_PORT_BASE..HYPERCALL_PORT_BASE + HYPERCALL_PORT_COUNT)
+                    .contains(port) =>
+            {
+                c.hypercall_exits += 1;
+                c.hypercall(port - HYPERCALL_PORT_BASE);
+            }
+            Exit::Out(EXCEPTION_PORT) => c.exception_exits += 1,
+            Exit::Interrupted => c.interrupted_exits += 1,
+            _ => c.other_exits += 1,
+        }
         match exit {
-            // A doorbell that was not served in the kernel: hand it to the device.
-            Exit::Out(port) if self.devices.ring_doorbell(port) => Ok(None),
             Exit::Out(port)
                 if (HYPERCALL_PORT_BASE..HYPERCALL_PORT_BASE + HYPERCALL_PORT_COUNT)
                     .contains(&port) =>

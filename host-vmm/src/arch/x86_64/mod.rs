@@ -26,7 +26,7 @@ use crate::memory::GuestRam;
 
 pub(crate) use cpuid::CpuSetup;
 pub(crate) use gdt::USER_CS;
-pub(crate) use regs::VcpuState;
+pub(crate) use regs::{FileVcpu, VcpuState};
 
 /// Writes the ring-0 structures into guest memory at boot: GDT, TSS and I/O bitmap, IDT,
 /// exception stubs.
@@ -41,6 +41,32 @@ pub fn write_system_tables(ram: &GuestRam) -> Result<(), Error> {
     w(&interrupts::stubs_bytes(), STUBS_ADDR)?;
     w(&interrupts::idt_bytes(), IDT_ADDR)?;
     Ok(())
+}
+
+/// Every page of host-owned structures a fresh boot writes for `map`, by guest address:
+/// GDT, IDT, TSS, exception stubs, the (zeroed) ring-0 stack and the page tables; and the
+/// PML4 address (CR3). A snapshot file must hold exactly these bytes there.
+pub fn host_pages(map: &crate::memory::MemoryMap) -> Result<(u64, Vec<paging::HostPage>), Error> {
+    use crate::layout::{PAGE_SIZE, R0_STACK_BOTTOM, R0_STACK_TOP};
+    let page = |bytes: &[u8]| {
+        let mut p = bytes.to_vec();
+        p.resize(PAGE_SIZE as usize, 0);
+        p
+    };
+    let mut pages = vec![
+        (GDT_ADDR, page(&gdt::gdt_bytes())),
+        (IDT_ADDR, page(&interrupts::idt_bytes())),
+        (TSS_ADDR, page(&gdt::tss_bytes())),
+        (STUBS_ADDR, page(&interrupts::stubs_bytes())),
+    ];
+    let mut at = R0_STACK_BOTTOM;
+    while at < R0_STACK_TOP {
+        pages.push((at, vec![0; PAGE_SIZE as usize]));
+        at += PAGE_SIZE;
+    }
+    let (cr3, tables) = paging::tables(map)?;
+    pages.extend(tables);
+    Ok((cr3, pages))
 }
 
 #[cfg(test)]

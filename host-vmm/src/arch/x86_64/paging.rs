@@ -72,8 +72,23 @@ fn leaf_flags(r: &Region) -> PageTableFlags {
     f
 }
 
+/// One page of a host-owned structure: its guest address and its 4 KiB.
+pub type HostPage = (u64, Vec<u8>);
+
 /// Builds the page tables for `map` in guest memory and returns the PML4 address (CR3).
 pub fn build(ram: &GuestRam, map: &MemoryMap) -> Result<u64, Error> {
+    let (cr3, tables) = tables(map)?;
+    for (gpa, bytes) in &tables {
+        ram.mem()
+            .write_slice(bytes, GuestAddress(*gpa))
+            .map_err(|e| Error::Layout(format!("cannot write page tables: {e}")))?;
+    }
+    Ok(cr3)
+}
+
+/// The page tables for `map`: the PML4 address (CR3) and every table page, by guest
+/// address. (A snapshot file's tables are checked against these.)
+pub fn tables(map: &MemoryMap) -> Result<(u64, Vec<HostPage>), Error> {
     let mut b = Builder {
         tables: Vec::new(),
         next: PAGE_TABLES_ADDR,
@@ -97,17 +112,19 @@ pub fn build(ram: &GuestRam, map: &MemoryMap) -> Result<u64, Error> {
             }
         }
     }
-    for t in &b.tables {
-        let bytes: Vec<u8> = t
-            .entries
-            .iter()
-            .flat_map(|e| (e.addr().as_u64() | e.flags().bits()).to_le_bytes())
-            .collect();
-        ram.mem()
-            .write_slice(&bytes, GuestAddress(t.gpa))
-            .map_err(|e| Error::Layout(format!("cannot write page tables: {e}")))?;
-    }
-    Ok(b.tables[pml4].gpa)
+    let pages = b
+        .tables
+        .iter()
+        .map(|t| {
+            let bytes: Vec<u8> = t
+                .entries
+                .iter()
+                .flat_map(|e| (e.addr().as_u64() | e.flags().bits()).to_le_bytes())
+                .collect();
+            (t.gpa, bytes)
+        })
+        .collect();
+    Ok((b.tables[pml4].gpa, pages))
 }
 
 #[cfg(test)]

@@ -118,6 +118,21 @@ pub struct VcpuState {
     pub events: Option<kvm_vcpu_events>,
 }
 
+/// The vCPU state a snapshot file carries (everything else is rebuilt as at boot; see
+/// [`CpuSetup::load_file_state`]).
+pub struct FileVcpu {
+    /// General registers.
+    pub regs: kvm_regs,
+    /// FS base (the guest may set it with `wrfsbase`).
+    pub fs_base: u64,
+    /// GS base.
+    pub gs_base: u64,
+    /// x87/SSE state (used where KVM has no XSAVE).
+    pub fpu: kvm_fpu,
+    /// The XSAVE area, if the snapshot had one.
+    pub xsave: Option<Box<kvm_xsave>>,
+}
+
 /// Whether a KVM error means "this KVM does not have that call" (fallback is fine) rather
 /// than a failure (which must be loud).
 fn unsupported(e: &kvm_ioctls::Error) -> bool {
@@ -212,6 +227,38 @@ impl CpuSetup {
         self.set_xcr0(vcpu)?;
         state.load_extended(vcpu, true)?;
         vcpu.set_regs(&state.regs)
+            .map_err(|e| Error::Kvm("KVM_SET_REGS", e))?;
+        Ok(())
+    }
+
+    /// Puts a vCPU that has its CPUID table into the state a snapshot file describes,
+    /// trusting nothing of it beyond what a fresh boot would: the system registers are the
+    /// ones a boot sets (CPL3 segments, CR0/CR4/EFER, GDT/IDT/TSS, paging through `cr3`,
+    /// the host's own tables), with only the FS/GS bases taken from `file` (the caller
+    /// checked them canonical); then the file's FPU or XSAVE area, which KVM checks
+    /// (reserved bits, components this CPU lacks), and its general registers (the caller
+    /// checked RIP, RSP and RFLAGS).
+    pub fn load_file_state(&self, vcpu: &VcpuFd, cr3: u64, file: &FileVcpu) -> Result<(), Error> {
+        let sregs = vcpu
+            .get_sregs()
+            .map_err(|e| Error::Kvm("KVM_GET_SREGS", e))?;
+        let mut sregs = self.policy.entry_sregs(sregs, cr3);
+        sregs.fs.base = file.fs_base;
+        sregs.gs.base = file.gs_base;
+        if vcpu.set_sregs(&sregs).is_err() {
+            sregs.cr4 = self.policy.cr4_fallback().bits();
+            vcpu.set_sregs(&sregs)
+                .map_err(|e| Error::Kvm("KVM_SET_SREGS", e))?;
+        }
+        self.set_xcr0(vcpu)?;
+        match &file.xsave {
+            // SAFETY: a whole `kvm_xsave` region; KVM validates its header and features.
+            Some(x) => unsafe { vcpu.set_xsave(x) }.map_err(|e| Error::Kvm("KVM_SET_XSAVE", e))?,
+            None => vcpu
+                .set_fpu(&file.fpu)
+                .map_err(|e| Error::Kvm("KVM_SET_FPU", e))?,
+        }
+        vcpu.set_regs(&file.regs)
             .map_err(|e| Error::Kvm("KVM_SET_REGS", e))?;
         Ok(())
     }

@@ -31,6 +31,7 @@ pub(super) struct Shared {
     pub ids: RequestIds,
     pub call_log: RateLimited,
     pub busy_log: RateLimited,
+    pub metrics: super::metrics::Metrics,
 }
 
 /// The built pool and what requests need from it.
@@ -134,6 +135,17 @@ async fn route(shared: &Arc<Shared>, id: &str, req: Request<Incoming>) -> Resp {
     if is_get {
         match path {
             "/healthz" => return text(200, "ok", "live\n"),
+            "/metrics" => {
+                let stats = shared.pool.get().map(|r| r.pool.stats());
+                let mut r = text(200, "ok", shared.metrics.render(stats));
+                r.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static(
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    ),
+                );
+                return r;
+            }
             "/readyz" => {
                 return match shared.pool.get() {
                     Some(_) => text(200, "ok", "ready\n"),
@@ -162,8 +174,32 @@ async fn route(shared: &Arc<Shared>, id: &str, req: Request<Incoming>) -> Resp {
             log::escape(name, 100),
             ready.pool.functions().join(", ")
         );
+        shared.metrics.call("-", "unknown", None, 0);
         return text(404, "unknown", msg);
     }
+    let name = name.to_string();
+    let mut facts = (None, 0);
+    let resp = call(shared, id, ready, &name, req, &mut facts).await;
+    // The outcome header is set on every response below.
+    let outcome = resp
+        .headers()
+        .get("x-pvrun-outcome")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("error");
+    shared.metrics.call(&name, outcome, facts.0, facts.1);
+    resp
+}
+
+/// A call to a known function: body, admission, the call, its response. `facts` gets the
+/// call's latency (if it ran) and the pages its reset copied back.
+async fn call(
+    shared: &Arc<Shared>,
+    id: &str,
+    ready: &Ready,
+    name: &str,
+    req: Request<Incoming>,
+    facts: &mut (Option<f64>, usize),
+) -> Resp {
     let name = name.to_string();
 
     // The body: refused by its declared length before a byte is read, counted as it
@@ -246,21 +282,22 @@ async fn route(shared: &Arc<Shared>, id: &str, req: Request<Incoming>) -> Resp {
     let (answer, answered) = tokio::sync::oneshot::channel();
     let job: super::Job = Box::new(move || {
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            pool.call(&call_name, &input)
+            pool.call_and_reset(&call_name, &input)
         }))
-        .unwrap_or_else(|_| Err(CallError::Host("the call panicked".into())));
+        .unwrap_or_else(|_| (Err(CallError::Host("the call panicked".into())), 0));
         drop(input);
         drop(body_held);
         drop(permit);
         let _ = answer.send(r);
     });
-    let result = match ready.calls.send(job) {
+    let (result, pages) = match ready.calls.send(job) {
         Ok(()) => answered
             .await
-            .unwrap_or_else(|_| Err(CallError::Host("the call thread ended".into()))),
-        Err(_) => Err(CallError::Host("no call thread is running".into())),
+            .unwrap_or_else(|_| (Err(CallError::Host("the call thread ended".into())), 0)),
+        Err(_) => (Err(CallError::Host("no call thread is running".into())), 0),
     };
     let took = started.elapsed().as_secs_f64();
+    *facts = (Some(took), pages);
     let e = match result {
         Ok(out) => {
             // The output holds its bytes of the budget until it has been sent; one that

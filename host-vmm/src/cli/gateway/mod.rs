@@ -18,6 +18,8 @@
 //! Every response carries `X-Request-Id`; the log line of a failed call (with the crash
 //! report, which names guest addresses and symbols) carries the same id. `GET /healthz`
 //! is 200 while the process serves; `GET /readyz` is 200 once the sandboxes are built.
+//! `GET /metrics` reports calls, latencies, the pool, resets and sandbox creations in the
+//! Prometheus text format (see `metrics.rs`).
 //!
 //! Why hyper 1.x on tokio: it is the HTTP/1.1 implementation the Rust ecosystem standardised
 //! on (under axum, reqwest, tonic), its parser is fuzzed and hardened, and it has the knobs
@@ -31,6 +33,7 @@
 
 mod handler;
 mod log;
+mod metrics;
 mod stall;
 
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -143,6 +146,7 @@ where
             ids: log::RequestIds::new(),
             call_log: RateLimited::new(20),
             busy_log: RateLimited::new(1),
+            metrics: metrics::Metrics::new(),
         });
         // The pool is built on a thread of its own (the port answers `/healthz`
         // meanwhile), which then becomes the first of the call threads.
