@@ -708,3 +708,64 @@ fn sandboxes_from_a_file_reset_and_recover_like_booted_ones() {
     let mut other = Sandbox::from_template(&template).unwrap();
     assert_eq!(text(other.call_keep_state("counter", b"")), "1");
 }
+
+/// `pvrun call --snapshot FILE NAME [INPUT|-]`: the one-shot call from a file answers like
+/// `pvrun call GUEST NAME` does, a damaged file is one line and 125, and giving a guest ELF
+/// as well is a usage error.
+#[test]
+fn pvrun_call_from_a_snapshot_file_answers_like_one_from_the_elf() {
+    let (dir, file) = snapfile("functions");
+    let call = |args: &[&str]| {
+        let out = Command::new(pvrun_bin())
+            .arg("call")
+            .args(args)
+            .output()
+            .expect("run pvrun call");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let f = file.to_str().unwrap();
+    let elf = guest("functions");
+    let elf = elf.to_str().unwrap();
+    let (code, out, err) = call(&["--snapshot", f, "upper", "snapshot me"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(out, "SNAPSHOT ME");
+    let (code, from_elf, err) = call(&[elf, "upper", "snapshot me"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(out, from_elf);
+    // stdin input, and a function that is not there.
+    let mut child = Command::new(pvrun_bin())
+        .args(["call", "--snapshot", f, "sha256", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"abc").unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(0));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    );
+    let (code, _, err) = call(&["--snapshot", f, "nope"]);
+    assert_eq!(code, Some(125), "{err}");
+    assert!(err.contains("exports no function `nope`"), "{err}");
+    // A truncated file: one line, 125, nothing on stdout.
+    let bytes = std::fs::read(&file).unwrap();
+    let bad = dir.join("truncated.snap");
+    std::fs::write(&bad, &bytes[..bytes.len() / 3]).unwrap();
+    let (code, out, err) = call(&["--snapshot", bad.to_str().unwrap(), "upper", "x"]);
+    assert_eq!(code, Some(125), "{err}");
+    assert!(out.is_empty());
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.starts_with("pvrun: error: "), "{err}");
+    // A guest ELF as well as --snapshot, or no function name: usage errors.
+    let (code, _, err) = call(&["--snapshot", f, elf, "upper", "x", "extra"]);
+    assert_eq!(code, Some(125), "{err}");
+    let (code, _, err) = call(&["--snapshot", f]);
+    assert_eq!(code, Some(125), "{err}");
+}

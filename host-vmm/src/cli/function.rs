@@ -231,6 +231,20 @@ pub fn call_and_exit(
     opts: CallOptions,
     args: Vec<String>,
 ) -> ! {
+    call_source_and_exit(guest, false, name, input, opts, args)
+}
+
+/// [`call_and_exit`] from the guest ELF at `guest`, or with `snapshot` from the snapshot
+/// file there (written by `pvrun snapshot`; then `args`, `opts.mem` and `opts.env` are
+/// unused: they are the file's, and nothing boots).
+pub fn call_source_and_exit(
+    guest: &Path,
+    snapshot: bool,
+    name: &str,
+    input: CallInput,
+    opts: CallOptions,
+    args: Vec<String>,
+) -> ! {
     let log: LogFn = Arc::new(|l: &str| crate::eprint_line(l));
     let host_functions = match opts.host.functions(log, opts.timeout) {
         Ok(f) => f,
@@ -248,7 +262,12 @@ pub fn call_and_exit(
         ..SandboxConfig::default()
     };
     crate::stop_guest_on_signals();
-    let pool = Sandbox::new(guest, config)
+    let first = if snapshot {
+        Sandbox::from_snapshot_file(guest, config)
+    } else {
+        Sandbox::new(guest, config)
+    };
+    let pool = first
         .and_then(|first| SandboxPool::new(first, 1))
         .and_then(SandboxPool::confine_callers);
     let pool = match pool {

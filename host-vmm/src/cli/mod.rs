@@ -174,6 +174,13 @@ pub fn exit_on_clap_error(e: clap::Error) -> ! {
     std::process::exit(code)
 }
 
+/// A usage error found after parsing: one `pvrun: error:` line and exit status 125, like
+/// clap's own.
+pub fn usage_error(msg: &str) -> ! {
+    crate::eprint_line(&format!("pvrun: error: {msg}"));
+    std::process::exit(EXIT_HOST_ERROR)
+}
+
 /// Which program runs the guest, for the commands its messages suggest.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub enum Program {

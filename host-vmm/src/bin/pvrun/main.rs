@@ -65,7 +65,11 @@ mod cli_main {
         /// `-` reads stdin; none is empty input), writes the output to stdout unchanged and
         /// exits 0. Exit status 1: the function returned an error (its message on stderr);
         /// 101 panicked; 139 crashed; 124 timed out; 125 no such function, input too
-        /// large, not a function guest, or a host error.
+        /// large, not a function guest, or a host error. With `--snapshot FILE` it starts
+        /// from a snapshot file (`pvrun snapshot`) instead of booting.
+        #[command(
+            override_usage = "pvrun call [OPTIONS] <GUEST> <NAME> [INPUT|-] [-- <ARGS>...]\n       pvrun call [OPTIONS] --snapshot <FILE> <NAME> [INPUT|-]"
+        )]
         Call(CallArgs),
         /// Boot a function guest, run its initialisation and write a snapshot file.
         ///
@@ -106,13 +110,15 @@ mod cli_main {
     struct CallArgs {
         #[command(flatten)]
         opts: CallOptions,
-        /// The function guest ELF.
-        guest: PathBuf,
-        /// The function to call.
-        name: String,
-        /// The input: these bytes, or `-` for stdin (default: empty).
-        #[arg(value_name = "INPUT|-")]
-        input: Option<String>,
+        /// Call from a snapshot file written by `pvrun snapshot` instead of booting a guest
+        /// ELF: then give NAME [INPUT|-] without GUEST (memory size, arguments and
+        /// environment are the file's).
+        #[arg(long, value_name = "FILE", conflicts_with_all = ["args", "mem", "env"])]
+        snapshot: Option<PathBuf>,
+        /// The function guest ELF (not with --snapshot), the function to call, and its
+        /// input: these bytes, or `-` for stdin (default: empty).
+        #[arg(value_name = "GUEST NAME [INPUT|-]", num_args = 1..=3, required = true)]
+        operands: Vec<String>,
         /// Arguments for the guest's initialisation (after `--`).
         #[arg(last = true)]
         args: Vec<String>,
@@ -160,10 +166,30 @@ mod cli_main {
                 }
             },
             Command::Call(c) => {
-                let mut args = vec![c.guest.display().to_string()];
+                let (guest, snapshot, rest) = match &c.snapshot {
+                    Some(file) => (file.clone(), true, &c.operands[..]),
+                    None => match c.operands.split_first() {
+                        Some((g, rest)) => (PathBuf::from(g), false, rest),
+                        None => (PathBuf::new(), false, &[][..]),
+                    },
+                };
+                let (name, input) = match rest {
+                    [name] => (name, None),
+                    [name, input] => (name, Some(input.as_str())),
+                    _ => cli::usage_error(if snapshot {
+                        "pvrun call --snapshot FILE takes NAME [INPUT|-]: the function and its input (no guest ELF)"
+                    } else {
+                        "pvrun call takes GUEST NAME [INPUT|-]: the guest ELF, the function and its input"
+                    }),
+                };
+                let mut args = vec![guest.display().to_string()];
                 args.extend(c.args);
-                let input = CallInput::from_arg(c.input.as_deref());
-                call_and_exit(&c.guest, &c.name, input, c.opts, args)
+                let input = CallInput::from_arg(input);
+                if snapshot {
+                    cli::function::call_source_and_exit(&guest, true, name, input, c.opts, args)
+                } else {
+                    call_and_exit(&guest, name, input, c.opts, args)
+                }
             }
             Command::Snapshot(a) => cli::snapshot::snapshot_and_exit(a),
         }
