@@ -1052,6 +1052,50 @@ fn held_body(server: &Server, path: &str, len: usize, sent: usize) -> TcpStream 
     s
 }
 
+/// A POST without a body holds none of the `--max-buffered` budget. It used to be charged
+/// the most a body may be (as a chunked one is), and refused 503 whenever less than that
+/// was free (found while fuzzing the budget decision, `handler.rs`'s `body_share`).
+#[test]
+fn a_post_without_a_body_holds_none_of_the_budget() {
+    let _serial = serial();
+    // A 1 MiB budget, and the guest takes inputs of up to 1 MiB.
+    let server = Server::start(
+        "functions",
+        &[
+            "--pool",
+            "1",
+            "--max-buffered",
+            "1M",
+            "--body-timeout",
+            "20",
+        ],
+    );
+    // A body of 1 MiB less 1,000 bytes, half sent, holds all but 1,000 bytes.
+    let held = held_body(&server, "/sha256", (1 << 20) - 1000, 1000);
+    std::thread::sleep(Duration::from_millis(300));
+    let mut s = server.connect();
+    s.write_all(b"POST /sha256 HTTP/1.1\r\nHost: test\r\n\r\n")
+        .unwrap();
+    let empty = read_response(&mut BufReader::new(s)).unwrap();
+    assert_eq!(empty.status, 200, "{}", empty.text());
+    assert_eq!(
+        empty.text(),
+        "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+    );
+    // A chunked body may be up to 1 MiB: it still does not fit.
+    let mut s = server.connect();
+    s.write_all(b"POST /sha256 HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\n\r\n")
+        .unwrap();
+    let r = read_response(&mut BufReader::new(s)).unwrap();
+    assert_eq!(
+        (r.status, r.header("x-pvrun-outcome")),
+        (503, "busy"),
+        "{}",
+        r.text()
+    );
+    drop(held);
+}
+
 #[test]
 fn bytes_in_flight_are_capped_and_beyond_the_cap_requests_get_503() {
     let _serial = serial();

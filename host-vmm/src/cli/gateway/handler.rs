@@ -129,55 +129,124 @@ pub(super) async fn handle(
     Ok(resp)
 }
 
-async fn route(shared: &Arc<Shared>, id: &str, req: Request<Incoming>) -> Resp {
-    let path = req.uri().path();
-    let is_get = req.method() == Method::GET || req.method() == Method::HEAD;
+/// Where a request goes, from its method and path alone.
+#[derive(Debug, PartialEq, Eq)]
+enum Route<'a> {
+    Health,
+    /// `/readyz` (200 once the pool is built, 503 before).
+    Readiness,
+    /// `/metrics` (Prometheus text, also before the pool is built).
+    Metrics,
+    /// Anything but the health routes before the pool is built.
+    Starting,
+    Listing,
+    NotPost,
+    /// `POST` of a name the guest does not export.
+    Unknown(&'a str),
+    Call(&'a str),
+}
+
+/// Routes a request. `functions` is `None` while the pool is being built.
+fn route_of<'a>(method: &Method, path: &'a str, functions: Option<&[String]>) -> Route<'a> {
+    let is_get = method == Method::GET || method == Method::HEAD;
     if is_get {
         match path {
-            "/healthz" => return text(200, "ok", "live\n"),
-            "/metrics" => {
-                let stats = shared.pool.get().map(|r| r.pool.stats());
-                let mut r = text(200, "ok", shared.metrics.render(stats));
-                r.headers_mut().insert(
-                    header::CONTENT_TYPE,
-                    HeaderValue::from_static(
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    ),
-                );
-                return r;
-            }
-            "/readyz" => {
-                return match shared.pool.get() {
-                    Some(_) => text(200, "ok", "ready\n"),
-                    None => unavailable("starting", "starting: the sandboxes are being built\n"),
-                };
-            }
+            "/healthz" => return Route::Health,
+            "/readyz" => return Route::Readiness,
+            "/metrics" => return Route::Metrics,
             _ => {}
         }
     }
-    let Some(ready) = shared.pool.get() else {
-        return unavailable("starting", "starting: the sandboxes are being built\n");
+    let Some(functions) = functions else {
+        return Route::Starting;
     };
     if is_get && path == "/" {
-        return text(200, "ok", ready.listing.clone());
+        return Route::Listing;
     }
-    if req.method() != Method::POST {
-        let mut r = text(405, "error", "use POST /FUNCTION with the input as body\n");
-        r.headers_mut()
-            .insert(header::ALLOW, HeaderValue::from_static("POST"));
-        return r;
+    if method != Method::POST {
+        return Route::NotPost;
     }
     let name = path.trim_start_matches('/');
-    if !ready.pool.functions().iter().any(|f| f == name) {
-        let msg = format!(
-            "no function named `{}`; this guest exports: {}\n",
-            log::escape(name, 100),
-            ready.pool.functions().join(", ")
-        );
-        shared.metrics.call("-", "unknown", None, 0);
-        return text(404, "unknown", msg);
+    if functions.iter().any(|f| f == name) {
+        Route::Call(name)
+    } else {
+        Route::Unknown(name)
     }
-    let name = name.to_string();
+}
+
+/// The 404 text for a name the guest does not export (the name escaped and cut short).
+fn unknown_message(name: &str, functions: &[String]) -> String {
+    format!(
+        "no function named `{}`; this guest exports: {}\n",
+        log::escape(name, 100),
+        functions.join(", ")
+    )
+}
+
+/// What a request body may hold of the `--max-buffered` budget, decided before a byte of
+/// it is read.
+#[derive(Debug, PartialEq, Eq)]
+enum Share {
+    /// Reserve this many bytes and read at most that many.
+    Reserve(u64),
+    /// The declared length is above what the function accepts (413).
+    TooLarge(u64),
+    /// The body could need more than the whole budget (413).
+    OverBudget(u64),
+}
+
+/// The body's share: its length as hyper framed it (`Content-Length`, 0 for a request
+/// with neither it nor `Transfer-Encoding`), or the most a body may be when it declares
+/// none (chunked).
+fn body_share(declared: Option<u64>, max_input: u64, max_buffered: usize) -> Share {
+    if let Some(l) = declared.filter(|&l| l > max_input) {
+        return Share::TooLarge(l);
+    }
+    let want = declared.unwrap_or(max_input.min(max_buffered as u64));
+    if want > max_buffered as u64 {
+        return Share::OverBudget(want);
+    }
+    Share::Reserve(want)
+}
+
+async fn route(shared: &Arc<Shared>, id: &str, req: Request<Incoming>) -> Resp {
+    let ready = shared.pool.get();
+    let functions = ready.map(|r| r.pool.functions());
+    let route = route_of(req.method(), req.uri().path(), functions);
+    let (ready, name) = match (route, ready) {
+        (Route::Health, _) => return text(200, "ok", "live\n"),
+        (Route::Metrics, ready) => {
+            let stats = ready.map(|r| r.pool.stats());
+            let mut r = text(200, "ok", shared.metrics.render(stats));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
+            );
+            return r;
+        }
+        (Route::Readiness, Some(_)) => return text(200, "ok", "ready\n"),
+        (Route::Readiness | Route::Starting, _) | (_, None) => {
+            return unavailable("starting", "starting: the sandboxes are being built\n");
+        }
+        (Route::Listing, Some(ready)) => return text(200, "ok", ready.listing.clone()),
+        (Route::NotPost, _) => {
+            let mut r = text(405, "error", "use POST /FUNCTION with the input as body\n");
+            r.headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("POST"));
+            return r;
+        }
+        (Route::Unknown(name), Some(ready)) => {
+            shared.metrics.call("-", "unknown", None, 0);
+            return text(
+                404,
+                "unknown",
+                unknown_message(name, ready.pool.functions()),
+            );
+        }
+        (Route::Call(name), Some(ready)) => (ready, name.to_string()),
+    };
     let mut facts = (None, 0);
     let resp = call(shared, id, ready, &name, req, &mut facts).await;
     // The outcome header is set on every response below.
@@ -215,27 +284,28 @@ async fn call(
             ),
         ))
     };
-    let declared = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|l| l > ready.max_input) {
-        return too_large(declared);
-    }
-    // The body's share of the byte budget, taken before a byte of it is read: its
-    // declared length, or the most a body may be when it declares none (chunked).
-    let want = declared.unwrap_or(ready.max_input.min(shared.max_buffered as u64));
-    if want > shared.max_buffered as u64 {
-        return closing(text(
-            413,
-            "too-large",
-            format!(
-                "input of {want} bytes is larger than the {} bytes this server buffers (--max-buffered)\n",
-                shared.max_buffered
-            ),
-        ));
-    }
+    // The body's share of the byte budget, taken before a byte of it is read. Its length
+    // is hyper's reading of the framing headers (the one it will enforce), not the raw
+    // `Content-Length` value: a body-less POST holds nothing.
+    let share = body_share(
+        hyper::body::Body::size_hint(req.body()).exact(),
+        ready.max_input,
+        shared.max_buffered,
+    );
+    let want = match share {
+        Share::Reserve(want) => want,
+        Share::TooLarge(declared) => return too_large(Some(declared)),
+        Share::OverBudget(want) => {
+            return closing(text(
+                413,
+                "too-large",
+                format!(
+                    "input of {want} bytes is larger than the {} bytes this server buffers (--max-buffered)\n",
+                    shared.max_buffered
+                ),
+            ));
+        }
+    };
     let Some(body_held) = reserve(shared, want) else {
         shared.busy_log.line(format_args!(
             "pvrun: request {id}: POST /{name}: 503 busy (--max-buffered {} bytes in flight)",
@@ -361,4 +431,167 @@ async fn call(
         ));
     }
     text(code, outcome, body)
+}
+
+/// Property fuzzing of the pure parts of request handling (the whole gateway is fuzzed
+/// over sockets by `host-vmm/tests/gateway_fuzz.rs`).
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fuzz::{Rng, run};
+
+    const FUNCTIONS: &[&str] = &["upper", "sha256", "json-transform", "a/b", ""];
+
+    fn functions() -> Vec<String> {
+        FUNCTIONS.iter().map(|s| s.to_string()).collect()
+    }
+
+    fn method(rng: &mut Rng) -> Method {
+        const STD: &[&str] = &["GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"];
+        if rng.below(4) == 0 {
+            // An extension method: any token bytes.
+            let token: Vec<u8> = (0..1 + rng.below(12))
+                .map(|_| b"ABCXYZ!#$%&'*+-.^_`|~019"[rng.below(24) as usize])
+                .collect();
+            Method::from_bytes(&token).unwrap_or(Method::PATCH)
+        } else {
+            Method::from_bytes(STD[rng.below(STD.len() as u64) as usize].as_bytes()).unwrap()
+        }
+    }
+
+    fn path(rng: &mut Rng) -> String {
+        const PIECES: &[&str] = &[
+            "/",
+            "//",
+            "upper",
+            "healthz",
+            "readyz",
+            "/healthz",
+            "/metrics",
+            "metrics",
+            "/readyz",
+            "%2F",
+            "..",
+            "?",
+            "\u{0}",
+            "\u{1b}[31m",
+            "\u{7f}",
+            "\u{85}",
+            "\u{202e}",
+            "é",
+            "\\",
+            "\n",
+            "a/b",
+            "sha256",
+            " ",
+        ];
+        let mut p = String::new();
+        for _ in 0..rng.below(6) {
+            match rng.below(5) {
+                0 => p
+                    .extend((0..rng.below(300)).map(|_| {
+                        char::from_u32(rng.below(0x11_0000) as u32).unwrap_or('\u{fffd}')
+                    })),
+                _ => p.push_str(PIECES[rng.below(PIECES.len() as u64) as usize]),
+            }
+        }
+        p
+    }
+
+    #[test]
+    fn fuzz_route_of() {
+        let fns = functions();
+        run("gateway route_of", 20_000, |rng| {
+            let m = method(rng);
+            let p = path(rng);
+            let ready = rng.below(5) != 0;
+            let r = route_of(&m, &p, ready.then_some(&fns[..]));
+            let get = m == Method::GET || m == Method::HEAD;
+            match r {
+                Route::Health => assert!(get && p == "/healthz", "{m} {p:?}"),
+                Route::Readiness => assert!(get && p == "/readyz", "{m} {p:?}"),
+                Route::Metrics => assert!(get && p == "/metrics", "{m} {p:?}"),
+                Route::Starting => assert!(!ready, "{m} {p:?}"),
+                Route::Listing => assert!(ready && get && p == "/"),
+                Route::NotPost => assert!(
+                    ready
+                        && m != Method::POST
+                        && !(get && ["/", "/healthz", "/readyz", "/metrics"].contains(&p.as_str())),
+                    "{m} {p:?}"
+                ),
+                Route::Unknown(n) | Route::Call(n) => {
+                    assert!(ready && m == Method::POST, "{m} {p:?}");
+                    // The name is the path without its leading slashes, nothing else.
+                    assert!(!n.starts_with('/'), "{p:?} -> {n:?}");
+                    assert!(p.ends_with(n) && p[..p.len() - n.len()].bytes().all(|b| b == b'/'));
+                    let known = fns.iter().any(|f| f == n);
+                    assert_eq!(known, matches!(r, Route::Call(_)), "{p:?} -> {r:?}");
+                }
+            }
+            if !ready && !(get && (p == "/healthz" || p == "/readyz" || p == "/metrics")) {
+                assert_eq!(r, Route::Starting, "{m} {p:?}");
+            }
+        });
+    }
+
+    #[test]
+    fn fuzz_unknown_message() {
+        let fns = functions();
+        run("gateway unknown_message", 20_000, |rng| {
+            let name = path(rng);
+            let msg = unknown_message(&name, &fns);
+            let body = msg.strip_suffix('\n').expect("ends in a newline");
+            assert!(
+                !body.chars().any(crate::output::needs_escape)
+                    && !body.contains(['\n', '\r', '\t']),
+                "unescaped in {msg:?}"
+            );
+            // At most 100 characters of the name, each at most `\u{10ffff}`.
+            assert!(
+                msg.len() <= 200 + 100 * 10 + fns.join(", ").len(),
+                "{}",
+                msg.len()
+            );
+            assert!(msg.ends_with(&format!("{}\n", fns.join(", "))));
+            let plain = !name
+                .chars()
+                .any(|c| crate::output::needs_escape(c) || "\\\n\r\t".contains(c));
+            if plain && name.chars().count() <= 100 {
+                assert!(msg.contains(&format!("`{name}`")), "{msg:?}");
+            }
+        });
+    }
+
+    #[test]
+    fn fuzz_body_share() {
+        run("gateway body_share", 50_000, |rng| {
+            let max_input = rng.edgy();
+            let max_buffered = rng.edgy() as usize;
+            let declared = match rng.below(5) {
+                0 => None,
+                1 => Some(max_input.wrapping_add(rng.below(3)).wrapping_sub(1)),
+                2 => Some(
+                    (max_buffered as u64)
+                        .wrapping_add(rng.below(3))
+                        .wrapping_sub(1),
+                ),
+                _ => Some(rng.edgy()),
+            };
+            match body_share(declared, max_input, max_buffered) {
+                Share::Reserve(w) => {
+                    assert!(
+                        w <= max_input && w <= max_buffered as u64,
+                        "{w} {max_input} {max_buffered}"
+                    );
+                    assert_eq!(w, declared.unwrap_or(max_input.min(max_buffered as u64)));
+                    // The reservation fits a body limit.
+                    assert!(usize::try_from(w).is_ok());
+                }
+                Share::TooLarge(l) => assert!(declared == Some(l) && l > max_input),
+                Share::OverBudget(w) => {
+                    assert!(w > max_buffered as u64 && w <= max_input && declared == Some(w));
+                }
+            }
+        });
+    }
 }
