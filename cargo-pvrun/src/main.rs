@@ -4,6 +4,8 @@
 use std::path::PathBuf;
 
 use clap::Parser;
+
+mod package;
 use host_vmm::cli::{VmOptions, run_and_exit};
 
 /// Build a pvrun guest crate and run it in a KVM VM (like `cargo run`).
@@ -64,6 +66,9 @@ fn main() {
     let mut argv: Vec<String> = std::env::args().collect();
     if argv.get(1).map(String::as_str) == Some("pvrun") {
         argv.remove(1);
+    }
+    if argv.get(1).map(String::as_str) == Some("package") {
+        package::main(&argv[1..]);
     }
     let cli = Cli::parse_from(argv);
 

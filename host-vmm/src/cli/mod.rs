@@ -2,6 +2,7 @@
 //! running a guest to a process exit status.
 
 pub mod gateway;
+pub mod package;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -131,11 +132,26 @@ pub fn parse_env(s: &str) -> Result<(String, String), String> {
 /// status 125; a core file that cannot be written is one `pvrun: warning:` line and
 /// changes no status.
 pub fn run_and_exit(elf: &Path, config: VmConfig, debug: &DebugOptions) -> ! {
+    run_and_exit_when(elf, config, debug, || true)
+}
+
+/// [`run_and_exit`], but the guest starts only once the VM is built and `go()` returns
+/// true; if it returns false, the process exits 125 without running the guest. (The
+/// containerd shim builds the VM at `create` and runs it at `start`.)
+pub fn run_and_exit_when(
+    elf: &Path,
+    config: VmConfig,
+    debug: &DebugOptions,
+    go: impl FnOnce() -> bool,
+) -> ! {
     let vm = GuestImage::from_file(elf).and_then(|image| Vm::new(Arc::new(image), config));
     let mut vm = match vm {
         Ok(vm) => vm,
         Err(e) => host_error(e),
     };
+    if !go() {
+        std::process::exit(EXIT_HOST_ERROR)
+    }
     // From here on this thread only runs the guest: confine it (fails closed). A core
     // dump is a file the host creates after the crash, which the filter forbids: with
     // `--core-dump` (a debugging session) the vCPU thread runs without its filter.

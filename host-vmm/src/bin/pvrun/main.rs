@@ -100,6 +100,9 @@ mod cli_main {
         if argv.get(1).map(String::as_str) == Some("serve") {
             serve(ServeCli::parse_from(&argv[1..]));
         }
+        if argv.get(1).map(String::as_str) == Some("package") {
+            host_vmm::cli::package::pvrun_package_main(&argv[1..]);
+        }
         let cli = Cli::parse();
         host_vmm::stop_guest_on_signals();
         let mut args = vec![cli.guest.display().to_string()];

@@ -1,0 +1,43 @@
+//! The guest process of one container: `containerd-shim-pvrun-v1 run-guest [VM OPTIONS]
+//! ELF -- ARGV0 ARGS...`. It validates the ELF and builds the VM, then waits for one byte
+//! on stdin (the shim writes it at `start`) before booting the guest; end of file (the
+//! shim went away, or the task was deleted unstarted) exits 125 without running it. From
+//! then on it is `pvrun`: stdout/stderr are containerd's FIFOs, SIGTERM/SIGINT stop the
+//! guest (143/130), and it exits with the guest's status.
+//!
+//! Why a process per guest rather than a VM inside the shim: the guest's vCPU thread is
+//! confined by a seccomp filter and its stop path is process-wide signals (SIGTERM,
+//! the kick signal), `exit_process` skips KVM's slow teardown, and a host bug in one guest
+//! can at worst end that guest's process. The shim stays a small, unconfined ttrpc server.
+
+use std::io::Read;
+use std::path::PathBuf;
+
+use clap::Parser;
+use host_vmm::cli::{VmOptions, run_and_exit_when};
+
+/// argv[1] that selects this mode.
+pub const RUN_GUEST: &str = "run-guest";
+
+#[derive(Parser)]
+#[command(name = "containerd-shim-pvrun-v1 run-guest")]
+struct Cli {
+    #[command(flatten)]
+    vm: VmOptions,
+    /// The guest ELF.
+    guest: PathBuf,
+    /// argv of the guest, argv[0] first (after `--`).
+    #[arg(last = true)]
+    argv: Vec<String>,
+}
+
+pub fn main(argv: &[String]) -> ! {
+    let cli = Cli::parse_from(argv);
+    host_vmm::stop_guest_on_signals();
+    let (config, debug) = cli.vm.into_parts(cli.argv);
+    run_and_exit_when(&cli.guest, config, &debug, || {
+        let mut go = [0u8; 1];
+        // A signal before `start` interrupts the read (no SA_RESTART): not started.
+        matches!(std::io::stdin().read(&mut go), Ok(1))
+    })
+}
