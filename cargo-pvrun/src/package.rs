@@ -11,7 +11,11 @@ use host_vmm::cli::package::{PackageArgs, package_and_exit};
 ///
 /// Exit status: 0; 125 if it could not be built or packaged.
 #[derive(Parser)]
-#[command(name = "cargo pvrun package", bin_name = "cargo pvrun package", version)]
+#[command(
+    name = "cargo pvrun package",
+    bin_name = "cargo pvrun package",
+    version
+)]
 struct Cli {
     /// Package to build.
     #[arg(short, long, value_name = "SPEC")]

@@ -41,7 +41,10 @@ pub fn plan(
         .as_ref()
         .ok_or("the container spec has no process; pvrun runs the image's guest")?;
     if process.terminal().unwrap_or(false) {
-        return Err("pvrun guests have no terminal; run the container without a TTY (no -t / tty: false)".into());
+        return Err(
+            "pvrun guests have no terminal; run the container without a TTY (no -t / tty: false)"
+                .into(),
+        );
     }
     let argv: Vec<String> = process.args().clone().unwrap_or_default();
     let Some(argv0) = argv.first() else {
@@ -60,7 +63,8 @@ pub fn plan(
             argv0.escape_default()
         ));
     }
-    let info = inspect(Path::new(argv0), &bytes).map_err(|e| format!("not a runnable pvrun image: {e}"))?;
+    let info = inspect(Path::new(argv0), &bytes)
+        .map_err(|e| format!("not a runnable pvrun image: {e}"))?;
 
     let mut env = Vec::new();
     for kv in process.env().clone().unwrap_or_default() {
@@ -118,9 +122,12 @@ fn resolve_in_root(rootfs: &Path, path: &str) -> Result<PathBuf, String> {
         ));
     }
     let joined = rootfs.join(p.strip_prefix("/").unwrap_or(p));
-    let root = rootfs
-        .canonicalize()
-        .map_err(|e| format!("cannot open the container's rootfs {}: {e}", rootfs.display()))?;
+    let root = rootfs.canonicalize().map_err(|e| {
+        format!(
+            "cannot open the container's rootfs {}: {e}",
+            rootfs.display()
+        )
+    })?;
     match joined.canonicalize() {
         Ok(real) if real.starts_with(&root) => Ok(real),
         Ok(_) => Err(format!(
@@ -151,7 +158,7 @@ mod tests {
     fn spec(args: &[&str], limit: Option<i64>) -> Spec {
         let mut s: serde_json::Value = serde_json::json!({
             "ociVersion": "1.0.2",
-            "process": {"args": args, "env": ["A=1", "B=x=y"], "cwd": "/"},
+            "process": {"args": args, "env": ["A=1", "B=x=y"], "cwd": "/", "user": {"uid": 0, "gid": 0}},
             "root": {"path": "rootfs"},
         });
         if let Some(l) = limit {
@@ -195,7 +202,10 @@ mod tests {
         let ok = |_: &Path, _: &[u8]| Ok(info(14 * MIB));
         let p = plan(&spec(&["/hello", "a b"], None), &root.0, ok).unwrap();
         assert_eq!(p.argv, ["/hello", "a b"]);
-        assert_eq!(p.env, [("A".into(), "1".into()), ("B".into(), "x=y".into())]);
+        assert_eq!(
+            p.env,
+            [("A".into(), "1".into()), ("B".into(), "x=y".into())]
+        );
         assert_eq!(p.mem, 64 * MIB);
         // A limit below the default bounds the memory (rounded down to 2 MiB) ...
         let p = plan(&spec(&["/hello"], Some(33 * MIB as i64)), &root.0, ok).unwrap();
@@ -205,7 +215,10 @@ mod tests {
         assert_eq!(p.mem, 64 * MIB);
         // ... and one below the guest's minimum is a one-line error.
         let e = plan(&spec(&["/hello"], Some(8 * MIB as i64)), &root.0, ok).unwrap_err();
-        assert!(e.contains("memory limit 8M is below what this guest needs (14M)"), "{e}");
+        assert!(
+            e.contains("memory limit 8M is below what this guest needs (14M)"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -20,11 +20,11 @@ use containerd_shim::protos::events::task::{TaskCreate, TaskDelete, TaskExit, Ta
 use containerd_shim::protos::protobuf::MessageDyn;
 use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
 use containerd_shim::protos::topics;
+use containerd_shim::protos::ttrpc;
 use containerd_shim::publisher::RemotePublisher;
 use containerd_shim::{
     Config, Context, DeleteResponse, ExitSignal, Flags, TtrpcContext, TtrpcResult,
 };
-use containerd_shim::protos::ttrpc;
 use log::{info, warn};
 use oci_spec::runtime::Spec;
 
@@ -66,6 +66,8 @@ struct Shared {
 #[derive(Clone)]
 pub struct Service {
     namespace: String,
+    /// Our ttrpc socket (`unix:///run/containerd/s/HASH`), removed when we exit.
+    socket: String,
     exit: Arc<ExitSignal>,
     shared: Arc<Shared>,
     publisher: Option<Arc<Mutex<RemotePublisher>>>,
@@ -241,17 +243,18 @@ impl Service {
         if plan.info.kind == pvrun_oci::GuestKind::Function {
             return Err("this image holds a function guest; the pvrun shim runs program guests only so far (serve it with `pvrun serve`)".into());
         }
-        let exe = std::env::current_exe().map_err(|e| format!("cannot find the shim binary: {e}"))?;
+        let exe =
+            std::env::current_exe().map_err(|e| format!("cannot find the shim binary: {e}"))?;
         let mut cmd = Command::new(exe);
-        cmd.arg(RUN_GUEST)
-            .arg("--mem")
-            .arg(plan.mem.to_string());
+        cmd.arg(RUN_GUEST).arg("--mem").arg(plan.mem.to_string());
         for (k, v) in &plan.env {
             cmd.arg(format!("--env={k}={v}"));
         }
         cmd.arg(&plan.elf).arg("--").args(&plan.argv);
-        let stdout = open_stdio(&req.stdout).map_err(|e| format!("cannot open stdout {}: {e}", req.stdout))?;
-        let stderr = open_stdio(&req.stderr).map_err(|e| format!("cannot open stderr {}: {e}", req.stderr))?;
+        let stdout = open_stdio(&req.stdout)
+            .map_err(|e| format!("cannot open stdout {}: {e}", req.stdout))?;
+        let stderr = open_stdio(&req.stderr)
+            .map_err(|e| format!("cannot open stderr {}: {e}", req.stderr))?;
         let (rd, wr) = pipe().map_err(|e| format!("cannot create a pipe: {e}"))?;
         cmd.env_clear()
             .current_dir("/")
@@ -260,7 +263,9 @@ impl Service {
             .stderr(stderr);
         // The guest process is reaped by the shim's reaper (never by `Child::wait`), which
         // reports its exit to `watch_exits`.
-        let child = cmd.spawn().map_err(|e| format!("cannot start the guest process: {e}"))?;
+        let child = cmd
+            .spawn()
+            .map_err(|e| format!("cannot start the guest process: {e}"))?;
         Ok((child.id(), wr))
     }
 }
@@ -283,13 +288,17 @@ impl containerd_shim::Shim for Service {
     fn new(_runtime_id: &str, args: &Flags, _config: &mut Config) -> Self {
         Service {
             namespace: args.namespace.clone(),
+            socket: args.socket.clone(),
             exit: Arc::new(ExitSignal::default()),
             shared: Arc::default(),
             publisher: None,
         }
     }
 
-    fn start_shim(&mut self, opts: containerd_shim::StartOpts) -> Result<String, containerd_shim::Error> {
+    fn start_shim(
+        &mut self,
+        opts: containerd_shim::StartOpts,
+    ) -> Result<String, containerd_shim::Error> {
         // One shim per container (grouping by container id).
         let grouping = opts.id.clone();
         let (_pid, address) = containerd_shim::spawn(opts, &grouping, Vec::new())?;
@@ -307,6 +316,14 @@ impl containerd_shim::Shim for Service {
 
     fn wait(&mut self) {
         self.exit.wait();
+        // The crate removes the socket through the bundle's `address` file, which
+        // containerd has deleted by now; the listener keeps working without its path.
+        if let Some(path) = self.socket.strip_prefix("unix://")
+            && let Err(e) = std::fs::remove_file(path)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            warn!("cannot remove {path}: {e}");
+        }
     }
 
     fn create_task_service(&self, publisher: RemotePublisher) -> Self::T {
@@ -354,7 +371,11 @@ impl containerd_shim::Task for Service {
         })
     }
 
-    fn start(&self, _ctx: &TtrpcContext, req: api::StartRequest) -> TtrpcResult<api::StartResponse> {
+    fn start(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StartRequest,
+    ) -> TtrpcResult<api::StartResponse> {
         if !req.exec_id.is_empty() {
             return Err(no_exec());
         }
@@ -391,7 +412,11 @@ impl containerd_shim::Task for Service {
         })
     }
 
-    fn state(&self, _ctx: &TtrpcContext, req: api::StateRequest) -> TtrpcResult<api::StateResponse> {
+    fn state(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StateRequest,
+    ) -> TtrpcResult<api::StateResponse> {
         if !req.exec_id.is_empty() {
             return Err(no_exec());
         }
@@ -466,12 +491,19 @@ impl containerd_shim::Task for Service {
         // would have marked it Stopped under this lock).
         if unsafe { libc::kill(c.pid as i32, signal) } != 0 {
             let e = std::io::Error::last_os_error();
-            return Err(err(ttrpc::Code::INTERNAL, format!("cannot signal the guest: {e}")));
+            return Err(err(
+                ttrpc::Code::INTERNAL,
+                format!("cannot signal the guest: {e}"),
+            ));
         }
         Ok(api::Empty::default())
     }
 
-    fn delete(&self, _ctx: &TtrpcContext, req: api::DeleteRequest) -> TtrpcResult<api::DeleteResponse> {
+    fn delete(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::DeleteRequest,
+    ) -> TtrpcResult<api::DeleteResponse> {
         if !req.exec_id.is_empty() {
             return Err(no_exec());
         }
@@ -481,7 +513,10 @@ impl containerd_shim::Task for Service {
             State::Running => {
                 return Err(err(
                     ttrpc::Code::FAILED_PRECONDITION,
-                    format!("container {} is running; kill it first", req.id.escape_default()),
+                    format!(
+                        "container {} is running; kill it first",
+                        req.id.escape_default()
+                    ),
                 ));
             }
             State::Created => {
@@ -538,15 +573,20 @@ impl containerd_shim::Task for Service {
         let c = map.get(&req.id).ok_or_else(|| not_found(&req.id))?;
         let mut r = api::PidsResponse::default();
         if c.state != State::Stopped {
-            r.processes.push(containerd_shim::protos::types::task::ProcessInfo {
-                pid: c.pid,
-                ..Default::default()
-            });
+            r.processes
+                .push(containerd_shim::protos::types::task::ProcessInfo {
+                    pid: c.pid,
+                    ..Default::default()
+                });
         }
         Ok(r)
     }
 
-    fn stats(&self, _ctx: &TtrpcContext, req: api::StatsRequest) -> TtrpcResult<api::StatsResponse> {
+    fn stats(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StatsRequest,
+    ) -> TtrpcResult<api::StatsResponse> {
         let pid = {
             let map = self.lock();
             let c = map.get(&req.id).ok_or_else(|| not_found(&req.id))?;
@@ -555,8 +595,12 @@ impl containerd_shim::Task for Service {
             }
             c.pid
         };
-        let metrics = crate::stats::metrics(pid)
-            .map_err(|e| err(ttrpc::Code::INTERNAL, format!("cannot read the guest's usage: {e}")))?;
+        let metrics = crate::stats::metrics(pid).map_err(|e| {
+            err(
+                ttrpc::Code::INTERNAL,
+                format!("cannot read the guest's usage: {e}"),
+            )
+        })?;
         let any = containerd_shim::util::convert_to_any(Box::new(metrics))
             .map_err(|e| err(ttrpc::Code::INTERNAL, e.to_string()))?;
         Ok(api::StatsResponse {
@@ -565,7 +609,11 @@ impl containerd_shim::Task for Service {
         })
     }
 
-    fn connect(&self, _ctx: &TtrpcContext, req: api::ConnectRequest) -> TtrpcResult<api::ConnectResponse> {
+    fn connect(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::ConnectRequest,
+    ) -> TtrpcResult<api::ConnectResponse> {
         let map = self.lock();
         let task_pid = map.get(&req.id).map(|c| c.pid).unwrap_or(0);
         Ok(api::ConnectResponse {

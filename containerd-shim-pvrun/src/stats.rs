@@ -2,7 +2,9 @@
 //! resident memory (the guest's memory is part of it), as containerd's cgroup v1
 //! `Metrics` message.
 
-use containerd_shim::protos::cgroups::metrics::{CPUStat, CPUUsage, MemoryEntry, MemoryStat, Metrics};
+use containerd_shim::protos::cgroups::metrics::{
+    CPUStat, CPUUsage, MemoryEntry, MemoryStat, Metrics,
+};
 
 /// Clock ticks per second of /proc's times.
 fn ticks() -> u64 {
@@ -17,7 +19,12 @@ pub fn metrics(pid: u32) -> std::io::Result<Metrics> {
     // Fields after the command name (which may hold spaces, in parentheses).
     let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    let field = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+    let field = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
     // utime and stime are fields 14 and 15 of stat, i.e. 11 and 12 after the name.
     let ns_per_tick = 1_000_000_000 / ticks();
     let user = field(11) * ns_per_tick;

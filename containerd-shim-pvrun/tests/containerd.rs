@@ -21,7 +21,10 @@ fn shim_bin() -> &'static str {
 fn hello() -> &'static Path {
     static ELF: OnceLock<PathBuf> = OnceLock::new();
     ELF.get_or_init(|| {
-        assert!(Path::new("/dev/kvm").exists(), "these tests boot guests and need /dev/kvm");
+        assert!(
+            Path::new("/dev/kvm").exists(),
+            "these tests boot guests and need /dev/kvm"
+        );
         let req = guest_build::BuildRequest {
             manifest_path: Some(
                 Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest-examples/Cargo.toml"),
@@ -45,13 +48,18 @@ struct Containerd {
     dir: PathBuf,
     sock: PathBuf,
     daemon: Option<Child>,
+    /// Container ids used (their shims' sockets are checked and removed at the end).
+    ids: std::sync::Mutex<Vec<String>>,
 }
 
 impl Containerd {
     fn start(tag: &str) -> Containerd {
         for tool in ["containerd", "ctr"] {
             assert!(
-                Command::new(tool).arg("--version").output().is_ok_and(|o| o.status.success()),
+                Command::new(tool)
+                    .arg("--version")
+                    .output()
+                    .is_ok_and(|o| o.status.success()),
                 "`{tool}` is missing: apt-get install containerd (.ci/run does)"
             );
         }
@@ -83,7 +91,13 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.a
         let daemon = Command::new("containerd")
             .arg("--config")
             .arg(dir.join("config.toml"))
-            .env("PATH", format!("{}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", shim_dir.display()))
+            .env(
+                "PATH",
+                format!(
+                    "{}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                    shim_dir.display()
+                ),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -93,6 +107,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.a
             dir,
             sock,
             daemon: Some(daemon),
+            ids: Default::default(),
         };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -111,6 +126,30 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.a
 
     fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("containerd.log")).unwrap_or_default()
+    }
+
+    /// The ttrpc socket the shim of container `id` listens on.
+    fn shim_socket(&self, id: &str) -> PathBuf {
+        let a = containerd_shim::socket_address(self.sock.to_str().unwrap(), NS, id);
+        PathBuf::from(a.strip_prefix("unix://").unwrap())
+    }
+
+    /// Shim processes serving this containerd (by their `-address`).
+    fn shims(&self) -> Vec<i32> {
+        let want = self.sock.display().to_string();
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+            .filter(|pid| {
+                let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
+                args.first()
+                    .is_some_and(|a| a.ends_with(b"containerd-shim-pvrun-v1"))
+                    && args
+                        .windows(2)
+                        .any(|w| w[0] == b"-address" && w[1] == want.as_bytes())
+            })
+            .collect()
     }
 
     fn ctr_cmd(&self, args: &[&str]) -> Command {
@@ -149,6 +188,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.a
         a.push(image);
         a.push(id);
         a.extend_from_slice(args);
+        self.ids.lock().unwrap().push(id.to_string());
         self.ctr(&a)
     }
 
@@ -171,7 +211,12 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.a
 
     fn import(&self, tar: &Path) {
         let o = self.ctr(&["images", "import", tar.to_str().unwrap()]);
-        assert!(o.status.success(), "import failed: {}{}", text(&o.stdout), text(&o.stderr));
+        assert!(
+            o.status.success(),
+            "import failed: {}{}",
+            text(&o.stdout),
+            text(&o.stderr)
+        );
     }
 }
 
@@ -189,7 +234,9 @@ impl Drop for Containerd {
             for t in list(&["tasks", "ls"]) {
                 let _ = self.ctr(&["tasks", "kill", "-s", "SIGKILL", &t]);
                 let deadline = Instant::now() + Duration::from_secs(5);
-                while !self.ctr(&["tasks", "delete", &t]).status.success() && Instant::now() < deadline {
+                while !self.ctr(&["tasks", "delete", &t]).status.success()
+                    && Instant::now() < deadline
+                {
                     std::thread::sleep(Duration::from_millis(50));
                 }
             }
@@ -197,7 +244,9 @@ impl Drop for Containerd {
                 let _ = self.ctr(&["containers", "delete", &c]);
             }
             for i in list(&["images", "ls", "-q"]).into_iter().chain(
-                text(&self.ctr(&["images", "ls", "-q"]).stdout).lines().map(str::to_string),
+                text(&self.ctr(&["images", "ls", "-q"]).stdout)
+                    .lines()
+                    .map(str::to_string),
             ) {
                 let _ = self.ctr(&["images", "rm", &i]);
             }
@@ -211,6 +260,14 @@ impl Drop for Containerd {
             }
             let _ = d.kill();
             let _ = d.wait();
+        }
+        // Shims a failed test left running (they would wait for a containerd that is gone).
+        for pid in self.shims() {
+            // SAFETY: SIGKILL to a shim of the containerd we started.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        for id in self.ids.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            let _ = std::fs::remove_file(self.shim_socket(id));
         }
         // Anything still mounted under our directory (snapshots, rootfs), deepest first.
         let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
@@ -236,7 +293,14 @@ fn hello_runs_with_args_env_output_and_exit_code() {
     assert_eq!(image, "docker.io/pvrun-test/hello:latest");
     // The image's entrypoint and env.
     let o = c.run(&[], &image, "hello-default", &[]);
-    assert_eq!(o.status.code(), Some(0), "{}{}\n{}", text(&o.stdout), text(&o.stderr), c.log());
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}{}\n{}",
+        text(&o.stdout),
+        text(&o.stderr),
+        c.log()
+    );
     let out = text(&o.stdout);
     assert!(out.contains("Hello from pvrun!"), "{out}");
     assert!(out.contains("arg[0]=/hello"), "{out}");
@@ -263,8 +327,20 @@ fn hello_runs_with_args_env_output_and_exit_code() {
         err.contains("memory limit 8M is below what this guest needs (14M)"),
         "{err}"
     );
-    // Nothing left behind by --rm.
+    // Nothing left behind by --rm: no container, no shim, no shim socket.
     assert_eq!(text(&c.ctr(&["containers", "ls", "-q"]).stdout).trim(), "");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !c.shims().is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        c.shims(),
+        Vec::<i32>::new(),
+        "shims outlived their containers"
+    );
+    for id in ["hello-default", "hello-args", "hello-32m", "hello-8m"] {
+        assert!(!c.shim_socket(id).exists(), "socket of {id} left behind");
+    }
 }
 
 #[test]
@@ -284,6 +360,7 @@ fn kill_stops_a_long_running_guest_and_two_run_at_once() {
             id,
         ];
         a.extend_from_slice(args);
+        c.ids.lock().unwrap().push(id.to_string());
         c.ctr_cmd(&a)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -304,7 +381,10 @@ fn kill_stops_a_long_running_guest_and_two_run_at_once() {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let ls = text(&c.ctr(&["tasks", "ls"]).stdout);
-        if ls.lines().any(|l| l.starts_with("sleeper") && l.contains("RUNNING")) {
+        if ls
+            .lines()
+            .any(|l| l.starts_with("sleeper") && l.contains("RUNNING"))
+        {
             break;
         }
         assert!(Instant::now() < deadline, "sleeper never ran: {ls}");
@@ -320,7 +400,11 @@ fn kill_stops_a_long_running_guest_and_two_run_at_once() {
     assert!(k.status.success(), "{}", text(&k.stderr));
     let long = long.wait_with_output().unwrap();
     assert_eq!(long.status.code(), Some(143), "{}", text(&long.stderr));
-    assert!(text(&long.stderr).contains("interrupted by signal 15"), "{}", text(&long.stderr));
+    assert!(
+        text(&long.stderr).contains("interrupted by signal 15"),
+        "{}",
+        text(&long.stderr)
+    );
     assert!(started.elapsed() < Duration::from_secs(40));
 }
 
@@ -347,10 +431,15 @@ fn non_pvrun_images_fail_with_a_clear_reason() {
         c.import(&tar);
         (p.reference, p.guest_path)
     };
-    let (host_prog, path) = fake(Path::new("/bin/true"), "true", &std::fs::read("/bin/true").unwrap());
+    let (host_prog, path) = fake(
+        Path::new("/bin/true"),
+        "true",
+        &std::fs::read("/bin/true").unwrap(),
+    );
     let o = c.run(&[], &host_prog, "not-pvrun", &[]);
     assert_ne!(o.status.code(), Some(0));
     let err = text(&o.stderr);
+    eprintln!("what ctr says for a host program: {err}");
     assert!(err.contains("not a runnable pvrun image"), "{err}");
     assert!(err.contains("position-independent"), "{err}");
     assert!(err.contains(&path), "{err}");
@@ -359,12 +448,20 @@ fn non_pvrun_images_fail_with_a_clear_reason() {
     let (sh, _) = fake(&script, "script", b"#!/bin/sh\necho hi\n");
     let o = c.run(&[], &sh, "not-elf", &[]);
     assert_ne!(o.status.code(), Some(0));
-    assert!(text(&o.stderr).contains("is not an ELF guest"), "{}", text(&o.stderr));
+    assert!(
+        text(&o.stderr).contains("is not an ELF guest"),
+        "{}",
+        text(&o.stderr)
+    );
     // A command that is not in the image at all.
     let image = c.import_guest(hello(), "hello");
     let o = c.run(&[], &image, "no-such", &["/bin/sh", "-c", "true"]);
     assert_ne!(o.status.code(), Some(0));
-    assert!(text(&o.stderr).contains("`/bin/sh` is not in the image"), "{}", text(&o.stderr));
+    assert!(
+        text(&o.stderr).contains("`/bin/sh` is not in the image"),
+        "{}",
+        text(&o.stderr)
+    );
     // A TTY is refused too.
     let o = c.run(&["-t"], &image, "tty", &[]);
     assert_ne!(o.status.code(), Some(0));

@@ -136,7 +136,10 @@ fn oci_dir_has_one_layer_with_the_elf_and_labels_from_the_elf() {
         m["annotations"]["io.containerd.image.name"],
         "docker.io/pvrun/hello:latest"
     );
-    assert_eq!(m["annotations"]["org.opencontainers.image.ref.name"], "latest");
+    assert_eq!(
+        m["annotations"]["org.opencontainers.image.ref.name"],
+        "latest"
+    );
     assert_eq!(m["platform"]["architecture"], "amd64");
     let digest = m["digest"].as_str().unwrap();
     // The printed line names the reference and the manifest digest.
@@ -156,7 +159,10 @@ fn oci_dir_has_one_layer_with_the_elf_and_labels_from_the_elf() {
     );
     let ann = &manifest["annotations"];
     assert_eq!(ann["io.pvrun.guest"], "/hello");
-    assert_eq!(ann["io.pvrun.abi-version"], pvrun_abi::ABI_VERSION.to_string());
+    assert_eq!(
+        ann["io.pvrun.abi-version"],
+        pvrun_abi::ABI_VERSION.to_string()
+    );
     assert_eq!(ann["io.pvrun.kind"], "program");
     assert_eq!(ann["io.pvrun.mem"], (64u64 << 20).to_string());
     assert_eq!(ann["io.pvrun.min-mem"], (14u64 << 20).to_string());
@@ -164,9 +170,15 @@ fn oci_dir_has_one_layer_with_the_elf_and_labels_from_the_elf() {
 
     let config = json(blob(&files, manifest["config"]["digest"].as_str().unwrap()));
     assert_eq!(config["os"], "linux");
-    assert_eq!(config["config"]["Entrypoint"], serde_json::json!(["/hello"]));
+    assert_eq!(
+        config["config"]["Entrypoint"],
+        serde_json::json!(["/hello"])
+    );
     assert_eq!(config["config"]["Cmd"], serde_json::json!(["--exit", "3"]));
-    assert_eq!(config["config"]["Env"], serde_json::json!(["GREETING=packaged"]));
+    assert_eq!(
+        config["config"]["Env"],
+        serde_json::json!(["GREETING=packaged"])
+    );
     assert_eq!(config["config"]["Labels"], *ann);
 
     let layers = manifest["layers"].as_array().unwrap();
@@ -177,7 +189,9 @@ fn oci_dir_has_one_layer_with_the_elf_and_labels_from_the_elf() {
     );
     let gz = blob(&files, layers[0]["digest"].as_str().unwrap());
     let mut tar = Vec::new();
-    flate2::read::GzDecoder::new(gz).read_to_end(&mut tar).unwrap();
+    flate2::read::GzDecoder::new(gz)
+        .read_to_end(&mut tar)
+        .unwrap();
     assert_eq!(
         config["rootfs"]["diff_ids"],
         serde_json::json!([sha256(&tar)])
@@ -240,7 +254,11 @@ fn same_elf_gives_the_same_digest_and_bytes_whatever_its_path_or_mtime() {
     let named = tmp.0.join("named.tar");
     let r = package(&elf, &named, &["--name", "registry.example/team/hello:1.0"]);
     assert_eq!(r.status, 0, "{}", r.stderr);
-    assert!(r.stdout.starts_with("registry.example/team/hello:1.0 "), "{}", r.stdout);
+    assert!(
+        r.stdout.starts_with("registry.example/team/hello:1.0 "),
+        "{}",
+        r.stdout
+    );
     let other = package(&elf, &tmp.0.join("cmd.tar"), &["--", "x"]);
     assert_ne!(other.stdout.split_whitespace().nth(1).unwrap(), digests[0]);
 }
@@ -250,7 +268,11 @@ fn docker_archive_has_docker_manifest_over_the_same_blobs() {
     let elf = guest("hello");
     let tmp = TempDir::new("docker");
     let out = tmp.0.join("img.tar");
-    let r = package(&elf, &out, &["--format", "docker-archive", "--name", "hello"]);
+    let r = package(
+        &elf,
+        &out,
+        &["--format", "docker-archive", "--name", "hello"],
+    );
     assert_eq!(r.status, 0, "{}", r.stderr);
     assert!(r.stdout.starts_with("docker.io/library/hello:latest "));
     let files: BTreeMap<String, Vec<u8>> = untar(&std::fs::read(&out).unwrap())
@@ -277,7 +299,10 @@ fn declared_devices_and_function_guests_are_labelled() {
         assert_eq!(r.status, 0, "{}", r.stderr);
         let files = dir_files(&out);
         let index = json(&files["index.json"]);
-        let manifest = json(blob(&files, index["manifests"][0]["digest"].as_str().unwrap()));
+        let manifest = json(blob(
+            &files,
+            index["manifests"][0]["digest"].as_str().unwrap(),
+        ));
         (r.stdout, manifest["annotations"].clone())
     };
     let (_, kv) = labels("kvstore");
@@ -295,7 +320,11 @@ fn elfs_pvrun_would_refuse_are_not_packaged() {
     // A host program: not a pvrun guest.
     let r = package(Path::new("/bin/true"), &out, &[]);
     assert_eq!(r.status, 125);
-    assert!(r.stderr.starts_with("pvrun package: error: "), "{}", r.stderr);
+    assert!(
+        r.stderr.starts_with("pvrun package: error: "),
+        "{}",
+        r.stderr
+    );
     assert!(r.stderr.contains("position-independent"), "{}", r.stderr);
     assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
     assert!(!out.exists());
@@ -305,7 +334,15 @@ fn elfs_pvrun_would_refuse_are_not_packaged() {
     assert!(r.stderr.contains("cannot read guest"), "{}", r.stderr);
     let r = package(&guest("hello"), &out, &["--name", "Bad\u{1b}[31mName"]);
     assert_eq!(r.status, 125);
-    assert!(r.stderr.contains("is not an image reference"), "{}", r.stderr);
-    assert!(!r.stderr.contains('\u{1b}'), "control text escaped: {:?}", r.stderr);
+    assert!(
+        r.stderr.contains("is not an image reference"),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        !r.stderr.contains('\u{1b}'),
+        "control text escaped: {:?}",
+        r.stderr
+    );
     assert!(!out.exists());
 }

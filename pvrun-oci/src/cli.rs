@@ -63,10 +63,11 @@ pub fn run(elf: &Path, args: PackageArgs, inspect: Inspect<'_>) -> Result<String
         env: args.env,
         cmd: args.cmd,
     };
-    let bytes = std::fs::read(elf)
-        .map_err(|e| format!("cannot read guest `{}`: {e}", elf.display()))?;
+    let bytes =
+        std::fs::read(elf).map_err(|e| format!("cannot read guest `{}`: {e}", elf.display()))?;
     let info = inspect(elf, &bytes)?;
-    let p = package(elf, &bytes, info, &args.output, format, &opts).map_err(|e| format!("{e:#}"))?;
+    let p =
+        package(elf, &bytes, info, &args.output, format, &opts).map_err(|e| format!("{e:#}"))?;
     Ok(format!(
         "{} {} ({} guest, ABI v{}) -> {}",
         p.reference,

@@ -147,10 +147,7 @@ pub fn detect_kind(bytes: &[u8]) -> GuestKind {
         let demangled = format!("{:#}", rustc_demangle::demangle(name));
         demangled.starts_with("pvrun::function::serve")
     };
-    if file
-        .symbols()
-        .any(|s| s.name().is_ok_and(|n| is_serve(n)))
-    {
+    if file.symbols().any(|s| s.name().is_ok_and(|n| is_serve(n))) {
         GuestKind::Function
     } else {
         GuestKind::Program
@@ -263,7 +260,9 @@ fn canonical_json<T: serde::Serialize>(value: &T) -> Result<Vec<u8>> {
                 entries.sort_by(|a, b| a.0.cmp(&b.0));
                 serde_json::Value::Object(entries.into_iter().map(|(k, v)| (k, sort(v))).collect())
             }
-            serde_json::Value::Array(a) => serde_json::Value::Array(a.into_iter().map(sort).collect()),
+            serde_json::Value::Array(a) => {
+                serde_json::Value::Array(a.into_iter().map(sort).collect())
+            }
             other => other,
         }
     }
@@ -425,7 +424,11 @@ pub fn package(
         .history(vec![
             HistoryBuilder::default()
                 .created_by(format!("pvrun package {name}"))
-                .comment(format!("pvrun {} guest, ABI v{}", info.kind.as_str(), info.abi_version))
+                .comment(format!(
+                    "pvrun {} guest, ABI v{}",
+                    info.kind.as_str(),
+                    info.abi_version
+                ))
                 .build()?,
         ])
         .build()?;
@@ -473,7 +476,10 @@ pub fn package(
     // Every file of the image, by path (sorted: the order of a tar's entries is part of
     // its digest).
     let mut files: Vec<(String, Vec<u8>)> = vec![
-        ("oci-layout".into(), br#"{"imageLayoutVersion":"1.0.0"}"#.to_vec()),
+        (
+            "oci-layout".into(),
+            br#"{"imageLayoutVersion":"1.0.0"}"#.to_vec(),
+        ),
         ("index.json".into(), canonical_json(&index)?),
         (config.path(), config.bytes.clone()),
         (layer.path(), layer.bytes.clone()),
@@ -529,7 +535,10 @@ fn write_archive(out: &Path, files: &[(String, Vec<u8>)]) -> Result<()> {
         b.append(&header(dir, 0, 0o755, true)?, std::io::empty())?;
     }
     for (path, bytes) in files {
-        b.append(&header(path, bytes.len() as u64, 0o644, false)?, bytes.as_slice())?;
+        b.append(
+            &header(path, bytes.len() as u64, 0o644, false)?,
+            bytes.as_slice(),
+        )?;
     }
     let bytes = b.into_inner()?;
     // Write beside, then rename: a failed run never leaves half an archive under OUT.
@@ -548,13 +557,22 @@ mod tests {
 
     #[test]
     fn references_normalise_like_docker() {
-        assert_eq!(normalize_reference("hello").unwrap(), "docker.io/library/hello:latest");
-        assert_eq!(normalize_reference("pvrun/hello").unwrap(), "docker.io/pvrun/hello:latest");
+        assert_eq!(
+            normalize_reference("hello").unwrap(),
+            "docker.io/library/hello:latest"
+        );
+        assert_eq!(
+            normalize_reference("pvrun/hello").unwrap(),
+            "docker.io/pvrun/hello:latest"
+        );
         assert_eq!(
             normalize_reference("localhost:5000/a/b:1.0").unwrap(),
             "localhost:5000/a/b:1.0"
         );
-        assert_eq!(normalize_reference("reg.example/x").unwrap(), "reg.example/x:latest");
+        assert_eq!(
+            normalize_reference("reg.example/x").unwrap(),
+            "reg.example/x:latest"
+        );
         assert!(normalize_reference("Bad Name").is_err());
         assert!(normalize_reference("a//b").is_err());
         assert!(normalize_reference("").is_err());

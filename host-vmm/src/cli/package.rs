@@ -4,8 +4,8 @@
 
 use std::path::Path;
 
-pub use pvrun_oci::cli::PackageArgs;
 use pvrun_oci::GuestInfo;
+pub use pvrun_oci::cli::PackageArgs;
 
 use crate::{EXIT_HOST_ERROR, GuestImage, StdStream, eprint_line};
 
@@ -26,7 +26,8 @@ pub fn inspect(path: &Path, bytes: &[u8]) -> Result<GuestInfo, String> {
 pub fn package_and_exit(elf: &Path, args: PackageArgs) -> ! {
     match pvrun_oci::cli::run(elf, args, &inspect) {
         Ok(line) => {
-            let _ = std::io::Write::write_all(&mut StdStream::stdout(), format!("{line}\n").as_bytes());
+            let _ =
+                std::io::Write::write_all(&mut StdStream::stdout(), format!("{line}\n").as_bytes());
             std::process::exit(0)
         }
         Err(e) => {
