@@ -19,6 +19,32 @@ use host_vmm::cli::{VmOptions, run_and_exit_when};
 /// argv[1] that selects this mode.
 pub const RUN_GUEST: &str = "run-guest";
 
+/// argv[1] of a Kubernetes pod's sandbox ("pause") container: see [`pod_sandbox`].
+pub const POD_SANDBOX: &str = "pod-sandbox";
+
+/// The pod sandbox the kubelet asks for before a pod's containers (CRI marks it with the
+/// annotation `io.kubernetes.cri.container-type: sandbox`; its image is the pause image,
+/// not a pvrun guest). Like `pause`, it waits for `start`, then does nothing until SIGTERM
+/// or SIGINT, and exits 0.
+pub fn pod_sandbox() -> ! {
+    // SAFETY: plain signal-set calls on local sets; the signals are blocked before we
+    // wait for them, so none is lost.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        let mut go = [0u8; 1];
+        if !matches!(std::io::stdin().read(&mut go), Ok(1)) {
+            std::process::exit(host_vmm::EXIT_HOST_ERROR);
+        }
+        let mut sig = 0;
+        libc::sigwait(&set, &mut sig);
+    }
+    std::process::exit(0)
+}
+
 #[derive(Parser)]
 #[command(name = "containerd-shim-pvrun-v1 run-guest")]
 struct Cli {

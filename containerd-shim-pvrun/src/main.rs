@@ -17,5 +17,8 @@ fn main() {
     if argv.get(1).map(String::as_str) == Some(guest::RUN_GUEST) {
         guest::main(&argv[1..]);
     }
+    if argv.get(1).map(String::as_str) == Some(guest::POD_SANDBOX) {
+        guest::pod_sandbox();
+    }
     containerd_shim::run::<service::Service>(service::RUNTIME_ID, None)
 }

@@ -238,6 +238,12 @@ mod tests {
             assert!(e.contains(want), "{args:?}: {e}");
             assert!(!e.contains('\n'));
         }
+        let mut tty = spec(&["/hello"], None);
+        let mut process = tty.process().clone().unwrap();
+        process.set_terminal(Some(true));
+        tty.set_process(Some(process));
+        let e = plan(&tty, &root.0, ok).unwrap_err();
+        assert!(e.contains("no terminal"), "{e}");
         let bad = |_: &Path, _: &[u8]| Err("guest `/hello` was built for pvrun ABI v2".to_string());
         let e = plan(&spec(&["/hello"], None), &root.0, bad).unwrap_err();
         assert!(e.contains("ABI v2"), "{e}");

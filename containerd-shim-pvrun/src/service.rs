@@ -28,7 +28,7 @@ use containerd_shim::{
 use log::{info, warn};
 use oci_spec::runtime::Spec;
 
-use crate::guest::RUN_GUEST;
+use crate::guest::{POD_SANDBOX, RUN_GUEST};
 use crate::plan::plan;
 
 /// The runtime this shim implements (`ctr run --runtime io.containerd.pvrun.v1`).
@@ -238,19 +238,23 @@ impl Service {
         spec: &Spec,
         rootfs: &Path,
     ) -> Result<(u32, File), String> {
-        let plan = plan(spec, rootfs, host_vmm::cli::package::inspect)?;
-        host_vmm::check_kvm().map_err(|e| format!("this node cannot run pvrun guests: {e}"))?;
-        if plan.info.kind == pvrun_oci::GuestKind::Function {
-            return Err("this image holds a function guest; the pvrun shim runs program guests only so far (serve it with `pvrun serve`)".into());
-        }
         let exe =
             std::env::current_exe().map_err(|e| format!("cannot find the shim binary: {e}"))?;
         let mut cmd = Command::new(exe);
-        cmd.arg(RUN_GUEST).arg("--mem").arg(plan.mem.to_string());
-        for (k, v) in &plan.env {
-            cmd.arg(format!("--env={k}={v}"));
+        if is_pod_sandbox(spec) {
+            cmd.arg(POD_SANDBOX);
+        } else {
+            let plan = plan(spec, rootfs, host_vmm::cli::package::inspect)?;
+            host_vmm::check_kvm().map_err(|e| format!("this node cannot run pvrun guests: {e}"))?;
+            if plan.info.kind == pvrun_oci::GuestKind::Function {
+                return Err("this image holds a function guest; the pvrun shim runs program guests only so far (serve it with `pvrun serve`)".into());
+            }
+            cmd.arg(RUN_GUEST).arg("--mem").arg(plan.mem.to_string());
+            for (k, v) in &plan.env {
+                cmd.arg(format!("--env={k}={v}"));
+            }
+            cmd.arg(&plan.elf).arg("--").args(&plan.argv);
         }
-        cmd.arg(&plan.elf).arg("--").args(&plan.argv);
         let stdout = open_stdio(&req.stdout)
             .map_err(|e| format!("cannot open stdout {}: {e}", req.stdout))?;
         let stderr = open_stdio(&req.stderr)
@@ -268,6 +272,14 @@ impl Service {
             .map_err(|e| format!("cannot start the guest process: {e}"))?;
         Ok((child.id(), wr))
     }
+}
+
+/// CRI's pod sandbox (the pause container), which holds the pod's namespaces.
+fn is_pod_sandbox(spec: &Spec) -> bool {
+    spec.annotations()
+        .as_ref()
+        .and_then(|a| a.get("io.kubernetes.cri.container-type"))
+        .is_some_and(|t| t == "sandbox")
 }
 
 /// A pipe whose ends are close-on-exec (the child gets its end as stdin by dup2).

@@ -17,25 +17,37 @@ fn shim_bin() -> &'static str {
     env!("CARGO_BIN_EXE_containerd-shim-pvrun-v1")
 }
 
-/// The hello guest, built once.
-fn hello() -> &'static Path {
-    static ELF: OnceLock<PathBuf> = OnceLock::new();
-    ELF.get_or_init(|| {
-        assert!(
-            Path::new("/dev/kvm").exists(),
-            "these tests boot guests and need /dev/kvm"
-        );
-        let req = guest_build::BuildRequest {
-            manifest_path: Some(
-                Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest-examples/Cargo.toml"),
-            ),
-            package: Some("hello".into()),
-            release: true,
-            quiet: true,
-            ..Default::default()
-        };
-        guest_build::build(&req).expect("building hello").elf
-    })
+/// Example guest `name`, built once (release).
+fn guest(name: &str) -> PathBuf {
+    static BUILT: OnceLock<std::sync::Mutex<std::collections::HashMap<String, PathBuf>>> =
+        OnceLock::new();
+    let mut built = BUILT
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    built
+        .entry(name.to_string())
+        .or_insert_with(|| {
+            assert!(
+                Path::new("/dev/kvm").exists(),
+                "these tests boot guests and need /dev/kvm"
+            );
+            let req = guest_build::BuildRequest {
+                manifest_path: Some(
+                    Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest-examples/Cargo.toml"),
+                ),
+                package: Some(name.into()),
+                release: true,
+                quiet: true,
+                ..Default::default()
+            };
+            guest_build::build(&req).expect("building the guest").elf
+        })
+        .clone()
+}
+
+fn hello() -> PathBuf {
+    guest("hello")
 }
 
 fn text(b: &[u8]) -> String {
@@ -289,7 +301,7 @@ impl Drop for Containerd {
 #[test]
 fn hello_runs_with_args_env_output_and_exit_code() {
     let c = Containerd::start("hello");
-    let image = c.import_guest(hello(), "hello");
+    let image = c.import_guest(&hello(), "hello");
     assert_eq!(image, "docker.io/pvrun-test/hello:latest");
     // The image's entrypoint and env.
     let o = c.run(&[], &image, "hello-default", &[]);
@@ -346,7 +358,7 @@ fn hello_runs_with_args_env_output_and_exit_code() {
 #[test]
 fn kill_stops_a_long_running_guest_and_two_run_at_once() {
     let c = Containerd::start("kill");
-    let image = c.import_guest(hello(), "hello");
+    let image = c.import_guest(&hello(), "hello");
     let fifo = c.dir.join("fifo");
     let spawn = |id: &str, args: &[&str]| {
         let mut a = vec![
@@ -406,6 +418,47 @@ fn kill_stops_a_long_running_guest_and_two_run_at_once() {
         text(&long.stderr)
     );
     assert!(started.elapsed() < Duration::from_secs(40));
+
+    // A Kubernetes pod sandbox (CRI's annotation; its image is the pause image, here any
+    // image) holds the pod until SIGTERM, then exits 0 like `pause`.
+    let pause = c
+        .ctr_cmd(&[
+            "run",
+            "--runtime",
+            RUNTIME,
+            "--rm",
+            "--fifo-dir",
+            fifo.to_str().unwrap(),
+            "--annotation",
+            "io.kubernetes.cri.container-type=sandbox",
+            &image,
+            "pod-sandbox",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    c.ids.lock().unwrap().push("pod-sandbox".into());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let ls = text(&c.ctr(&["tasks", "ls"]).stdout);
+        if ls
+            .lines()
+            .any(|l| l.starts_with("pod-sandbox") && l.contains("RUNNING"))
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "sandbox never ran: {ls}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        c.ctr(&["tasks", "kill", "-s", "SIGTERM", "pod-sandbox"])
+            .status
+            .success()
+    );
+    let pause = pause.wait_with_output().unwrap();
+    assert_eq!(pause.status.code(), Some(0), "{}", text(&pause.stderr));
 }
 
 #[test]
@@ -454,7 +507,7 @@ fn non_pvrun_images_fail_with_a_clear_reason() {
         text(&o.stderr)
     );
     // A command that is not in the image at all.
-    let image = c.import_guest(hello(), "hello");
+    let image = c.import_guest(&hello(), "hello");
     let o = c.run(&[], &image, "no-such", &["/bin/sh", "-c", "true"]);
     assert_ne!(o.status.code(), Some(0));
     assert!(
@@ -462,7 +515,13 @@ fn non_pvrun_images_fail_with_a_clear_reason() {
         "{}",
         text(&o.stderr)
     );
-    // A TTY is refused too.
-    let o = c.run(&["-t"], &image, "tty", &[]);
+    // Function guests are not served by the shim yet: a clear refusal.
+    let f = c.import_guest(&guest("functions"), "functions");
+    let o = c.run(&[], &f, "function", &[]);
     assert_ne!(o.status.code(), Some(0));
+    assert!(
+        text(&o.stderr).contains("function guest"),
+        "{}",
+        text(&o.stderr)
+    );
 }

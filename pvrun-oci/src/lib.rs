@@ -147,7 +147,7 @@ pub fn detect_kind(bytes: &[u8]) -> GuestKind {
         let demangled = format!("{:#}", rustc_demangle::demangle(name));
         demangled.starts_with("pvrun::function::serve")
     };
-    if file.symbols().any(|s| s.name().is_ok_and(|n| is_serve(n))) {
+    if file.symbols().any(|s| s.name().is_ok_and(is_serve)) {
         GuestKind::Function
     } else {
         GuestKind::Program
