@@ -9,6 +9,7 @@
 
 mod guest;
 mod plan;
+mod podnet;
 mod service;
 mod stats;
 

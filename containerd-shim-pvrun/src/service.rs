@@ -30,6 +30,7 @@ use oci_spec::runtime::Spec;
 
 use crate::guest::{POD_SANDBOX, RUN_GUEST};
 use crate::plan::plan;
+use crate::podnet::{self, PodNet};
 
 /// The runtime this shim implements (`ctr run --runtime io.containerd.pvrun.v1`).
 pub const RUNTIME_ID: &str = "io.containerd.pvrun.v1";
@@ -49,6 +50,8 @@ struct Container {
     /// Where we mounted the rootfs (to unmount at delete), if we did.
     mounted: Option<PathBuf>,
     pid: u32,
+    /// The guest's connection to the pod's interface, if it has one.
+    net: Option<PodNet>,
     /// The write end of the guest's start pipe (one byte starts it; closing it ends an
     /// unstarted guest).
     start: Option<File>,
@@ -209,13 +212,14 @@ impl Service {
         }
         let result = self.spawn_guest(req, &spec, &rootfs);
         match result {
-            Ok((pid, start)) => Ok(Container {
+            Ok((pid, start, net)) => Ok(Container {
                 bundle: req.bundle.clone(),
                 stdin: req.stdin.clone(),
                 stdout: req.stdout.clone(),
                 stderr: req.stderr.clone(),
                 mounted,
                 pid,
+                net,
                 start: Some(start),
                 state: State::Created,
                 exit_status: 0,
@@ -237,10 +241,11 @@ impl Service {
         req: &api::CreateTaskRequest,
         spec: &Spec,
         rootfs: &Path,
-    ) -> Result<(u32, File), String> {
+    ) -> Result<(u32, File, Option<PodNet>), String> {
         let exe =
             std::env::current_exe().map_err(|e| format!("cannot find the shim binary: {e}"))?;
         let mut cmd = Command::new(exe);
+        let mut net = None;
         if is_pod_sandbox(spec) {
             cmd.arg(POD_SANDBOX);
         } else {
@@ -253,8 +258,79 @@ impl Service {
             for (k, v) in &plan.env {
                 cmd.arg(format!("--env={k}={v}"));
             }
+            net = self.pod_net(req, spec, &plan)?;
+            if let Some(n) = &net {
+                cmd.arg("--net").arg(&n.net_option);
+            }
             cmd.arg(&plan.elf).arg("--").args(&plan.argv);
         }
+        let result = self.spawn(req, spec, cmd);
+        if result.is_err()
+            && let Some(n) = &net
+        {
+            podnet::disconnect(n);
+        }
+        result.map(|(pid, start)| (pid, start, net))
+    }
+
+    /// Connects the guest to the pod's interface when the container joins a network
+    /// namespace and the guest declares a NIC (`require_device!(net, NAME)`).
+    fn pod_net(
+        &self,
+        req: &api::CreateTaskRequest,
+        spec: &Spec,
+        plan: &crate::plan::Plan,
+    ) -> Result<Option<PodNet>, String> {
+        let Some(netns) = netns_path(spec) else {
+            return Ok(None);
+        };
+        let Some(dev) = plan
+            .info
+            .devices
+            .iter()
+            .find_map(|d| d.strip_prefix("net:"))
+        else {
+            return Ok(None);
+        };
+        podnet::connect(&netns, &req.id, dev).map(Some)
+    }
+
+    /// Starts the prepared guest (or sandbox) process in the container's network
+    /// namespace, if it has one.
+    fn spawn(
+        &self,
+        req: &api::CreateTaskRequest,
+        spec: &Spec,
+        mut cmd: Command,
+    ) -> Result<(u32, File), String> {
+        if let Some(netns) = netns_path(spec) {
+            let ns = File::open(&netns)
+                .map_err(|e| format!("cannot open the pod's network namespace {netns}: {e}"))?;
+            use std::os::fd::AsRawFd;
+            use std::os::unix::process::CommandExt;
+            let fd = ns.as_raw_fd();
+            // SAFETY: between fork and exec the child only calls setns(2), which is
+            // async-signal-safe; `ns` outlives the spawn below.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+            let r = self.spawn_in(req, cmd);
+            drop(ns);
+            return r;
+        }
+        self.spawn_in(req, cmd)
+    }
+
+    fn spawn_in(
+        &self,
+        req: &api::CreateTaskRequest,
+        mut cmd: Command,
+    ) -> Result<(u32, File), String> {
         let stdout = open_stdio(&req.stdout)
             .map_err(|e| format!("cannot open stdout {}: {e}", req.stdout))?;
         let stderr = open_stdio(&req.stderr)
@@ -272,6 +348,20 @@ impl Service {
             .map_err(|e| format!("cannot start the guest process: {e}"))?;
         Ok((child.id(), wr))
     }
+}
+
+/// The network namespace the container joins (a path), if any.
+fn netns_path(spec: &Spec) -> Option<String> {
+    spec.linux()
+        .as_ref()?
+        .namespaces()
+        .as_ref()?
+        .iter()
+        .find(|n| n.typ() == oci_spec::runtime::LinuxNamespaceType::Network)?
+        .path()
+        .as_ref()
+        .map(|p| p.display().to_string())
+        .filter(|p| !p.is_empty())
 }
 
 /// CRI's pod sandbox (the pause container), which holds the pod's namespaces.
@@ -555,6 +645,9 @@ impl containerd_shim::Task for Service {
         };
         let empty = map.is_empty();
         drop(map);
+        if let Some(n) = &c.net {
+            podnet::disconnect(n);
+        }
         if let Some(m) = &c.mounted
             && let Err(e) = containerd_shim::mount::umount_recursive(m.to_str(), 0)
         {

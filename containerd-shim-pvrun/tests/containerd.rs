@@ -525,3 +525,161 @@ fn non_pvrun_images_fail_with_a_clear_reason() {
         text(&o.stderr)
     );
 }
+
+fn ip(args: &[&str]) {
+    let o = Command::new("ip")
+        .args(args)
+        .output()
+        .expect("`ip` is needed (iproute2)");
+    assert!(o.status.success(), "ip {args:?}: {}", text(&o.stderr));
+}
+
+/// A pod's network namespace prepared like a CNI plugin would (a veth pair: `eth0` with
+/// 10.77.20.2/24 and a default route in the pod, the peer with 10.77.20.1/24 in a
+/// namespace of its own standing for the node), both removed on drop.
+struct PodNetns {
+    pod: String,
+    peer: String,
+}
+
+impl PodNetns {
+    fn new() -> PodNetns {
+        let id = std::process::id();
+        let n = PodNetns {
+            pod: format!("pvt-pod-{id}"),
+            peer: format!("pvt-node-{id}"),
+        };
+        for ns in [&n.pod, &n.peer] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+            ip(&["netns", "add", ns]);
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+        }
+        ip(&[
+            "-n", &n.peer, "link", "add", "veth-pod", "type", "veth", "peer", "name", "eth0",
+            "netns", &n.pod,
+        ]);
+        ip(&[
+            "-n",
+            &n.peer,
+            "addr",
+            "add",
+            "10.77.20.1/24",
+            "dev",
+            "veth-pod",
+        ]);
+        ip(&["-n", &n.peer, "link", "set", "veth-pod", "up"]);
+        ip(&["-n", &n.pod, "addr", "add", "10.77.20.2/24", "dev", "eth0"]);
+        ip(&["-n", &n.pod, "link", "set", "eth0", "up"]);
+        ip(&["-n", &n.pod, "route", "add", "default", "via", "10.77.20.1"]);
+        n
+    }
+
+    fn path(&self) -> String {
+        format!("/var/run/netns/{}", self.pod)
+    }
+
+    fn in_pod(&self, tool: &str, args: &[&str]) -> String {
+        let o = Command::new("ip")
+            .args(["netns", "exec", &self.pod, tool])
+            .args(args)
+            .output()
+            .unwrap();
+        text(&o.stdout)
+    }
+}
+
+impl Drop for PodNetns {
+    fn drop(&mut self) {
+        for ns in [&self.pod, &self.peer] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        }
+    }
+}
+
+#[test]
+fn a_network_guest_answers_on_the_pod_address_through_the_tc_redirect() {
+    let net = PodNetns::new();
+    let c = Containerd::start("net");
+    let image = c.import_guest(&guest("http-hello"), "http-hello");
+    let fifo = c.dir.join("fifo");
+    let with_ns = format!("network:{}", net.path());
+    c.ids.lock().unwrap().push("web".into());
+    let web = c
+        .ctr_cmd(&[
+            "run",
+            "--runtime",
+            RUNTIME,
+            "--rm",
+            "--fifo-dir",
+            fifo.to_str().unwrap(),
+            "--with-ns",
+            &with_ns,
+            &image,
+            "web",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // curl from the node's side of the veth, to the pod's address.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let body = loop {
+        let o = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &net.peer,
+                "curl",
+                "-s",
+                "-m",
+                "2",
+                "http://10.77.20.2/",
+            ])
+            .output()
+            .expect("curl is needed");
+        if o.status.success() {
+            break text(&o.stdout);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the guest never answered on 10.77.20.2"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(body, "Hello from pvrun!\n");
+    // The guest has the pod interface's MAC: what the node resolved 10.77.20.2 to.
+    let pod_mac = net.in_pod("cat", &["/sys/class/net/eth0/address"]);
+    let neigh = Command::new("ip")
+        .args(["-n", &net.peer, "neigh", "show", "10.77.20.2"])
+        .output()
+        .unwrap();
+    assert!(
+        text(&neigh.stdout).contains(pod_mac.trim()),
+        "{} vs {pod_mac}",
+        text(&neigh.stdout)
+    );
+    // The TAP lives in the pod's namespace while the guest runs ...
+    let links = net.in_pod("ip", &["-o", "link", "show"]);
+    assert!(links.contains("pvtap"), "{links}");
+
+    assert!(
+        c.ctr(&["tasks", "kill", "-s", "SIGTERM", "web"])
+            .status
+            .success()
+    );
+    let web = web.wait_with_output().unwrap();
+    assert_eq!(web.status.code(), Some(143), "{}", text(&web.stderr));
+    assert!(
+        text(&web.stdout).contains("listening on 10.77.20.2:80"),
+        "{}",
+        text(&web.stdout)
+    );
+    // ... and is gone after delete, with the pod's interface as it was.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while net.in_pod("ip", &["-o", "link", "show"]).contains("pvtap") {
+        assert!(Instant::now() < deadline, "TAP left behind");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let qdisc = net.in_pod("tc", &["qdisc", "show", "dev", "eth0"]);
+    assert!(!qdisc.contains("ingress"), "{qdisc}");
+}
