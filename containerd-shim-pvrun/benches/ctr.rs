@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 
 use support::{Containerd, RUNTIME, hello, text};
 
+const RUNC: &str = "io.containerd.runc.v2";
+
 /// A static hello with no libc: write(2) and exit(2), for runc.
 const STATIC_HELLO: &str = r#"
 void _start(void) {
@@ -72,25 +74,24 @@ fn main() {
     c.import(&tar);
 
     let mut n = 0;
-    let mut once = |runtime: Option<&str>, image: &str, want: &str| {
+    let mut once = |runtime: &str, image: &str, want: &str| {
         n += 1;
         let id = format!("bench-{n}");
-        let extra: Vec<&str> = runtime.map(|r| vec!["--runtime", r]).unwrap_or_default();
         let start = Instant::now();
-        let o = c.run(&extra, image, &id, &[]);
+        let o = c.run_on(runtime, &[], image, &id, &[]);
         let took = start.elapsed();
         assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
         assert!(text(&o.stdout).contains(want), "{}", text(&o.stdout));
         took
     };
     for _ in 0..2 {
-        once(Some(RUNTIME), &pvrun_image, "Hello from pvrun!");
-        once(None, &runc_image, "Hello from runc!");
+        once(RUNTIME, &pvrun_image, "Hello from pvrun!");
+        once(RUNC, &runc_image, "Hello from runc!");
     }
     let (mut pv, mut rc) = (Vec::new(), Vec::new());
     for _ in 0..11 {
-        pv.push(once(Some(RUNTIME), &pvrun_image, "Hello from pvrun!"));
-        rc.push(once(None, &runc_image, "Hello from runc!"));
+        pv.push(once(RUNTIME, &pvrun_image, "Hello from pvrun!"));
+        rc.push(once(RUNC, &runc_image, "Hello from runc!"));
     }
     let (pv, rc) = (median(pv), median(rc));
     println!("ctr run --rm to exit (medians of 11 alternating runs, same containerd)");

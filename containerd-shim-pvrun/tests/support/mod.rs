@@ -192,9 +192,21 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.a
     /// `ctr run --rm` of `image` as container `id` with `extra` options and the command
     /// `args` (which replaces the image's entrypoint, as ctr does).
     pub fn run(&self, extra: &[&str], image: &str, id: &str, args: &[&str]) -> Output {
+        self.run_on(RUNTIME, extra, image, id, args)
+    }
+
+    /// [`Containerd::run`] with another runtime (e.g. `io.containerd.runc.v2`).
+    pub fn run_on(
+        &self,
+        runtime: &str,
+        extra: &[&str],
+        image: &str,
+        id: &str,
+        args: &[&str],
+    ) -> Output {
         let fifo = self.dir.join("fifo");
         let fifo = fifo.to_str().unwrap();
-        let mut a = vec!["run", "--runtime", RUNTIME, "--rm", "--fifo-dir", fifo];
+        let mut a = vec!["run", "--runtime", runtime, "--rm", "--fifo-dir", fifo];
         a.extend_from_slice(extra);
         a.push(image);
         a.push(id);
