@@ -19,6 +19,63 @@ use host_vmm::cli::{VmOptions, run_and_exit_when};
 /// argv[1] that selects this mode.
 pub const RUN_GUEST: &str = "run-guest";
 
+/// argv[1] of a function guest served over HTTP: see [`serve_main`].
+pub const SERVE_GUEST: &str = "serve-guest";
+
+/// `containerd-shim-pvrun-v1 serve-guest --listen ADDR --mem SIZE [--env K=V]... ELF --
+/// ARGV...`: `pvrun serve` for a function guest (POST /NAME calls NAME in a sandbox reset
+/// between calls; GET /healthz and /readyz for the kubelet's probes), started at the
+/// task's `start`. SIGTERM lets calls in flight finish and exits 0.
+#[derive(Parser)]
+#[command(name = "containerd-shim-pvrun-v1 serve-guest")]
+struct ServeCli {
+    #[arg(long)]
+    listen: String,
+    #[arg(long, value_parser = host_vmm::cli::parse_mem)]
+    mem: u64,
+    #[arg(long, default_value_t = 2)]
+    pool: usize,
+    #[arg(long = "env", value_parser = host_vmm::cli::parse_env)]
+    env: Vec<(String, String)>,
+    guest: PathBuf,
+    #[arg(last = true)]
+    argv: Vec<String>,
+}
+
+pub fn serve_main(argv: &[String]) -> ! {
+    use host_vmm::cli::gateway;
+    use host_vmm::{Sandbox, SandboxConfig, SandboxPool};
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+    let cli = ServeCli::parse_from(argv);
+    let mut go = [0u8; 1];
+    if !matches!(std::io::stdin().read(&mut go), Ok(1)) {
+        std::process::exit(host_vmm::EXIT_HOST_ERROR);
+    }
+    let pool = cli.pool.max(1);
+    let config = SandboxConfig {
+        mem_size: cli.mem,
+        args: cli.argv,
+        env: cli.env,
+        call_timeout: Some(Duration::from_secs(10)),
+        console: Arc::new(Mutex::new(Box::new(gateway::GuestConsole::new()))),
+        ..SandboxConfig::default()
+    };
+    let opts = gateway::Options {
+        listen: cli.listen,
+        header_timeout: Duration::from_secs(10),
+        body_timeout: Duration::from_secs(10),
+        max_connections: 1024,
+        max_inflight: 4 * pool,
+        shutdown_timeout: Duration::from_secs(30),
+    };
+    let guest = cli.guest.clone();
+    gateway::serve(opts, cli.guest.display().to_string(), move || {
+        let first = Sandbox::new(&guest, config)?;
+        SandboxPool::new(first, pool)?.confine_callers()
+    })
+}
+
 /// argv[1] of a Kubernetes pod's sandbox ("pause") container: see [`pod_sandbox`].
 pub const POD_SANDBOX: &str = "pod-sandbox";
 

@@ -18,6 +18,9 @@ fn main() {
     if argv.get(1).map(String::as_str) == Some(guest::RUN_GUEST) {
         guest::main(&argv[1..]);
     }
+    if argv.get(1).map(String::as_str) == Some(guest::SERVE_GUEST) {
+        guest::serve_main(&argv[1..]);
+    }
     if argv.get(1).map(String::as_str) == Some(guest::POD_SANDBOX) {
         guest::pod_sandbox();
     }

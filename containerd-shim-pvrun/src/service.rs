@@ -28,7 +28,7 @@ use containerd_shim::{
 use log::{info, warn};
 use oci_spec::runtime::Spec;
 
-use crate::guest::{POD_SANDBOX, RUN_GUEST};
+use crate::guest::{POD_SANDBOX, RUN_GUEST, SERVE_GUEST};
 use crate::plan::plan;
 use crate::podnet::{self, PodNet};
 
@@ -252,7 +252,23 @@ impl Service {
             let plan = plan(spec, rootfs, host_vmm::cli::package::inspect)?;
             host_vmm::check_kvm().map_err(|e| format!("this node cannot run pvrun guests: {e}"))?;
             if plan.info.kind == pvrun_oci::GuestKind::Function {
-                return Err("this image holds a function guest; the pvrun shim runs program guests only so far (serve it with `pvrun serve`)".into());
+                // `pvrun serve` on $PORT (default 8080), in the pod's network namespace.
+                let port = match plan.env.iter().rev().find(|(k, _)| k == "PORT") {
+                    None => 8080,
+                    Some((_, v)) => v.parse::<u16>().ok().filter(|p| *p > 0).ok_or_else(|| {
+                        format!("PORT `{}` is not a port number", v.escape_default())
+                    })?,
+                };
+                cmd.arg(SERVE_GUEST)
+                    .arg(format!("--listen=0.0.0.0:{port}"))
+                    .arg("--mem")
+                    .arg(plan.mem.to_string());
+                for (k, v) in &plan.env {
+                    cmd.arg(format!("--env={k}={v}"));
+                }
+                cmd.arg(&plan.elf).arg("--").args(&plan.argv);
+                let r = self.spawn(req, spec, cmd);
+                return r.map(|(pid, start)| (pid, start, None));
             }
             cmd.arg(RUN_GUEST).arg("--mem").arg(plan.mem.to_string());
             for (k, v) in &plan.env {

@@ -230,12 +230,12 @@ fn non_pvrun_images_fail_with_a_clear_reason() {
         "{}",
         text(&o.stderr)
     );
-    // Function guests are not served by the shim yet: a clear refusal.
+    // A function guest with a PORT that is no port.
     let f = c.import_guest(&guest("functions"), "functions");
-    let o = c.run(&[], &f, "function", &[]);
+    let o = c.run(&["--env", "PORT=eighty"], &f, "function", &[]);
     assert_ne!(o.status.code(), Some(0));
     assert!(
-        text(&o.stderr).contains("function guest"),
+        text(&o.stderr).contains("PORT `eighty` is not a port number"),
         "{}",
         text(&o.stderr)
     );
@@ -250,7 +250,7 @@ fn ip(args: &[&str]) {
 }
 
 /// A pod's network namespace prepared like a CNI plugin would (a veth pair: `eth0` with
-/// 10.77.20.2/24 and a default route in the pod, the peer with 10.77.20.1/24 in a
+/// 10.77.NET.2/24 and a default route in the pod, the peer with 10.77.NET.1/24 in a
 /// namespace of its own standing for the node), both removed on drop.
 struct PodNetns {
     pod: String,
@@ -258,12 +258,14 @@ struct PodNetns {
 }
 
 impl PodNetns {
-    fn new() -> PodNetns {
+    /// Namespaces for test `tag`, on 10.77.`net`.0/24.
+    fn new(tag: &str, net: u8) -> PodNetns {
         let id = std::process::id();
         let n = PodNetns {
-            pod: format!("pvt-pod-{id}"),
-            peer: format!("pvt-node-{id}"),
+            pod: format!("pvt-pod{tag}-{id}"),
+            peer: format!("pvt-node{tag}-{id}"),
         };
+        let addr = |h: u8| format!("10.77.{net}.{h}");
         for ns in [&n.pod, &n.peer] {
             let _ = Command::new("ip").args(["netns", "del", ns]).output();
             ip(&["netns", "add", ns]);
@@ -278,14 +280,22 @@ impl PodNetns {
             &n.peer,
             "addr",
             "add",
-            "10.77.20.1/24",
+            &format!("{}/24", addr(1)),
             "dev",
             "veth-pod",
         ]);
         ip(&["-n", &n.peer, "link", "set", "veth-pod", "up"]);
-        ip(&["-n", &n.pod, "addr", "add", "10.77.20.2/24", "dev", "eth0"]);
+        ip(&[
+            "-n",
+            &n.pod,
+            "addr",
+            "add",
+            &format!("{}/24", addr(2)),
+            "dev",
+            "eth0",
+        ]);
         ip(&["-n", &n.pod, "link", "set", "eth0", "up"]);
-        ip(&["-n", &n.pod, "route", "add", "default", "via", "10.77.20.1"]);
+        ip(&["-n", &n.pod, "route", "add", "default", "via", &addr(1)]);
         n
     }
 
@@ -313,7 +323,7 @@ impl Drop for PodNetns {
 
 #[test]
 fn a_network_guest_answers_on_the_pod_address_through_the_tc_redirect() {
-    let net = PodNetns::new();
+    let net = PodNetns::new("w", 20);
     let c = Containerd::start("net");
     let image = c.import_guest(&guest("http-hello"), "http-hello");
     let fifo = c.dir.join("fifo");
@@ -397,4 +407,85 @@ fn a_network_guest_answers_on_the_pod_address_through_the_tc_redirect() {
     }
     let qdisc = net.in_pod("tc", &["qdisc", "show", "dev", "eth0"]);
     assert!(!qdisc.contains("ingress"), "{qdisc}");
+}
+
+#[test]
+fn a_function_guest_serves_http_on_port_in_the_pod_namespace() {
+    let net = PodNetns::new("f", 21);
+    let c = Containerd::start("fn");
+    let image = c.import_guest(&guest("functions"), "functions");
+    let fifo = c.dir.join("fifo");
+    let with_ns = format!("network:{}", net.path());
+    c.ids.lock().unwrap().push("fn".into());
+    let server = c
+        .ctr_cmd(&[
+            "run",
+            "--runtime",
+            RUNTIME,
+            "--rm",
+            "--fifo-dir",
+            fifo.to_str().unwrap(),
+            "--with-ns",
+            &with_ns,
+            "--env",
+            "PORT=9090",
+            &image,
+            "fn",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let curl = |args: &[&str]| {
+        Command::new("ip")
+            .args(["netns", "exec", &net.peer, "curl", "-s", "-m", "5"])
+            .args(args)
+            .output()
+            .expect("curl is needed")
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let o = curl(&[
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "http://10.77.21.2:9090/readyz",
+        ]);
+        if text(&o.stdout) == "200" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never ready: {}",
+            text(&o.stdout)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let o = curl(&[
+        "-X",
+        "POST",
+        "--data-binary",
+        "hello pod",
+        "http://10.77.21.2:9090/upper",
+    ]);
+    assert_eq!(text(&o.stdout), "HELLO POD");
+    let o = curl(&[
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "-X",
+        "POST",
+        "http://10.77.21.2:9090/nope",
+    ]);
+    assert_eq!(text(&o.stdout), "404");
+    // SIGTERM: calls in flight finish, the server exits 0.
+    assert!(
+        c.ctr(&["tasks", "kill", "-s", "SIGTERM", "fn"])
+            .status
+            .success()
+    );
+    let server = server.wait_with_output().unwrap();
+    assert_eq!(server.status.code(), Some(0), "{}", text(&server.stderr));
 }
