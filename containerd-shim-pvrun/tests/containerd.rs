@@ -65,6 +65,13 @@ fn hello_runs_with_args_env_output_and_exit_code() {
         Vec::<i32>::new(),
         "shims outlived their containers"
     );
+    // Every rootfs the shim mounted (overlay snapshots under the state dir) is unmounted.
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let state = format!("{}/state/", c.dir.display());
+    assert!(
+        !mounts.lines().any(|l| l.contains(&state)),
+        "a rootfs is still mounted: {mounts}"
+    );
     for id in ["hello-default", "hello-args", "hello-32m", "hello-8m"] {
         assert!(!c.shim_socket(id).exists(), "socket of {id} left behind");
     }
