@@ -67,6 +67,7 @@ pub fn serve_main(argv: &[String]) -> ! {
         body_timeout: Duration::from_secs(10),
         max_connections: 1024,
         max_inflight: 4 * pool,
+        max_buffered: 256 << 20,
         shutdown_timeout: Duration::from_secs(30),
     };
     let guest = cli.guest.clone();

@@ -26,22 +26,51 @@ pub struct PodNet {
 }
 
 fn run(netns: &str, tool: &str, args: &[&str]) -> Result<String, String> {
-    let out = Command::new("nsenter")
+    use std::io::Read;
+    let cant =
+        |e: std::io::Error| format!("cannot run `{tool}` (install iproute2 and util-linux): {e}");
+    let mut child = Command::new("nsenter")
         .arg(format!("--net={netns}"))
         .arg("--")
         .arg(tool)
         .args(args)
-        .output()
-        .map_err(|e| format!("cannot run `{tool}` (install iproute2 and util-linux): {e}"))?;
-    if !out.status.success() {
-        let err = String::from_utf8_lossy(&out.stderr);
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(cant)?;
+    let mut stderr = child.stderr.take();
+    let err_reader = std::thread::spawn(move || {
+        let mut b = Vec::new();
+        if let Some(e) = stderr.as_mut() {
+            let _ = e.read_to_end(&mut b);
+        }
+        b
+    });
+    let mut out = Vec::new();
+    if let Some(mut o) = child.stdout.take() {
+        let _ = o.read_to_end(&mut out);
+    }
+    let err = err_reader.join().unwrap_or_default();
+    // The shim's reaper (waitpid(-1) on SIGCHLD) may reap the child first: then its
+    // status comes from the reaper's report.
+    let code = match child.wait() {
+        Ok(status) => status.code().unwrap_or(128),
+        Err(e) if e.raw_os_error() == Some(libc::ECHILD) => {
+            crate::service::wait_reaped(child.id(), std::time::Duration::from_secs(10))
+                .ok_or_else(|| format!("`{tool}` did not finish"))?
+        }
+        Err(e) => return Err(cant(e)),
+    };
+    if code != 0 {
+        let err = String::from_utf8_lossy(&err);
         return Err(format!(
             "`{tool} {}` in the pod's network namespace failed: {}",
             args.join(" "),
             err.trim().replace('\n', " ")
         ));
     }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    Ok(String::from_utf8_lossy(&out).into_owned())
 }
 
 fn json(netns: &str, args: &[&str]) -> Result<serde_json::Value, String> {

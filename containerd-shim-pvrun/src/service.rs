@@ -142,19 +142,29 @@ impl Service {
                 return;
             }
         };
-        let me = self.clone();
+        // One thread records every exit at once (a helper command's `wait` may need it
+        // while `create` holds the containers lock); a second matches them to containers.
+        let (tx, rx) = std::sync::mpsc::channel::<(i32, i32)>();
         std::thread::spawn(move || {
             for ev in sub.rx.iter() {
-                let Subject::Pid(pid) = ev.subject else {
-                    continue;
-                };
+                if let Subject::Pid(pid) = ev.subject {
+                    record_reaped(pid, ev.exit_code);
+                    if tx.send((pid, ev.exit_code)).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        let me = self.clone();
+        std::thread::spawn(move || {
+            for (pid, exit_code) in rx.iter() {
                 let mut exited = None;
                 {
                     let mut map = me.lock();
                     for (id, c) in map.iter_mut() {
                         if c.pid as i32 == pid && c.state != State::Stopped {
                             c.state = State::Stopped;
-                            c.exit_status = ev.exit_code as u32;
+                            c.exit_status = exit_code as u32;
                             c.exited_at = Some(now());
                             c.start = None;
                             exited = Some((id.clone(), c.exit_status, c.exited_at.clone()));
@@ -251,7 +261,13 @@ impl Service {
         } else {
             let plan = plan(spec, rootfs, host_vmm::cli::package::inspect)?;
             host_vmm::check_kvm().map_err(|e| format!("this node cannot run pvrun guests: {e}"))?;
-            if plan.info.kind == pvrun_oci::GuestKind::Function {
+            let function = plan
+                .env
+                .iter()
+                .rev()
+                .find(|(k, _)| k == pvrun_oci::ENV_KIND)
+                .is_some_and(|(_, v)| v == "function");
+            if function {
                 // `pvrun serve` on $PORT (default 8080), in the pod's network namespace.
                 let port = match plan.env.iter().rev().find(|(k, _)| k == "PORT") {
                     None => 8080,
@@ -386,6 +402,37 @@ fn is_pod_sandbox(spec: &Spec) -> bool {
         .as_ref()
         .and_then(|a| a.get("io.kubernetes.cri.container-type"))
         .is_some_and(|t| t == "sandbox")
+}
+
+/// The last exits the reaper reported, for helper commands (`ip`, `tc`) whose `wait`
+/// lost the race against the shim's reaper (ECHILD): (pid, status), newest last.
+static REAPED: Mutex<std::collections::VecDeque<(i32, i32)>> =
+    Mutex::new(std::collections::VecDeque::new());
+static REAPED_CHANGED: Condvar = Condvar::new();
+
+fn record_reaped(pid: i32, status: i32) {
+    let mut r = REAPED.lock().unwrap_or_else(|p| p.into_inner());
+    if r.len() >= 256 {
+        r.pop_front();
+    }
+    r.push_back((pid, status));
+    REAPED_CHANGED.notify_all();
+}
+
+/// The exit status of child `pid` as the reaper reported it, waiting up to `timeout`.
+pub fn wait_reaped(pid: u32, timeout: std::time::Duration) -> Option<i32> {
+    let deadline = std::time::Instant::now() + timeout;
+    let mut r = REAPED.lock().unwrap_or_else(|p| p.into_inner());
+    loop {
+        if let Some(i) = r.iter().position(|(p, _)| *p == pid as i32) {
+            return r.remove(i).map(|(_, s)| s);
+        }
+        let left = deadline.checked_duration_since(std::time::Instant::now())?;
+        r = REAPED_CHANGED
+            .wait_timeout(r, left)
+            .unwrap_or_else(|p| p.into_inner())
+            .0;
+    }
 }
 
 /// A pipe whose ends are close-on-exec (the child gets its end as stdin by dup2).

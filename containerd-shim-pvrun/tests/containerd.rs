@@ -238,7 +238,11 @@ fn non_pvrun_images_fail_with_a_clear_reason() {
         text(&o.stderr)
     );
     // A function guest with a PORT that is no port.
-    let f = c.import_guest(&guest("functions"), "functions");
+    let f = c.import_guest_as(
+        &guest("functions"),
+        "functions",
+        Some(pvrun_oci::GuestKind::Function),
+    );
     let o = c.run(&["--env", "PORT=eighty"], &f, "function", &[]);
     assert_ne!(o.status.code(), Some(0));
     assert!(
@@ -372,10 +376,15 @@ fn a_network_guest_answers_on_the_pod_address_through_the_tc_redirect() {
         if o.status.success() {
             break text(&o.stdout);
         }
-        assert!(
-            Instant::now() < deadline,
-            "the guest never answered on 10.77.20.2"
-        );
+        if Instant::now() > deadline {
+            let _ = c.ctr(&["tasks", "kill", "-s", "SIGKILL", "web"]);
+            let o = web.wait_with_output().unwrap();
+            panic!(
+                "the guest never answered on 10.77.20.2: {}{}",
+                text(&o.stdout),
+                text(&o.stderr)
+            );
+        }
         std::thread::sleep(Duration::from_millis(100));
     };
     assert_eq!(body, "Hello from pvrun!\n");
@@ -420,7 +429,11 @@ fn a_network_guest_answers_on_the_pod_address_through_the_tc_redirect() {
 fn a_function_guest_serves_http_on_port_in_the_pod_namespace() {
     let net = PodNetns::new("f", 21);
     let c = Containerd::start("fn");
-    let image = c.import_guest(&guest("functions"), "functions");
+    let image = c.import_guest_as(
+        &guest("functions"),
+        "functions",
+        Some(pvrun_oci::GuestKind::Function),
+    );
     let fifo = c.dir.join("fifo");
     let with_ns = format!("network:{}", net.path());
     c.ids.lock().unwrap().push("fn".into());

@@ -219,3 +219,20 @@ macro_rules! eprintln {
         $crate::console::_eprint(::core::format_args!("{}\n", ::core::format_args!($($arg)*)))
     };
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[crate::test]
+    fn copy_in_wraps_around_the_end_of_the_ring() {
+        let mut ring = [0u8; 8];
+        let next = copy_in(ring.as_mut_ptr(), 8, 14, b"abcd");
+        assert_eq!(next, 18);
+        // Index 14 is offset 6: "ab" at the end, "cd" at the start.
+        assert_eq!(&ring, b"cd\0\0\0\0ab");
+        let next = copy_in(ring.as_mut_ptr(), 8, u64::MAX, b"z");
+        assert_eq!(next, 0);
+        assert_eq!(ring[7], b'z');
+    }
+}

@@ -131,3 +131,35 @@ pub extern "C" fn rust_eh_personality() {}
 pub extern "C" fn _Unwind_Resume() -> ! {
     crate::process::abort("_Unwind_Resume called: unwinding is not supported")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[crate::test]
+    fn memmove_handles_overlap_in_both_directions() {
+        let mut b = *b"0123456789";
+        // SAFETY: both ranges lie inside `b`.
+        unsafe { memmove(b.as_mut_ptr().add(2), b.as_ptr(), 6) };
+        assert_eq!(&b, b"0101234589");
+        let mut c = *b"0123456789";
+        // SAFETY: as above.
+        unsafe { memmove(c.as_mut_ptr(), c.as_ptr().add(3), 7) };
+        assert_eq!(&c, b"3456789789");
+    }
+
+    #[crate::test]
+    fn memset_and_memcmp() {
+        let mut b = [0u8; 5];
+        // SAFETY: inside `b`.
+        unsafe { memset(b.as_mut_ptr().add(1), 0x1ab, 3) };
+        assert_eq!(b, [0, 0xab, 0xab, 0xab, 0]);
+        // SAFETY: 3 readable bytes each.
+        unsafe {
+            assert_eq!(memcmp(b"abc".as_ptr(), b"abc".as_ptr(), 3), 0);
+            assert!(memcmp(b"abc".as_ptr(), b"abd".as_ptr(), 3) < 0);
+            assert!(memcmp(b"b".as_ptr(), b"a".as_ptr(), 1) > 0);
+            assert_ne!(bcmp(b"xyz".as_ptr(), b"xyw".as_ptr(), 3), 0);
+        }
+    }
+}

@@ -59,3 +59,27 @@ fn panic(info: &PanicInfo<'_>) -> ! {
     let msg = core::str::from_utf8(&w.buf[..w.len]).unwrap_or("panicked");
     crate::process::abort(msg)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[crate::test]
+    fn the_message_buffer_truncates_on_a_character_boundary() {
+        let mut w = Truncating {
+            len: 0,
+            buf: [0; MSG_MAX],
+        };
+        let _ = w.write_str(&"a".repeat(MSG_MAX - 1));
+        let _ = w.write_str("é and more");
+        // "é" is two bytes and only one is left: nothing of it is copied.
+        assert_eq!(w.len, MSG_MAX - 1);
+        assert!(core::str::from_utf8(&w.buf[..w.len]).is_ok());
+    }
+
+    #[crate::test]
+    #[should_panic(expected = "the panic handler reports this")]
+    fn a_panic_reaches_the_host_with_its_message() {
+        panic!("the panic handler reports this");
+    }
+}

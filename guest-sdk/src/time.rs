@@ -141,3 +141,23 @@ impl Sub<Instant> for Instant {
         self.duration_since(earlier)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[crate::test]
+    fn durations_saturate_and_the_clock_moves_forward() {
+        assert_eq!(dur_ns(Duration::from_micros(3)), 3000);
+        assert_eq!(dur_ns(Duration::MAX), u64::MAX);
+        let a = Instant::now();
+        let b = a + Duration::from_millis(5);
+        assert_eq!(b - a, Duration::from_millis(5));
+        assert_eq!(
+            a - b,
+            Duration::ZERO,
+            "an earlier instant saturates at zero"
+        );
+        assert!(Instant::now() >= a);
+    }
+}

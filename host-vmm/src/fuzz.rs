@@ -147,6 +147,7 @@ fn fuzz_hypercall_decoding() {
         host_fns: Arc::new([("f".to_string(), upper)].into_iter().collect()),
         max_output: 1 << 16,
         host_writes: Vec::new(),
+        ..FnContext::default()
     };
     run("hypercall", 20_000, |rng| {
         // Random argument words at a random argument address (sometimes one that holds

@@ -58,6 +58,7 @@ pub use output::{StdStream, eprint_line, escape_controls};
 pub use runtime::backtrace::{Backtrace, Crash, CrashKind, Registers};
 pub use runtime::control::{KillHandle, stop_guest_on_signals};
 pub use runtime::fault::Fault;
+pub use runtime::gdb::{GdbListener, GdbSession, parse_gdb_addr};
 pub use runtime::outcome::{
     EXIT_FAULT, EXIT_HOST_ERROR, EXIT_KILLED, EXIT_PANIC, EXIT_TIMEOUT, Outcome,
 };

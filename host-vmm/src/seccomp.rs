@@ -31,7 +31,28 @@ pub(crate) enum ThreadKind {
     Io,
     /// Stops a run at its deadline.
     Watchdog,
+    /// Serves HTTP: `pvrun serve`'s main thread once it serves, and its tokio workers.
+    /// Sockets that already exist only (accept, read, write, epoll); no KVM, no files.
+    #[cfg_attr(not(feature = "cli"), allow(dead_code))]
+    Gateway,
+    /// Creates VMs ahead of time for new sandboxes (`Template::keep_shells_ready`): the
+    /// KVM requests that create a VM, its memory slot and vCPU, and set its CPUID.
+    Shells,
+    /// Writes queued output to a descriptor it already holds: the sandboxes' console
+    /// writer and the gateway's log writer.
+    Writer,
 }
+
+/// Every kind (for tests and filter caches).
+#[cfg(test)]
+const ALL_KINDS: [ThreadKind; 6] = [
+    ThreadKind::Vcpu,
+    ThreadKind::Io,
+    ThreadKind::Watchdog,
+    ThreadKind::Gateway,
+    ThreadKind::Shells,
+    ThreadKind::Writer,
+];
 
 /// Calls every kind may make: memory, waiting, time, signals, its own exit.
 const COMMON: &[i64] = &[
@@ -52,6 +73,9 @@ const COMMON: &[i64] = &[
     libc::SYS_nanosleep,
     libc::SYS_rt_sigprocmask,
     libc::SYS_rt_sigreturn,
+    // A wait with a timeout (futex, nanosleep, poll) that a signal (the stop kick)
+    // interrupts resumes through restart_syscall; the call it restarts passed this filter.
+    libc::SYS_restart_syscall,
     libc::SYS_sigaltstack,
     libc::SYS_getpid,
     libc::SYS_gettid,
@@ -71,6 +95,26 @@ const IO_EXTRA: &[i64] = &[
 /// Extra calls of a vCPU thread: the deferred-teardown child (`close_range`, waiting for
 /// the parent) and `fcntl(F_GETFD)` below.
 const VCPU_EXTRA: &[i64] = &[libc::SYS_close_range, libc::SYS_getppid];
+
+/// Extra calls of a gateway thread: sockets it already has, and epoll. It creates no
+/// socket (the listener exists before it is confined) and starts no thread.
+const GATEWAY_EXTRA: &[i64] = &[
+    libc::SYS_epoll_wait,
+    libc::SYS_epoll_pwait,
+    libc::SYS_epoll_pwait2,
+    libc::SYS_epoll_ctl,
+    libc::SYS_accept4,
+    libc::SYS_accept,
+    libc::SYS_recvfrom,
+    libc::SYS_recvmsg,
+    libc::SYS_sendto,
+    libc::SYS_sendmsg,
+    libc::SYS_shutdown,
+    libc::SYS_setsockopt,
+    libc::SYS_getsockopt,
+    libc::SYS_getsockname,
+    libc::SYS_getpeername,
+];
 
 /// Calls a panic report or backtrace makes, answered with `EPERM` instead of a kill.
 const REPORT_ONLY: &[i64] = &[
@@ -126,6 +170,19 @@ fn vcpu_ioctls() -> Vec<u64> {
     ]
 }
 
+/// The KVM requests that create a VM shell (`VmShell::new`): nothing that runs a vCPU.
+fn shell_ioctls() -> Vec<u64> {
+    use kvm_bindings::*;
+    vec![
+        io(0x01),                                 // KVM_CREATE_VM
+        io(0x03),                                 // KVM_CHECK_EXTENSION
+        io(0x04),                                 // KVM_GET_VCPU_MMAP_SIZE
+        io(0x41),                                 // KVM_CREATE_VCPU
+        iow::<kvm_userspace_memory_region>(0x46), // KVM_SET_USER_MEMORY_REGION
+        iow::<kvm_cpuid2>(0x90),                  // KVM_SET_CPUID2
+    ]
+}
+
 fn cond(
     arg: u8,
     len: SeccompCmpArgLen,
@@ -159,7 +216,8 @@ fn build(kind: ThreadKind, pid: u32) -> Result<Filters, String> {
     let extra: &[i64] = match kind {
         ThreadKind::Vcpu => VCPU_EXTRA,
         ThreadKind::Io => IO_EXTRA,
-        ThreadKind::Watchdog => &[],
+        ThreadKind::Gateway => GATEWAY_EXTRA,
+        ThreadKind::Watchdog | ThreadKind::Shells | ThreadKind::Writer => &[],
     };
     allow.extend(extra.iter().map(|&nr| (nr, vec![])));
     // Memory may be mapped, never executable.
@@ -188,12 +246,19 @@ fn build(kind: ThreadKind, pid: u32) -> Result<Filters, String> {
             libc::F_GETFD as u64,
         )?])?],
     );
-    if kind == ThreadKind::Vcpu {
-        let ioctls = vcpu_ioctls()
+    let ioctls = match kind {
+        ThreadKind::Vcpu => vcpu_ioctls(),
+        ThreadKind::Shells => shell_ioctls(),
+        _ => vec![],
+    };
+    if !ioctls.is_empty() {
+        let ioctls = ioctls
             .into_iter()
             .map(|nr| rule(vec![cond(1, Dword, SeccompCmpOp::Eq, nr)?]))
             .collect::<Result<Vec<_>, _>>()?;
         allow.insert(libc::SYS_ioctl, ioctls);
+    }
+    if kind == ThreadKind::Vcpu {
         // The deferred-teardown child shares our memory and nothing else.
         allow.insert(
             libc::SYS_clone,
@@ -242,10 +307,16 @@ fn cached(kind: ThreadKind) -> Result<&'static Filters, String> {
     static VCPU: OnceLock<Result<Filters, String>> = OnceLock::new();
     static IO: OnceLock<Result<Filters, String>> = OnceLock::new();
     static WATCHDOG: OnceLock<Result<Filters, String>> = OnceLock::new();
+    static GATEWAY: OnceLock<Result<Filters, String>> = OnceLock::new();
+    static SHELLS: OnceLock<Result<Filters, String>> = OnceLock::new();
+    static WRITER: OnceLock<Result<Filters, String>> = OnceLock::new();
     let cell = match kind {
         ThreadKind::Vcpu => &VCPU,
         ThreadKind::Io => &IO,
         ThreadKind::Watchdog => &WATCHDOG,
+        ThreadKind::Gateway => &GATEWAY,
+        ThreadKind::Shells => &SHELLS,
+        ThreadKind::Writer => &WRITER,
     };
     cell.get_or_init(|| build(kind, std::process::id()))
         .as_ref()
@@ -315,7 +386,7 @@ mod tests {
 
     #[test]
     fn every_filter_compiles() {
-        for kind in [ThreadKind::Vcpu, ThreadKind::Io, ThreadKind::Watchdog] {
+        for kind in ALL_KINDS {
             build(kind, 1).unwrap();
         }
     }
@@ -326,8 +397,16 @@ mod tests {
         let write0 = || unsafe {
             libc::syscall(libc::SYS_write, 1, c"".as_ptr(), 0);
         };
-        for kind in [ThreadKind::Vcpu, ThreadKind::Io, ThreadKind::Watchdog] {
+        for kind in ALL_KINDS {
             assert!(exited_ok(in_child(kind, write0)), "{kind:?}: allowed call");
+            // A wait interrupted by the stop kick resumes through restart_syscall.
+            let restart = || unsafe {
+                libc::syscall(libc::SYS_restart_syscall);
+            };
+            assert!(
+                exited_ok(in_child(kind, restart)),
+                "{kind:?}: restart_syscall"
+            );
             // Starting a program, a socket: never.
             let execve = || unsafe {
                 libc::syscall(libc::SYS_execve, c"/bin/true".as_ptr(), 0, 0);
@@ -406,5 +485,53 @@ mod tests {
             libc::syscall(libc::SYS_tgkill, 1, 1, 0);
         };
         assert!(killed(in_child(ThreadKind::Watchdog, tgkill)));
+        // Only the vCPU and shell threads use KVM at all; the shell thread may create a
+        // VM but never run one, the vCPU thread the reverse.
+        for kind in [
+            ThreadKind::Gateway,
+            ThreadKind::Writer,
+            ThreadKind::Watchdog,
+        ] {
+            assert!(killed(in_child(kind, create_vm)), "{kind:?}: KVM_CREATE_VM");
+            assert!(killed(in_child(kind, kvm_run)), "{kind:?}: KVM_RUN");
+        }
+        assert!(exited_ok(in_child(ThreadKind::Shells, create_vm)));
+        assert!(
+            killed(in_child(ThreadKind::Shells, kvm_run)),
+            "shells: KVM_RUN"
+        );
+        // Sockets: the gateway serves the ones it has; no other kind touches one.
+        let accept = || unsafe {
+            libc::syscall(libc::SYS_accept4, -1, 0, 0, 0);
+        };
+        let send = || unsafe {
+            libc::syscall(libc::SYS_sendto, -1, 0, 0, 0, 0, 0);
+        };
+        let epoll = || unsafe {
+            libc::syscall(libc::SYS_epoll_pwait, -1, 0, 0, 0, 0, 0);
+        };
+        for body in [&accept as &dyn Fn(), &send, &epoll] {
+            assert!(exited_ok(in_child(ThreadKind::Gateway, body)));
+            for kind in [ThreadKind::Vcpu, ThreadKind::Writer, ThreadKind::Shells] {
+                assert!(killed(in_child(kind, body)), "{kind:?}: a socket call");
+            }
+        }
+        // No kind but the vCPU thread starts anything (the teardown child).
+        let clone_thread = || unsafe {
+            libc::syscall(
+                libc::SYS_clone,
+                libc::CLONE_VM | libc::CLONE_THREAD | libc::CLONE_SIGHAND,
+                0,
+                0,
+                0,
+                0,
+            );
+        };
+        for kind in ALL_KINDS {
+            assert!(
+                killed(in_child(kind, clone_thread)),
+                "{kind:?}: thread clone"
+            );
+        }
     }
 }

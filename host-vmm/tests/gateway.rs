@@ -881,38 +881,97 @@ fn a_client_that_stops_reading_is_cut_off() {
     assert!(cut < Duration::from_secs(10), "{cut:?}");
 }
 
-#[test]
-fn the_threads_that_run_calls_are_confined() {
-    let _g = serial();
-    let server = Server::start("functions", &["--pool", "2"]);
-    for _ in 0..4 {
-        let r = call(&server.addr, "POST", "/upper", b"abc").unwrap();
-        assert_eq!(r.status, 200);
-        assert_eq!(r.body, b"ABC");
-    }
-    // The threads with the vCPU filter: each sandbox's watchdog, and the blocking threads
-    // that ran the calls (the runtime names its threads `pvrun-gateway`).
-    let mut confined_callers = 0;
+/// Every thread of process `pid` that is ours (named `pvrun` or `pvrun-*`; kernel-side
+/// KVM helper threads are skipped) with its `Seccomp:` mode.
+fn our_threads(pid: i32) -> Vec<(String, String)> {
     let mut seen = Vec::new();
-    for task in std::fs::read_dir(format!("/proc/{}/task", server.pid())).unwrap() {
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
         let dir = task.unwrap().path();
         let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        let comm = comm.trim().to_string();
         let status = std::fs::read_to_string(dir.join("status")).unwrap_or_default();
-        let confined = status
+        let mode = status
             .lines()
-            .any(|l| l.starts_with("Seccomp:") && l.ends_with('2'));
-        if comm.trim() == "pvrun-gateway" && confined {
-            confined_callers += 1;
+            .find_map(|l| l.strip_prefix("Seccomp:"))
+            .map(str::trim)
+            .unwrap_or("?")
+            .to_string();
+        if comm == "pvrun" || comm.starts_with("pvrun-") {
+            seen.push((comm, mode));
         }
-        seen.push((comm.trim().to_string(), confined));
     }
+    seen
+}
+
+#[test]
+fn every_thread_of_pvrun_serve_is_confined_and_it_still_serves() {
+    let _g = serial();
+    let mut server = Server::start("badfunctions", &["--pool", "2", "--timeout", "1"]);
+    // Serving, resetting (fresh randomness each call), a crash, a timeout, console output:
+    // every path a call takes, under the filters.
+    let echo = call(&server.addr, "POST", "/echo", b"abc").unwrap();
+    assert_eq!((echo.status, echo.body.as_slice()), (200, &b"abc"[..]));
+    let a = call(&server.addr, "POST", "/random", b"").unwrap();
+    let b = call(&server.addr, "POST", "/random", b"").unwrap();
+    assert_eq!((a.status, b.status), (200, 200));
+    assert_ne!(a.body, b.body, "two calls drew the same random bytes");
+    let c = call(&server.addr, "POST", "/counter", b"").unwrap();
+    assert_eq!(c.text(), "1", "the counter survived a reset");
+    let f = call(&server.addr, "POST", "/fault", b"").unwrap();
+    assert_eq!((f.status, f.header("x-pvrun-outcome")), (500, "fault"));
+    let t = call(&server.addr, "POST", "/spin", b"").unwrap();
+    assert_eq!((t.status, t.header("x-pvrun-outcome")), (504, "timeout"));
+    let p = call(&server.addr, "POST", "/print", b"3").unwrap();
+    assert_eq!(p.text(), "printed 3");
+    let after = call(&server.addr, "POST", "/echo", b"still").unwrap();
+    assert_eq!(after.body, b"still", "{:?}", server.log());
     assert!(
-        confined_callers >= 1,
-        "no call thread is confined: {seen:?}"
+        server.wait_log("guest: ", Duration::from_secs(2)).is_some(),
+        "the console writer wrote nothing: {:?}",
+        server.log()
     );
-    // And calls still work on a confined thread, including a crash and a timeout.
-    let r = call(&server.addr, "POST", "/sha256", b"x").unwrap();
-    assert_eq!(r.status, 200, "{:?}", server.log());
+
+    let seen = our_threads(server.pid());
+    let count = |name: &str| seen.iter().filter(|(c, _)| c == name).count();
+    // The main thread (accepting), tokio's two workers, one call thread per sandbox,
+    // each sandbox's watchdog, the console writer and the log writer.
+    assert_eq!(count("pvrun"), 1, "{seen:?}");
+    assert_eq!(count("pvrun-gateway"), 2, "{seen:?}");
+    assert_eq!(count("pvrun-call"), 2, "{seen:?}");
+    assert_eq!(count("pvrun-watchdog"), 2, "{seen:?}");
+    assert_eq!(count("pvrun-console"), 1, "{seen:?}");
+    assert_eq!(count("pvrun-log"), 1, "{seen:?}");
+    for (comm, mode) in &seen {
+        assert_eq!(mode, "2", "thread {comm} is not confined: {seen:?}");
+    }
+
+    // A graceful shutdown under the filters: the call in flight finishes, exit 0.
+    let addr = server.addr.clone();
+    let slow = std::thread::spawn(move || call(&addr, "POST", "/spin", b""));
+    std::thread::sleep(Duration::from_millis(200));
+    // SAFETY: a signal to our own child.
+    assert_eq!(unsafe { libc::kill(server.pid(), libc::SIGTERM) }, 0);
+    let r = slow
+        .join()
+        .unwrap()
+        .expect("the call in flight was cut off");
+    assert_eq!(r.status, 504);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = server.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the server did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(0), "{status:?} {:?}", server.log());
+    assert!(
+        server
+            .wait_log("shut down cleanly", Duration::from_secs(2))
+            .is_some(),
+        "{:?}",
+        server.log()
+    );
 }
 
 #[test]
@@ -981,4 +1040,147 @@ fn a_stderr_nobody_reads_never_stalls_calls_or_shutdown() {
         "SIGTERM did not end a server whose stderr is stalled"
     );
     drop(err);
+}
+
+/// Opens a connection and sends the headers of a `POST /PATH` with `Content-Length: len`
+/// and the first `sent` bytes of its body, which it then holds back.
+fn held_body(server: &Server, path: &str, len: usize, sent: usize) -> TcpStream {
+    let mut s = server.connect();
+    let head = format!("POST {path} HTTP/1.1\r\nHost: test\r\nContent-Length: {len}\r\n\r\n");
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(&vec![b'h'; sent]).unwrap();
+    s
+}
+
+#[test]
+fn bytes_in_flight_are_capped_and_beyond_the_cap_requests_get_503() {
+    let _serial = serial();
+    // 3 MiB for bodies and outputs; the guest takes inputs of up to 1 MiB.
+    let server = Server::start(
+        "functions",
+        &[
+            "--pool",
+            "1",
+            "--max-buffered",
+            "3M",
+            "--body-timeout",
+            "20",
+        ],
+    );
+    let mib = 1 << 20;
+    // Three concurrent 1 MiB bodies, half sent: each holds 1 MiB of the budget from its
+    // headers on.
+    let mut held: Vec<TcpStream> = (0..3)
+        .map(|_| held_body(&server, "/sha256", mib, mib / 2))
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    // A fourth is refused at once, before its body is read, and so is any other call
+    // while the budget is spent.
+    let t = Instant::now();
+    let mut fourth = held_body(&server, "/sha256", mib, 0);
+    let r = read_response(&mut BufReader::new(fourth.try_clone().unwrap())).unwrap();
+    assert_eq!(
+        (r.status, r.header("x-pvrun-outcome")),
+        (503, "busy"),
+        "{}",
+        r.text()
+    );
+    assert_eq!(r.header("retry-after"), "1");
+    assert_eq!(r.header("connection"), "close");
+    assert!(r.text().contains("bytes"), "{}", r.text());
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    let _ = fourth.write_all(b"x");
+    let small = call(&server.addr, "POST", "/sha256", b"abc").unwrap();
+    assert_eq!(small.status, 503, "{}", small.text());
+    // The held bodies complete and are served; then the budget is free again.
+    let rest = vec![b'h'; mib - mib / 2];
+    for s in &mut held {
+        s.write_all(&rest).unwrap();
+    }
+    let digests: Vec<Resp> = held
+        .into_iter()
+        .map(|s| read_response(&mut BufReader::new(s)).unwrap())
+        .collect();
+    for d in &digests {
+        assert_eq!(d.status, 200, "{}", d.text());
+        assert_eq!(d.body, digests[0].body);
+    }
+    let again = call(&server.addr, "POST", "/sha256", b"abc").unwrap();
+    assert_eq!(again.status, 200, "{}", again.text());
+    // A body larger than the whole budget can never fit: 413 (not a 503 to retry).
+    drop(server);
+    let server = Server::start("functions", &["--pool", "1", "--max-buffered", "512K"]);
+    let r = call(&server.addr, "POST", "/sha256", &vec![b'a'; 600_000]).unwrap();
+    assert_eq!(
+        (r.status, r.header("x-pvrun-outcome")),
+        (413, "too-large"),
+        "{}",
+        r.text()
+    );
+    assert!(r.text().contains("--max-buffered"), "{}", r.text());
+    // A chunked body (no declared length) may be as large as the budget, no larger.
+    let chunked = |total: usize| {
+        let mut s = server.connect();
+        s.write_all(b"POST /sha256 HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\n\r\n")
+            .unwrap();
+        let chunk = vec![b'c'; 50_000];
+        let mut sent = 0;
+        while sent < total {
+            let mut c = format!("{:x}\r\n", chunk.len()).into_bytes();
+            c.extend_from_slice(&chunk);
+            c.extend_from_slice(b"\r\n");
+            if s.write_all(&c).is_err() {
+                break;
+            }
+            sent += chunk.len();
+        }
+        let _ = s.write_all(b"0\r\n\r\n");
+        read_response(&mut BufReader::new(s)).unwrap()
+    };
+    assert_eq!(chunked(100_000).status, 200);
+    let r = chunked(700_000);
+    assert_eq!(
+        (r.status, r.header("x-pvrun-outcome")),
+        (413, "too-large"),
+        "{}",
+        r.text()
+    );
+    drop(server);
+
+    // Outputs count too, until they are sent: with 1 MiB of a 1.5 MiB budget held by a
+    // body, a 600 KB output does not fit and its call is answered 503.
+    let server = Server::start(
+        "badfunctions",
+        &[
+            "--pool",
+            "1",
+            "--max-buffered",
+            "1536K",
+            "--body-timeout",
+            "20",
+        ],
+    );
+    let holder = held_body(&server, "/echo", mib, 10);
+    std::thread::sleep(Duration::from_millis(300));
+    let r = call(&server.addr, "POST", "/big-output", b"600000").unwrap();
+    assert_eq!(
+        (r.status, r.header("x-pvrun-outcome")),
+        (503, "busy"),
+        "{}",
+        r.text()
+    );
+    assert!(
+        server
+            .wait_log(
+                "an output of 600000 bytes does not fit",
+                Duration::from_secs(2)
+            )
+            .is_some(),
+        "{:?}",
+        server.log()
+    );
+    drop(holder);
+    std::thread::sleep(Duration::from_millis(300));
+    let r = call(&server.addr, "POST", "/big-output", b"600000").unwrap();
+    assert_eq!((r.status, r.body.len()), (200, 600_000), "{}", r.text());
 }

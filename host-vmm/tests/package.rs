@@ -293,9 +293,9 @@ fn docker_archive_has_docker_manifest_over_the_same_blobs() {
 #[test]
 fn declared_devices_and_function_guests_are_labelled() {
     let tmp = TempDir::new("kinds");
-    let labels = |name: &str| {
+    let labels = |name: &str, opts: &[&str]| {
         let out = tmp.0.join(name);
-        let r = package(&guest(name), &out, &[]);
+        let r = package(&guest(name), &out, opts);
         assert_eq!(r.status, 0, "{}", r.stderr);
         let files = dir_files(&out);
         let index = json(&files["index.json"]);
@@ -305,10 +305,10 @@ fn declared_devices_and_function_guests_are_labelled() {
         ));
         (r.stdout, manifest["annotations"].clone())
     };
-    let (_, kv) = labels("kvstore");
+    let (_, kv) = labels("kvstore", &[]);
     assert_eq!(kv["io.pvrun.devices"], "block:data");
     assert_eq!(kv["io.pvrun.kind"], "program");
-    let (line, f) = labels("functions");
+    let (line, f) = labels("functions", &["--kind", "function"]);
     assert_eq!(f["io.pvrun.kind"], "function", "{line}");
     assert!(line.contains("(function guest"), "{line}");
 }

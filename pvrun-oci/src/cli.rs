@@ -19,7 +19,8 @@ pub struct PackageArgs {
     /// Image reference (default pvrun/NAME:latest, i.e. docker.io/pvrun/NAME:latest).
     #[arg(long, value_name = "REF")]
     pub name: Option<String>,
-    /// Guest kind, if detection from the ELF's symbols is wrong (program or function).
+    /// Guest kind: program (the default) or function (served over HTTP on $PORT under
+    /// the containerd shim; the image's Env gets PVRUN_KIND=function).
     #[arg(long, value_parser = |s: &str| s.parse::<GuestKind>())]
     pub kind: Option<GuestKind>,
     /// An environment variable of the image config (repeatable).

@@ -41,6 +41,10 @@ pub const ANNOTATION_MIN_MEM: &str = "io.pvrun.min-mem";
 /// `net:eth0`); empty when none.
 pub const ANNOTATION_DEVICES: &str = "io.pvrun.devices";
 
+/// Environment variable a function image's config sets (`PVRUN_KIND=function`): how the
+/// shim knows to serve it.
+pub const ENV_KIND: &str = "PVRUN_KIND";
+
 /// containerd's annotation naming an image in an archive (`ctr images import`).
 const ANNOTATION_CONTAINERD_NAME: &str = "io.containerd.image.name";
 
@@ -95,15 +99,12 @@ pub const DEFAULT_MEM: u64 = 64 << 20;
 
 impl GuestInfo {
     /// The facts of a guest ELF that host-vmm's loader validated (`GuestImage`: its ABI
-    /// version, required devices and `min_mem_size()`), and its `bytes` (for the kind).
+    /// version, required devices and `min_mem_size()`). The kind is `program` unless the
+    /// packager says `function` ([`PackageOptions::kind`]): the symbol table does not tell
+    /// reliably (every SDK guest links `function::serve`).
     /// Device names are validated by the loader; anything outside `[A-Za-z0-9._-]` would
     /// still be replaced by `?` here, so labels never carry control text.
-    pub fn new(
-        abi_version: u32,
-        required_devices: &[(u32, String)],
-        min_mem: u64,
-        bytes: &[u8],
-    ) -> GuestInfo {
+    pub fn new(abi_version: u32, required_devices: &[(u32, String)], min_mem: u64) -> GuestInfo {
         let mut devices: Vec<String> = required_devices
             .iter()
             .map(|(kind, name)| {
@@ -128,29 +129,11 @@ impl GuestInfo {
         devices.sort();
         GuestInfo {
             abi_version,
-            kind: detect_kind(bytes),
+            kind: GuestKind::Program,
             min_mem,
             default_mem: DEFAULT_MEM.max(min_mem),
             devices,
         }
-    }
-}
-
-/// A function guest links the SDK's `pvrun::function::serve`; its symbol table says so.
-/// (A stripped ELF reads as a program: pass `--kind function` when packaging one.)
-pub fn detect_kind(bytes: &[u8]) -> GuestKind {
-    use object::{Object, ObjectSymbol};
-    let Ok(file) = object::File::parse(bytes) else {
-        return GuestKind::Program;
-    };
-    let is_serve = |name: &str| {
-        let demangled = format!("{:#}", rustc_demangle::demangle(name));
-        demangled.starts_with("pvrun::function::serve")
-    };
-    if file.symbols().any(|s| s.name().is_ok_and(is_serve)) {
-        GuestKind::Function
-    } else {
-        GuestKind::Program
     }
 }
 
@@ -389,6 +372,12 @@ pub fn package(
         }
     }
     let guest_path = format!("/{name}");
+    // The shim reads the kind from the container's environment, where the image's Env
+    // arrives (labels do not reach a runtime).
+    let mut env = opts.env.clone();
+    if info.kind == GuestKind::Function && !env.iter().any(|e| e.starts_with("PVRUN_KIND=")) {
+        env.push(format!("{ENV_KIND}=function"));
+    }
 
     let mut labels = HashMap::new();
     labels.insert(ANNOTATION_GUEST.to_string(), guest_path.clone());
@@ -405,8 +394,8 @@ pub fn package(
     let mut exec = ConfigBuilder::default()
         .entrypoint(vec![guest_path.clone()])
         .labels(labels.clone());
-    if !opts.env.is_empty() {
-        exec = exec.env(opts.env.clone());
+    if !env.is_empty() {
+        exec = exec.env(env);
     }
     if !opts.cmd.is_empty() {
         exec = exec.cmd(opts.cmd.clone());

@@ -217,12 +217,22 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.a
 
     /// Packages `elf` with `pvrun package`'s code and imports it; returns the reference.
     pub fn import_guest(&self, elf: &Path, name: &str) -> String {
+        self.import_guest_as(elf, name, None)
+    }
+
+    /// [`Containerd::import_guest`] with `pvrun package --kind`.
+    pub fn import_guest_as(
+        &self,
+        elf: &Path,
+        name: &str,
+        kind: Option<pvrun_oci::GuestKind>,
+    ) -> String {
         let out = self.dir.join(format!("{name}.tar"));
         let args = pvrun_oci::cli::PackageArgs {
             output: out.clone(),
             format: Some(pvrun_oci::Format::OciArchive),
             name: Some(format!("pvrun-test/{name}")),
-            kind: None,
+            kind,
             env: vec!["GREETING=from-image".into()],
             cmd: vec![],
         };

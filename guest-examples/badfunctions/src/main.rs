@@ -11,9 +11,12 @@
 //! | `big-output` | input: a decimal byte count N (empty: 2 MiB) | N bytes `x` |
 //! | `echo` | | the input, unchanged (any bytes) |
 //! | `touch-pages` | input: a decimal page count N (empty: 16, at most 256); writes one byte in each of N distinct 4 KiB pages of a 1 MiB static buffer | `ok` |
+//! | `init-host` | with `PVRUN_INIT_HOST_CALL` set at initialisation, the init called host function `init-probe` once | that call's answer (empty without the variable) |
 //! | `init-state` | reads a global the initialisation set to 42 | `42` (`0` if init had not run) |
 //! | `random` | draws 16 bytes from `pvrun::random` and 16 from its ChaCha20 fallback | `GENERATION HEX HEX` |
 //! | `print` | input: a decimal line count N (empty: 1000); prints N lines to stdout | `printed N` |
+//! | `avx-set` | input: a pattern byte (empty: 0xa5); writes it into all of `ymm15` where AVX is on, and also into all of `zmm15`, `zmm31` and the opmask `k7` where AVX-512 is on (checked with `cpuid` and `xgetbv`) | `set none`, `set avx` or `set avx512` |
+//! | `avx-get` | reads the registers `avx-set` writes | `none`, `avx ymm15=HEX` or `avx512 ymm15=HEX zmm15=HEX zmm31=HEX k7=HEX` |
 //! | `wait` | input: a decimal millisecond count N (empty: forever); one `WAIT` hypercall with a deadline N ms from now | `waited MS` (how long the host kept it asleep) |
 //!
 //! A bad decimal input is an error (`expected a decimal number, got ...`).
@@ -38,8 +41,11 @@ pvrun::export_functions! {
     "echo" => echo,
     "touch-pages" => touch_pages,
     "init-state" => init_state,
+    "init-host" => init_host,
     "xmm-set" => xmm_set,
     "xmm-get" => xmm_get,
+    "avx-set" => avx_set,
+    "avx-get" => avx_get,
     "wait" => wait,
     "random" => random,
     "print" => print,
@@ -64,6 +70,30 @@ static TOUCH: [AtomicU8; TOUCH_SIZE] = [const { AtomicU8::new(0) }; TOUCH_SIZE];
 /// Runs once before the guest declares itself ready (the host snapshots after it).
 fn init() {
     INIT_STATE.store(42, Ordering::Relaxed);
+    // With `PVRUN_INIT_HOST_CALL` in the environment, call host function `init-probe`
+    // once during the initialisation and keep its answer for `init-host`.
+    if pvrun::env::var("PVRUN_INIT_HOST_CALL").is_some() {
+        let answer = pvrun::function::call_host("init-probe", b"")
+            .unwrap_or_else(|_| b"host call failed".to_vec());
+        let n = answer.len().min(INIT_ANSWER.len());
+        for (slot, b) in INIT_ANSWER.iter().zip(&answer[..n]) {
+            slot.store(*b, Ordering::Relaxed);
+        }
+        INIT_ANSWER_LEN.store(n as u64, Ordering::Relaxed);
+    }
+}
+
+/// What `init-probe` answered during the initialisation (see [`init`]).
+static INIT_ANSWER: [AtomicU8; 64] = [const { AtomicU8::new(0) }; 64];
+static INIT_ANSWER_LEN: AtomicU64 = AtomicU64::new(0);
+
+/// The answer of the host call the initialisation made, if it made one.
+fn init_host(_input: &[u8]) -> Result<Vec<u8>, String> {
+    let n = INIT_ANSWER_LEN.load(Ordering::Relaxed) as usize;
+    Ok(INIT_ANSWER[..n]
+        .iter()
+        .map(|b| b.load(Ordering::Relaxed))
+        .collect())
 }
 
 /// The input as a decimal number, or `default` when it is empty.
@@ -159,6 +189,143 @@ fn xmm_get(_input: &[u8]) -> Result<Vec<u8>, String> {
     // SAFETY: reads xmm15 only.
     unsafe { core::arch::asm!("movq {x}, xmm15", x = out(reg) x, options(nomem, nostack)) };
     Ok(x.to_le_bytes().to_vec())
+}
+
+/// Vector state beyond SSE that the CPU has and the host enabled in XCR0.
+#[derive(Clone, Copy, PartialEq, PartialOrd)]
+enum Vector {
+    None,
+    Avx,
+    Avx512,
+}
+
+fn vector_level() -> Vector {
+    use core::arch::x86_64::__cpuid_count;
+    #[allow(unused_unsafe)]
+    // SAFETY: cpuid is always available in 64-bit mode.
+    let leaf1 = unsafe { __cpuid_count(1, 0) };
+    let (osxsave, avx) = (leaf1.ecx & (1 << 27) != 0, leaf1.ecx & (1 << 28) != 0);
+    if !osxsave || !avx {
+        return Vector::None;
+    }
+    let (lo, _hi): (u32, u32);
+    // SAFETY: CR4.OSXSAVE is set (cpuid.1:ecx.27), so xgetbv(0) is defined at CPL3.
+    unsafe {
+        core::arch::asm!("xgetbv", in("ecx") 0, out("eax") lo, out("edx") _hi,
+            options(nomem, nostack));
+    }
+    // XCR0: SSE (1) and AVX (2) state; opmask (5), ZMM_Hi256 (6), Hi16_ZMM (7).
+    if lo & 0x6 != 0x6 {
+        return Vector::None;
+    }
+    #[allow(unused_unsafe)]
+    // SAFETY: as above.
+    let leaf7 = unsafe { __cpuid_count(7, 0) };
+    if leaf7.ebx & (1 << 16) != 0 && lo & 0xe6 == 0xe6 {
+        Vector::Avx512
+    } else {
+        Vector::Avx
+    }
+}
+
+/// Loads all of `ymm15` from `v` and leaves it set (no compiled code here uses VEX
+/// registers: the guest is built for the x86-64 baseline).
+#[target_feature(enable = "avx")]
+unsafe fn ymm15_load(v: &[u8; 64]) {
+    // SAFETY: reads 32 bytes of `v`; writes only ymm15, on purpose.
+    unsafe {
+        core::arch::asm!("vmovdqu ymm15, [{p}]", p = in(reg) v.as_ptr(), options(nostack, readonly))
+    };
+}
+
+#[target_feature(enable = "avx")]
+unsafe fn ymm15_store(out: &mut [u8; 64]) {
+    // SAFETY: writes 32 bytes of `out`.
+    unsafe {
+        core::arch::asm!("vmovdqu [{p}], ymm15", p = in(reg) out.as_mut_ptr(), options(nostack))
+    };
+}
+
+/// Loads all of `zmm15` and `zmm31` from `v` and `k7` from `k`, and leaves them set.
+#[target_feature(enable = "avx512f")]
+unsafe fn zmm_load(v: &[u8; 64], k: u16) {
+    // SAFETY: reads 64 bytes of `v`; writes only zmm15, zmm31 and k7, on purpose.
+    unsafe {
+        core::arch::asm!(
+            "vmovdqu64 zmm15, [{p}]",
+            "vmovdqu64 zmm31, [{p}]",
+            "kmovw k7, {k:e}",
+            p = in(reg) v.as_ptr(),
+            k = in(reg) k as u32,
+            options(nostack, readonly),
+        )
+    };
+}
+
+#[target_feature(enable = "avx512f")]
+unsafe fn zmm_store(z15: &mut [u8; 64], z31: &mut [u8; 64]) -> u16 {
+    let k: u32;
+    // SAFETY: writes 64 bytes of each buffer.
+    unsafe {
+        core::arch::asm!(
+            "vmovdqu64 [{a}], zmm15",
+            "vmovdqu64 [{b}], zmm31",
+            "kmovw {k:e}, k7",
+            a = in(reg) z15.as_mut_ptr(),
+            b = in(reg) z31.as_mut_ptr(),
+            k = out(reg) k,
+            options(nostack),
+        )
+    };
+    k as u16
+}
+
+/// Leaves the input's first byte (0xa5 if empty) in every byte of `ymm15` and, with
+/// AVX-512, of `zmm15`, `zmm31` and `k7`: a would-be leak through vector state beyond
+/// SSE, which only the XSAVE area carries.
+fn avx_set(input: &[u8]) -> Result<Vec<u8>, String> {
+    let b = input.first().copied().unwrap_or(0xa5);
+    let v = [b; 64];
+    let level = vector_level();
+    // SAFETY: each feature was checked (CPU and XCR0) before its instructions run.
+    unsafe {
+        if level >= Vector::Avx {
+            ymm15_load(&v);
+        }
+        if level == Vector::Avx512 {
+            zmm_load(&v, u16::from_le_bytes([b, b]));
+        }
+    }
+    Ok(match level {
+        Vector::None => b"set none".to_vec(),
+        Vector::Avx => b"set avx".to_vec(),
+        Vector::Avx512 => b"set avx512".to_vec(),
+    })
+}
+
+/// The registers [`avx_set`] writes, in hex.
+fn avx_get(_input: &[u8]) -> Result<Vec<u8>, String> {
+    let hex = |v: &[u8]| v.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    let level = vector_level();
+    if level == Vector::None {
+        return Ok(b"none".to_vec());
+    }
+    let mut y = [0u8; 64];
+    // SAFETY: AVX was checked.
+    unsafe { ymm15_store(&mut y) };
+    let mut out = format!("avx ymm15={}", hex(&y[..32]));
+    if level == Vector::Avx512 {
+        let (mut z15, mut z31) = ([0u8; 64], [0u8; 64]);
+        // SAFETY: AVX-512F was checked.
+        let k = unsafe { zmm_store(&mut z15, &mut z31) };
+        out = format!(
+            "avx512 ymm15={} zmm15={} zmm31={} k7={k:04x}",
+            hex(&y[..32]),
+            hex(&z15),
+            hex(&z31)
+        );
+    }
+    Ok(out.into_bytes())
 }
 
 /// Dirties N distinct pages of a static buffer.

@@ -62,7 +62,13 @@ fn sequential_buffers(disk: &Disk, write: bool, total: u64, req: u64) -> Vec<Vec
 }
 
 /// Sequential reads or writes of `total` bytes in `req`-byte requests.
-fn sequential(disk: &mut Disk, bufs: &mut [Vec<u8>], write: bool, total: u64, req: u64) -> Result<(), Error> {
+fn sequential(
+    disk: &mut Disk,
+    bufs: &mut [Vec<u8>],
+    write: bool,
+    total: u64,
+    req: u64,
+) -> Result<(), Error> {
     let mut off = 0u64;
     while off < total {
         let mut batch = disk.batch();

@@ -80,7 +80,9 @@ fn linux_syscall(how: &str) {
     // SAFETY: deliberately not safe: pvrun guests cannot make system calls.
     unsafe {
         match how {
-            "syscall" => asm!("syscall", in("rax") 39u64, lateout("rcx") _, lateout("r11") _, options(nostack)),
+            "syscall" => {
+                asm!("syscall", in("rax") 39u64, lateout("rcx") _, lateout("r11") _, options(nostack))
+            }
             "sysenter" => asm!("sysenter", in("rax") 39u64, options(nostack)),
             _ => asm!("int 0x80", in("rax") 39u64, options(nostack)),
         }
@@ -108,7 +110,9 @@ fn main() -> i32 {
             black_box(peek(black_box(0x8000_0000_0000_1000)));
         }
         // SAFETY: deliberately not safe: ring 3 may not set XCR0.
-        "xsetbv" => unsafe { asm!("xor ecx, ecx", "xor edx, edx", "mov eax, 3", "xsetbv", out("eax") _, out("ecx") _, out("edx") _, options(nostack)) },
+        "xsetbv" => unsafe {
+            asm!("xor ecx, ecx", "xor edx, edx", "mov eax, 3", "xsetbv", out("eax") _, out("ecx") _, out("edx") _, options(nostack))
+        },
         _ => {
             pvrun::println!("unknown mode");
             return 2;

@@ -151,7 +151,11 @@ fn report(what: &str, bytes: u64, secs: f64, peer: &dyn core::fmt::Display) {
     println!(
         "{what} {bytes} bytes in {secs:.3} s = {mbs:.2} MB/s ({:.1} Mbit/s) {} {peer}",
         mbs * 8.0,
-        if what.starts_with("sink") { "from" } else { "to" }
+        if what.starts_with("sink") {
+            "from"
+        } else {
+            "to"
+        }
     );
     let s = net::stats();
     println!(

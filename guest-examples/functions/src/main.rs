@@ -16,11 +16,10 @@
 
 extern crate alloc;
 
-
-use sha2::{Digest, Sha256};
 use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
+use sha2::{Digest, Sha256};
 
 use serde_json::{Number, Value};
 
@@ -129,4 +128,3 @@ fn greet_via_host(input: &[u8]) -> Result<Vec<u8>, String> {
     out.extend_from_slice(&name);
     Ok(out)
 }
-

@@ -138,8 +138,7 @@ impl Conn {
 
     /// Parses and answers complete requests while the output is small.
     fn process(&mut self) {
-        while !self.close_after && self.fill_left == 0 && self.out.len() - self.out_pos < MAX_OUT
-        {
+        while !self.close_after && self.fill_left == 0 && self.out.len() - self.out_pos < MAX_OUT {
             if self.skip > 0 {
                 let n = self.skip.min(self.inbuf.len());
                 self.inbuf.drain(..n);
@@ -170,7 +169,14 @@ impl Conn {
                     {
                         ("200 OK", &b""[..], n, head_only, close, h.content_length)
                     } else {
-                        ("404 Not Found", NOT_FOUND, 0, head_only, close, h.content_length)
+                        (
+                            "404 Not Found",
+                            NOT_FOUND,
+                            0,
+                            head_only,
+                            close,
+                            h.content_length,
+                        )
                     }
                 }
             };

@@ -493,3 +493,101 @@ fn main() -> i32 {
     }
     code
 }
+
+/// The log format and the command parser, tested inside a pvrun guest by
+/// `cargo pvrun test -p kvstore` (no disk needed: a test binary boots without devices).
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[pvrun::test]
+    fn crc32_is_the_ieee_checksum() {
+        assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
+        assert_eq!(crc32(b""), 0);
+    }
+
+    #[pvrun::test]
+    fn a_record_round_trips_with_the_documented_layout() {
+        let r = encode(OP_PUT, 5, "key", "value");
+        assert_eq!(r.len(), HEADER + 3 + 5);
+        assert_eq!(&r[0..4], b"PKV1");
+        assert_eq!(
+            u32::from_le_bytes(r[8..12].try_into().unwrap()),
+            r.len() as u32
+        );
+        assert_eq!(r[12], OP_PUT);
+        assert_eq!(r[13], 0);
+        assert_eq!(u16::from_le_bytes([r[14], r[15]]), 3);
+        assert_eq!(u64::from_le_bytes(r[16..24].try_into().unwrap()), 5);
+        assert_eq!(&r[24..], b"keyvalue");
+        assert_eq!(
+            u32::from_le_bytes(r[4..8].try_into().unwrap()),
+            crc32(&r[8..])
+        );
+        assert_eq!(header_len(&r, 5, 1 << 20), Some(r.len()));
+        let d = decode(&r).unwrap();
+        assert_eq!((d.op, d.key, d.value), (OP_PUT, "key", "value"));
+        let del = encode(OP_DEL, 6, "key", "");
+        assert_eq!(decode(&del).unwrap().op, OP_DEL);
+    }
+
+    #[pvrun::test]
+    fn recovery_rejects_every_kind_of_bad_header() {
+        let r = encode(OP_PUT, 2, "k", "v");
+        // A stale record (another sequence number) or one that does not fit.
+        assert_eq!(header_len(&r, 3, 1 << 20), None);
+        assert_eq!(header_len(&r, 2, r.len() as u64 - 1), None);
+        let bad = |i: usize, v: u8| {
+            let mut b = r.clone();
+            b[i] = v;
+            header_len(&b, 2, 1 << 20)
+        };
+        assert_eq!(bad(0, b'X'), None, "magic");
+        assert_eq!(bad(12, 9), None, "op");
+        assert_eq!(bad(13, 1), None, "zero byte");
+        assert_eq!(bad(8, 3), None, "length below the header");
+        assert_eq!(bad(14, 200), None, "key longer than the record");
+    }
+
+    #[pvrun::test]
+    fn decode_rejects_a_bad_crc_bad_utf8_and_a_delete_with_a_value() {
+        let mut r = encode(OP_PUT, 0, "k", "v");
+        let last = r.len() - 1;
+        r[last] ^= 1;
+        assert!(decode(&r).is_none(), "crc");
+        let mut u = encode(OP_PUT, 0, "k", "\u{e9}");
+        let n = u.len();
+        u[n - 1] = 0xff;
+        let crc = crc32(&u[8..]);
+        u[4..8].copy_from_slice(&crc.to_le_bytes());
+        assert!(decode(&u).is_none(), "utf-8");
+        assert!(decode(&encode(OP_DEL, 0, "k", "v")).is_none());
+    }
+
+    #[pvrun::test]
+    fn commands_split_at_semicolons_and_parse() {
+        let cmds = split_commands(&["put", "a", "one two", ";", "get a; list", "put b 2"]);
+        assert_eq!(
+            cmds,
+            vec![
+                vec!["put", "a", "one two"],
+                vec!["get", "a"],
+                vec!["list", "put b 2"],
+            ]
+        );
+        assert!(matches!(parse(&["put", "k", "v"]), Ok(Cmd::Put("k", "v"))));
+        assert!(matches!(
+            parse(&["fill", "10", "p"]),
+            Ok(Cmd::Fill(10, "p"))
+        ));
+        assert!(matches!(parse(&["fill", "x", "p"]), Err(e) if e.contains("not a number")));
+        assert!(matches!(parse(&["frob"]), Err(e) if e.contains("bad command")));
+    }
+
+    #[pvrun::test]
+    fn fill_values_grow_with_the_index() {
+        assert_eq!(fill_value(0), "v0-");
+        assert_eq!(fill_value(3), "v3-xxx");
+        assert_eq!(fill_value(201).len(), "v201-".len() + 1);
+    }
+}

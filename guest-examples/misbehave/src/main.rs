@@ -383,7 +383,8 @@ fn net_garbage() -> i32 {
     // SAFETY (all header accesses): the ring header lies in the device area the host maps
     // read-write for the guest; the host writes rsp_prod and status concurrently.
     let load = |off: u64| unsafe { ((header + off) as *const u32).read_volatile() };
-    let slot = |idx: u32| header + abi::RING_SLOTS_OFFSET + (idx % slots) as u64 * abi::RING_SLOT_SIZE;
+    let slot =
+        |idx: u32| header + abi::RING_SLOTS_OFFSET + (idx % slots) as u64 * abi::RING_SLOT_SIZE;
     let mut frame = vec![0u8; 2048];
     let mut seed = 0x9e37_79b9_7f4a_7c15u64 ^ pvrun::random::u64();
     let start = pvrun::time::monotonic_ns();
@@ -652,7 +653,10 @@ fn main() -> i32 {
         }
         "hc-storm" => {
             // Many bad and empty calls in a row: the host must answer each, not degrade.
-            let n = args.get(2).and_then(|a| a.parse::<u64>().ok()).unwrap_or(10_000);
+            let n = args
+                .get(2)
+                .and_then(|a| a.parse::<u64>().ok())
+                .unwrap_or(10_000);
             let mut bad = 0u64;
             for i in 0..n {
                 let nr = (i % 64) as u16;
@@ -706,7 +710,8 @@ fn main() -> i32 {
                     [1, 100, 0, b'h', b'i'] // claims 100 bytes, publishes 2
                 };
                 for (i, b) in rec.iter().enumerate() {
-                    data.add(((prod + i as u64) % size) as usize).write_volatile(*b);
+                    data.add(((prod + i as u64) % size) as usize)
+                        .write_volatile(*b);
                 }
                 p.write_volatile(prod + rec.len() as u64);
             }

@@ -61,7 +61,9 @@ use core::time::Duration;
 pub use core::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 
 use pvrun_abi::{DeviceInfo, Wait, device};
-use smoltcp::iface::{Config as IfaceConfig, Interface, PollIngressSingleResult, SocketHandle, SocketSet};
+use smoltcp::iface::{
+    Config as IfaceConfig, Interface, PollIngressSingleResult, SocketHandle, SocketSet,
+};
 use smoltcp::socket::{Socket, dhcpv4, tcp as stcp};
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr, Ipv4Cidr};
 
@@ -210,7 +212,8 @@ impl ToSocketAddr for ([u8; 4], u16) {
 
 impl ToSocketAddr for &str {
     fn to_socket_addr(&self) -> Result<SocketAddrV4> {
-        self.parse::<SocketAddrV4>().map_err(|_| Error::InvalidInput)
+        self.parse::<SocketAddrV4>()
+            .map_err(|_| Error::InvalidInput)
     }
 }
 
@@ -344,7 +347,13 @@ pub fn wait_configured(timeout: Option<Duration>) -> Result<Config> {
     block(timeout, |s| {
         (!s.config.address.is_unspecified()).then(|| Ok(s.config.clone()))
     })
-    .map_err(|e| if e == Error::TimedOut { Error::NoAddress } else { e })
+    .map_err(|e| {
+        if e == Error::TimedOut {
+            Error::NoAddress
+        } else {
+            e
+        }
+    })
 }
 
 /// The current configuration (setting up the stack if needed, without waiting).

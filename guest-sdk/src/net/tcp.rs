@@ -116,7 +116,12 @@ impl TcpListener {
 
     /// The local address (the interface address, unspecified before DHCP answers).
     pub fn local_addr(&self) -> Result<SocketAddr> {
-        with(|s| Ok(SocketAddr::V4(SocketAddrV4::new(s.config.address, self.port))))
+        with(|s| {
+            Ok(SocketAddr::V4(SocketAddrV4::new(
+                s.config.address,
+                self.port,
+            )))
+        })
     }
 
     /// Waits for a connection and returns it with the peer's address.
@@ -297,8 +302,12 @@ impl TcpStream {
         let id = with(|s| {
             let port = s.ephemeral_port()?;
             let mut sock = new_tcp(&opts);
-            sock.connect(s.iface.context(), (IpAddress::Ipv4(*addr.ip()), addr.port()), port)
-                .map_err(|_| Error::InvalidInput)?;
+            sock.connect(
+                s.iface.context(),
+                (IpAddress::Ipv4(*addr.ip()), addr.port()),
+                port,
+            )
+            .map_err(|_| Error::InvalidInput)?;
             let h = s.sockets.add(sock);
             let id = s.new_id();
             s.socks.insert(id, h);
@@ -473,8 +482,12 @@ impl TcpStream {
 
     /// Bytes received and not read yet.
     pub fn available(&self) -> usize {
-        with(|s| Ok(s.sockets.get::<stcp::Socket>(s.handle(self.id)?).recv_queue()))
-            .unwrap_or(0)
+        with(|s| {
+            Ok(s.sockets
+                .get::<stcp::Socket>(s.handle(self.id)?)
+                .recv_queue())
+        })
+        .unwrap_or(0)
     }
 
     /// This stream's object id.

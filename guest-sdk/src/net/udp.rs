@@ -51,7 +51,12 @@ impl UdpSocket {
 
     /// The local address (the interface address, unspecified before DHCP answers).
     pub fn local_addr(&self) -> Result<SocketAddr> {
-        with(|s| Ok(SocketAddr::V4(SocketAddrV4::new(s.config.address, self.port))))
+        with(|s| {
+            Ok(SocketAddr::V4(SocketAddrV4::new(
+                s.config.address,
+                self.port,
+            )))
+        })
     }
 
     /// Sends `buf` as one datagram to `addr` and transmits it at once; waits while the send
@@ -67,7 +72,10 @@ impl UdpSocket {
     /// at the next poll.
     pub fn try_send_to(&self, buf: &[u8], addr: impl ToSocketAddr) -> Result<usize> {
         let addr = addr.to_socket_addr()?;
-        with(|s| s.udp_send(self.id, buf, addr).unwrap_or(Err(Error::WouldBlock)))
+        with(|s| {
+            s.udp_send(self.id, buf, addr)
+                .unwrap_or(Err(Error::WouldBlock))
+        })
     }
 
     /// Waits for a datagram, copies it into `buf` (cut to `buf.len()`) and returns its

@@ -161,12 +161,36 @@ pub(crate) fn fill_random(buf: &mut [u8]) -> Result<(), Error> {
 /// The next VM generation of this process (boot is 1).
 static NEXT_GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(2);
 
+/// Where a VM's fresh generation seeds come from: ChaCha20 (`rand_chacha`, the rand
+/// project's implementation) keyed once per VM from the kernel's CSPRNG, on its first use.
+/// Every seed is the next 32 bytes of that VM's keystream, so seeds never repeat (within a
+/// VM: one stream; across VMs: independent keys), and a reset costs no system call.
+#[derive(Default)]
+pub(crate) struct Entropy(Option<rand_chacha::ChaCha20Rng>);
+
+impl Entropy {
+    /// Fills `buf` with the next bytes of the stream, keying it first if needed.
+    pub fn fill(&mut self, buf: &mut [u8]) -> Result<(), Error> {
+        use rand_chacha::rand_core::{RngCore, SeedableRng};
+        let rng = match &mut self.0 {
+            Some(rng) => rng,
+            None => {
+                let mut key = [0u8; 32];
+                fill_random(&mut key)?;
+                self.0.insert(rand_chacha::ChaCha20Rng::from_seed(key))
+            }
+        };
+        rng.fill_bytes(buf);
+        Ok(())
+    }
+}
+
 /// Gives the guest a new VM generation and seed (after a reset to a snapshot, or in a new
-/// copy of one), so nothing random it derived before is repeated. Returns the generation.
-pub(crate) fn new_generation(ram: &GuestRam) -> Result<u64, Error> {
+/// VM made from one), the seed drawn from `entropy`.
+pub(crate) fn new_generation(ram: &GuestRam, entropy: &mut Entropy) -> Result<u64, Error> {
     let generation = NEXT_GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut seed = [0u8; 32];
-    fill_random(&mut seed)?;
+    entropy.fill(&mut seed)?;
     let base = BOOT_INFO_ADDR;
     let mem = ram.mem();
     mem.write_obj(

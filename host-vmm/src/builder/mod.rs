@@ -132,7 +132,35 @@ pub(crate) fn memory_map(
             perm::R | perm::W,
         ));
     }
+    if tracing::enabled!(tracing::Level::DEBUG) {
+        for r in &regions {
+            tracing::debug!(
+                start = format_args!("{:#x}", r.start),
+                end = format_args!("{:#x}", r.end),
+                kind = region_name(r.kind),
+                perm = %crate::loader::perm_string(r.perm),
+                guest = r.user,
+                "memory map"
+            );
+        }
+    }
     MemoryMap::new(regions)
+}
+
+/// A memory region kind's name, for log lines.
+fn region_name(kind: u32) -> &'static str {
+    match kind {
+        region::TEXT => "text",
+        region::RODATA => "rodata",
+        region::DATA => "data",
+        region::HEAP => "heap",
+        region::STACK => "stack",
+        region::BOOT_INFO => "boot-info",
+        region::CONSOLE => "console",
+        region::DEVICES => "devices",
+        HOST_ONLY => "host-only",
+        _ => "other",
+    }
 }
 
 /// Checks what a library caller put in the configuration (the command line's parsers
@@ -259,6 +287,15 @@ pub(crate) fn build(image: Arc<GuestImage>, config: VmConfig) -> Result<Vm, Erro
     )?;
     let notify = Arc::new(Notify::new()?);
     let devices = Devices::start(planned, &vm, ram.mem(), &map, &notify, config.ioeventfd)?;
+    tracing::debug!(
+        mem = plan.mem_size,
+        heap = format_args!("{:#x}..{:#x}", plan.heap_start, plan.heap_end),
+        stack = format_args!("{:#x}..{:#x}", plan.stack_start, plan.mem_size),
+        tsc_hz,
+        devices = devices.counters().len(),
+        ioeventfd = devices.ioeventfd,
+        "VM built"
+    );
 
     Ok(Vm {
         devices,
@@ -279,6 +316,7 @@ pub(crate) fn build(image: Arc<GuestImage>, config: VmConfig) -> Result<Vm, Erro
             host_fns: config.host_functions,
             max_output: config.max_output,
             host_writes: Vec::new(),
+            ..FnContext::default()
         },
         crash: None,
     })

@@ -1,8 +1,20 @@
-//! Command-line pieces shared by `pvrun` and `cargo pvrun`: option parsing helpers and
-//! running a guest to a process exit status.
+//! Command-line pieces shared by `pvrun` and `cargo pvrun`: option parsing helpers,
+//! running a guest to a process exit status, serving and calling function guests
+//! ([`function`]), host functions from the command line ([`hostfn`]), `-v`/`RUST_LOG`
+//! ([`logging`]), running guest tests ([`test_runner`]), and mapping clap's errors onto
+//! the exit-status contract.
 
+pub mod function;
 pub mod gateway;
+pub mod hostfn;
+pub mod logging;
 pub mod package;
+pub mod test_runner;
+
+pub use function::{
+    CallInput, CallOptions, EXIT_CALL_FAILED, HostFnOptions, ServeOptions, call_and_exit,
+    serve_and_exit,
+};
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -15,10 +27,10 @@ use crate::{DiskConfig, EXIT_HOST_ERROR, GuestImage, NetConfig, Vm, VmConfig};
 #[derive(clap::Args, Debug)]
 pub struct VmOptions {
     /// Guest memory size (e.g. 64M, 1G).
-    #[arg(long, default_value = "64M", value_parser = parse_mem)]
+    #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = parse_mem)]
     pub mem: u64,
     /// Stop the guest after this many seconds (exit status 124).
-    #[arg(long, value_parser = parse_timeout)]
+    #[arg(long, value_name = "SECS", value_parser = parse_timeout)]
     pub timeout: Option<Duration>,
     /// Set an environment variable for the guest (repeatable).
     #[arg(long = "env", value_name = "KEY=VALUE", value_parser = parse_env)]
@@ -41,6 +53,10 @@ pub struct VmOptions {
     /// Replace an existing file at the --core-dump path.
     #[arg(long, requires = "core_dump")]
     pub core_dump_overwrite: bool,
+    /// Wait for gdb on this port (127.0.0.1) or ADDR:PORT before the guest's first
+    /// instruction, and let it debug the guest (see README "Debugging a guest").
+    #[arg(long, value_name = "[ADDR:]PORT", value_parser = crate::parse_gdb_addr)]
+    pub gdb: Option<std::net::SocketAddr>,
 }
 
 /// What to do beyond the one-line report when a guest crashes or panics.
@@ -52,6 +68,8 @@ pub struct DebugOptions {
     pub core_dump: Option<PathBuf>,
     /// Replace an existing core file.
     pub core_dump_overwrite: bool,
+    /// Run the guest under gdb, listening here.
+    pub gdb: Option<std::net::SocketAddr>,
 }
 
 /// Whether `RUST_BACKTRACE` asks for backtraces (any value but `0`, like std).
@@ -66,6 +84,7 @@ impl VmOptions {
             panic_backtrace: self.backtrace || rust_backtrace_env(),
             core_dump: self.core_dump.clone(),
             core_dump_overwrite: self.core_dump_overwrite,
+            gdb: self.gdb,
         };
         (self.into_config(args), debug)
     }
@@ -126,13 +145,71 @@ pub fn parse_env(s: &str) -> Result<(String, String), String> {
     }
 }
 
+/// Parses the command line into `P`, or exits the way the exit-status contract says:
+/// `--help` and `--version` print to stdout and exit 0; every usage error (unknown
+/// option, bad value, missing argument) prints clap's message and exits 125, not clap's
+/// default 2.
+pub fn parse_or_exit<P: clap::Parser>(argv: impl IntoIterator<Item = String>) -> P {
+    match P::try_parse_from(argv) {
+        Ok(p) => p,
+        Err(e) => exit_on_clap_error(e),
+    }
+}
+
+/// Prints a clap error or help text and exits 0 (help, version) or 125 (usage errors).
+pub fn exit_on_clap_error(e: clap::Error) -> ! {
+    use clap::error::ErrorKind;
+    let code = match e.kind() {
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => 0,
+        _ => EXIT_HOST_ERROR,
+    };
+    let _ = e.print();
+    std::process::exit(code)
+}
+
+/// Which program runs the guest, for the commands its messages suggest.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Program {
+    /// `pvrun GUEST`.
+    #[default]
+    Pvrun,
+    /// `cargo pvrun` in a guest crate, with these crate-selection and build options
+    /// (shell-quoted, e.g. `--release -p functions`; may be empty).
+    CargoPvrun {
+        /// The options, to repeat in the suggested commands.
+        build_options: String,
+    },
+}
+
+impl Program {
+    /// The one-line error for a function guest that was run as a program.
+    pub fn function_guest_hint(&self, elf: &Path) -> String {
+        match self {
+            Program::Pvrun => format!(
+                "pvrun: error: `{}` is a function guest (it waits for calls); serve it with `pvrun serve --listen ADDR {0}`, or call one function with `pvrun call {0} NAME [INPUT|-]`",
+                elf.display()
+            ),
+            Program::CargoPvrun { build_options } => {
+                let opts = if build_options.is_empty() {
+                    String::new()
+                } else {
+                    format!(" {build_options}")
+                };
+                format!(
+                    "pvrun: error: this crate is a function guest (it waits for calls); serve it with `cargo pvrun serve{opts} --listen ADDR`, or call one function with `cargo pvrun call{opts} NAME [INPUT|-]`"
+                )
+            }
+        }
+    }
+}
+
 /// Boots `elf` with `config`, prints the outcome's report (if any, with the guest's call
 /// stack for a crash) on stderr, writes a core file if `debug` asks for one, and exits the
 /// process with the documented status. Host errors are one `pvrun: error:` line and
 /// status 125; a core file that cannot be written is one `pvrun: warning:` line and
 /// changes no status.
 pub fn run_and_exit(elf: &Path, config: VmConfig, debug: &DebugOptions) -> ! {
-    run_and_exit_when(elf, config, debug, || true)
+    run_and_exit_as(elf, config, debug, &Program::Pvrun)
 }
 
 /// [`run_and_exit`], but the guest starts only once the VM is built and `go()` returns
@@ -144,6 +221,24 @@ pub fn run_and_exit_when(
     debug: &DebugOptions,
     go: impl FnOnce() -> bool,
 ) -> ! {
+    run_and_exit_when_as(elf, config, debug, &Program::Pvrun, go)
+}
+
+/// [`run_and_exit`], with the hints `program` gives (a function guest is told how to
+/// serve or call it with that program). A disk the guest never sent a request to gets a
+/// `pvrun: warning:` line at exit (a misspelt name in the guest is the usual cause).
+pub fn run_and_exit_as(elf: &Path, config: VmConfig, debug: &DebugOptions, program: &Program) -> ! {
+    run_and_exit_when_as(elf, config, debug, program, || true)
+}
+
+fn run_and_exit_when_as(
+    elf: &Path,
+    config: VmConfig,
+    debug: &DebugOptions,
+    program: &Program,
+    go: impl FnOnce() -> bool,
+) -> ! {
+    let disks: Vec<String> = config.disks.iter().map(|d| d.name.clone()).collect();
     let vm = GuestImage::from_file(elf).and_then(|image| Vm::new(Arc::new(image), config));
     let mut vm = match vm {
         Ok(vm) => vm,
@@ -152,6 +247,13 @@ pub fn run_and_exit_when(
     if !go() {
         std::process::exit(EXIT_HOST_ERROR)
     }
+    // With --gdb: listen and wait for gdb before the first instruction (the session's
+    // socket and poller thread exist before the thread is confined).
+    let session = debug.gdb.map(|addr| {
+        let listener = crate::GdbListener::bind(addr).unwrap_or_else(|e| host_error(e));
+        crate::eprint_line(&listener.waiting_line(elf));
+        listener.accept(&vm).unwrap_or_else(|e| host_error(e))
+    });
     // From here on this thread only runs the guest: confine it (fails closed). A core
     // dump is a file the host creates after the crash, which the filter forbids: with
     // `--core-dump` (a debugging session) the vCPU thread runs without its filter.
@@ -160,8 +262,17 @@ pub fn run_and_exit_when(
     {
         host_error(e)
     }
-    match vm.run() {
+    let outcome = match session {
+        Some(session) => vm.run_gdb(session),
+        None => vm.run(),
+    };
+    match outcome {
+        Ok(outcome @ (crate::Outcome::Ready(_) | crate::Outcome::Returned { .. })) => {
+            crate::eprint_line(&program.function_guest_hint(elf));
+            vm.exit_process(outcome.exit_status())
+        }
         Ok(outcome) => {
+            tracing::debug!(?outcome, exits = vm.exits(), "guest run ended");
             if let Some(report) =
                 outcome.report_with_backtrace(vm.crash(), vm.image(), debug.panic_backtrace)
             {
@@ -170,10 +281,17 @@ pub fn run_and_exit_when(
             if let (Some(path), Some(_)) = (&debug.core_dump, vm.crash())
                 && let Err(e) = vm.write_core_dump(path, debug.core_dump_overwrite)
             {
-                eprintln!(
+                crate::eprint_line(&format!(
                     "pvrun: warning: cannot write core dump {}: {e}",
                     path.display()
-                );
+                ));
+            }
+            for (name, c) in vm.device_counters() {
+                if disks.contains(&name) && c.requests == 0 && c.doorbells == 0 {
+                    crate::eprint_line(&format!(
+                        "pvrun: warning: disk `{name}` was attached but the guest never opened it (it sent no request)"
+                    ));
+                }
             }
             vm.exit_process(outcome.exit_status())
         }

@@ -17,7 +17,6 @@ pub fn inspect(path: &Path, bytes: &[u8]) -> Result<GuestInfo, String> {
         image.abi_version,
         &image.required_devices,
         image.min_mem_size(),
-        bytes,
     ))
 }
 

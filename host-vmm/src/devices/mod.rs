@@ -120,6 +120,15 @@ pub fn plan(disks: &[DiskConfig], nets: &[NetConfig]) -> Result<Planned, Error> 
         info.sector_size = SECTOR_SIZE as u32;
         info.capacity = disk.capacity;
         info.max_request = MAX_REQUEST;
+        tracing::debug!(
+            name = %cfg.name,
+            path = %cfg.path.display(),
+            bytes = disk.capacity,
+            read_only = disk.read_only,
+            ring = format_args!("{:#x}", info.ring),
+            doorbell = format_args!("{:#x}", doorbell_port(info.index)),
+            "block device"
+        );
         infos.push(info);
         backends.push((cfg.name.clone(), Backend::Block(disk)));
     }
@@ -133,6 +142,15 @@ pub fn plan(disks: &[DiskConfig], nets: &[NetConfig]) -> Result<Planned, Error> 
         }
         info.gateway = cfg.gateway.unwrap_or([0; 4]);
         info.mtu = cfg.mtu;
+        tracing::debug!(
+            name = %cfg.name,
+            tap = %crate::output::escape_controls(&cfg.tap),
+            mtu = cfg.mtu,
+            tx_ring = format_args!("{:#x}", info.ring),
+            rx_ring = format_args!("{:#x}", info.ring2),
+            doorbell = format_args!("{:#x}", doorbell_port(info.index)),
+            "network device"
+        );
         infos.push(info);
         backends.push((cfg.name.clone(), Backend::Net(tap, cfg.clone())));
     }

@@ -26,16 +26,30 @@ pub(crate) struct ConsoleHub {
 
 impl ConsoleHub {
     /// Starts the writer thread for `sink`; it ends when the hub and every sandbox console
-    /// made from it are gone.
-    pub fn new(sink: Arc<Mutex<Box<dyn Write + Send>>>, rate: u64) -> Arc<ConsoleHub> {
+    /// made from it are gone. With `confine`, the thread runs under the writer seccomp
+    /// filter from before it takes its first chunk (and before this returns).
+    pub fn new(
+        sink: Arc<Mutex<Box<dyn Write + Send>>>,
+        rate: u64,
+        confine: bool,
+    ) -> Arc<ConsoleHub> {
         let (tx, rx) = sync_channel(QUEUE_CHUNKS);
         let dropped = Arc::new(AtomicU64::new(0));
         let d = dropped.clone();
+        let (ready_tx, ready_rx) = sync_channel(1);
         let spawned = std::thread::Builder::new()
             .name("pvrun-console".into())
-            .spawn(move || writer(rx, sink, d));
+            .spawn(move || {
+                if confine {
+                    crate::seccomp::confine_or_exit(crate::seccomp::ThreadKind::Writer);
+                }
+                let _ = ready_tx.send(());
+                writer(rx, sink, d)
+            });
         // Without a writer thread, output is dropped (and counted), calls go on.
-        drop(spawned);
+        if spawned.is_ok() {
+            let _ = ready_rx.recv();
+        }
         Arc::new(ConsoleHub { tx, dropped, rate })
     }
 
@@ -127,7 +141,7 @@ mod tests {
 
     #[test]
     fn a_stalled_sink_never_blocks_a_writer_and_drops_are_counted() {
-        let hub = ConsoleHub::new(Arc::new(Mutex::new(Box::new(Stalled))), 0);
+        let hub = ConsoleHub::new(Arc::new(Mutex::new(Box::new(Stalled))), 0, true);
         let mut c = hub.sandbox_console();
         let t = Instant::now();
         for _ in 0..(QUEUE_CHUNKS + 100) {
@@ -150,7 +164,11 @@ mod tests {
                 Ok(())
             }
         }
-        let hub = ConsoleHub::new(Arc::new(Mutex::new(Box::new(Shared(out.clone())))), 1000);
+        let hub = ConsoleHub::new(
+            Arc::new(Mutex::new(Box::new(Shared(out.clone())))),
+            1000,
+            true,
+        );
         let mut flood = hub.sandbox_console();
         let mut quiet = hub.sandbox_console();
         for _ in 0..100 {

@@ -44,6 +44,12 @@ pub struct FnContext {
     /// Guest ranges the host wrote since the last snapshot restore (they are not in KVM's
     /// dirty log, but must be restored too).
     pub host_writes: Vec<(u64, u64)>,
+    /// The source of the fresh seed each reset gives the guest.
+    pub entropy: crate::builder::boot_info::Entropy,
+    /// The last run ended at `FN_READY` or `FN_RETURN` (an `out` the guest chose to
+    /// make): no exception, NMI or interrupt shadow can be pending, so a reset need not
+    /// load the snapshot's vCPU events.
+    pub clean_exit: bool,
 }
 
 /// `FN_RETURN`: the call's status and output (or the output's length when it is over the

@@ -50,6 +50,18 @@ pub struct SandboxConfig {
     /// Console bytes per second each sandbox may write, with a one-second burst; output
     /// beyond it is dropped and counted (0: unlimited).
     pub console_rate: u64,
+    /// Run the console writer thread (`pvrun-console`, which calls the sink's `write`)
+    /// under a seccomp filter that allows writing to descriptors it already holds and
+    /// nothing else (no `open`, no socket calls, no KVM); a forbidden call kills the
+    /// process. On by default; turn it off for a sink that needs more (one that opens
+    /// files or sends on sockets itself).
+    pub console_confined: bool,
+    /// Run the guest's initialisation (up to `FN_READY`) on a thread of its own under the
+    /// vCPU seccomp filter, as calls from a [`SandboxPool::confine_callers`] pool run, so
+    /// no guest instruction ever runs beside an unconfined host thread's state. Host
+    /// functions the initialisation calls then run under that filter too. Off by default
+    /// (it costs a thread start per [`Sandbox::new`]); `pvrun serve` turns it on.
+    pub confine_init: bool,
 }
 
 impl Default for SandboxConfig {
@@ -63,6 +75,8 @@ impl Default for SandboxConfig {
             max_output: FN_DATA_MAX,
             console: Arc::new(Mutex::new(Box::new(crate::output::StdStream::stderr()))),
             console_rate: 1 << 20,
+            console_confined: true,
+            confine_init: false,
         }
     }
 }
@@ -151,28 +165,47 @@ impl Template {
 
     /// Keeps `n` pre-created VMs ready on a background thread (which ends when the
     /// template is dropped), so creating sandboxes stays fast under a steady demand.
+    ///
+    /// The thread (`pvrun-shells`) runs under its own seccomp filter from its first
+    /// instruction on: the KVM requests that create a VM and nothing else (it never runs
+    /// one). If the thread cannot be started, no shells are kept ready (sandboxes are
+    /// then created on the spot, as without this call).
     pub fn keep_shells_ready(self: &Arc<Self>, n: usize) {
         self.shells.lock().unwrap_or_else(|p| p.into_inner()).1 = n;
         let weak = Arc::downgrade(self);
-        std::thread::spawn(move || {
-            while let Some(t) = weak.upgrade() {
-                let missing = {
-                    let st = t.shells.lock().unwrap_or_else(|p| p.into_inner());
-                    let st = if st.0.len() >= st.1 {
-                        t.shell_taken
-                            .wait_timeout(st, Duration::from_millis(500))
-                            .unwrap_or_else(|p| p.into_inner())
-                            .0
-                    } else {
-                        st
-                    };
-                    st.1.saturating_sub(st.0.len())
+        let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
+        let spawned = std::thread::Builder::new()
+            .name("pvrun-shells".into())
+            .spawn(move || {
+                crate::seccomp::confine_or_exit(crate::seccomp::ThreadKind::Shells);
+                let _ = ready_tx.send(());
+                Self::refill_shells(weak)
+            });
+        // Return once the thread is confined (it never runs unconfined, not even briefly).
+        if spawned.is_ok() {
+            let _ = ready_rx.recv();
+        }
+    }
+
+    /// The `pvrun-shells` thread: tops the ready shells up to the wanted number.
+    fn refill_shells(weak: std::sync::Weak<Self>) {
+        while let Some(t) = weak.upgrade() {
+            let missing = {
+                let st = t.shells.lock().unwrap_or_else(|p| p.into_inner());
+                let st = if st.0.len() >= st.1 {
+                    t.shell_taken
+                        .wait_timeout(st, Duration::from_millis(500))
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0
+                } else {
+                    st
                 };
-                if missing > 0 && t.prepare_shells(1).is_err() {
-                    return;
-                }
+                st.1.saturating_sub(st.0.len())
+            };
+            if missing > 0 && t.prepare_shells(1).is_err() {
+                return;
             }
-        });
+        }
     }
 
     fn take_shell(&self) -> Option<VmShell> {
@@ -205,7 +238,11 @@ impl Sandbox {
 
     /// Like [`Sandbox::new`], from an image already loaded.
     pub fn from_image(image: Arc<GuestImage>, config: SandboxConfig) -> Result<Sandbox, Error> {
-        let hub = ConsoleHub::new(config.console.clone(), config.console_rate);
+        let hub = ConsoleHub::new(
+            config.console.clone(),
+            config.console_rate,
+            config.console_confined,
+        );
         let vm_config = VmConfig {
             mem_size: config.mem_size,
             args: config.args,
@@ -220,7 +257,29 @@ impl Sandbox {
         };
         let path = image.path.clone();
         let mut vm = Vm::new(image, vm_config)?;
-        let exports = match vm.run()? {
+        let init = if config.confine_init {
+            // A scoped thread that confines itself, runs the initialisation and ends; the
+            // snapshot (memfds, /proc/self/pagemap) is taken back on this thread.
+            let vm = &mut vm;
+            std::thread::scope(|scope| {
+                std::thread::Builder::new()
+                    .name("pvrun-init".into())
+                    .spawn_scoped(scope, move || {
+                        vm.confine_thread()?;
+                        vm.run()
+                    })
+                    .map_err(Error::Io)?
+                    .join()
+                    .unwrap_or_else(|_| {
+                        Err(Error::Config(
+                            "the guest's initialisation thread panicked".into(),
+                        ))
+                    })
+            })?
+        } else {
+            vm.run()?
+        };
+        let exports = match init {
             Outcome::Ready(e) => e,
             other => {
                 let what = other
@@ -255,6 +314,31 @@ impl Sandbox {
             &template.snapshot,
             Box::new(template.console.sandbox_console()),
             Box::new(template.console.sandbox_console()),
+            template.call_timeout,
+        )?;
+        Ok(Sandbox {
+            vm,
+            template: template.clone(),
+            dirty: false,
+            resumable: true,
+        })
+    }
+
+    /// Like [`Sandbox::from_template`], with this sandbox's console output going to its own
+    /// `stdout` and `stderr` sinks instead of the template's shared queue: written
+    /// synchronously at the guest's exits, so when a call returns its output is in the
+    /// sinks (`cargo pvrun test` captures each test's output this way). The sinks must not
+    /// block for long; they are not rate-limited.
+    pub fn from_template_with_console(
+        template: &Arc<Template>,
+        stdout: Box<dyn Write + Send>,
+        stderr: Box<dyn Write + Send>,
+    ) -> Result<Sandbox, Error> {
+        let vm = Vm::from_snapshot_in(
+            template.take_shell(),
+            &template.snapshot,
+            stdout,
+            stderr,
             template.call_timeout,
         )?;
         Ok(Sandbox {
@@ -386,6 +470,16 @@ thread_local! {
     static CONFINED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
+/// Puts the calling thread under the vCPU seccomp filter unless it already is (the
+/// filter of a thread that makes [`SandboxPool`] calls; permanent for the thread).
+pub(crate) fn confine_caller() -> Result<(), Error> {
+    if !CONFINED.with(|c| c.get()) {
+        crate::seccomp::confine(crate::seccomp::ThreadKind::Vcpu)?;
+        CONFINED.with(|c| c.set(true));
+    }
+    Ok(())
+}
+
 impl SandboxPool {
     /// A pool of `size` sandboxes: `first` and `size - 1` more made from its template.
     pub fn new(first: Sandbox, size: usize) -> Result<SandboxPool, Error> {
@@ -438,10 +532,8 @@ impl SandboxPool {
 
     /// Calls `name` with `input` in an idle sandbox, from its clean state.
     pub fn call(&self, name: &str, input: &[u8]) -> Result<Vec<u8>, CallError> {
-        if self.confine && !CONFINED.with(|c| c.get()) {
-            crate::seccomp::confine(crate::seccomp::ThreadKind::Vcpu)
-                .map_err(|e| CallError::Host(e.to_string()))?;
-            CONFINED.with(|c| c.set(true));
+        if self.confine {
+            confine_caller().map_err(|e| CallError::Host(e.to_string()))?;
         }
         let mut sb = {
             let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());

@@ -150,10 +150,14 @@ impl Vm {
         self.clear_stop();
         self.vcpu.finish_pending_exit()?;
         self.vcpu.load_regs(&snap.vcpu.regs, &snap.vcpu.sregs)?;
-        snap.vcpu.load_extended(self.vcpu.fd())?;
+        // A call that ended at its own `out` leaves no event pending (one KVM request
+        // less per reset); any other end (a fault, a stop) gets the snapshot's events.
+        snap.vcpu
+            .load_extended(self.vcpu.fd(), !self.fns.clean_exit)?;
+        self.fns.clean_exit = false;
         self.clear_stop();
         // Memory is the snapshot's again: a new generation, so randomness is not replayed.
-        boot_info::new_generation(&self.ram)?;
+        boot_info::new_generation(&self.ram, &mut self.fns.entropy)?;
         // A wake-up left from the last call (a stop, a device) must not end the next
         // call's first WAIT.
         self.control.notify().clear();
@@ -208,8 +212,10 @@ impl Vm {
         let boot_instant = Instant::now()
             .checked_sub(Duration::from_nanos(now_ns))
             .unwrap_or_else(Instant::now);
-        // A copy of the snapshot: its own generation, so it shares no randomness.
-        boot_info::new_generation(&ram)?;
+        // A copy of the snapshot: its own generation (and its own seed stream), so it
+        // shares no randomness.
+        let mut entropy = boot_info::Entropy::default();
+        boot_info::new_generation(&ram, &mut entropy)?;
         let mut console = Console::new(stdout, stderr);
         console.set_consumed(snap.console_consumed);
         Ok(Vm {
@@ -231,6 +237,8 @@ impl Vm {
                 host_fns: snap.host_functions.clone(),
                 max_output: snap.max_output,
                 host_writes: Vec::new(),
+                entropy,
+                clean_exit: false,
             },
             crash: None,
         })

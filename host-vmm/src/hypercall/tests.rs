@@ -99,6 +99,7 @@ fn fixture() -> Fixture {
             host_fns: Arc::default(),
             max_output: 1024,
             host_writes: Vec::new(),
+            ..FnContext::default()
         },
     }
 }

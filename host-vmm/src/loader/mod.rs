@@ -71,6 +71,22 @@ impl GuestImage {
     pub fn from_bytes(path: &Path, bytes: Vec<u8>) -> Result<Self, Error> {
         let (checked, file) = elf::check(path, &bytes)?;
         let symbols = Symbols::from_file(&file);
+        tracing::debug!(
+            path = %path.display(),
+            entry = format_args!("{:#x}", checked.entry),
+            abi = checked.abi_version,
+            bytes = bytes.len(),
+            "guest ELF validated"
+        );
+        for s in &checked.segments {
+            tracing::debug!(
+                vaddr = format_args!("{:#x}", s.vaddr),
+                filesz = format_args!("{:#x}", s.filesz),
+                memsz = format_args!("{:#x}", s.memsz),
+                perm = %perm_string(s.perm),
+                "ELF segment"
+            );
+        }
         Ok(GuestImage {
             entry: checked.entry,
             segments: checked.segments,
@@ -80,6 +96,17 @@ impl GuestImage {
             symbols,
             bytes,
         })
+    }
+
+    /// Whether this looks like a function guest (one that serves calls instead of running
+    /// to an exit): its symbol table names the SDK's call loop `pvrun::function::serve*`.
+    /// `None` for a stripped guest. Only a hint for tools (`cargo pvrun build`'s report);
+    /// what decides is whether the guest reaches `FN_READY` when booted.
+    pub fn looks_like_function_guest(&self) -> Option<bool> {
+        if self.symbols.is_empty() {
+            return None;
+        }
+        Some(self.symbols.any_starts_with("pvrun::function::serve"))
     }
 
     /// End of the highest segment (page aligned).
@@ -205,6 +232,15 @@ pub(crate) fn printable(bytes: &[u8]) -> String {
         }
     }
     out
+}
+
+/// `rwx`-style permission bits, for log lines.
+pub(crate) fn perm_string(p: u32) -> String {
+    use pvrun_abi::perm;
+    [(perm::R, 'r'), (perm::W, 'w'), (perm::X, 'x')]
+        .iter()
+        .map(|&(bit, c)| if p & bit != 0 { c } else { '-' })
+        .collect()
 }
 
 #[cfg(test)]

@@ -38,6 +38,16 @@ impl Symbols {
         Symbols(symbols)
     }
 
+    /// Whether there are no symbols (a stripped guest).
+    pub(super) fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Whether a function's (demangled) name starts with `prefix`.
+    pub(super) fn any_starts_with(&self, prefix: &str) -> bool {
+        self.0.iter().any(|s| s.name.starts_with(prefix))
+    }
+
     /// Names `addr` as `function+0xoffset`, if a symbol covers it.
     pub(super) fn symbolize(&self, addr: u64) -> Option<String> {
         let i = self.0.partition_point(|s| s.addr <= addr);

@@ -58,6 +58,8 @@ pub(crate) struct RunControl {
     deadline_cv: Condvar,
     /// Tells the watchdog thread to end.
     quit: AtomicBool,
+    /// A debugger asked the running guest to stop (see [`Self::debug_break`]).
+    debug_break: AtomicBool,
 }
 
 impl RunControl {
@@ -71,6 +73,7 @@ impl RunControl {
             deadline: Mutex::new(Deadline::default()),
             deadline_cv: Condvar::new(),
             quit: AtomicBool::new(false),
+            debug_break: AtomicBool::new(false),
         })
     }
 
@@ -83,6 +86,23 @@ impl RunControl {
         let _ = self
             .reason
             .compare_exchange(STOP_NONE, reason, Ordering::SeqCst, Ordering::SeqCst);
+        self.kick();
+    }
+
+    /// Asks a guest running under a debugger to stop at its next exit (the kick makes
+    /// one); the run loop in debug mode returns [`super::run_loop::Event::Break`].
+    pub fn debug_break(&self) {
+        self.debug_break.store(true, Ordering::SeqCst);
+        self.kick();
+    }
+
+    /// Whether a debugger asked for a stop since the last call (and forgets it).
+    pub fn take_debug_break(&self) -> bool {
+        self.debug_break.swap(false, Ordering::SeqCst)
+    }
+
+    /// Wakes a sleeping guest and makes the running vCPU leave (or not enter) `KVM_RUN`.
+    fn kick(&self) {
         let guard = self.target.lock().unwrap_or_else(|p| p.into_inner());
         self.notify.signal();
         if let Some(t) = guard.as_ref() {

@@ -5,6 +5,7 @@ pub(crate) mod backtrace;
 pub(crate) mod control;
 pub(crate) mod core_dump;
 pub(crate) mod fault;
+pub(crate) mod gdb;
 pub(crate) mod notify;
 pub(crate) mod outcome;
 mod run_loop;

@@ -86,7 +86,7 @@ impl Outcome {
                 Some(format!("pvrun: interrupted by signal {sig}; guest stopped"))
             }
             Outcome::Ready(_) | Outcome::Returned { .. } => Some(
-                "pvrun: error: this guest is a function sandbox (it waits for calls); serve it with `pvrun serve GUEST --listen ADDR`"
+                "pvrun: error: this guest is a function sandbox (it waits for calls); serve it with `pvrun serve --listen ADDR GUEST` (`cargo pvrun serve`), or call one function with `pvrun call GUEST NAME` (`cargo pvrun call`)"
                     .into(),
             ),
         }

@@ -12,13 +12,29 @@ use super::backtrace::{self, Crash, CrashKind, Registers};
 use super::control::{KillHandle, StopReason};
 use super::fault::{self, Fault};
 use super::outcome::Outcome;
+use crate::arch::FRAME_WORDS;
 use crate::devices::DeviceCounters;
 use crate::error::Error;
 use crate::hypercall::{self, Action, GuestView};
 use crate::layout::{R0_STACK_BOTTOM, R0_STACK_TOP};
 use crate::vstate::vm as kvm_vm;
 
+/// Where a run under a debugger ([`Vm::run_events`] with `debug`) stops.
+pub(crate) enum Event {
+    /// The run ended.
+    Outcome(Outcome),
+    /// The ring-0 stub reported an exception; its frame is on the ring-0 stack
+    /// ([`Vm::exception_frame`]) and nothing has been decoded yet.
+    Exception,
+    /// The debugger asked for a stop ([`super::control::RunControl::debug_break`]).
+    Break,
+    /// The same, while the guest slept in `WAIT` until this guest-clock deadline: the
+    /// sleep goes on when the guest is resumed ([`Vm::resume_wait`]).
+    BreakInWait(u64),
+}
+
 /// What one `KVM_RUN` came back with, copied out of `kvm_run`.
+#[derive(Debug)]
 enum Exit {
     Out(u16),
     In(u16),
@@ -27,6 +43,16 @@ enum Exit {
     Hlt,
     Interrupted,
     Other(String),
+}
+
+/// How a `WAIT` ended.
+enum Waited {
+    /// At its deadline or a device event: the guest goes on.
+    Done,
+    /// The run was stopped.
+    Stopped(Outcome),
+    /// A debugger asked for a stop.
+    Break,
 }
 
 impl Vm {
@@ -90,13 +116,14 @@ impl Vm {
         if self.timeout.is_some() {
             self.control.arm(None);
         }
+        self.fns.clean_exit = matches!(r, Ok(Outcome::Returned { .. } | Outcome::Ready(_)));
         r.map(|o| match o {
             Outcome::TimedOut(_) => Outcome::TimedOut(started.elapsed()),
             o => o,
         })
     }
 
-    fn stopped(&self) -> Option<Outcome> {
+    pub(crate) fn stopped(&self) -> Option<Outcome> {
         self.control.stopped().map(|r| match r {
             StopReason::Signal(sig) => Outcome::Interrupted(sig),
             StopReason::Timeout => Outcome::TimedOut(Duration::ZERO),
@@ -105,9 +132,21 @@ impl Vm {
     }
 
     fn run_loop(&mut self) -> Result<Outcome, Error> {
+        match self.run_events(false)? {
+            Event::Outcome(o) => Ok(o),
+            _ => Err(Error::Layout("a debugger event without a debugger".into())),
+        }
+    }
+
+    /// Runs the guest until its run ends or, with `debug` (a debugger is attached), until
+    /// an exception or a stop the debugger asked for.
+    pub(crate) fn run_events(&mut self, debug: bool) -> Result<Event, Error> {
         loop {
             if let Some(o) = self.stopped() {
-                return Ok(o);
+                return Ok(Event::Outcome(o));
+            }
+            if debug && self.control.take_debug_break() {
+                return Ok(Event::Break);
             }
             self.exits += 1;
             let exit = match self.vcpu.run() {
@@ -130,20 +169,21 @@ impl Vm {
                 }
                 Err(e) => return Err(Error::Kvm("KVM_RUN", e)),
             };
+            tracing::trace!(exit = self.exits, kind = ?exit, "VM exit");
             // Console output travels in the ring; deliver it at every exit, before anything
             // else happens, so it is never lost or reordered against a crash report.
             if let Err(msg) = self.console.drain(self.ram.mem()) {
-                return Ok(Outcome::Fault(Fault::protocol(msg)));
+                return Ok(Event::Outcome(Outcome::Fault(Fault::protocol(msg))));
             }
-            if let Some(outcome) = self.handle(exit)? {
-                return Ok(outcome);
+            if let Some(event) = self.handle(exit, debug)? {
+                return Ok(event);
             }
         }
     }
 
-    /// Acts on one exit; `Some` ends the run.
-    fn handle(&mut self, exit: Exit) -> Result<Option<Outcome>, Error> {
-        let protocol = |msg: String| Ok(Some(Outcome::Fault(Fault::protocol(msg))));
+    /// Acts on one exit; `Some` ends the run (or, with `debug`, stops it).
+    fn handle(&mut self, exit: Exit, debug: bool) -> Result<Option<Event>, Error> {
+        let protocol = |msg: String| Ok(Some(Event::Outcome(Outcome::Fault(Fault::protocol(msg)))));
         match exit {
             // A doorbell that was not served in the kernel: hand it to the device.
             Exit::Out(port) if self.devices.ring_doorbell(port) => Ok(None),
@@ -151,9 +191,10 @@ impl Vm {
                 if (HYPERCALL_PORT_BASE..HYPERCALL_PORT_BASE + HYPERCALL_PORT_COUNT)
                     .contains(&port) =>
             {
-                self.hypercall(port - HYPERCALL_PORT_BASE)
+                self.hypercall(port - HYPERCALL_PORT_BASE, debug)
             }
-            Exit::Out(EXCEPTION_PORT) => Ok(Some(Outcome::Fault(self.exception()))),
+            Exit::Out(EXCEPTION_PORT) if debug => Ok(Some(Event::Exception)),
+            Exit::Out(EXCEPTION_PORT) => Ok(Some(Event::Outcome(Outcome::Fault(self.exception())))),
             Exit::Out(port) => protocol(format!("unexpected write to I/O port {port:#x}")),
             Exit::In(port) => protocol(format!(
                 "read from I/O port {port:#x} (hypercalls use `out`)"
@@ -167,9 +208,12 @@ impl Vm {
             Exit::Hlt => protocol("halted".into()),
             Exit::Interrupted => {
                 if let Some(o) = self.stopped() {
-                    return Ok(Some(o));
+                    return Ok(Some(Event::Outcome(o)));
                 }
                 self.vcpu.set_immediate_exit(0);
+                if debug && self.control.take_debug_break() {
+                    return Ok(Some(Event::Break));
+                }
                 Ok(None)
             }
             Exit::Other(what) => protocol(format!("unexpected VM exit {what}")),
@@ -177,14 +221,15 @@ impl Vm {
     }
 
     /// Serves hypercall `nr` (its argument address is in `rdi`).
-    fn hypercall(&mut self, nr: u16) -> Result<Option<Outcome>, Error> {
+    fn hypercall(&mut self, nr: u16, debug: bool) -> Result<Option<Event>, Error> {
         let rdi = self.vcpu.rdi()?;
         let view = GuestView {
             mem: self.ram.mem(),
             map: &self.map,
         };
         let action = hypercall::dispatch(nr, rdi, &view, &mut self.console, &mut self.fns);
-        Ok(match action {
+        tracing::trace!(nr, arg = format_args!("{rdi:#x}"), "hypercall");
+        let outcome = match action {
             Action::Return(v) => {
                 self.vcpu.set_rax(v as u64)?;
                 None
@@ -198,36 +243,64 @@ impl Vm {
             Action::Fault(msg) => Some(Outcome::Fault(Fault::protocol(msg))),
             Action::Ready(exports) => Some(Outcome::Ready(exports)),
             Action::Returned { status, output } => Some(Outcome::Returned { status, output }),
-            Action::Wait(deadline_ns) => match self.wait(deadline_ns) {
-                Some(o) => Some(o),
-                None => {
+            Action::Wait(deadline_ns) => match self.wait(deadline_ns, debug) {
+                Waited::Stopped(o) => Some(o),
+                Waited::Break => return Ok(Some(Event::BreakInWait(deadline_ns))),
+                Waited::Done => {
                     self.vcpu.set_rax(0)?;
                     None
                 }
             },
-        })
+        };
+        Ok(outcome.map(Event::Outcome))
     }
 
-    /// Sleeps until the guest deadline, a device event, or a stop; `Some` if stopped.
-    fn wait(&mut self, deadline_ns: u64) -> Option<Outcome> {
+    /// Goes on with a `WAIT` a debugger stop interrupted ([`Event::BreakInWait`]), after
+    /// the debugger let the guest run again: `None` once the sleep is over (the guest may
+    /// be entered; the call's 0 is in `rax`), or why the run stops again.
+    pub(crate) fn resume_wait(&mut self, deadline_ns: u64) -> Result<Option<Event>, Error> {
+        match self.wait(deadline_ns, true) {
+            Waited::Stopped(o) => Ok(Some(Event::Outcome(o))),
+            Waited::Break => Ok(Some(Event::BreakInWait(deadline_ns))),
+            Waited::Done => {
+                let mut regs = self.vcpu.regs()?;
+                regs.rax = 0;
+                let sregs = self.vcpu.sregs()?;
+                self.vcpu.load_regs(&regs, &sregs)?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Sleeps until the guest deadline, a device event, or a stop (with `debug`, also a
+    /// debugger's break).
+    fn wait(&mut self, deadline_ns: u64, debug: bool) -> Waited {
         let target = self
             .boot_instant
             .checked_add(Duration::from_nanos(deadline_ns));
         loop {
             if let Some(o) = self.stopped() {
-                return Some(o);
+                return Waited::Stopped(o);
+            }
+            if debug && self.control.take_debug_break() {
+                return Waited::Break;
             }
             let now = Instant::now();
             // At most a second at a time, so a stop that no signal announced is still seen.
             let left = match target {
-                Some(t) if now >= t => return None,
+                Some(t) if now >= t => return Waited::Done,
                 Some(t) => (t - now).min(Duration::from_secs(1)),
                 None => Duration::from_secs(1),
             };
             if self.control.notify().wait(left) {
-                // A device published responses (or a stop was requested: checked above
-                // on the next turn).
-                return self.stopped();
+                // A device published responses (or a stop was requested).
+                if let Some(o) = self.stopped() {
+                    return Waited::Stopped(o);
+                }
+                if debug && self.control.take_debug_break() {
+                    return Waited::Break;
+                }
+                return Waited::Done;
             }
         }
     }
@@ -253,19 +326,19 @@ impl Vm {
         })
     }
 
-    /// Reads the exception frame the ring-0 stub left and describes the fault.
-    fn exception(&mut self) -> Fault {
-        let rsp = match self.vcpu.regs() {
-            Ok(r) => r.rsp,
-            Err(e) => return Fault::protocol(format!("cannot read registers: {e}")),
-        };
-        let cr2 = self.vcpu.sregs().map(|s| s.cr2).unwrap_or(0);
-        // The stub pushed [vector, error code] on top of the CPU's frame
-        // [rip, cs, rflags, rsp, ss], all on the host-owned ring-0 stack.
-        if !(R0_STACK_BOTTOM..=R0_STACK_TOP - 7 * 8).contains(&rsp) {
-            return Fault::protocol(format!("exception stub ran with a bad stack {rsp:#x}"));
+    /// The frame the ring-0 stub left for the exception being reported: `(rsp, words)`
+    /// with `words` = `[rdx, vector, error code, rip, cs, rflags, rsp, ss]`, all on the
+    /// host-owned ring-0 stack.
+    pub(crate) fn exception_frame(&self) -> Result<(u64, [u64; 8]), String> {
+        let rsp = self
+            .vcpu
+            .regs()
+            .map_err(|e| format!("cannot read registers: {e}"))?
+            .rsp;
+        if !(R0_STACK_BOTTOM..=R0_STACK_TOP - FRAME_WORDS * 8).contains(&rsp) {
+            return Err(format!("exception stub ran with a bad stack {rsp:#x}"));
         }
-        let mut frame = [0u64; 7];
+        let mut frame = [0u64; FRAME_WORDS as usize];
         for (i, slot) in frame.iter_mut().enumerate() {
             *slot = self
                 .ram
@@ -273,8 +346,25 @@ impl Vm {
                 .read_obj::<u64>(GuestAddress(rsp + 8 * i as u64))
                 .unwrap_or(0);
         }
-        let cpu_frame = [frame[2], frame[3], frame[4], frame[5], frame[6]];
-        self.crash = self.capture(CrashKind::Exception(frame[0]), Some(cpu_frame));
+        Ok((rsp, frame))
+    }
+
+    /// Reads the exception frame the ring-0 stub left and describes the fault.
+    pub(crate) fn exception(&mut self) -> Fault {
+        let cr2 = self.vcpu.sregs().map(|s| s.cr2).unwrap_or(0);
+        let frame = match self.exception_frame() {
+            Ok((_, f)) => f,
+            Err(msg) => return Fault::protocol(msg),
+        };
+        let [rdx, vector, error_code, rip, cs, rflags, rsp, ss] = frame;
+        self.crash = self.capture(
+            CrashKind::Exception(vector),
+            Some([rip, cs, rflags, rsp, ss]),
+        );
+        if let Some(c) = self.crash.as_mut() {
+            c.regs.rdx = rdx;
+        }
+        let frame = [vector, error_code, rip, cs];
         let fault = fault::describe(
             fault::Exception {
                 vector: frame[0],

@@ -3,7 +3,9 @@
 //!
 //! The guest never runs ring-0 code of its own. Its only way into ring 0 is an exception,
 //! which lands in a 10-12 byte stub (SSE-free, as ring-0 code is emulated on PVM hosts)
-//! that pushes the vector and reports it to the host with one `out` to [`EXCEPTION_PORT`].
+//! that pushes the vector and `rdx` and reports it to the host with one `out` to
+//! [`EXCEPTION_PORT`]. A debugger resumes the guest through the [`RESUME_ADDR`]
+//! trampoline: `pop rdx ; add rsp, 16 ; iretq` back to ring 3.
 
 use pvrun_abi::EXCEPTION_PORT;
 use x86_64::PrivilegeLevel;
@@ -12,6 +14,15 @@ use x86_64::structures::idt::ExceptionVector;
 
 use super::gdt::KERNEL_CS;
 use crate::layout::{STUB_SIZE, STUBS_ADDR};
+
+/// Where the resume trampoline sits (right after the last stub, in the stubs page): with
+/// `rsp` at a stub's frame it restores `rdx` and returns to the frame's `rip` in ring 3.
+pub const RESUME_ADDR: u64 = STUBS_ADDR + IDT_ENTRIES * STUB_SIZE;
+/// `pop rdx ; add rsp, 16 ; iretq`.
+const RESUME: [u8; 8] = [0x5a, 0x48, 0x83, 0xc4, 0x10, 0x48, 0xcf, HLT];
+/// Words the stub leaves on the ring-0 stack: `[rdx, vector, error code]` above the CPU's
+/// `[rip, cs, rflags, rsp, ss]`.
+pub const FRAME_WORDS: u64 = 8;
 
 /// Number of IDT entries (the exception vectors).
 pub const IDT_ENTRIES: u64 = 32;
@@ -80,6 +91,8 @@ impl Gate {
 // The stub's instructions.
 /// `push imm8` (sign-extended to 64 bits).
 const PUSH_IMM8: u8 = 0x6a;
+/// `push rdx` (the `mov` below clobbers it; a debugger restores it).
+const PUSH_RDX: u8 = 0x52;
 /// `mov dx, imm16`.
 const MOV_DX_IMM16: [u8; 2] = [0x66, 0xba];
 /// `out dx, al`.
@@ -91,15 +104,15 @@ const JMP_BACK_TO_HLT: [u8; 2] = [0xeb, 0xfd];
 /// `int3`: fills the space between stubs.
 const INT3: u8 = 0xcc;
 
-/// The stub for `vector`: `[push 0] ; push vector ; mov dx, EXCEPTION_PORT ; out dx, al ;
-/// hlt ; jmp hlt`. Vectors without an error code push a 0 so every frame has one.
+/// The stub for `vector`: `[push 0] ; push vector ; push rdx ; mov dx, EXCEPTION_PORT ;
+/// out dx, al ; hlt ; jmp hlt`. Vectors without an error code push a 0 so every frame has one.
 fn stub(vector: u8) -> Vec<u8> {
     let mut code = Vec::with_capacity(STUB_SIZE as usize);
     let has_error_code = HAS_ERROR_CODE.iter().any(|v| *v as u8 == vector);
     if !has_error_code {
         code.extend_from_slice(&[PUSH_IMM8, 0]);
     }
-    code.extend_from_slice(&[PUSH_IMM8, vector]);
+    code.extend_from_slice(&[PUSH_IMM8, vector, PUSH_RDX]);
     code.extend_from_slice(&MOV_DX_IMM16);
     code.extend_from_slice(&EXCEPTION_PORT.to_le_bytes());
     code.extend_from_slice(&[OUT_DX_AL, HLT]);
@@ -107,9 +120,11 @@ fn stub(vector: u8) -> Vec<u8> {
     code
 }
 
-/// The exception stubs as bytes, one per [`STUB_SIZE`] slot, for [`STUBS_ADDR`].
+/// The exception stubs as bytes, one per [`STUB_SIZE`] slot, for [`STUBS_ADDR`], then the
+/// resume trampoline at [`RESUME_ADDR`].
 pub fn stubs_bytes() -> Vec<u8> {
     let mut stubs = vec![INT3; (IDT_ENTRIES * STUB_SIZE) as usize];
+    stubs.extend_from_slice(&RESUME);
     for v in 0..IDT_ENTRIES {
         let at = (v * STUB_SIZE) as usize;
         let code = stub(v as u8);
@@ -148,14 +163,15 @@ mod tests {
 
     #[test]
     fn tables_are_the_old_bytes() {
-        // Captured from the hand-assembled tables this module replaced.
+        // Captured from the hand-assembled tables this module replaced (the stubs' page
+        // since: each stub pushes rdx, and the resume trampoline follows them).
         assert_eq!(
             page_sha(&idt_bytes()),
             "7ccf6c32ba612270f24eeaf537406bf25edc471d7999aa66da652963748400db"
         );
         assert_eq!(
             page_sha(&stubs_bytes()),
-            "ab7aaefa61476f39afe94c94c1c85d60b79d950677ece73cecc7b721c687f979"
+            "13ebb71d7455988e1abe3cdcdbc0dc03497d78d533401a85aef242ca0243b3d4"
         );
         assert_eq!(IDT_LIMIT, 511);
     }
@@ -179,13 +195,32 @@ mod tests {
     }
 
     #[test]
+    fn the_resume_trampoline_follows_the_stubs() {
+        let stubs = stubs_bytes();
+        let at = (RESUME_ADDR - STUBS_ADDR) as usize;
+        assert_eq!(at as u64, IDT_ENTRIES * STUB_SIZE);
+        // pop rdx ; add rsp, 16 ; iretq
+        assert_eq!(
+            &stubs[at..at + 7],
+            &[0x5a, 0x48, 0x83, 0xc4, 0x10, 0x48, 0xcf]
+        );
+        assert!(stubs.len() as u64 <= 4096);
+        // Every stub saves rdx right before clobbering it.
+        for v in 0..IDT_ENTRIES as u8 {
+            let code = stub(v);
+            let mov = code.windows(2).position(|w| w == MOV_DX_IMM16).unwrap();
+            assert_eq!(code[mov - 1], PUSH_RDX, "vector {v}");
+        }
+    }
+
+    #[test]
     fn stubs_fit_and_report_their_vector() {
         let stubs = stubs_bytes();
         for v in 0..IDT_ENTRIES as u8 {
             let code = stub(v);
             assert!(code.len() as u64 <= STUB_SIZE);
             let has_error_code = [8, 10, 11, 12, 13, 14, 17, 21, 29, 30].contains(&v);
-            assert_eq!(code.len(), if has_error_code { 10 } else { 12 });
+            assert_eq!(code.len(), if has_error_code { 11 } else { 13 });
             let at = v as usize * STUB_SIZE as usize;
             assert_eq!(&stubs[at..at + code.len()], &code[..]);
             let [lo, hi] = EXCEPTION_PORT.to_le_bytes();

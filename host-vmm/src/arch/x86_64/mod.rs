@@ -69,7 +69,7 @@ mod tests {
             ),
             (
                 STUBS_ADDR,
-                "ab7aaefa61476f39afe94c94c1c85d60b79d950677ece73cecc7b721c687f979",
+                "13ebb71d7455988e1abe3cdcdbc0dc03497d78d533401a85aef242ca0243b3d4",
             ),
         ] {
             let mut page = [0u8; 4096];

@@ -152,10 +152,10 @@ impl VcpuState {
         })
     }
 
-    /// Loads the FPU and vector state into a vCPU (the whole XSAVE area when captured).
-    /// Fails loudly if the XSAVE area or the events cannot be loaded.
-    pub fn load_extended(&self, vcpu: &VcpuFd) -> Result<(), Error> {
-        if let Some(ev) = &self.events {
+    /// Loads the FPU and vector state into a vCPU (the whole XSAVE area when captured),
+    /// and the vCPU events with `events`. Fails loudly if any cannot be loaded.
+    pub fn load_extended(&self, vcpu: &VcpuFd, events: bool) -> Result<(), Error> {
+        if events && let Some(ev) = &self.events {
             vcpu.set_vcpu_events(ev)
                 .map_err(|e| Error::Kvm("KVM_SET_VCPU_EVENTS", e))?;
         }
@@ -210,7 +210,7 @@ impl CpuSetup {
         vcpu.set_sregs(&state.sregs)
             .map_err(|e| Error::Kvm("KVM_SET_SREGS", e))?;
         self.set_xcr0(vcpu)?;
-        state.load_extended(vcpu)?;
+        state.load_extended(vcpu, true)?;
         vcpu.set_regs(&state.regs)
             .map_err(|e| Error::Kvm("KVM_SET_REGS", e))?;
         Ok(())

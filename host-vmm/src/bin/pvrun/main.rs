@@ -1,5 +1,6 @@
-//! `pvrun`: boot a guest ELF in a fresh KVM VM and exit with its status; or, with
-//! `pvrun serve`, serve a function guest's functions over HTTP.
+//! `pvrun`: boot a guest ELF in a fresh KVM VM and exit with its status (`pvrun run`, also
+//! the implicit subcommand), serve a function guest's functions over HTTP (`pvrun serve`),
+//! or call one of them from the shell (`pvrun call`).
 
 #[cfg(not(feature = "cli"))]
 fn main() {
@@ -17,22 +18,73 @@ fn main() {
 #[cfg(feature = "cli")]
 mod cli_main {
     use std::path::PathBuf;
-    use std::sync::{Arc, Mutex};
-    use std::time::Duration;
 
-    use clap::Parser;
-    use host_vmm::cli::gateway;
-    use host_vmm::cli::{VmOptions, parse_env, parse_mem, parse_timeout, run_and_exit};
-    use host_vmm::{Sandbox, SandboxConfig, SandboxPool};
+    use clap::{CommandFactory, Parser, Subcommand};
+    use host_vmm::cli::{
+        self, CallInput, CallOptions, ServeOptions, VmOptions, call_and_exit, run_and_exit,
+        serve_and_exit,
+    };
 
-    /// Run a pvrun unikernel (a guest ELF built with `cargo pvrun`) in a KVM VM.
+    /// Run pvrun unikernels (guest ELF files built with `cargo pvrun`) in KVM VMs.
+    ///
+    /// `pvrun GUEST [-- ARGS...]` is `pvrun run GUEST [-- ARGS...]`.
     ///
     /// Exit status: the guest's exit code; 101 if it panicked; 139 if it crashed (CPU
-    /// exception); 124 if it ran past --timeout; 125 if the host could not start it.
-    /// `pvrun serve --help` describes the function gateway.
+    /// exception); 124 if it ran past --timeout; 130/143 on SIGINT/SIGTERM; 125 if the host
+    /// could not start it or the command line is wrong. `pvrun call`: 0 when the function
+    /// returned output, 1 when it returned an error, 101/139/124 as above, 125 otherwise.
     #[derive(Parser)]
-    #[command(name = "pvrun", version)]
+    #[command(name = "pvrun", bin_name = "pvrun", version, propagate_version = true)]
+    #[command(subcommand_required = true, arg_required_else_help = true)]
     struct Cli {
+        /// Show what the host does on stderr: -v for ELF segments, the memory map,
+        /// devices and how the run ended; -vv adds every VM exit. RUST_LOG works too.
+        #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+        verbose: u8,
+        #[command(subcommand)]
+        command: Command,
+    }
+
+    #[derive(Subcommand)]
+    enum Command {
+        /// Boot a guest ELF and exit with its status (the default subcommand).
+        Run(RunArgs),
+        /// Serve a function guest's functions over HTTP.
+        ///
+        /// `POST /NAME` with the input as body calls NAME in a sandbox reset to its
+        /// initialised state, and answers with the output (200), or 404 (no such function),
+        /// 413 (input too large), 422 (the function returned an error), 500 (it panicked or
+        /// crashed), 502 (output too large), 504 (timeout), 503 with Retry-After
+        /// (overloaded). `GET /healthz` and `GET /readyz` report liveness and readiness.
+        /// SIGTERM or SIGINT stops accepting, lets calls in flight finish and exits 0.
+        Serve(ServeArgs),
+        /// Call one function of a function guest and print its output.
+        ///
+        /// Boots the guest to its ready point, calls NAME with INPUT (the argument's bytes;
+        /// `-` reads stdin; none is empty input), writes the output to stdout unchanged and
+        /// exits 0. Exit status 1: the function returned an error (its message on stderr);
+        /// 101 panicked; 139 crashed; 124 timed out; 125 no such function, input too
+        /// large, not a function guest, or a host error.
+        Call(CallArgs),
+        /// Package a guest ELF as an OCI image: one layer with the ELF, a config whose
+        /// entrypoint is the guest, labels saying it is a pvrun guest (ABI version, kind,
+        /// memory, devices). The same ELF and options give the same digest.
+        Package(PackageCmd),
+    }
+
+    #[derive(clap::Args)]
+    struct PackageCmd {
+        #[command(flatten)]
+        image: host_vmm::cli::package::PackageArgs,
+        /// The guest ELF.
+        guest: PathBuf,
+        /// Default arguments for the guest (the image's Cmd, after `--`).
+        #[arg(last = true)]
+        cmd: Vec<String>,
+    }
+
+    #[derive(clap::Args)]
+    struct RunArgs {
         #[command(flatten)]
         vm: VmOptions,
         /// The guest ELF.
@@ -42,52 +94,10 @@ mod cli_main {
         args: Vec<String>,
     }
 
-    /// Serve the functions of a function guest over HTTP: `POST /NAME` with the input as
-    /// body calls NAME in a sandbox reset to its initialised state, and answers with the
-    /// output (200), or 404 (no such function), 413 (input too large), 422 (the function
-    /// returned an error), 500 (it panicked or crashed), 502 (output too large), 504
-    /// (timeout), 503 with Retry-After (overloaded). `GET /healthz` and `GET /readyz` report
-    /// liveness and readiness. SIGTERM or SIGINT stops accepting, lets calls in flight finish
-    /// and exits 0.
-    #[derive(Parser)]
-    #[command(name = "pvrun serve", version)]
-    struct ServeCli {
-        /// Address to listen on, e.g. 127.0.0.1:8080.
-        #[arg(long, value_name = "ADDR")]
-        listen: String,
-        /// Sandboxes kept ready (and concurrent calls served).
-        #[arg(long, default_value_t = 4)]
-        pool: usize,
-        /// Guest memory size per sandbox.
-        #[arg(long, default_value = "64M", value_parser = parse_mem)]
-        mem: u64,
-        /// Stop a call after this many seconds (HTTP 504).
-        #[arg(long, default_value = "10", value_parser = parse_timeout)]
-        timeout: Duration,
-        /// Largest output a call may return.
-        #[arg(long, default_value = "16M", value_parser = parse_mem)]
-        max_output: u64,
-        /// Seconds a client has to send a request's headers (and an idle keep-alive
-        /// connection to start its next request) before it is disconnected; also how long it
-        /// may stop reading a response.
-        #[arg(long, value_name = "SECS", default_value = "10", value_parser = parse_timeout)]
-        header_timeout: Duration,
-        /// Seconds a client has to send a request's body once its headers are in (HTTP 408).
-        #[arg(long, value_name = "SECS", default_value = "10", value_parser = parse_timeout)]
-        body_timeout: Duration,
-        /// Connections open at once; more are answered 503 and closed.
-        #[arg(long, value_name = "N", default_value_t = 1024)]
-        max_connections: usize,
-        /// Calls running or waiting for a sandbox at once; more are answered 503
-        /// (default: 4 x --pool).
-        #[arg(long, value_name = "N")]
-        max_inflight: Option<usize>,
-        /// Seconds a shutdown (SIGTERM/SIGINT) waits for calls in flight.
-        #[arg(long, value_name = "SECS", default_value = "30", value_parser = parse_timeout)]
-        shutdown_timeout: Duration,
-        /// Set an environment variable for the guest's initialisation (repeatable).
-        #[arg(long = "env", value_name = "KEY=VALUE", value_parser = parse_env)]
-        env: Vec<(String, String)>,
+    #[derive(clap::Args)]
+    struct ServeArgs {
+        #[command(flatten)]
+        opts: ServeOptions,
         /// The function guest ELF.
         guest: PathBuf,
         /// Arguments for the guest's initialisation (after `--`).
@@ -95,49 +105,94 @@ mod cli_main {
         args: Vec<String>,
     }
 
-    pub fn real_main() {
-        let argv: Vec<String> = std::env::args().collect();
-        if argv.get(1).map(String::as_str) == Some("serve") {
-            serve(ServeCli::parse_from(&argv[1..]));
-        }
-        if argv.get(1).map(String::as_str) == Some("package") {
-            host_vmm::cli::package::pvrun_package_main(&argv[1..]);
-        }
-        let cli = Cli::parse();
-        host_vmm::stop_guest_on_signals();
-        let mut args = vec![cli.guest.display().to_string()];
-        args.extend(cli.args);
-        let (config, debug) = cli.vm.into_parts(args);
-        run_and_exit(&cli.guest, config, &debug)
+    #[derive(clap::Args)]
+    struct CallArgs {
+        #[command(flatten)]
+        opts: CallOptions,
+        /// The function guest ELF.
+        guest: PathBuf,
+        /// The function to call.
+        name: String,
+        /// The input: these bytes, or `-` for stdin (default: empty).
+        #[arg(value_name = "INPUT|-")]
+        input: Option<String>,
+        /// Arguments for the guest's initialisation (after `--`).
+        #[arg(last = true)]
+        args: Vec<String>,
     }
 
-    fn serve(cli: ServeCli) -> ! {
-        let pool_size = cli.pool.max(1);
-        let mut args = vec![cli.guest.display().to_string()];
-        args.extend(cli.args);
-        let config = SandboxConfig {
-            mem_size: cli.mem,
-            args,
-            env: cli.env,
-            call_timeout: Some(cli.timeout),
-            max_output: cli.max_output,
-            // Guest console text goes to the log escaped, one `guest: ` line at a time.
-            console: Arc::new(Mutex::new(Box::new(gateway::GuestConsole::new()))),
-            ..SandboxConfig::default()
+    /// `argv` with `run` inserted when the first argument is neither a subcommand nor a
+    /// top-level flag: `pvrun GUEST` and `pvrun --mem 1G GUEST` mean `pvrun run ...`.
+    fn with_implicit_run(mut argv: Vec<String>) -> Vec<String> {
+        let cmd = Cli::command();
+        let Some(first) = argv.get(1) else {
+            return argv;
         };
-        let opts = gateway::Options {
-            listen: cli.listen,
-            header_timeout: cli.header_timeout,
-            body_timeout: cli.body_timeout,
-            max_connections: cli.max_connections,
-            max_inflight: cli.max_inflight.unwrap_or(4 * pool_size),
-            shutdown_timeout: cli.shutdown_timeout,
+        let is_sub = first == "help" || cmd.get_subcommands().any(|s| s.get_name() == first);
+        let top_level = matches!(first.as_str(), "-h" | "--help" | "-V" | "--version");
+        if !is_sub && !top_level {
+            argv.insert(1, "run".into());
+        }
+        argv
+    }
+
+    pub fn real_main() {
+        let argv: Vec<String> = std::env::args().collect();
+        let cli: Cli = cli::parse_or_exit(with_implicit_run(argv));
+        let sink = match cli.command {
+            Command::Serve(_) => cli::logging::Sink::Gateway,
+            _ => cli::logging::Sink::Stderr,
         };
-        let guest = cli.guest.clone();
-        gateway::serve(opts, cli.guest.display().to_string(), move || {
-            let first = Sandbox::new(&guest, config)?;
-            // Calls run on tokio's blocking threads, which then only run calls: confine them.
-            SandboxPool::new(first, pool_size)?.confine_callers()
-        })
+        cli::logging::init_to(cli.verbose, sink);
+        match cli.command {
+            Command::Run(r) => {
+                host_vmm::stop_guest_on_signals();
+                let mut args = vec![r.guest.display().to_string()];
+                args.extend(r.args);
+                let (config, debug) = r.vm.into_parts(args);
+                run_and_exit(&r.guest, config, &debug)
+            }
+            Command::Serve(s) => {
+                let mut args = vec![s.guest.display().to_string()];
+                args.extend(s.args);
+                serve_and_exit(&s.guest, s.opts, args)
+            }
+            Command::Package(p) => {
+                let mut image = p.image;
+                image.cmd = p.cmd;
+                host_vmm::cli::package::package_and_exit(&p.guest, image)
+            }
+            Command::Call(c) => {
+                let mut args = vec![c.guest.display().to_string()];
+                args.extend(c.args);
+                let input = CallInput::from_arg(c.input.as_deref());
+                call_and_exit(&c.guest, &c.name, input, c.opts, args)
+            }
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        fn argv(a: &[&str]) -> Vec<String> {
+            a.iter().map(|s| s.to_string()).collect()
+        }
+
+        #[test]
+        fn run_is_implicit() {
+            assert_eq!(
+                with_implicit_run(argv(&["pvrun", "g.elf"])),
+                argv(&["pvrun", "run", "g.elf"])
+            );
+            assert_eq!(
+                with_implicit_run(argv(&["pvrun", "--mem", "1G", "g.elf"])),
+                argv(&["pvrun", "run", "--mem", "1G", "g.elf"])
+            );
+            for a in ["serve", "call", "run", "help", "--help", "-V"] {
+                assert_eq!(with_implicit_run(argv(&["pvrun", a])), argv(&["pvrun", a]));
+            }
+            Cli::command().debug_assert();
+        }
     }
 }

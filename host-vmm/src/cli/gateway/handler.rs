@@ -11,7 +11,7 @@ use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::log::{self, RateLimited, RequestIds};
 use crate::{CallError, SandboxPool};
@@ -24,6 +24,10 @@ pub(super) struct Shared {
     pub inflight: Arc<Semaphore>,
     pub max_inflight: usize,
     pub body_timeout: Duration,
+    /// Bytes of request bodies and outputs in flight (`--max-buffered`); each holds as
+    /// many permits as it has bytes.
+    pub buffered: Arc<Semaphore>,
+    pub max_buffered: usize,
     pub ids: RequestIds,
     pub call_log: RateLimited,
     pub busy_log: RateLimited,
@@ -35,12 +39,50 @@ pub(super) struct Ready {
     /// The largest input a call takes: the guest's input buffer minus the call header.
     pub max_input: u64,
     pub listing: Bytes,
+    /// The queue of the call threads.
+    pub calls: std::sync::mpsc::Sender<super::Job>,
 }
 
-type Resp = Response<Full<Bytes>>;
+/// A response body that holds its share of the `--max-buffered` budget (if any) until
+/// it is dropped: sent to its end, or its connection closed.
+pub(super) struct Body {
+    data: Full<Bytes>,
+    _held: Option<OwnedSemaphorePermit>,
+}
+
+impl Body {
+    fn new(data: Bytes, held: Option<OwnedSemaphorePermit>) -> Body {
+        Body {
+            data: Full::new(data),
+            _held: held,
+        }
+    }
+}
+
+impl hyper::body::Body for Body {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+        std::pin::Pin::new(&mut self.get_mut().data).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.data.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.data.size_hint()
+    }
+}
+
+type Resp = Response<Body>;
 
 fn text(code: u16, outcome: &'static str, body: impl Into<Bytes>) -> Resp {
-    let mut r = Response::new(Full::new(body.into()));
+    let mut r = Response::new(Body::new(body.into(), None));
     *r.status_mut() = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let h = r.headers_mut();
     h.insert(
@@ -65,6 +107,12 @@ fn unavailable(outcome: &'static str, body: &'static str) -> Resp {
     r.headers_mut()
         .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     r
+}
+
+/// `bytes` of the `--max-buffered` budget, if they are free now.
+fn reserve(shared: &Shared, bytes: u64) -> Option<OwnedSemaphorePermit> {
+    let n = u32::try_from(bytes).ok()?;
+    shared.buffered.clone().try_acquire_many_owned(n).ok()
 }
 
 /// Serves one request; never fails (every problem is a response).
@@ -139,7 +187,30 @@ async fn route(shared: &Arc<Shared>, id: &str, req: Request<Incoming>) -> Resp {
     if declared.is_some_and(|l| l > ready.max_input) {
         return too_large(declared);
     }
-    let limit = usize::try_from(ready.max_input).unwrap_or(usize::MAX);
+    // The body's share of the byte budget, taken before a byte of it is read: its
+    // declared length, or the most a body may be when it declares none (chunked).
+    let want = declared.unwrap_or(ready.max_input.min(shared.max_buffered as u64));
+    if want > shared.max_buffered as u64 {
+        return closing(text(
+            413,
+            "too-large",
+            format!(
+                "input of {want} bytes is larger than the {} bytes this server buffers (--max-buffered)\n",
+                shared.max_buffered
+            ),
+        ));
+    }
+    let Some(body_held) = reserve(shared, want) else {
+        shared.busy_log.line(format_args!(
+            "pvrun: request {id}: POST /{name}: 503 busy (--max-buffered {} bytes in flight)",
+            shared.max_buffered
+        ));
+        return closing(unavailable(
+            "busy",
+            "busy: too many bytes of requests and responses in flight; retry later\n",
+        ));
+    };
+    let limit = usize::try_from(want).unwrap_or(usize::MAX);
     let body = Limited::new(req.into_body(), limit);
     let input = match tokio::time::timeout(shared.body_timeout, body.collect()).await {
         Ok(Ok(c)) => c.to_bytes(),
@@ -170,22 +241,43 @@ async fn route(shared: &Arc<Shared>, id: &str, req: Request<Incoming>) -> Resp {
     let pool = ready.pool.clone();
     let call_name = name.clone();
     let started = Instant::now();
-    // The permit moves into the blocking task: a call whose client went away still
-    // counts until it has really finished.
-    let joined = tokio::task::spawn_blocking(move || {
-        let r = pool.call(&call_name, &input);
+    // The permit moves into the job: a call whose client went away still counts until
+    // it has really finished.
+    let (answer, answered) = tokio::sync::oneshot::channel();
+    let job: super::Job = Box::new(move || {
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            pool.call(&call_name, &input)
+        }))
+        .unwrap_or_else(|_| Err(CallError::Host("the call panicked".into())));
+        drop(input);
+        drop(body_held);
         drop(permit);
-        r
-    })
-    .await;
-    let took = started.elapsed().as_secs_f64();
-    let result = match joined {
-        Ok(r) => r,
-        Err(_) => Err(CallError::Host("the call's thread panicked".into())),
+        let _ = answer.send(r);
+    });
+    let result = match ready.calls.send(job) {
+        Ok(()) => answered
+            .await
+            .unwrap_or_else(|_| Err(CallError::Host("the call thread ended".into()))),
+        Err(_) => Err(CallError::Host("no call thread is running".into())),
     };
+    let took = started.elapsed().as_secs_f64();
     let e = match result {
         Ok(out) => {
-            let mut r = Response::new(Full::new(Bytes::from(out)));
+            // The output holds its bytes of the budget until it has been sent; one that
+            // does not fit is dropped (a call has no effect beyond its answer: a retry
+            // computes it again).
+            let Some(held) = reserve(shared, out.len() as u64) else {
+                shared.busy_log.line(format_args!(
+                    "pvrun: request {id}: POST /{name}: 503 busy (an output of {} bytes does not fit --max-buffered {} bytes in flight)",
+                    out.len(),
+                    shared.max_buffered
+                ));
+                return unavailable(
+                    "busy",
+                    "busy: too many bytes of requests and responses in flight; retry later\n",
+                );
+            };
+            let mut r = Response::new(Body::new(Bytes::from(out), Some(held)));
             let h = r.headers_mut();
             h.insert(
                 header::CONTENT_TYPE,

@@ -24,9 +24,13 @@ fn queue() -> &'static LogQueue {
         let pending = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let dropped = std::sync::Arc::new(AtomicU64::new(0));
         let (p, d) = (pending.clone(), dropped.clone());
-        let _ = std::thread::Builder::new()
+        let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
+        let spawned = std::thread::Builder::new()
             .name("pvrun-log".into())
             .spawn(move || {
+                // It writes to stderr and nothing else.
+                crate::seccomp::confine_or_exit(crate::seccomp::ThreadKind::Writer);
+                let _ = ready_tx.send(());
                 let mut reported = 0;
                 while let Ok(l) = rx.recv() {
                     // Errors are ignored: a closed stderr must not take the server down,
@@ -45,12 +49,23 @@ fn queue() -> &'static LogQueue {
                     p.fetch_sub(1, Ordering::SeqCst);
                 }
             });
+        // Return once the writer is confined. Without a writer, lines queue up to the
+        // cap and are then dropped (and counted).
+        if spawned.is_ok() {
+            let _ = ready_rx.recv();
+        }
         LogQueue {
             tx,
             pending,
             dropped,
         }
     })
+}
+
+/// Starts the log writer thread now (before any thread that may log is confined: a
+/// confined thread cannot start threads).
+pub fn start() {
+    let _ = queue();
 }
 
 /// Logs one line on stderr without ever blocking the caller.

@@ -13,7 +13,7 @@
 //! | not `POST` (`GET /` lists the functions) | 405 | `error` |
 //! | malformed request or body | 400 | `bad-request` (or no header: hyper's own 400) |
 //! | the body did not arrive within `--body-timeout` | 408 | `body-timeout` |
-//! | too many calls in flight, too many connections, or still starting | 503 + `Retry-After` | `busy`, `starting` |
+//! | too many calls in flight, too many connections, too many bytes buffered (`--max-buffered`), or still starting | 503 + `Retry-After` | `busy`, `starting` |
 //!
 //! Every response carries `X-Request-Id`; the log line of a failed call (with the crash
 //! report, which names guest addresses and symbols) carries the same id. `GET /healthz`
@@ -53,6 +53,12 @@ use log::RateLimited;
 
 pub use log::GuestConsole;
 
+/// Logs one line through the gateway's log queue: it never blocks the caller (a stalled
+/// stderr drops lines, counted), and lines reach stderr in order.
+pub fn log_line(line: &str) {
+    log::line(format_args!("{line}"));
+}
+
 /// How the gateway treats its clients.
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -67,6 +73,10 @@ pub struct Options {
     pub max_connections: usize,
     /// Calls running or waiting for a sandbox; more are answered 503.
     pub max_inflight: usize,
+    /// Bytes of request bodies and call outputs held at once (a body from before it is
+    /// read until its call ends, an output until it is sent); requests beyond are
+    /// answered 503.
+    pub max_buffered: u64,
     /// How long a shutdown waits for calls in flight.
     pub shutdown_timeout: Duration,
 }
@@ -92,11 +102,19 @@ where
         log::exit(EXIT_HOST_ERROR, Duration::from_secs(1))
     };
     let max_inflight = opts.max_inflight.max(1);
+    let max_buffered = usize::try_from(opts.max_buffered)
+        .unwrap_or(usize::MAX)
+        .min(Semaphore::MAX_PERMITS);
+    // Every thread starts before anything is confined: a confined thread cannot start one.
+    log::start();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
-        // Calls (each holding an in-flight permit) plus the pool build.
-        .max_blocking_threads(max_inflight + 2)
+        // Nothing here uses tokio's blocking pool (calls run on our own threads); a
+        // worker that tried to start a thread would be stopped by its filter.
+        .max_blocking_threads(1)
         .thread_name("pvrun-gateway")
+        // The workers serve connections and nothing else: confine each as it starts.
+        .on_thread_start(|| crate::seccomp::confine_or_exit(crate::seccomp::ThreadKind::Gateway))
         .enable_all()
         .build()
         .unwrap_or_else(|e| fail(&format!("cannot start the gateway's runtime: {e}")));
@@ -120,26 +138,44 @@ where
             inflight: Arc::new(Semaphore::new(max_inflight)),
             max_inflight,
             body_timeout: opts.body_timeout,
+            buffered: Arc::new(Semaphore::new(max_buffered)),
+            max_buffered,
             ids: log::RequestIds::new(),
             call_log: RateLimited::new(20),
             busy_log: RateLimited::new(1),
         });
+        // The pool is built on a thread of its own (the port answers `/healthz`
+        // meanwhile), which then becomes the first of the call threads.
         let building = shared.clone();
-        tokio::task::spawn_blocking(move || {
-            let pool = build().unwrap_or_else(|e| fail(&e));
-            let functions = pool.functions().join(", ");
-            let size = pool.size();
-            let listing = Bytes::from(pool.functions().join("\n") + "\n");
-            let max_input = pool.max_input();
-            let _ = building.pool.set(Ready {
-                pool: Arc::new(pool),
-                max_input,
-                listing,
+        let started = std::thread::Builder::new()
+            .name("pvrun-call".into())
+            .spawn(move || {
+                let pool = Arc::new(build().unwrap_or_else(|e| fail(&e)));
+                let calls = Callers::start(pool.size())
+                    .unwrap_or_else(|e| fail(&format!("cannot start the call threads: {e}")));
+                if let Err(e) = crate::function::sandbox::confine_caller() {
+                    fail(&e)
+                }
+                let functions = pool.functions().join(", ");
+                let size = pool.size();
+                let listing = Bytes::from(pool.functions().join("\n") + "\n");
+                let max_input = pool.max_input();
+                let _ = building.pool.set(Ready {
+                    pool,
+                    max_input,
+                    listing,
+                    calls: calls.sender(),
+                });
+                log::line(format_args!(
+                    "pvrun: serving {functions} from {guest} on http://{addr}/ with {size} sandboxes"
+                ));
+                calls.serve();
             });
-            log::line(format_args!(
-                "pvrun: serving {functions} from {guest} on http://{addr}/ with {size} sandboxes"
-            ));
-        });
+        if let Err(e) = started {
+            fail(&format!("cannot start the call threads: {e}"))
+        }
+        // From here on this thread only accepts connections and waits for signals.
+        crate::seccomp::confine_or_exit(crate::seccomp::ThreadKind::Gateway);
 
         // Pipelined requests are answered in order either way. `pipeline_flush(true)` is
         // left off on purpose: with it, hyper 1.x never flushes its automatic 400 for a
@@ -247,6 +283,63 @@ where
     });
     // Not `drop(rt)`: that would wait for blocking threads still inside a call.
     log::exit(code, Duration::from_secs(1))
+}
+
+/// A call for a call thread: it runs it, then answers on the call's own channel.
+pub(super) type Job = Box<dyn FnOnce() + Send>;
+
+/// The threads that run sandbox calls, one per sandbox (a call waits in their queue, not
+/// on a thread, for a sandbox). Each runs under the vCPU seccomp filter. They are our own
+/// threads rather than tokio's blocking pool, because the pool starts threads on demand
+/// from the (confined) workers, and a thread inherits its creator's filter.
+struct Callers {
+    tx: std::sync::mpsc::Sender<Job>,
+    rx: Arc<std::sync::Mutex<std::sync::mpsc::Receiver<Job>>>,
+}
+
+impl Callers {
+    /// Starts `n - 1` call threads (the caller is the n-th, see [`Callers::serve`]).
+    fn start(n: usize) -> std::io::Result<Callers> {
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        let callers = Callers {
+            tx,
+            rx: Arc::new(std::sync::Mutex::new(rx)),
+        };
+        for _ in 1..n.max(1) {
+            let rx = callers.rx.clone();
+            std::thread::Builder::new()
+                .name("pvrun-call".into())
+                .spawn(move || {
+                    if let Err(e) = crate::function::sandbox::confine_caller() {
+                        log::line(format_args!("pvrun: error: {e}"));
+                        log::exit(EXIT_HOST_ERROR, Duration::from_secs(1))
+                    }
+                    run_calls(&rx)
+                })?;
+        }
+        Ok(callers)
+    }
+
+    fn sender(&self) -> std::sync::mpsc::Sender<Job> {
+        self.tx.clone()
+    }
+
+    /// Runs calls on this thread (which must be confined already) for good.
+    fn serve(self) {
+        let rx = self.rx.clone();
+        drop(self);
+        run_calls(&rx)
+    }
+}
+
+fn run_calls(rx: &std::sync::Mutex<std::sync::mpsc::Receiver<Job>>) {
+    loop {
+        let job = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
+        match job {
+            Ok(job) => job(),
+            Err(_) => return,
+        }
+    }
 }
 
 /// Binds a listener with a backlog long enough for bursts of connections.

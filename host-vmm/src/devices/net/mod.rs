@@ -405,3 +405,292 @@ mod tests {
         );
     }
 }
+
+/// Bounded fuzzing of what a guest hands a network device (see `crate::fuzz` for the
+/// harness and `PVRUN_FUZZ_ITERS` / `PVRUN_FUZZ_SEED`): transmit and receive requests
+/// against an independent model of what must be accepted, source-MAC checks on random
+/// frames, and a hostile guest driving both rings with scribbled indices and slots.
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use crate::devices::ring::Ring;
+    use crate::devices::worker::test_map;
+    use crate::fuzz::{Rng, run};
+    use crate::memory::GuestRam;
+    use pvrun_abi::{NetResponse, RING_SLOT_SIZE, RING_SLOTS_OFFSET, RingHeader};
+    use vm_memory::{Bytes, GuestAddress};
+
+    /// `test_map`'s user memory: readable `[1 MiB, 12 MiB)`, writable from 4 MiB.
+    const READ: (u64, u64) = (0x10_0000, 0xc0_0000);
+    const WRITE: (u64, u64) = (0x40_0000, 0xc0_0000);
+
+    fn mtu(rng: &mut Rng) -> u32 {
+        match rng.below(4) {
+            0 => DEFAULT_MTU,
+            1 => 68 + rng.below(9000) as u32,
+            2 => rng.edgy() as u32,
+            _ => [0, 1, 9000, 65535, u32::MAX][rng.below(5) as usize],
+        }
+    }
+
+    /// An address near the map's edges, or anywhere.
+    fn addr(rng: &mut Rng) -> u64 {
+        let edges = [0, 0x1000, READ.0, 0x20_0000, WRITE.0, READ.1, u64::MAX];
+        match rng.below(3) {
+            0 => edges[rng.below(edges.len() as u64) as usize]
+                .wrapping_add(rng.below(0x4000))
+                .wrapping_sub(0x2000),
+            1 => READ.0 + rng.below(READ.1 - READ.0),
+            _ => rng.edgy(),
+        }
+    }
+
+    fn len(rng: &mut Rng, mtu: u32) -> u32 {
+        match rng.below(3) {
+            0 => (max_frame(mtu) as u32)
+                .wrapping_add(rng.below(5) as u32)
+                .wrapping_sub(2),
+            1 => ETH_HEADER.wrapping_add(rng.below(5) as u32).wrapping_sub(2),
+            _ => rng.edgy() as u32,
+        }
+    }
+
+    /// Mostly-zero flags and reserved fields (a rare non-zero one must be refused).
+    fn junk(rng: &mut Rng) -> (u32, [u64; 5]) {
+        let mut reserved = [0u64; 5];
+        let flags = if rng.below(8) == 0 {
+            rng.edgy() as u32
+        } else {
+            0
+        };
+        if rng.below(8) == 0 {
+            reserved[rng.below(5) as usize] = rng.edgy();
+        }
+        (flags, reserved)
+    }
+
+    fn inside(addr: u64, len: u64, (lo, hi): (u64, u64)) -> bool {
+        addr.checked_add(len)
+            .is_some_and(|end| addr >= lo && end <= hi)
+    }
+
+    #[test]
+    fn fuzz_tx_frames_match_the_model() {
+        let map = test_map();
+        run("net tx frames", 20_000, |rng| {
+            let mtu = mtu(rng);
+            let (flags, reserved) = junk(rng);
+            let req = NetTxRequest {
+                id: rng.next(),
+                addr: addr(rng),
+                len: len(rng, mtu),
+                flags,
+                reserved,
+            };
+            let l = u64::from(req.len);
+            let valid = flags == 0
+                && reserved == [0; 5]
+                && l >= u64::from(ETH_HEADER)
+                && l <= max_frame(mtu)
+                && inside(req.addr, l, READ);
+            match TxFrame::parse(&req, mtu, &map) {
+                Ok(f) => {
+                    assert!(valid, "accepted {req:?} (mtu {mtu})");
+                    assert_eq!((f.buf.addr(), f.buf.len()), (req.addr, l));
+                }
+                Err(s) => {
+                    assert!(!valid, "refused {req:?} (mtu {mtu}): {s}");
+                    assert!(
+                        [
+                            status::BAD_ARGUMENT,
+                            status::BAD_LENGTH,
+                            status::BAD_ADDRESS
+                        ]
+                        .contains(&s),
+                        "status {s}"
+                    );
+                }
+            }
+        });
+    }
+
+    #[test]
+    fn fuzz_rx_buffers_match_the_model() {
+        let map = test_map();
+        run("net rx buffers", 20_000, |rng| {
+            let mtu = mtu(rng);
+            let (flags, reserved) = junk(rng);
+            let req = NetRxRequest {
+                id: rng.next(),
+                addr: addr(rng),
+                len: len(rng, mtu),
+                flags,
+                reserved,
+            };
+            let l = u64::from(req.len);
+            let valid = flags == 0
+                && reserved == [0; 5]
+                && l >= max_frame(mtu)
+                && inside(req.addr, l, WRITE);
+            match RxBuffer::parse(&req, mtu, &map) {
+                Ok(b) => {
+                    assert!(valid, "accepted {req:?} (mtu {mtu})");
+                    assert!(b.buf.writable());
+                    assert_eq!((b.buf.addr(), b.buf.len()), (req.addr, l));
+                }
+                Err(s) => {
+                    assert!(!valid, "refused {req:?} (mtu {mtu}): {s}");
+                    assert!(
+                        [
+                            status::BAD_ARGUMENT,
+                            status::BAD_LENGTH,
+                            status::BAD_ADDRESS
+                        ]
+                        .contains(&s),
+                        "status {s}"
+                    );
+                }
+            }
+        });
+    }
+
+    #[test]
+    fn fuzz_source_mac_checks() {
+        run("net source mac", 20_000, |rng| {
+            let n = rng.below(40) as usize;
+            let frame: Vec<u8> = (0..n).map(|_| rng.next() as u8).collect();
+            let mut mac = [0u8; 6];
+            mac.iter_mut().for_each(|b| *b = rng.next() as u8);
+            if n >= 12 && rng.below(2) == 0 {
+                mac.copy_from_slice(&frame[6..12]);
+            }
+            let r = check_source_mac(&frame, Some(mac));
+            assert_eq!(
+                r.is_ok(),
+                n >= 12 && frame[6..12] == mac,
+                "{frame:?} {mac:?}"
+            );
+            assert!(check_source_mac(&frame, None).is_ok());
+        });
+    }
+
+    /// A guest that scribbles on both rings' headers and slots between the host's steps:
+    /// the host sees exactly `req_prod - its own consumer index` new requests (never more
+    /// than a ring holds: more breaks the ring), publishes its own `rsp_prod` and
+    /// `req_event` whatever the guest wrote there, acts only on requests its parser
+    /// accepted, and never panics.
+    #[test]
+    fn fuzz_hostile_guest_on_the_net_rings() {
+        const TX: u64 = 0x50_0000;
+        const RX: u64 = 0x60_0000;
+        const SLOTS: u32 = 16;
+        let ram = GuestRam::new(16 << 20).unwrap();
+        let map = test_map();
+        run("net rings", 2_000, |rng| {
+            let mem = ram.mem();
+            let mtu = mtu(rng);
+            let start = rng.edgy() as u32;
+            let mut rings = [
+                (TX, Ring::new(mem, TX, SLOTS)),
+                (RX, Ring::new(mem, RX, SLOTS)),
+            ];
+            // Both rings start at the guest's chosen index (header writes by the guest).
+            let mut prod = [start, start];
+            // The host's private consumer index, as a model.
+            let mut cons = [0u32; 2];
+            for (base, _) in &rings {
+                let h = RingHeader {
+                    req_prod: start,
+                    ..Default::default()
+                };
+                mem.write_obj(h, GuestAddress(*base)).unwrap();
+            }
+            let mut broken = [false; 2];
+            // The host's rings start at 0: a guest start far from it must break them.
+            for _ in 0..64 {
+                let which = rng.below(2) as usize;
+                let base = rings[which].0;
+                match rng.below(6) {
+                    // Publish a well-formed or mangled request.
+                    0..=2 => {
+                        let (flags, reserved) = junk(rng);
+                        let slot = base
+                            + RING_SLOTS_OFFSET
+                            + u64::from(prod[which] % SLOTS) * RING_SLOT_SIZE;
+                        let req = NetTxRequest {
+                            id: rng.next(),
+                            addr: addr(rng),
+                            len: len(rng, mtu),
+                            flags,
+                            reserved,
+                        };
+                        mem.write_obj(req, GuestAddress(slot)).unwrap();
+                        prod[which] = prod[which].wrapping_add(1);
+                        mem.write_obj(prod[which], GuestAddress(base)).unwrap();
+                    }
+                    // Scribble on the header or a slot.
+                    3 => {
+                        let off = rng.below(RING_SLOTS_OFFSET + u64::from(SLOTS) * RING_SLOT_SIZE);
+                        mem.write_obj(rng.next() as u8, GuestAddress(base + off))
+                            .unwrap();
+                    }
+                    // Jump the producer index anywhere.
+                    4 => {
+                        prod[which] = rng.edgy() as u32;
+                        mem.write_obj(prod[which], GuestAddress(base)).unwrap();
+                    }
+                    // The host serves the ring.
+                    _ => {
+                        if broken[which] {
+                            continue;
+                        }
+                        let ring = &mut rings[which].1;
+                        let h: RingHeader = mem.read_obj(GuestAddress(base)).unwrap();
+                        let expect = h.req_prod.wrapping_sub(cons[which]);
+                        match ring.pending(mem) {
+                            Err(_) => {
+                                assert!(expect > SLOTS, "refused {expect} pending");
+                                ring.mark_broken(mem);
+                                broken[which] = true;
+                            }
+                            Ok(n) => {
+                                assert_eq!(n, expect, "pending");
+                                assert!(n <= SLOTS, "{n} pending in a {SLOTS}-slot ring");
+                                for _ in 0..n {
+                                    let status = if which == 0 {
+                                        let req: NetTxRequest = ring.take(mem).unwrap();
+                                        TxFrame::parse(&req, mtu, &map).map(|f| {
+                                            assert!(inside(f.buf.addr(), f.buf.len(), READ));
+                                            f.buf.len() as i64
+                                        })
+                                    } else {
+                                        let req: NetRxRequest = ring.take(mem).unwrap();
+                                        RxBuffer::parse(&req, mtu, &map).map(|b| {
+                                            assert!(inside(b.buf.addr(), b.buf.len(), WRITE));
+                                            0
+                                        })
+                                    };
+                                    let status = status.unwrap_or_else(|e| e);
+                                    ring.respond(
+                                        mem,
+                                        NetResponse {
+                                            id: 0,
+                                            status,
+                                            reserved: [0; 6],
+                                        },
+                                    );
+                                }
+                                cons[which] = cons[which].wrapping_add(n);
+                                ring.publish(mem);
+                                let _ = ring.idle_check(mem);
+                                let h: RingHeader = mem.read_obj(GuestAddress(base)).unwrap();
+                                assert_eq!(h.rsp_prod, cons[which], "rsp_prod");
+                                assert_eq!(h.req_event, cons[which].wrapping_add(1), "req_event");
+                            }
+                        }
+                    }
+                }
+            }
+        });
+    }
+}
