@@ -7,6 +7,7 @@
 //! in [`main`]; the implicit `run` and the usage-error mapping need nothing.
 
 mod new;
+mod package;
 mod test;
 
 use std::ffi::OsString;
@@ -53,6 +54,9 @@ enum Command {
     Serve(ServeArgs),
     /// Build a function guest and call one of its functions (see `pvrun help call`).
     Call(CallArgs),
+    /// Build the guest crate (release) and package it as an OCI image: one layer with the
+    /// guest ELF, labels saying it is a pvrun guest (see `pvrun package --help`).
+    Package(package::PackageCmd),
     /// Create a new guest crate that builds and runs as created.
     New(new::NewArgs),
     /// Build the guest crate's tests and run them in VMs, like `cargo test` (see `cargo
@@ -444,6 +448,7 @@ fn main() {
             call_and_exit(&elf, &c.name, input, c.opts, args)
         }
         Command::New(n) => new::run(n),
+        Command::Package(p) => package::run(p, verbose),
         // `main` hands `test` to `test::main` before parsing; this arm is reached only
         // through an abbreviation clap resolved, so pass the arguments on the same way.
         Command::Test { args } => {

@@ -165,6 +165,64 @@ fn outside_any_crate_says_so() {
     assert!(stderr.contains("could not find `Cargo.toml`"), "{stderr}");
 }
 
+#[test]
+fn package_builds_the_crate_and_writes_a_reproducible_oci_image() {
+    let dir = std::env::temp_dir().join(format!("cargo-pvrun-package-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    struct Cleanup(PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _cleanup = Cleanup(dir.clone());
+    let mut digests = Vec::new();
+    for name in ["a.tar", "b.tar"] {
+        let out = dir.join(name);
+        let o = cargo_pvrun(
+            &examples().join("hello"),
+            &[
+                "package",
+                "-q",
+                "-o",
+                out.to_str().unwrap(),
+                "--",
+                "--exit",
+                "2",
+            ],
+        );
+        assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+        let line = text(&o.stdout);
+        assert!(
+            line.starts_with("docker.io/pvrun/hello:latest sha256:"),
+            "{line}"
+        );
+        assert!(line.contains("(program guest, ABI v"), "{line}");
+        digests.push(line.split_whitespace().nth(1).unwrap().to_string());
+        assert!(out.is_file());
+    }
+    assert_eq!(digests[0], digests[1]);
+    assert_eq!(
+        std::fs::read(dir.join("a.tar")).unwrap(),
+        std::fs::read(dir.join("b.tar")).unwrap()
+    );
+    // A build failure is one error and 125, and writes nothing.
+    let o = cargo_pvrun(
+        &dir,
+        &[
+            "package",
+            "-q",
+            "--manifest-path",
+            "/nonexistent/Cargo.toml",
+            "-o",
+            "x.tar",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(125), "{}", text(&o.stderr));
+    assert!(!dir.join("x.tar").exists());
+}
+
 /// A temporary directory, removed on drop.
 struct TempDir(PathBuf);
 

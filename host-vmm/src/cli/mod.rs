@@ -8,6 +8,7 @@ pub mod function;
 pub mod gateway;
 pub mod hostfn;
 pub mod logging;
+pub mod package;
 pub mod snapshot;
 pub mod test_runner;
 
@@ -226,16 +227,41 @@ pub fn run_and_exit(elf: &Path, config: VmConfig, debug: &DebugOptions) -> ! {
     run_and_exit_as(elf, config, debug, &Program::Pvrun)
 }
 
+/// [`run_and_exit`], but the guest starts only once the VM is built and `go()` returns
+/// true; if it returns false, the process exits 125 without running the guest. (The
+/// containerd shim builds the VM at `create` and runs it at `start`.)
+pub fn run_and_exit_when(
+    elf: &Path,
+    config: VmConfig,
+    debug: &DebugOptions,
+    go: impl FnOnce() -> bool,
+) -> ! {
+    run_and_exit_when_as(elf, config, debug, &Program::Pvrun, go)
+}
+
 /// [`run_and_exit`], with the hints `program` gives (a function guest is told how to
 /// serve or call it with that program). A disk the guest never sent a request to gets a
 /// `pvrun: warning:` line at exit (a misspelt name in the guest is the usual cause).
 pub fn run_and_exit_as(elf: &Path, config: VmConfig, debug: &DebugOptions, program: &Program) -> ! {
+    run_and_exit_when_as(elf, config, debug, program, || true)
+}
+
+fn run_and_exit_when_as(
+    elf: &Path,
+    config: VmConfig,
+    debug: &DebugOptions,
+    program: &Program,
+    go: impl FnOnce() -> bool,
+) -> ! {
     let disks: Vec<String> = config.disks.iter().map(|d| d.name.clone()).collect();
     let vm = GuestImage::from_file(elf).and_then(|image| Vm::new(Arc::new(image), config));
     let mut vm = match vm {
         Ok(vm) => vm,
         Err(e) => host_error(e),
     };
+    if !go() {
+        std::process::exit(EXIT_HOST_ERROR)
+    }
     // With --gdb: listen and wait for gdb before the first instruction (the session's
     // socket and poller thread exist before the thread is confined).
     let session = debug.gdb.map(|addr| {

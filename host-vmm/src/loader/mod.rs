@@ -120,6 +120,20 @@ impl GuestImage {
             .unwrap_or(GUEST_IMAGE_BASE)
     }
 
+    /// The smallest guest memory this image boots in (a multiple of 2 MiB, at least the
+    /// host's minimum): what `--mem` must be at least.
+    pub fn min_mem_size(&self) -> u64 {
+        let mut size = crate::layout::MIN_MEM_SIZE;
+        loop {
+            match crate::builder::Plan::new(self.image_end(), size) {
+                Err(Error::DoesNotFit { needed, .. }) if needed > size => {
+                    size = needed.next_multiple_of(crate::layout::LARGE_PAGE_SIZE);
+                }
+                _ => return size,
+            }
+        }
+    }
+
     /// Copies the validated segments into guest memory and zeroes their BSS.
     pub fn load(&self, ram: &GuestRam) -> Result<(), Error> {
         if self.image_end() > ram.size() {

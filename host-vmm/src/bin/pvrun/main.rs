@@ -77,6 +77,21 @@ mod cli_main {
         /// starts from without booting: mapped copy-on-write, shared by every sandbox on
         /// the machine. Exit status 0 when written, 125 otherwise.
         Snapshot(cli::snapshot::SnapshotArgs),
+        /// Package a guest ELF as an OCI image: one layer with the ELF, a config whose
+        /// entrypoint is the guest, labels saying it is a pvrun guest (ABI version, kind,
+        /// memory, devices). The same ELF and options give the same digest.
+        Package(PackageCmd),
+    }
+
+    #[derive(clap::Args)]
+    struct PackageCmd {
+        #[command(flatten)]
+        image: host_vmm::cli::package::PackageArgs,
+        /// The guest ELF.
+        guest: PathBuf,
+        /// Default arguments for the guest (the image's Cmd, after `--`).
+        #[arg(last = true)]
+        cmd: Vec<String>,
     }
 
     #[derive(clap::Args)]
@@ -165,6 +180,11 @@ mod cli_main {
                     serve_and_exit(&guest, s.opts, args)
                 }
             },
+            Command::Package(p) => {
+                let mut image = p.image;
+                image.cmd = p.cmd;
+                host_vmm::cli::package::package_and_exit(&p.guest, image)
+            }
             Command::Call(c) => {
                 let (guest, snapshot, rest) = match &c.snapshot {
                     Some(file) => (file.clone(), true, &c.operands[..]),
