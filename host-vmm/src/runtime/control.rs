@@ -1,5 +1,6 @@
 //! Stopping a running guest from another thread or a signal: the per-VM [`RunControl`]
-//! with its watchdog (timeouts), [`KillHandle`], and the process's SIGINT/SIGTERM handling.
+//! with its watchdog (timeouts), [`KillHandle`], and the process's SIGINT/SIGTERM (and, for
+//! the `pvrun` runner, SIGQUIT) handling.
 //!
 //! Stopping records the reason and sends the vCPU thread a real-time signal ("kick"). The
 //! kick's handler runs on the vCPU thread and sets that vCPU's `immediate_exit` flag (as
