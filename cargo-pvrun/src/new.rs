@@ -114,6 +114,13 @@ version = "0.1.0"
 edition = "2024"
 publish = false
 
+# `cargo pvrun test` runs the crate's `#[pvrun::test]` functions in pvrun VMs with the
+# SDK's harness (libtest needs std).
+[[bin]]
+name = "{name}"
+path = "src/main.rs"
+harness = false
+
 [dependencies]
 {dep}
 
@@ -147,8 +154,23 @@ pvrun::entry!(main);
 
 fn main() -> i32 {{
     let who = pvrun::env::args().nth(1).unwrap_or("world");
-    println!("hello, {{who}}, from {name}");
+    println!("{{}}", greeting(who));
     0 // the exit status; `()` and `Result<(), E: Debug>` work too
+}}
+
+fn greeting(who: &str) -> alloc::string::String {{
+    alloc::format!("hello, {{who}}, from {name}")
+}}
+
+// `cargo pvrun test` runs these in a pvrun VM.
+#[cfg(test)]
+mod tests {{
+    use super::*;
+
+    #[pvrun::test]
+    fn greets_by_name() {{
+        assert_eq!(greeting("you"), "hello, you, from {name}");
+    }}
 }}
 "#
         ),
@@ -179,6 +201,17 @@ fn hello(input: &[u8]) -> Result<Vec<u8>, String> {{
     let who = core::str::from_utf8(input).map_err(|e| alloc::format!("not UTF-8: {{e}}"))?;
     Ok(alloc::format!("hello, {{who}}").into_bytes())
 }}
+
+// `cargo pvrun test` runs these in a pvrun VM.
+#[cfg(test)]
+mod tests {{
+    use super::*;
+
+    #[pvrun::test]
+    fn upper_upper_cases_ascii() {{
+        assert_eq!(upper(b"abc-1").unwrap(), b"ABC-1");
+    }}
+}}
 "#
         ),
         Kind::Net => format!(
@@ -206,6 +239,15 @@ fn main() -> Result<(), pvrun::net::Error> {{
                 break;
             }}
         }}
+    }}
+}}
+
+// `cargo pvrun test` runs these in a pvrun VM (a test binary gets no devices).
+#[cfg(test)]
+mod tests {{
+    #[pvrun::test]
+    fn it_works() {{
+        assert_eq!(2 + 2, 4);
     }}
 }}
 "#
@@ -240,6 +282,15 @@ fn main() -> Result<(), pvrun::block::Error> {{
     println!("{name}: wrote and read back {{sector}} bytes of {{}} ({{}} bytes)", disk.name(), disk.capacity());
     Ok(())
 }}
+
+// `cargo pvrun test` runs these in a pvrun VM (a test binary gets no devices).
+#[cfg(test)]
+mod tests {{
+    #[pvrun::test]
+    fn it_works() {{
+        assert_eq!(2 + 2, 4);
+    }}
+}}
 "#
         ),
     }
@@ -252,7 +303,9 @@ fn readme(kind: Kind, name: &str) -> String {
         Kind::Net => "`cargo pvrun --net eth0=tap:tap0,ip=10.0.0.2/24` boots it on TAP `tap0` (create it with `ip tuntap add dev tap0 mode tap`); it echoes TCP on port 7.".to_string(),
         Kind::Disk => "`truncate -s 1M data.img && cargo pvrun --disk data=data.img` boots it with `data.img` as its disk `data`.".to_string(),
     };
-    format!("# {name}\n\nA pvrun guest: {how}\n")
+    format!(
+        "# {name}\n\nA pvrun guest: {how}\n\n`cargo pvrun test` runs its `#[pvrun::test]` functions in pvrun VMs.\n"
+    )
 }
 
 /// Creates the crate; exits 125 with one line on any error.

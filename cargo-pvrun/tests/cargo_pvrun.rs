@@ -439,6 +439,15 @@ fn new_makes_crates_that_build_and_run_as_created() {
             .join("pvrun/x86_64-unknown-linux-gnu/debug/my-guest")
             .is_file()
     );
+    // The crate is ready for `cargo pvrun test`: its one test passes in a guest.
+    let out = cargo_pvrun(&dir, &[&["test"][..], &build].concat());
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("test tests::greets_by_name ... ok")
+            && stdout.contains("test result: ok. 1 passed; 0 failed;"),
+        "{stdout}"
+    );
 
     let dir = new_crate(&root.0, "my-fn", &["--function"]);
     let out = cargo_pvrun(&dir, &[&["call"][..], &build, &["hello", "you"]].concat());
@@ -446,6 +455,13 @@ fn new_makes_crates_that_build_and_run_as_created() {
     assert_eq!(out.stdout, b"hello, you");
     let out = cargo_pvrun(&dir, &[&["call"][..], &build, &["upper", "abc"]].concat());
     assert_eq!(out.stdout, b"ABC");
+    let out = cargo_pvrun(&dir, &[&["test"][..], &build].concat());
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("test result: ok. 1 passed; 0 failed;"),
+        "{}",
+        text(&out.stdout)
+    );
 
     let dir = new_crate(&root.0, "my-disk", &["--disk"]);
     let img = root.0.join("data.img");

@@ -54,6 +54,15 @@ fn summary(stdout: &str) -> Vec<String> {
         .collect()
 }
 
+/// The 1-based line of `path` (under guest-examples) that contains `needle`.
+fn source_line(path: &str, needle: &str) -> usize {
+    let text = std::fs::read_to_string(examples().join(path)).unwrap();
+    text.lines()
+        .position(|l| l.contains(needle))
+        .unwrap_or_else(|| panic!("no `{needle}` in {path}"))
+        + 1
+}
+
 const LIB_RESULTS: &[&str] = &[
     "test tests::fails ... FAILED",
     "test tests::faults ... FAILED",
@@ -112,6 +121,50 @@ fn every_kind_of_test_gets_its_verdict_and_a_crash_does_not_reach_the_next_test(
     ] {
         assert!(failures.contains(want), "missing {want:?} in:\n{failures}");
     }
+    // A panicking and a faulting test show their call stack, innermost first, with the
+    // test function at its source line.
+    for (test, needle) in [
+        ("panics", "panic!(\"boom from panics\")"),
+        (
+            "faults",
+            "core::ptr::read_volatile(core::ptr::null::<u64>())",
+        ),
+    ] {
+        let block = failures
+            .split("\n---- ")
+            .find(|b| b.starts_with(&format!("tests::{test} stdout ----")))
+            .unwrap_or_else(|| panic!("no block for {test} in:\n{failures}"));
+        let frames: Vec<&str> = block
+            .split("\nstack backtrace:\n")
+            .nth(1)
+            .unwrap_or_else(|| panic!("no backtrace for {test} in:\n{block}"))
+            .lines()
+            .take_while(|l| l.starts_with("   "))
+            .collect();
+        assert!(frames[0].starts_with("   0: "), "{block}");
+        let line = source_line("testdemo/src/lib.rs", needle);
+        // `testdemo::tests::NAME` from the symbol table, or the short `NAME` DWARF gives
+        // an inlined function in a line-tables-only build (this release profile).
+        let at = frames
+            .iter()
+            .position(|f| {
+                let loc = format!("{test} at testdemo/src/lib.rs:{line}:");
+                f.contains(&format!(": {loc}")) || f.contains(&format!("::{loc}"))
+            })
+            .unwrap_or_else(|| panic!("no frame of tests::{test} at lib.rs:{line} in:\n{block}"));
+        // Innermost first: the harness that called the test is further down.
+        let harness = frames
+            .iter()
+            .position(|f| f.contains("pvrun::testing::run"))
+            .unwrap_or_else(|| panic!("no harness frame in:\n{block}"));
+        assert!(at < harness, "{block}");
+    }
+    // A failure that is not a panic or a crash has no backtrace.
+    let returns = failures
+        .split("\n---- ")
+        .find(|b| b.starts_with("tests::returns_an_error stdout"))
+        .expect("returns_an_error block");
+    assert!(!returns.contains("stack backtrace:"), "{returns}");
     let list = r
         .stdout
         .split("\nfailures:\n")

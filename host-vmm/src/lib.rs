@@ -59,7 +59,7 @@ pub use function::{Exports, FN_DATA_MAX, HostFn};
 pub use loader::{GuestImage, Segment};
 pub use output::{StdStream, eprint_line, escape_controls};
 pub use runtime::backtrace::{Backtrace, Crash, CrashKind, Registers};
-pub use runtime::control::{KillHandle, stop_guest_on_signals};
+pub use runtime::control::{KillHandle, stop_guest_on_quit, stop_guest_on_signals};
 pub use runtime::fault::Fault;
 pub use runtime::gdb::{GdbListener, GdbSession, parse_gdb_addr};
 pub use runtime::outcome::{

@@ -295,3 +295,129 @@ fn core_dump_failures_warn_and_keep_the_status() {
     assert!(!none.exists());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Starts the `crashes` guest in `mode` (`spin` or `sleep`) under `pvrun` with `opts`,
+/// waits for its first line (`started`), sends pvrun SIGQUIT and returns what it printed.
+fn quit_while(mode: &str, started: &str, opts: &[&str]) -> Run {
+    use std::io::{BufRead, BufReader, Read};
+    use std::process::Stdio;
+    let mut child = Command::new(common::pvrun_bin())
+        .args(["--timeout", "60"])
+        .args(opts)
+        .arg(guest("crashes"))
+        .arg("--")
+        .arg(mode)
+        .env_remove("RUST_BACKTRACE")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("cannot run pvrun");
+    // Killed on every way out of this function, so a failing test leaves no guest behind.
+    struct Reap(std::process::Child);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut stderr = child.stderr.take().unwrap();
+    let mut child = Reap(child);
+    let mut first = String::new();
+    stdout.read_line(&mut first).unwrap();
+    assert_eq!(first.trim_end(), started, "the guest did not start");
+    // Let it get into its loop (or its sleep).
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(
+        unsafe { libc::kill(child.0.id() as libc::pid_t, libc::SIGQUIT) },
+        0
+    );
+    let status = child.0.wait().unwrap();
+    let mut err = String::new();
+    stderr.read_to_string(&mut err).unwrap();
+    let mut out = first;
+    stdout.read_to_string(&mut out).unwrap();
+    Run {
+        status: status.code().unwrap_or(-1),
+        stdout: out,
+        stderr: err,
+    }
+}
+
+#[test]
+fn sigquit_writes_a_core_of_a_spinning_guest() {
+    let dir = tempdir("quit");
+    let file = dir.join("spin.core");
+    let r = quit_while("spin", "spinning", &["--core-dump", file.to_str().unwrap()]);
+    assert_eq!(r.status, 131, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .starts_with("pvrun: quit by signal 3 (SIGQUIT); guest stopped\n"),
+        "{}",
+        r.stderr
+    );
+    assert!(!r.stderr.contains("warning"), "{}", r.stderr);
+    // The report shows where the guest was.
+    let fr = frames(&r.stderr);
+    // The innermost frame is the loop (which of its lines depends on where the stop
+    // landed); the caller's is the call's line.
+    let inner = frame_at(&fr, "crashes::spin_inner", "crashes/src/main.rs:");
+    let outer = frame_at(&fr, "crashes::spin_outer", &marked("spin-outer"));
+    assert!(inner < outer, "{}", r.stderr);
+    let out = Command::new("gdb")
+        .args(["-nx", "-batch", "-ex", "bt", "-ex", "info registers rip"])
+        .arg(guest("crashes"))
+        .arg(&file)
+        .output()
+        .expect("gdb is needed (apt-get install gdb)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("signal SIGQUIT"), "{text}");
+    let inner = text.find("spin_inner").unwrap_or_else(|| panic!("{text}"));
+    let outer = text.find("spin_outer").unwrap_or_else(|| panic!("{text}"));
+    assert!(inner < outer, "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("rip") && l.contains("spin_inner")),
+        "{text}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn sigquit_of_a_sleeping_guest_and_without_core_dump() {
+    // A guest asleep in WAIT is stopped too; its core shows the sleep's caller.
+    let dir = tempdir("quitsleep");
+    let r = quit_while("sleep", "sleeping", &["--core-dump", dir.to_str().unwrap()]);
+    assert_eq!(r.status, 131, "{}", r.stderr);
+    let cores: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(cores.len(), 1, "{cores:?}\n{}", r.stderr);
+    let out = Command::new("gdb")
+        .args(["-nx", "-batch", "-ex", "bt"])
+        .arg(guest("crashes"))
+        .arg(&cores[0])
+        .output()
+        .expect("gdb is needed (apt-get install gdb)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("SIGQUIT") && text.contains("sleep_inner") && text.contains("sleep_outer"),
+        "{text}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+
+    // Without --core-dump: the same stop, report and status (131, not a host process
+    // killed by the signal: that would have no exit code).
+    let r = quit_while("spin", "spinning", &[]);
+    assert_eq!(r.status, 131, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .starts_with("pvrun: quit by signal 3 (SIGQUIT); guest stopped\n"),
+        "{}",
+        r.stderr
+    );
+    let fr = frames(&r.stderr);
+    frame_at(&fr, "crashes::spin_outer", &marked("spin-outer"));
+}

@@ -6,7 +6,9 @@
 //! `corrupt` (scribbles over the saved frame pointer, then faults), `loop-chain` (makes
 //! the saved frame pointer point at itself, then faults), `syscall`, `sysenter`, `int80`
 //! (Linux system calls, nr 39 = getpid), `noncanonical` (reads a non-canonical address),
-//! `xsetbv`. An unknown mode prints `unknown mode` and exits 2.
+//! `xsetbv`, `spin` (prints `spinning`, then loops forever two calls deep) and `sleep`
+//! (prints `sleeping`, then sleeps forever two calls deep; both for SIGQUIT tests). An
+//! unknown mode prints `unknown mode` and exits 2.
 #![no_std]
 #![no_main]
 
@@ -60,6 +62,32 @@ fn panic_outer(n: u64) -> u64 {
     panic_middle(black_box(n) + 1) + 3 // MARK: panic-outer
 }
 
+#[inline(never)]
+fn spin_inner(n: u64) -> u64 {
+    let mut x = n;
+    loop {
+        x = black_box(x.wrapping_mul(3).wrapping_add(1));
+    }
+}
+
+#[inline(never)]
+fn spin_outer(n: u64) -> u64 {
+    spin_inner(black_box(n)) + 1 // MARK: spin-outer
+}
+
+#[inline(never)]
+fn sleep_inner() {
+    loop {
+        pvrun::time::sleep(core::time::Duration::from_secs(3600));
+    }
+}
+
+#[inline(never)]
+fn sleep_outer() {
+    sleep_inner();
+    black_box(());
+}
+
 /// Overwrites the frame pointer this function saved for its caller with `value` (or with
 /// the address of the slot itself, a loop), then faults.
 #[inline(never)]
@@ -106,6 +134,17 @@ fn main() -> i32 {
             black_box(corrupt_then_fault(None));
         }
         "syscall" | "sysenter" | "int80" => linux_syscall(mode),
+        "spin" => {
+            pvrun::println!("spinning");
+            // Console output is delivered at the guest's exits: a spinning guest makes none.
+            pvrun::console::flush();
+            black_box(spin_outer(7));
+        }
+        "sleep" => {
+            pvrun::println!("sleeping");
+            pvrun::console::flush();
+            sleep_outer();
+        }
         "noncanonical" => {
             black_box(peek(black_box(0x8000_0000_0000_1000)));
         }

@@ -47,7 +47,8 @@ pub struct VmOptions {
     /// on when RUST_BACKTRACE is set to 1 or full.
     #[arg(long)]
     pub backtrace: bool,
-    /// Write an ELF core file when the guest crashes or panics (a directory: write
+    /// Write an ELF core file when the guest crashes or panics, or when pvrun gets
+    /// SIGQUIT (the guest's state at that stop; exit status 131) (a directory: write
     /// `core.GUEST.PID` in it); `gdb GUEST CORE` reads it.
     #[arg(long, value_name = "PATH")]
     pub core_dump: Option<PathBuf>,
@@ -219,8 +220,9 @@ impl Program {
 }
 
 /// Boots `elf` with `config`, prints the outcome's report (if any, with the guest's call
-/// stack for a crash) on stderr, writes a core file if `debug` asks for one, and exits the
-/// process with the documented status. Host errors are one `pvrun: error:` line and
+/// stack for a crash or a SIGQUIT) on stderr, writes a core file if `debug` asks for one
+/// (after a crash, a panic, or a SIGQUIT, which stops the guest and exits 131), and exits
+/// the process with the documented status. Host errors are one `pvrun: error:` line and
 /// status 125; a core file that cannot be written is one `pvrun: warning:` line and
 /// changes no status.
 pub fn run_and_exit(elf: &Path, config: VmConfig, debug: &DebugOptions) -> ! {
@@ -253,6 +255,8 @@ fn run_and_exit_when_as(
     program: &Program,
     go: impl FnOnce() -> bool,
 ) -> ! {
+    // SIGQUIT stops the guest with its state kept (a core file with --core-dump).
+    crate::stop_guest_on_quit();
     let disks: Vec<String> = config.disks.iter().map(|d| d.name.clone()).collect();
     let vm = GuestImage::from_file(elf).and_then(|image| Vm::new(Arc::new(image), config));
     let mut vm = match vm {

@@ -440,6 +440,18 @@ impl Sandbox {
         self.template.functions()
     }
 
+    /// The guest's registers and call stack at the panic or crash that ended the last
+    /// call, if it ended that way (until the next call): for a report with a backtrace
+    /// (`crash.backtrace.render(sandbox.image())`).
+    pub fn crash(&self) -> Option<&crate::Crash> {
+        self.vm.crash()
+    }
+
+    /// The image this sandbox runs.
+    pub fn image(&self) -> &GuestImage {
+        self.vm.image()
+    }
+
     /// A handle to stop the running call from another thread.
     pub fn kill_handle(&self) -> KillHandle {
         self.vm.kill_handle()

@@ -96,6 +96,9 @@ pub enum CrashKind {
     Exception(u64),
     /// A panic or abort (the `ABORT` hypercall).
     Abort,
+    /// The host stopped the guest on request: it got this signal (SIGQUIT asks for the
+    /// guest's state, like a core-dumping quit of a process).
+    Signal(i32),
 }
 
 impl CrashKind {
@@ -103,6 +106,7 @@ impl CrashKind {
     pub fn signal(self) -> i32 {
         match self {
             CrashKind::Abort => libc::SIGABRT,
+            CrashKind::Signal(sig) => sig,
             CrashKind::Exception(0 | 16 | 19) => libc::SIGFPE,
             CrashKind::Exception(1 | 3) => libc::SIGTRAP,
             CrashKind::Exception(6) => libc::SIGILL,

@@ -1,5 +1,6 @@
 //! Stopping a running guest from another thread or a signal: the per-VM [`RunControl`]
-//! with its watchdog (timeouts), [`KillHandle`], and the process's SIGINT/SIGTERM handling.
+//! with its watchdog (timeouts), [`KillHandle`], and the process's SIGINT/SIGTERM (and, for
+//! the `pvrun` runner, SIGQUIT) handling.
 //!
 //! Stopping records the reason and sends the vCPU thread a real-time signal ("kick"). The
 //! kick's handler runs on the vCPU thread and sets that vCPU's `immediate_exit` flag (as
@@ -327,6 +328,21 @@ pub fn stop_guest_on_signals() {
             libc::sigemptyset(&mut sa.sa_mask);
             libc::sigaction(sig, &sa, std::ptr::null_mut());
         }
+    }
+}
+
+/// Makes SIGQUIT stop the running guest too ([`crate::Outcome::Interrupted`] with
+/// `SIGQUIT`, exit status 131), with the guest's registers and call stack at the stop kept
+/// in [`crate::Vm::crash`] (for its report and a core file), instead of the default
+/// core-dumping kill of the host process. For the single-VM `pvrun` runner.
+pub fn stop_guest_on_quit() {
+    install_kick_handler();
+    // SAFETY: as in `stop_guest_on_signals`.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_terminate as extern "C" fn(libc::c_int) as usize;
+        libc::sigemptyset(&mut sa.sa_mask);
+        libc::sigaction(libc::SIGQUIT, &sa, std::ptr::null_mut());
     }
 }
 

@@ -63,8 +63,9 @@ impl Drop for Vm {
 }
 
 impl Vm {
-    /// The guest's registers and call stack at the crash or panic that ended the last
-    /// [`Vm::run`] (`None` if it did not end that way).
+    /// The guest's registers and call stack at the crash, panic or SIGQUIT stop
+    /// ([`crate::stop_guest_on_quit`]) that ended the last [`Vm::run`] (`None` if it did
+    /// not end that way).
     pub fn crash(&self) -> Option<&backtrace::Crash> {
         self.crash.as_ref()
     }

@@ -82,6 +82,10 @@ impl Outcome {
                 t.as_secs_f64()
             )),
             Outcome::Killed => Some("pvrun: guest was killed".into()),
+            Outcome::Interrupted(libc::SIGQUIT) => Some(format!(
+                "pvrun: quit by signal {} (SIGQUIT); guest stopped",
+                libc::SIGQUIT
+            )),
             Outcome::Interrupted(sig) => {
                 Some(format!("pvrun: interrupted by signal {sig}; guest stopped"))
             }
@@ -93,8 +97,8 @@ impl Outcome {
     }
 
     /// [`Outcome::report`] followed by the guest's call stack, one indented frame a line
-    /// (`   0: function at file:line:col`), when the run ended in a crash (always) or a
-    /// panic (with `panic_backtrace`) and `crash` holds the guest's state at that point
+    /// (`   0: function at file:line:col`), when the run ended in a crash (always), a
+    /// quit on SIGQUIT (always) or a panic (with `panic_backtrace`) and `crash` holds the guest's state at that point
     /// ([`crate::Vm::crash`]). The DWARF of `image` is parsed here, not before.
     pub fn report_with_backtrace(
         &self,
@@ -106,6 +110,8 @@ impl Outcome {
         let wanted = match self {
             Outcome::Fault(f) => f.vector.is_some(),
             Outcome::Panicked(_) => panic_backtrace,
+            // A quit on request shows where the guest was (like a thread dump).
+            Outcome::Interrupted(libc::SIGQUIT) => true,
             _ => false,
         };
         if let (true, Some(crash)) = (wanted, crash) {

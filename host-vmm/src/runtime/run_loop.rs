@@ -113,6 +113,11 @@ impl Vm {
             self.control.arm(Some(started + t));
         }
         let r = self.run_loop();
+        // A quit on request (SIGQUIT): keep the guest's state at the stop, for its call
+        // stack and a core file, as for a crash.
+        if let Ok(Outcome::Interrupted(sig @ libc::SIGQUIT)) = r {
+            self.crash = self.capture(CrashKind::Signal(sig), None);
+        }
         if self.timeout.is_some() {
             self.control.arm(None);
         }

@@ -245,7 +245,19 @@ impl Work<'_> {
             let sb = sandbox.as_mut().expect("created above");
             capture.take();
             let r = sb.call(list::RUN_FUNCTION, &t.index.to_le_bytes());
-            let verdict = judge(t, r);
+            // A panic or a CPU exception: the test's call stack, as a crash report has it
+            // (symbolized only for a failure, from the image's DWARF).
+            let backtrace = match &r {
+                Err(CallError::Panic(_)) => sb.crash(),
+                Err(CallError::Fault(f)) if f.vector.is_some() => sb.crash(),
+                _ => None,
+            }
+            .map(|c| c.backtrace.render(sb.image()));
+            let mut verdict = judge(t, r);
+            if let (Verdict::Failed(m), Some(bt)) = (&mut verdict, backtrace) {
+                m.push_str("\nstack backtrace:\n");
+                m.push_str(bt.trim_end());
+            }
             emit(Done {
                 pos,
                 verdict,
