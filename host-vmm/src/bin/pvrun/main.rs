@@ -1,12 +1,14 @@
 //! `pvrun`: boot a guest ELF in a fresh KVM VM and exit with its status (`pvrun run`, also
 //! the implicit subcommand), serve a function guest's functions over HTTP (`pvrun serve`),
 //! or call one of them from the shell (`pvrun call`); `pvrun snapshot` writes a snapshot
-//! file that `pvrun serve --snapshot` starts from.
+//! file that `pvrun serve --snapshot` and `pvrun call --snapshot` start from; `pvrun
+//! package` makes an OCI image of a guest.
 
 #[cfg(not(feature = "cli"))]
 fn main() {
-    eprintln!(
-        "pvrun: error: this pvrun was built without the `cli` feature; build it with `cargo build -p host-vmm --features cli` (or from the workspace root)"
+    // Never `eprintln!`: it panics when stderr is closed.
+    host_vmm::eprint_line(
+        "pvrun: error: this pvrun was built without the `cli` feature; build it with `cargo build -p host-vmm --features cli` (or from the workspace root)",
     );
     std::process::exit(125);
 }
