@@ -169,7 +169,7 @@ fn access_event(
         .unwrap_or(0);
     tracing::info!(
         target: ACCESS,
-        request_id = id,
+        request_id = %id,
         guest = %log::escape(&shared.guest, 200),
         method = %log::escape(method, 20),
         path = %log::escape(path, 200),
