@@ -31,8 +31,13 @@ struct Server {
 
 impl Server {
     fn start(rust_log: Option<&str>, source: &Path) -> Server {
+        Server::start_with(&[], rust_log, source)
+    }
+
+    fn start_with(extra: &[&str], rust_log: Option<&str>, source: &Path) -> Server {
         let mut cmd = Command::new(pvrun_bin());
         cmd.args(["serve", "--listen", "127.0.0.1:0", "--pool", "1"])
+            .args(extra)
             .arg(source)
             .stderr(Stdio::piped())
             .env_remove("RUST_LOG");
@@ -221,4 +226,15 @@ fn no_access_lines_without_rust_log() {
     assert_eq!(s.request("POST", "/upper", b"hello").0, 200);
     std::thread::sleep(Duration::from_millis(300));
     assert!(s.access_lines(0).is_empty());
+}
+
+#[test]
+fn verbose_turns_the_access_log_on() {
+    let s = Server::start_with(&["-v"], None, &guest("functions"));
+    let (st, id) = s.request("POST", "/upper", b"hi");
+    assert_eq!(st, 200);
+    let lines = s.access_lines(1);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(field(&lines[0], "request_id"), id, "{lines:?}");
+    assert_eq!(field(&lines[0], "output_bytes"), "2", "{lines:?}");
 }
