@@ -38,6 +38,70 @@ fn hypercall(bench: &Path) -> Duration {
     Duration::from_nanos(ns)
 }
 
+/// A temporary directory, removed on drop (also when the benchmark panics).
+struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    fn new() -> TempDir {
+        let p = std::env::temp_dir().join(format!("pvrun-bench-vmm-{}", std::process::id()));
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Medians of whole `pvrun call` processes of function `upper` on input `hello`: (from the
+/// snapshot file `pvrun snapshot` wrote of `functions`, with a fresh boot + init of it).
+/// Each process starts, boots or maps, calls, prints the answer and exits.
+fn call_processes(pvrun: &Path, functions: &Path, runs: usize) -> (Duration, Duration) {
+    let dir = TempDir::new();
+    let file = dir.0.join("functions.snap");
+    let out = Command::new(pvrun)
+        .args([
+            "snapshot".as_ref(),
+            "-o".as_ref(),
+            file.as_os_str(),
+            functions.as_os_str(),
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "pvrun snapshot: {out:?}");
+    // Both answer the same (checked once, outside the timing).
+    let answer = |args: &[&std::ffi::OsStr]| {
+        let out = Command::new(pvrun)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "pvrun {args:?}: {out:?}");
+        out.stdout
+    };
+    let snap_args = [
+        "call".as_ref(),
+        "--snapshot".as_ref(),
+        file.as_os_str(),
+        "upper".as_ref(),
+        "hello".as_ref(),
+    ];
+    let boot_args = [
+        "call".as_ref(),
+        functions.as_os_str(),
+        "upper".as_ref(),
+        "hello".as_ref(),
+    ];
+    assert_eq!(answer(&snap_args), b"HELLO");
+    assert_eq!(answer(&boot_args), b"HELLO");
+    (
+        spawn(pvrun, &snap_args, runs),
+        spawn(pvrun, &boot_args, runs),
+    )
+}
+
 /// Medians of (VM creation .. guest exit, the same including the ELF read, VM teardown).
 fn boot_in_process(hello: &Path, runs: usize) -> (Duration, Duration, Duration) {
     let img = Arc::new(GuestImage::from_file(hello).unwrap());
@@ -67,15 +131,21 @@ fn boot_in_process(hello: &Path, runs: usize) -> (Duration, Duration, Duration) 
     (median(warm), median(with_elf), median(teardown))
 }
 
-fn spawn(cmd: &Path, args: &[&Path], runs: usize) -> Duration {
+fn spawn<A: AsRef<std::ffi::OsStr>>(cmd: &Path, args: &[A], runs: usize) -> Duration {
     let once = || {
         let t = Instant::now();
         let st = Command::new(cmd)
             .args(args)
+            .stdin(Stdio::null())
             .stdout(Stdio::null())
             .status()
             .unwrap();
-        assert!(st.success());
+        assert!(
+            st.success(),
+            "{} {:?}: {st}",
+            cmd.display(),
+            args.iter().map(|a| a.as_ref()).collect::<Vec<_>>()
+        );
         t.elapsed()
     };
     once();
@@ -94,7 +164,8 @@ fn main() {
     let (boot, boot_elf, teardown) = boot_in_process(&hello, runs);
     let pvrun = Path::new(env!("CARGO_BIN_EXE_pvrun"));
     let whole = spawn(pvrun, &[&hello], runs);
-    let fork_exec = spawn(Path::new("/bin/true"), &[], runs);
+    let fork_exec = spawn::<&str>(Path::new("/bin/true"), &[], runs);
+    let (call_snap, call_boot) = call_processes(pvrun, &guest("functions"), runs);
 
     println!("pvrun benchmark (medians; floors measured in this run)");
     println!();
@@ -133,5 +204,17 @@ fn main() {
         us(whole),
         us(fork_exec),
         whole.as_secs_f64() / fork_exec.as_secs_f64()
+    );
+    println!(
+        "| whole process `pvrun call --snapshot FILE upper hello` (`functions`) | {} | {} (fork+exec /bin/true) | {:.2}x | <= 3 ms |",
+        us(call_snap),
+        us(fork_exec),
+        call_snap.as_secs_f64() / fork_exec.as_secs_f64()
+    );
+    println!(
+        "| whole process `pvrun call functions upper hello` (fresh boot + init) | {} | {} (fork+exec /bin/true) | {:.2}x | - |",
+        us(call_boot),
+        us(fork_exec),
+        call_boot.as_secs_f64() / fork_exec.as_secs_f64()
     );
 }

@@ -95,12 +95,12 @@ pub fn init_to(verbose: u8, sink: Sink) {
             )),
         }
     }
-    let level = match verbose {
-        0 => None,
-        1 => Some("host_vmm=debug"),
-        _ => Some("host_vmm=trace"),
+    let level: &[&str] = match verbose {
+        0 => &[],
+        1 => &["host_vmm=debug", "pvrun::access=info"],
+        _ => &["host_vmm=trace", "pvrun::access=info"],
     };
-    if let Some(d) = level.and_then(|d| d.parse().ok()) {
+    for d in level.iter().filter_map(|d| d.parse().ok()) {
         filter = filter.add_directive(d);
     }
     let _ = tracing_subscriber::fmt()

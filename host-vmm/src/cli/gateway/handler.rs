@@ -32,6 +32,8 @@ pub(super) struct Shared {
     pub call_log: RateLimited,
     pub busy_log: RateLimited,
     pub metrics: super::metrics::Metrics,
+    /// The guest served (its path or snapshot file, as given), for the access log.
+    pub guest: String,
 }
 
 /// The built pool and what requests need from it.
@@ -122,11 +124,63 @@ pub(super) async fn handle(
     req: Request<Incoming>,
 ) -> Result<Resp, Infallible> {
     let id = shared.ids.next();
-    let mut resp = route(&shared, &id, req).await;
+    let started = Instant::now();
+    // What the access log needs from the request, taken before it is consumed (only when
+    // someone listens: a quiet server pays one relaxed load).
+    let access = tracing::enabled!(target: ACCESS, tracing::Level::INFO)
+        .then(|| (req.method().to_string(), req.uri().path().to_string()));
+    let mut input_bytes = 0u64;
+    let mut resp = route(&shared, &id, req, &mut input_bytes).await;
     if let Ok(v) = HeaderValue::from_str(&id) {
         resp.headers_mut().insert("x-request-id", v);
     }
+    if let Some((method, path)) = access {
+        access_event(&shared, &id, &method, &path, &resp, input_bytes, started);
+    }
     Ok(resp)
+}
+
+/// The `tracing` target of the per-request access log (`RUST_LOG=pvrun::access=info`,
+/// also on with `-v`).
+pub(super) const ACCESS: &str = "pvrun::access";
+
+/// One access-log event: every text a client or guest chose is escaped (and cut at 200
+/// characters) before it reaches the log.
+fn access_event(
+    shared: &Shared,
+    id: &str,
+    method: &str,
+    path: &str,
+    resp: &Resp,
+    input_bytes: u64,
+    started: Instant,
+) {
+    let function = match path.strip_prefix('/') {
+        Some(f) if method == "POST" && !f.is_empty() => f,
+        _ => "-",
+    };
+    let outcome = resp
+        .headers()
+        .get("x-pvrun-outcome")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-");
+    let output_bytes = hyper::body::Body::size_hint(resp.body())
+        .exact()
+        .unwrap_or(0);
+    tracing::info!(
+        target: ACCESS,
+        request_id = %id,
+        guest = %log::escape(&shared.guest, 200),
+        method = %log::escape(method, 20),
+        path = %log::escape(path, 200),
+        function = %log::escape(function, 200),
+        status = resp.status().as_u16(),
+        outcome = %log::escape(outcome, 40),
+        latency_us = started.elapsed().as_micros() as u64,
+        input_bytes,
+        output_bytes,
+        "request"
+    );
 }
 
 /// Where a request goes, from its method and path alone.
@@ -209,7 +263,12 @@ fn body_share(declared: Option<u64>, max_input: u64, max_buffered: usize) -> Sha
     Share::Reserve(want)
 }
 
-async fn route(shared: &Arc<Shared>, id: &str, req: Request<Incoming>) -> Resp {
+async fn route(
+    shared: &Arc<Shared>,
+    id: &str,
+    req: Request<Incoming>,
+    input_bytes: &mut u64,
+) -> Resp {
     let ready = shared.pool.get();
     let functions = ready.map(|r| r.pool.functions());
     let route = route_of(req.method(), req.uri().path(), functions);
@@ -248,7 +307,7 @@ async fn route(shared: &Arc<Shared>, id: &str, req: Request<Incoming>) -> Resp {
         (Route::Call(name), Some(ready)) => (ready, name.to_string()),
     };
     let mut facts = (None, 0);
-    let resp = call(shared, id, ready, &name, req, &mut facts).await;
+    let resp = call(shared, id, ready, &name, req, &mut facts, input_bytes).await;
     // The outcome header is set on every response below.
     let outcome = resp
         .headers()
@@ -268,6 +327,7 @@ async fn call(
     name: &str,
     req: Request<Incoming>,
     facts: &mut (Option<f64>, usize),
+    input_bytes: &mut u64,
 ) -> Resp {
     let name = name.to_string();
 
@@ -319,7 +379,11 @@ async fn call(
     let limit = usize::try_from(want).unwrap_or(usize::MAX);
     let body = Limited::new(req.into_body(), limit);
     let input = match tokio::time::timeout(shared.body_timeout, body.collect()).await {
-        Ok(Ok(c)) => c.to_bytes(),
+        Ok(Ok(c)) => {
+            let b = c.to_bytes();
+            *input_bytes = b.len() as u64;
+            b
+        }
         Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => return too_large(None),
         Ok(Err(_)) => {
             return closing(text(400, "bad-request", "cannot read the request body\n"));

@@ -147,6 +147,7 @@ where
             call_log: RateLimited::new(20),
             busy_log: RateLimited::new(1),
             metrics: metrics::Metrics::new(),
+            guest: guest.clone(),
         });
         // The pool is built on a thread of its own (the port answers `/healthz`
         // meanwhile), which then becomes the first of the call threads.
