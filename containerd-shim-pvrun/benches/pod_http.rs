@@ -3,7 +3,7 @@
 //! of a CNI-like veth pair -> the pod's `eth0` -> the shim's tc redirect -> the TAP in the
 //! pod's namespace -> the guest), the direct path is `pvrun --net eth0=tap:tap0` with the
 //! client on the TAP's host side (host-vmm/benches/net.rs's setup). Load: `wrk -t2 -c50`
-//! (keep-alive), `-d2s` without `--bench`, `-d10s` with it; both guests get the default
+//! (keep-alive), `-d2s` without `--bench`, `-d10s` with it, 3 alternating runs per path; both guests get the default
 //! memory (64 MiB). Needs root, /dev/kvm,
 //! containerd, `ip`, `curl` and `wrk` (`apt-get install wrk`; not needed by CI, which
 //! does not run benchmarks). Run with `cargo bench -p containerd-shim-pvrun --bench
@@ -89,6 +89,13 @@ fn wrk(ns: &str, url: &str, secs: u32) -> f64 {
         .unwrap_or_else(|| panic!("no Requests/sec in: {out}"))
 }
 
+const ROUNDS: usize = 3;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
 fn main() {
     let secs = if std::env::args().any(|a| a == "--bench") {
         10
@@ -136,8 +143,6 @@ fn main() {
     );
     g.0.stdin.as_mut().unwrap().write_all(b"g").unwrap();
     wait_http(&direct_ns, "http://10.79.0.2/");
-    let direct = wrk(&direct_ns, "http://10.79.0.2/", secs);
-    drop(g);
 
     // Pod: CNI-like veth pair, the guest run by containerd through the shim.
     let pod = nss.add(format!("pvb-pod-{id}"));
@@ -183,11 +188,20 @@ fn main() {
         .unwrap(),
     );
     wait_http(&node, "http://10.79.1.2/");
-    let via_pod = wrk(&node, "http://10.79.1.2/", secs);
+    // Both guests up; alternate the two paths and take medians (the machine is shared).
+    let (mut d, mut p) = (Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        d.push(wrk(&direct_ns, "http://10.79.0.2/", secs));
+        p.push(wrk(&node, "http://10.79.1.2/", secs));
+    }
+    let (direct, via_pod) = (median(d), median(p));
+    drop(g);
     let _ = c.ctr(&["tasks", "kill", "-s", "SIGTERM", "web"]);
     drop(web);
 
-    println!("http-hello, wrk -t2 -c50 -d{secs}s keep-alive, GET / (same run; higher is better)");
+    println!(
+        "http-hello, wrk -t2 -c50 -d{secs}s keep-alive, GET /: medians of {ROUNDS} alternating runs per path (same run; higher is better)"
+    );
     println!();
     println!("| path | requests/s | direct TAP | ratio |");
     println!("|---|---|---|---|");
