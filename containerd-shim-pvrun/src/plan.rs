@@ -20,7 +20,16 @@ pub struct Plan {
     pub mem: u64,
     /// What the ELF declares.
     pub info: GuestInfo,
+    /// `--disk NAME=PATH[,ro]` for every disk the guest declares (see [`disks`]).
+    pub disks: Vec<String>,
 }
+
+/// Where a mount offers a disk image for the guest's block device NAME: an OCI mount whose
+/// destination is `/pvrun/disks/NAME` and whose source is a regular file on the host (a
+/// bind mount: `ctr run --mount type=bind,src=IMG,dst=/pvrun/disks/NAME,options=rbind:rw`,
+/// a Kubernetes `hostPath` volume of `type: File` mounted at that path) becomes `--disk
+/// NAME=SOURCE`, read-only when the mount has the `ro` option.
+pub const DISK_MOUNT_DIR: &str = "/pvrun/disks/";
 
 const MIB: u64 = 1 << 20;
 const LARGE_PAGE: u64 = 2 * MIB;
@@ -102,13 +111,100 @@ pub fn plan(
             bounded
         }
     };
+    let disks = disks(spec, &info)?;
     Ok(Plan {
         elf,
         argv,
         env,
         mem,
         info,
+        disks,
     })
+}
+
+/// The `--disk` options for the block devices `info` declares, from the spec's mounts at
+/// [`DISK_MOUNT_DIR`]`NAME`. A declared disk with no such mount, a mount for a disk the
+/// guest does not declare, and a source that is not a regular file are one-line errors.
+pub fn disks(spec: &Spec, info: &GuestInfo) -> Result<Vec<String>, String> {
+    let declared: Vec<&str> = info
+        .devices
+        .iter()
+        .filter_map(|d| d.strip_prefix("block:"))
+        .collect();
+    let mut found: Vec<(String, String)> = Vec::new();
+    for m in spec.mounts().as_deref().unwrap_or_default() {
+        let dst = m.destination().to_string_lossy();
+        let Some(name) = dst.strip_prefix(DISK_MOUNT_DIR) else {
+            continue;
+        };
+        let name = name.trim_end_matches('/');
+        if !declared.contains(&name) {
+            return Err(format!(
+                "the mount at `{}` offers a disk this guest does not declare (it declares: {}); mount disks at {DISK_MOUNT_DIR}NAME for its block devices",
+                dst.escape_default(),
+                if declared.is_empty() {
+                    "none".to_string()
+                } else {
+                    declared.join(", ")
+                }
+            ));
+        }
+        let Some(source) = m.source().as_ref() else {
+            return Err(format!(
+                "the mount at `{}` has no source; bind-mount a disk image file there",
+                dst.escape_default()
+            ));
+        };
+        let src = source.to_string_lossy();
+        match std::fs::metadata(source) {
+            Ok(meta) if meta.is_file() => {}
+            Ok(_) => {
+                return Err(format!(
+                    "disk `{name}`: the mount source `{}` is not a regular file; bind-mount a disk image file (create one with `truncate -s 64M FILE`)",
+                    src.escape_default()
+                ));
+            }
+            Err(e) => {
+                return Err(format!(
+                    "disk `{name}`: cannot open the mount source `{}` ({e}); bind-mount an existing disk image file",
+                    src.escape_default()
+                ));
+            }
+        }
+        if src.contains(',') || src.contains('\n') {
+            return Err(format!(
+                "disk `{name}`: the mount source `{}` has a comma or newline in its path; move the image to a plainer path",
+                src.escape_default()
+            ));
+        }
+        let ro = m
+            .options()
+            .as_deref()
+            .unwrap_or_default()
+            .iter()
+            .any(|o| o == "ro");
+        if found.iter().any(|(n, _)| n == name) {
+            return Err(format!(
+                "disk `{name}` is mounted twice at {DISK_MOUNT_DIR}{name}; mount it once"
+            ));
+        }
+        found.push((
+            name.to_string(),
+            format!("{name}={src}{}", if ro { ",ro" } else { "" }),
+        ));
+    }
+    let mut out = Vec::new();
+    for name in declared {
+        match found.iter().find(|(n, _)| n == name) {
+            Some((_, opt)) => out.push(opt.clone()),
+            None => {
+                return Err(format!(
+                    "this guest needs disk `{name}`: mount a disk image file at {DISK_MOUNT_DIR}{name} (e.g. `ctr run --mount type=bind,src=IMG,dst={DISK_MOUNT_DIR}{name},options=rbind:rw`)"
+                ));
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// `path` (absolute, as in the image) under `rootfs`, refusing `..` and any symlink that
@@ -247,5 +343,85 @@ mod tests {
         let bad = |_: &Path, _: &[u8]| Err("guest `/hello` was built for pvrun ABI v2".to_string());
         let e = plan(&spec(&["/hello"], None), &root.0, bad).unwrap_err();
         assert!(e.contains("ABI v2"), "{e}");
+    }
+
+    #[test]
+    fn declared_disks_come_from_mounts_at_pvrun_disks() {
+        let root = rootfs();
+        let img = root.0.join("disk.img");
+        std::fs::write(&img, [0u8; 4096]).unwrap();
+        let mut gi = info(14 * MIB);
+        gi.devices = vec!["block:data".into(), "net:eth0".into()];
+        let with_mounts = |mounts: serde_json::Value| {
+            let mut v = serde_json::to_value(spec(&["/hello"], None)).unwrap();
+            v["mounts"] = mounts;
+            serde_json::from_value::<Spec>(v).unwrap()
+        };
+        let bind = |src: &Path, dst: &str, opts: &[&str]| serde_json::json!({"destination": dst, "type": "bind", "source": src, "options": opts});
+        let ok = with_mounts(serde_json::json!([
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            bind(&img, "/pvrun/disks/data", &["rbind", "rw"]),
+        ]));
+        assert_eq!(
+            disks(&ok, &gi).unwrap(),
+            [format!("data={}", img.display())]
+        );
+        let ro = with_mounts(serde_json::json!([bind(
+            &img,
+            "/pvrun/disks/data",
+            &["rbind", "ro"]
+        )]));
+        assert_eq!(
+            disks(&ro, &gi).unwrap(),
+            [format!("data={},ro", img.display())]
+        );
+        // The guest declares no disk: nothing needed, nothing attached.
+        assert!(disks(&ok, &info(14 * MIB)).is_err());
+        assert_eq!(
+            disks(&spec(&["/hello"], None), &info(14 * MIB)).unwrap(),
+            Vec::<String>::new()
+        );
+        let cases = [
+            (
+                spec(&["/hello"], None),
+                "needs disk `data`: mount a disk image file at /pvrun/disks/data",
+            ),
+            (
+                with_mounts(serde_json::json!([bind(
+                    &root.0,
+                    "/pvrun/disks/data",
+                    &["rbind"]
+                )])),
+                "is not a regular file",
+            ),
+            (
+                with_mounts(serde_json::json!([bind(
+                    &root.0.join("none"),
+                    "/pvrun/disks/data",
+                    &["rbind"]
+                )])),
+                "cannot open the mount source",
+            ),
+            (
+                with_mounts(serde_json::json!([bind(
+                    &img,
+                    "/pvrun/disks/logs",
+                    &["rbind"]
+                )])),
+                "does not declare (it declares: data)",
+            ),
+            (
+                with_mounts(serde_json::json!([
+                    bind(&img, "/pvrun/disks/data", &[]),
+                    bind(&img, "/pvrun/disks/data", &[])
+                ])),
+                "mounted twice",
+            ),
+        ];
+        for (s, want) in cases {
+            let e = disks(&s, &gi).unwrap_err();
+            assert!(e.contains(want), "{want}: {e}");
+            assert!(!e.contains('\n'), "{e}");
+        }
     }
 }

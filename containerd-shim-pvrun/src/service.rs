@@ -268,6 +268,9 @@ impl Service {
                 .find(|(k, _)| k == pvrun_oci::ENV_KIND)
                 .is_some_and(|(_, v)| v == "function");
             if function {
+                if !plan.disks.is_empty() {
+                    return Err("this function guest declares a disk; the shim serves function guests without block devices (run it as a program guest, or drop require_device!(block, ...))".into());
+                }
                 // `pvrun serve` on $PORT (default 8080), in the pod's network namespace.
                 let port = match plan.env.iter().rev().find(|(k, _)| k == "PORT") {
                     None => 8080,
@@ -289,6 +292,9 @@ impl Service {
             cmd.arg(RUN_GUEST).arg("--mem").arg(plan.mem.to_string());
             for (k, v) in &plan.env {
                 cmd.arg(format!("--env={k}={v}"));
+            }
+            for d in &plan.disks {
+                cmd.arg(format!("--disk={d}"));
             }
             net = self.pod_net(req, spec, &plan)?;
             if let Some(n) = &net {

@@ -509,3 +509,108 @@ fn a_function_guest_serves_http_on_port_in_the_pod_namespace() {
     let server = server.wait_with_output().unwrap();
     assert_eq!(server.status.code(), Some(0), "{}", text(&server.stderr));
 }
+
+/// A temporary directory removed on drop (also when the test fails).
+struct TempDir(std::path::PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn a_bind_mount_at_pvrun_disks_is_the_guests_disk_and_keeps_data_between_runs() {
+    let c = Containerd::start("disk");
+    let image = c.import_guest(&guest("kvstore"), "kvstore");
+    let dir = TempDir(std::env::temp_dir().join(format!("pvrun-shim-disk-{}", std::process::id())));
+    let _ = std::fs::remove_dir_all(&dir.0);
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let img = dir.0.join("data.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    let mount = |src: &Path, opts: &str| {
+        format!(
+            "type=bind,src={},dst=/pvrun/disks/data,options=rbind:{opts}",
+            src.display()
+        )
+    };
+    let rw = mount(&img, "rw");
+    // First run writes, second run (a new container, a new guest) reads it back.
+    let o = c.run(
+        &["--mount", &rw],
+        &image,
+        "kv-write",
+        &[
+            "/kvstore",
+            "put",
+            "alpha",
+            "1",
+            ";",
+            "put",
+            "beta",
+            "two words",
+        ],
+    );
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}{}",
+        text(&o.stdout),
+        text(&o.stderr)
+    );
+    assert!(
+        text(&o.stdout).contains("recovered 0 records"),
+        "{}",
+        text(&o.stdout)
+    );
+    let o = c.run(
+        &["--mount", &rw],
+        &image,
+        "kv-read",
+        &["/kvstore", "get", "beta", ";", "count"],
+    );
+    let out = text(&o.stdout);
+    assert_eq!(o.status.code(), Some(0), "{out}{}", text(&o.stderr));
+    assert!(out.contains("recovered 2 records, 2 keys"), "{out}");
+    assert!(out.contains("beta=two words\n2\n"), "{out}");
+    // Read-only: the guest reads, its writes are refused, the image is unchanged.
+    let before = std::fs::read(&img).unwrap();
+    let o = c.run(
+        &["--mount", &mount(&img, "ro")],
+        &image,
+        "kv-ro",
+        &["/kvstore", "get", "alpha", ";", "put", "gamma", "3"],
+    );
+    let out = text(&o.stdout);
+    assert!(out.contains("alpha=1\n"), "{out}{}", text(&o.stderr));
+    assert_ne!(
+        o.status.code(),
+        Some(0),
+        "a write to a read-only disk succeeded: {out}"
+    );
+    assert!(
+        std::fs::read(&img).unwrap() == before,
+        "the read-only image changed"
+    );
+    // No mount for the declared disk, or a directory as its source: the task fails with
+    // the reason.
+    let o = c.run(&[], &image, "kv-none", &["/kvstore", "count"]);
+    assert_ne!(o.status.code(), Some(0));
+    let err = text(&o.stderr);
+    assert!(
+        err.contains("this guest needs disk `data`: mount a disk image file at /pvrun/disks/data"),
+        "{err}"
+    );
+    let o = c.run(
+        &["--mount", &mount(&dir.0, "rw")],
+        &image,
+        "kv-dir",
+        &["/kvstore", "count"],
+    );
+    assert_ne!(o.status.code(), Some(0));
+    let err = text(&o.stderr);
+    assert!(err.contains("is not a regular file"), "{err}");
+}

@@ -314,6 +314,57 @@ fn declared_devices_and_function_guests_are_labelled() {
 }
 
 #[test]
+fn the_kind_defaults_to_what_the_elf_says() {
+    let tmp = TempDir::new("kind-default");
+    let kind = |elf: &Path, name: &str, opts: &[&str]| {
+        let out = tmp.0.join(name);
+        let r = package(elf, &out, opts);
+        assert_eq!(r.status, 0, "{}", r.stderr);
+        let files = dir_files(&out);
+        let index = json(&files["index.json"]);
+        let manifest = json(blob(
+            &files,
+            index["manifests"][0]["digest"].as_str().unwrap(),
+        ));
+        (
+            manifest["annotations"]["io.pvrun.kind"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+            r,
+        )
+    };
+    // The functions guest (pvrun::export_functions!) is a function without --kind ...
+    let (k, r) = kind(&guest("functions"), "functions", &[]);
+    assert_eq!(k, "function", "{}", r.stdout);
+    assert!(r.stdout.contains("(function guest"), "{}", r.stdout);
+    assert!(r.stderr.is_empty(), "{}", r.stderr);
+    // ... hello (no export_functions!) is a program, and an explicit flag wins.
+    assert_eq!(kind(&guest("hello"), "hello", &[]).0, "program");
+    assert_eq!(
+        kind(&guest("functions"), "forced", &["--kind", "program"]).0,
+        "program"
+    );
+    // A stripped function guest: no symbols, so a program, with a note saying so.
+    let stripped = tmp.0.join("functions-stripped");
+    let o = Command::new("strip")
+        .arg("-o")
+        .arg(&stripped)
+        .arg(guest("functions"))
+        .output()
+        .expect("strip (binutils) is needed");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (k, r) = kind(&stripped, "stripped", &[]);
+    assert_eq!(k, "program");
+    assert!(
+        r.stderr.contains("has no symbol table") && r.stderr.contains("--kind function"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
+}
+
+#[test]
 fn elfs_pvrun_would_refuse_are_not_packaged() {
     let tmp = TempDir::new("refuse");
     let out = tmp.0.join("img.tar");

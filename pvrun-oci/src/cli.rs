@@ -19,8 +19,10 @@ pub struct PackageArgs {
     /// Image reference (default pvrun/NAME:latest, i.e. docker.io/pvrun/NAME:latest).
     #[arg(long, value_name = "REF")]
     pub name: Option<String>,
-    /// Guest kind: program (the default) or function (served over HTTP on $PORT under
-    /// the containerd shim; the image's Env gets PVRUN_KIND=function).
+    /// Guest kind: program or function (served over HTTP on $PORT under
+    /// the containerd shim; the image's Env gets PVRUN_KIND=function). Default: what the
+    /// ELF says (`pvrun::export_functions!`'s marker symbol means function); a stripped
+    /// ELF is a program.
     #[arg(long, value_parser = |s: &str| s.parse::<GuestKind>())]
     pub kind: Option<GuestKind>,
     /// An environment variable of the image config (repeatable).

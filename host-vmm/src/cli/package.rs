@@ -4,8 +4,8 @@
 
 use std::path::Path;
 
-use pvrun_oci::GuestInfo;
 pub use pvrun_oci::cli::PackageArgs;
+use pvrun_oci::{GuestInfo, GuestKind};
 
 use crate::{EXIT_HOST_ERROR, GuestImage, StdStream, eprint_line};
 
@@ -20,9 +20,33 @@ pub fn inspect(path: &Path, bytes: &[u8]) -> Result<GuestInfo, String> {
     ))
 }
 
+/// The guest kind the ELF's symbol table says: `function` when it has the
+/// `__pvrun_function_guest` marker `pvrun::export_functions!` defines, else `program`;
+/// `None` for a stripped ELF (no symbols) or one the loader refuses (the packager reports
+/// that with its own error).
+pub fn kind_from_elf(path: &Path, bytes: &[u8]) -> Option<GuestKind> {
+    let image = GuestImage::from_bytes(path, bytes.to_vec()).ok()?;
+    match image.looks_like_function_guest()? {
+        true => Some(GuestKind::Function),
+        false => Some(GuestKind::Program),
+    }
+}
+
 /// Packages `elf`; prints the result line on stdout and exits 0, or a one-line error on
-/// stderr and exits 125.
-pub fn package_and_exit(elf: &Path, args: PackageArgs) -> ! {
+/// stderr and exits 125. Without `--kind`, the kind is what the ELF says
+/// ([`kind_from_elf`]); a stripped ELF is packaged as a program, with a note on stderr.
+pub fn package_and_exit(elf: &Path, mut args: PackageArgs) -> ! {
+    if args.kind.is_none()
+        && let Ok(bytes) = std::fs::read(elf)
+    {
+        args.kind = kind_from_elf(elf, &bytes);
+        if args.kind.is_none() && GuestImage::from_bytes(elf, bytes).is_ok() {
+            eprint_line(&format!(
+                "pvrun package: note: `{}` has no symbol table (stripped?), so its kind is unknown; packaging it as a program guest (pass --kind function for a function guest)",
+                crate::output::escape_controls(&elf.display().to_string())
+            ));
+        }
+    }
     match pvrun_oci::cli::run(elf, args, &inspect) {
         Ok(line) => {
             let _ =
