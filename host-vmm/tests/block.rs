@@ -11,15 +11,39 @@ use std::time::{Duration, Instant};
 
 use common::{Run, guest, pvrun};
 
+/// A disk image in its own temporary directory, removed (with the directory) on drop.
+struct TempImage(PathBuf);
+
+impl std::ops::Deref for TempImage {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for TempImage {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempImage {
+    fn drop(&mut self) {
+        if let Some(dir) = self.0.parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
 /// A fresh disk image of `mib` MiB in a per-test temporary directory.
-fn image(test: &str, mib: u64) -> PathBuf {
+fn image(test: &str, mib: u64) -> TempImage {
     let dir = std::env::temp_dir().join(format!("pvrun-block-{}-{test}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("disk.img");
     let f = std::fs::File::create(&path).unwrap();
     f.set_len(mib << 20).unwrap();
-    path
+    TempImage(path)
 }
 
 fn disk_opt(name: &str, path: &Path, ro: bool) -> String {
@@ -305,7 +329,7 @@ fn an_in_process_vm_with_a_disk_stops_its_confined_io_thread_cleanly() {
             stdout: Box::new(Sink(out.clone())),
             disks: vec![host_vmm::DiskConfig {
                 name: "data".into(),
-                path: img.clone(),
+                path: img.to_path_buf(),
                 read_only: false,
             }],
             ..host_vmm::VmConfig::default()
