@@ -603,3 +603,41 @@ fn serve_verbose_logs_through_the_queue_so_a_stalled_stderr_never_holds_calls() 
     }
     drop(err);
 }
+
+/// `pvrun call GUEST NAME -` blocked in reading a stdin nobody closes still stops on
+/// SIGINT, with status 130 (it used to retry the interrupted read and hang until EOF).
+#[test]
+fn call_reading_stdin_stops_on_sigint() {
+    use std::time::{Duration, Instant};
+    let mut child = Command::new(common::pvrun_bin())
+        .arg("call")
+        .arg(guest("functions"))
+        .args(["upper", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Keep stdin open (never written, never closed) until the end of the test.
+    let _stdin = child.stdin.take();
+    std::thread::sleep(Duration::from_millis(1500));
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("pvrun call kept reading stdin after SIGINT");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(status.code(), Some(130), "{err}");
+    assert!(err.contains("interrupted by signal 2"), "{err}");
+    assert!(out.stdout.is_empty());
+}

@@ -292,10 +292,18 @@ pub fn call_source_and_exit(
         CallInput::Empty => Vec::new(),
         CallInput::Bytes(b) => b,
         CallInput::Stdin => {
-            let mut b = Vec::new();
-            if let Err(e) = std::io::stdin().lock().take(max + 1).read_to_end(&mut b) {
-                usage_exit(&format!("cannot read the input from stdin: {e}"));
-            }
+            let b = match read_stdin(max + 1) {
+                Ok(b) => b,
+                Err(StdinError::Signal(sig)) => {
+                    crate::eprint_line(&format!(
+                        "pvrun: interrupted by signal {sig} while reading the input"
+                    ));
+                    std::process::exit(128 + sig)
+                }
+                Err(StdinError::Io(e)) => {
+                    usage_exit(&format!("cannot read the input from stdin: {e}"))
+                }
+            };
             if b.len() as u64 > max {
                 usage_exit(&format!(
                     "the input on stdin is larger than the {max} bytes `{shown}` accepts"
@@ -364,4 +372,33 @@ pub fn call_source_and_exit(
     let _ = std::io::stderr().flush();
     // Not dropping the pool: destroying its VM costs ~0.5 ms and changes nothing.
     std::process::exit(status)
+}
+
+enum StdinError {
+    Signal(i32),
+    Io(std::io::Error),
+}
+
+/// Reads stdin to its end, at most `limit` bytes. Unlike `read_to_end`, which retries an
+/// interrupted read, it gives up when SIGINT/SIGTERM arrived (the handlers are installed
+/// without `SA_RESTART`, so the blocked `read` returns `EINTR`): a stdin nobody closes never
+/// makes `pvrun call -` deaf to Ctrl-C.
+fn read_stdin(limit: u64) -> Result<Vec<u8>, StdinError> {
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 64 << 10];
+    let mut stdin = std::io::stdin().lock();
+    while (out.len() as u64) < limit {
+        let want = buf.len().min((limit - out.len() as u64) as usize);
+        match stdin.read(&mut buf[..want]) {
+            Ok(0) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(StdinError::Io(e)),
+        }
+        let sig = crate::runtime::control::terminating_signal();
+        if sig != 0 {
+            return Err(StdinError::Signal(sig));
+        }
+    }
+    Ok(out)
 }

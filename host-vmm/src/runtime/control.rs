@@ -275,6 +275,12 @@ pub(crate) fn stop_pending() -> bool {
 /// program asked for [`stop_guest_on_signals`] and got SIGINT/SIGTERM, every guest stops.
 static INTERRUPTED: AtomicI32 = AtomicI32::new(0);
 
+/// The terminating signal the process got since [`stop_guest_on_signals`] (0: none), for
+/// host work outside a run that must stop too (reading a call's input from stdin).
+pub(crate) fn terminating_signal() -> i32 {
+    INTERRUPTED.load(Ordering::SeqCst)
+}
+
 /// Threads running a vCPU in this process, for the terminating-signal handler to kick
 /// (0: free slot). A thread beyond the slots still stops: it sees [`INTERRUPTED`] at its
 /// next exit, and a `WAIT` sleeps at most one second at a time.
