@@ -167,6 +167,9 @@ fn vcpu_ioctls() -> Vec<u64> {
         ior::<kvm_xsave>(0xa4),       // KVM_GET_XSAVE
         iow::<kvm_xsave>(0xa5),       // KVM_SET_XSAVE
         iow::<kvm_dirty_log>(0x42),   // KVM_GET_DIRTY_LOG (on the VM fd)
+        // KVM_SET_USER_MEMORY_REGION (on the VM fd): a trimmed sandbox's next call
+        // registers its memory slot again (`Sandbox::trim`).
+        iow::<kvm_userspace_memory_region>(0x46),
     ]
 }
 

@@ -934,11 +934,12 @@ fn every_thread_of_pvrun_serve_is_confined_and_it_still_serves() {
     let seen = our_threads(server.pid());
     let count = |name: &str| seen.iter().filter(|(c, _)| c == name).count();
     // The main thread (accepting), tokio's two workers, one call thread per sandbox,
-    // each sandbox's watchdog, the console writer and the log writer.
+    // the process's one watchdog (shared by every sandbox), the console writer and the
+    // log writer.
     assert_eq!(count("pvrun"), 1, "{seen:?}");
     assert_eq!(count("pvrun-gateway"), 2, "{seen:?}");
     assert_eq!(count("pvrun-call"), 2, "{seen:?}");
-    assert_eq!(count("pvrun-watchdog"), 2, "{seen:?}");
+    assert_eq!(count("pvrun-watchdog"), 1, "{seen:?}");
     assert_eq!(count("pvrun-console"), 1, "{seen:?}");
     assert_eq!(count("pvrun-log"), 1, "{seen:?}");
     for (comm, mode) in &seen {

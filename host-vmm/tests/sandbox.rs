@@ -422,3 +422,57 @@ fn ymm_zmm_and_opmask_registers_do_not_carry_data_into_the_next_call() {
     let mut copy = Sandbox::from_template(sb.template()).unwrap();
     assert_eq!(text(copy.call("avx-get", b"")), clean);
 }
+
+fn watchdog_threads() -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|t| {
+            std::fs::read_to_string(t.path().join("comm"))
+                .is_ok_and(|c| c.trim() == "pvrun-watchdog")
+        })
+        .count()
+}
+
+#[test]
+fn one_watchdog_thread_stops_every_sandbox_at_its_own_deadline() {
+    let first = sandbox("badfunctions");
+    let calls: Vec<_> = (0..6u64)
+        .map(|i| {
+            let template = first.template().clone();
+            std::thread::spawn(move || {
+                let mut sb = Sandbox::from_template(&template).unwrap();
+                // A long deadline armed first, then a shorter one: the watchdog, which
+                // would next look at this sandbox only when the long one passes, must be
+                // told about the earlier one.
+                sb.set_call_timeout(Some(Duration::from_secs(30)));
+                assert_eq!(text(sb.call("echo", b"first")), "first");
+                let limit = Duration::from_millis(200 + 150 * i);
+                sb.set_call_timeout(Some(limit));
+                let t = Instant::now();
+                let r = sb.call("spin", b"");
+                let took = t.elapsed();
+                let after = sb.call("echo", b"after");
+                (limit, took, r, after)
+            })
+        })
+        .collect();
+    for c in calls {
+        let (limit, took, r, after) = c.join().unwrap();
+        assert!(matches!(r, Err(CallError::Timeout(_))), "{r:?}");
+        assert!(
+            took >= limit,
+            "stopped after {took:?}, before its {limit:?} deadline"
+        );
+        assert!(
+            took < limit + Duration::from_secs(5),
+            "a {limit:?} deadline stopped the call only after {took:?}"
+        );
+        assert_eq!(text(after), "after");
+    }
+    assert_eq!(
+        watchdog_threads(),
+        1,
+        "one watchdog thread for every sandbox"
+    );
+}

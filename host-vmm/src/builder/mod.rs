@@ -307,7 +307,6 @@ pub(crate) fn build(image: Arc<GuestImage>, config: VmConfig) -> Result<Vm, Erro
         console: Console::new(config.stdout, config.stderr),
         control: RunControl::new(notify),
         timeout: config.timeout,
-        watchdog: None,
         boot_instant,
         tsc_hz,
         tsc_at_boot,
@@ -320,5 +319,6 @@ pub(crate) fn build(image: Arc<GuestImage>, config: VmConfig) -> Result<Vm, Erro
             ..FnContext::default()
         },
         crash: None,
+        slot_removed: false,
     })
 }

@@ -473,6 +473,16 @@ impl Sandbox {
         Ok(n)
     }
 
+    /// Resets the sandbox and gives back the memory it holds of its own: the pages its
+    /// calls wrote and the host page tables over them (KVM's own structures stay). For a
+    /// sandbox that will sit idle; its next call pays a page fault for each page it
+    /// touches again. Returns false, after the reset, for a sandbox whose memory is not a
+    /// copy-on-write view of its template (the one [`Sandbox::new`] booted).
+    pub fn trim(&mut self) -> Result<bool, Error> {
+        self.reset()?;
+        self.vm.release_private_pages()
+    }
+
     /// Calls function `name` with `input`, starting from the clean snapshot state (the
     /// sandbox is reset first if an earlier call ran).
     pub fn call(&mut self, name: &str, input: &[u8]) -> Result<Vec<u8>, CallError> {

@@ -232,7 +232,6 @@ impl Vm {
             console,
             control: RunControl::new(Arc::new(Notify::new()?)),
             timeout,
-            watchdog: None,
             boot_instant,
             tsc_hz: snap.tsc_hz,
             tsc_at_boot: snap.tsc_at_boot,
@@ -246,7 +245,27 @@ impl Vm {
                 clean_exit: false,
             },
             crash: None,
+            slot_removed: false,
         })
+    }
+
+    /// Gives back the memory of a VM just restored to its snapshot: KVM's memory slot
+    /// (its reverse maps, write tracking, shadow page tables) and the private pages and
+    /// host page tables of the memory (see [`GuestRam::drop_private_pages`]), with a new generation and seed as after any
+    /// reset, since the dropped boot-info page brings back the snapshot's. False when its
+    /// memory is not a copy-on-write view of the snapshot.
+    pub(crate) fn release_private_pages(&mut self) -> Result<bool, Error> {
+        if !self.ram.is_snapshot_view() {
+            return Ok(false);
+        }
+        // KVM's per-slot structures go too; the next run registers the slot again.
+        if !self.slot_removed {
+            kvm_vm::remove_slot(&self.vm)?;
+            self.slot_removed = true;
+        }
+        self.ram.drop_private_pages()?;
+        boot_info::new_generation(&self.ram, &mut self.fns.entropy)?;
+        Ok(true)
     }
 
     /// Starts function `index` of a function guest paused at `FN_READY` or `FN_RETURN`:

@@ -54,7 +54,10 @@ pub struct GuestImage {
     pub required_devices: Vec<(u32, String)>,
     /// The path it was loaded from (for messages).
     pub path: String,
-    symbols: Symbols,
+    /// Read from `.symtab` (and demangled) the first time a report or tool needs a name:
+    /// a boot needs none, and demangling a guest's symbols costs about as much as the rest
+    /// of the `pvrun` process's own start-up.
+    symbols: std::sync::OnceLock<Symbols>,
 }
 
 impl GuestImage {
@@ -69,8 +72,7 @@ impl GuestImage {
 
     /// Validates a guest ELF held in memory (`path` is only used in messages).
     pub fn from_bytes(path: &Path, bytes: Vec<u8>) -> Result<Self, Error> {
-        let (checked, file) = elf::check(path, &bytes)?;
-        let symbols = Symbols::from_file(&file);
+        let (checked, _file) = elf::check(path, &bytes)?;
         tracing::debug!(
             path = %path.display(),
             entry = format_args!("{:#x}", checked.entry),
@@ -93,7 +95,7 @@ impl GuestImage {
             abi_version: checked.abi_version,
             required_devices: checked.required_devices,
             path: path.display().to_string(),
-            symbols,
+            symbols: std::sync::OnceLock::new(),
             bytes,
         })
     }
@@ -103,12 +105,21 @@ impl GuestImage {
     /// `None` for a stripped guest. Only a hint for tools (`cargo pvrun build`'s report);
     /// what decides is whether the guest reaches `FN_READY` when booted.
     pub fn looks_like_function_guest(&self) -> Option<bool> {
-        if self.symbols.is_empty() {
+        if self.symbols().is_empty() {
             return None;
         }
         // `pvrun::export_functions!` defines this marker (every guest links the SDK's
         // `function::serve`, which also serves `cargo pvrun test`'s test binaries).
-        Some(self.symbols.any_starts_with("__pvrun_function_guest"))
+        Some(self.symbols().any_starts_with("__pvrun_function_guest"))
+    }
+
+    /// The symbol table, read on first use (the file passed the ELF check at load).
+    fn symbols(&self) -> &Symbols {
+        self.symbols.get_or_init(|| {
+            object::read::elf::ElfFile64::<object::Endianness>::parse(&self.bytes[..])
+                .map(|file| Symbols::from_file(&file))
+                .unwrap_or_default()
+        })
     }
 
     /// End of the highest segment (page aligned).
@@ -173,12 +184,12 @@ impl GuestImage {
 
     /// Names `addr` as `function+0xoffset` from the guest's symbol table, if it has one.
     pub fn symbolize(&self, addr: u64) -> Option<String> {
-        self.symbols.symbolize(addr)
+        self.symbols().symbolize(addr)
     }
 
     /// The name of the function containing `addr`, from the guest's symbol table.
     pub fn symbol_name(&self, addr: u64) -> Option<&str> {
-        self.symbols.name(addr)
+        self.symbols().name(addr)
     }
 
     /// The image's DWARF, parsed now (for a report being printed), if it has any.
@@ -197,7 +208,7 @@ impl GuestImage {
             abi_version: pvrun_abi::ABI_VERSION,
             required_devices: Vec::new(),
             path,
-            symbols: Symbols::default(),
+            symbols: std::sync::OnceLock::from(Symbols::default()),
         }
     }
 

@@ -40,6 +40,9 @@ pub struct GuestRam {
     size: u64,
     /// Mapped from a snapshot file (its pages hold data before they are touched).
     file_backed: bool,
+    /// A private copy-on-write view of a snapshot (from [`GuestRam::from_snapshot`] or
+    /// [`GuestRam::map_snapshot`]): dropping a page brings back the snapshot's copy.
+    snapshot_view: std::sync::atomic::AtomicBool,
 }
 
 impl GuestRam {
@@ -131,6 +134,7 @@ impl GuestRam {
             _mapping: mapping,
             size,
             file_backed: backing.is_some(),
+            snapshot_view: std::sync::atomic::AtomicBool::new(backing.is_some()),
         })
     }
 
@@ -188,7 +192,42 @@ impl GuestRam {
         if m == libc::MAP_FAILED {
             return Err(Error::Mmap(std::io::Error::last_os_error()));
         }
+        self.snapshot_view
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Whether this is a private copy-on-write view of a snapshot.
+    pub fn is_snapshot_view(&self) -> bool {
+        self.snapshot_view
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// For a copy-on-write view of a snapshot whose contents equal the snapshot's again
+    /// (just reset): drops every private copy and the host page tables over them, so the
+    /// memory holds nothing of its own until the guest next writes (KVM's mappings of the
+    /// range are dropped with them, through its MMU notifier). Returns false, doing
+    /// nothing, for memory that is not such a view (dropping its pages would zero them).
+    pub fn drop_private_pages(&self) -> Result<bool, Error> {
+        if !self
+            .snapshot_view
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return Ok(false);
+        }
+        // SAFETY: our own mapping, whole; for a private file mapping MADV_DONTNEED only
+        // discards private copies, so every page reads as the snapshot's copy again.
+        let r = unsafe {
+            libc::madvise(
+                self.host_base() as *mut libc::c_void,
+                self.size as usize,
+                libc::MADV_DONTNEED,
+            )
+        };
+        if r != 0 {
+            return Err(Error::Mmap(std::io::Error::last_os_error()));
+        }
+        Ok(true)
     }
 
     /// Copies every page that holds data into a new memory snapshot. Which pages those are

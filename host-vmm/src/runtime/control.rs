@@ -10,9 +10,11 @@
 //! interrupting its `poll`.
 
 use std::cell::Cell;
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU8, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, Once};
-use std::thread::{JoinHandle, Thread};
+use std::sync::{Arc, Condvar, Mutex, Once, OnceLock, Weak};
+use std::thread::Thread;
 use std::time::Instant;
 
 use kvm_bindings::kvm_run;
@@ -41,12 +43,13 @@ struct Target {
     thread: Thread,
 }
 
-/// The watchdog's schedule.
+/// A VM's deadline, as the watchdog sees it.
 #[derive(Default)]
 struct Deadline {
     /// When the current run must stop.
     stop_at: Option<Instant>,
-    /// When the watchdog will next wake up on its own (None: it sleeps until notified).
+    /// When the watchdog will next look at this VM (the time of its one live entry in the
+    /// watchdog's queue; None: it has none).
     wakes_at: Option<Instant>,
 }
 
@@ -56,9 +59,6 @@ pub(crate) struct RunControl {
     target: Mutex<Option<Target>>,
     notify: Arc<Notify>,
     deadline: Mutex<Deadline>,
-    deadline_cv: Condvar,
-    /// Tells the watchdog thread to end.
-    quit: AtomicBool,
     /// A debugger asked the running guest to stop (see [`Self::debug_break`]).
     debug_break: AtomicBool,
 }
@@ -72,8 +72,6 @@ impl RunControl {
             target: Mutex::new(None),
             notify,
             deadline: Mutex::new(Deadline::default()),
-            deadline_cv: Condvar::new(),
-            quit: AtomicBool::new(false),
             debug_break: AtomicBool::new(false),
         })
     }
@@ -153,78 +151,165 @@ impl RunControl {
         self.reason.store(STOP_NONE, Ordering::SeqCst);
     }
 
-    /// Sets (or clears) the deadline. The watchdog is woken only when it would otherwise
-    /// sleep past the new deadline: arming each call of a sandbox costs no thread wake-up.
-    pub fn arm(&self, deadline: Option<Instant>) {
+    /// Sets (or clears) the deadline. The watchdog is told only when it would otherwise
+    /// look at this VM later than the new deadline: arming each call of a sandbox (with
+    /// deadlines that only move later) costs no queue entry and no thread wake-up.
+    pub fn arm(self: &Arc<Self>, deadline: Option<Instant>) {
         let mut st = self.deadline.lock().unwrap_or_else(|p| p.into_inner());
         st.stop_at = deadline;
-        let wake = match (deadline, st.wakes_at) {
+        let schedule = match (deadline, st.wakes_at) {
             (Some(new), Some(wakes_at)) => new < wakes_at,
             (Some(_), None) => true,
             (None, _) => false,
         };
-        drop(st);
-        if wake || self.quit.load(Ordering::SeqCst) {
-            self.deadline_cv.notify_all();
+        if let (true, Some(at)) = (schedule, deadline) {
+            st.wakes_at = Some(at);
+            drop(st);
+            watchdog().schedule(at, Arc::downgrade(self));
         }
     }
 
-    /// Starts the watchdog thread: one per VM (on the first run with a timeout), so a
-    /// timed call costs no thread spawn.
-    pub fn start_watchdog(self: &Arc<Self>) -> Result<JoinHandle<()>, Error> {
-        let control = self.clone();
-        let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
-        let handle = std::thread::Builder::new()
-            .name("pvrun-watchdog".into())
-            .spawn(move || {
-                crate::seccomp::confine_or_exit(crate::seccomp::ThreadKind::Watchdog);
-                let _ = ready_tx.send(());
-                control.watchdog()
-            })
-            .map_err(Error::Io)?;
-        // Return only once the thread is confined: no host thread runs unconfined, not
-        // even for the moment after it starts.
-        let _ = ready_rx.recv();
-        Ok(handle)
+    /// The watchdog looks at this VM at `at` (an entry of its queue): stops it if its
+    /// deadline passed, or says when to look again. Entries that are no longer this VM's
+    /// live one are dropped.
+    fn on_watchdog(self: &Arc<Self>, at: Instant, now: Instant) -> Option<Instant> {
+        let mut st = self.deadline.lock().unwrap_or_else(|p| p.into_inner());
+        if st.wakes_at != Some(at) {
+            return None;
+        }
+        match st.stop_at {
+            Some(t) if t <= now => {
+                st.stop_at = None;
+                st.wakes_at = None;
+                drop(st);
+                self.stop(STOP_TIMEOUT);
+                None
+            }
+            Some(t) => {
+                st.wakes_at = Some(t);
+                Some(t)
+            }
+            None => {
+                st.wakes_at = None;
+                None
+            }
+        }
+    }
+}
+
+/// One entry of the watchdog's queue: look at a VM at a time.
+struct Entry {
+    at: Instant,
+    /// Makes the order total (and first-come first-served at equal times).
+    seq: u64,
+    control: Weak<RunControl>,
+}
+
+impl PartialEq for Entry {
+    fn eq(&self, other: &Self) -> bool {
+        (self.at, self.seq) == (other.at, other.seq)
+    }
+}
+impl Eq for Entry {}
+impl PartialOrd for Entry {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Entry {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.at, self.seq).cmp(&(other.at, other.seq))
+    }
+}
+
+/// The process's one watchdog thread, shared by every VM: a queue with at most one live
+/// entry per VM that has a deadline (a VM that is dropped is only a dead weak reference
+/// until its entry comes up). One thread for all VMs, not one per VM: 10,000 idle
+/// sandboxes cost no 10,000 threads (each a kernel stack, a seccomp program, a stack).
+struct Watchdog {
+    queue: Mutex<(BinaryHeap<Reverse<Entry>>, u64)>,
+    changed: Condvar,
+    started: Mutex<bool>,
+}
+
+fn watchdog() -> &'static Watchdog {
+    static W: OnceLock<Watchdog> = OnceLock::new();
+    W.get_or_init(|| Watchdog {
+        queue: Mutex::new((BinaryHeap::new(), 0)),
+        changed: Condvar::new(),
+        started: Mutex::new(false),
+    })
+}
+
+impl Watchdog {
+    fn schedule(&self, at: Instant, control: Weak<RunControl>) {
+        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        let seq = q.1;
+        q.1 += 1;
+        let earliest = q.0.peek().is_none_or(|Reverse(e)| at < e.at);
+        q.0.push(Reverse(Entry { at, seq, control }));
+        drop(q);
+        if earliest {
+            self.changed.notify_one();
+        }
     }
 
-    /// Ends the watchdog thread (the caller joins it).
-    pub fn quit(&self) {
-        self.quit.store(true, Ordering::SeqCst);
-        self.arm(None);
-    }
-
-    /// The watchdog thread: stops the guest when the armed deadline passes.
-    fn watchdog(self: Arc<Self>) {
-        let mut d = self.deadline.lock().unwrap_or_else(|p| p.into_inner());
+    /// The thread: stops each VM whose deadline passed.
+    fn run(&self) {
+        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
         loop {
-            if self.quit.load(Ordering::SeqCst) {
-                return;
-            }
-            match d.stop_at {
-                None => {
-                    d.wakes_at = None;
-                    d = self.deadline_cv.wait(d).unwrap_or_else(|p| p.into_inner());
-                }
-                Some(t) => {
-                    let now = Instant::now();
-                    if now >= t {
-                        d.stop_at = None;
-                        drop(d);
-                        self.stop(STOP_TIMEOUT);
-                        d = self.deadline.lock().unwrap_or_else(|p| p.into_inner());
-                    } else {
-                        d.wakes_at = Some(t);
-                        d = self
-                            .deadline_cv
-                            .wait_timeout(d, t - now)
-                            .unwrap_or_else(|p| p.into_inner())
-                            .0;
-                    }
+            let now = Instant::now();
+            while q.0.peek().is_some_and(|Reverse(e)| e.at <= now) {
+                let Some(Reverse(e)) = q.0.pop() else { break };
+                if let Some(control) = e.control.upgrade()
+                    && let Some(next) = control.on_watchdog(e.at, now)
+                {
+                    let seq = q.1;
+                    q.1 += 1;
+                    q.0.push(Reverse(Entry {
+                        at: next,
+                        seq,
+                        control: e.control,
+                    }));
                 }
             }
+            q = match q.0.peek().map(|Reverse(e)| e.at) {
+                None => self.changed.wait(q).unwrap_or_else(|p| p.into_inner()),
+                Some(at) => {
+                    self.changed
+                        .wait_timeout(q, at.saturating_duration_since(now))
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0
+                }
+            };
         }
     }
+}
+
+/// Starts the process's watchdog thread if it is not running yet (before a thread that
+/// will run VMs with timeouts confines itself: a confined thread cannot start threads).
+/// The thread is confined with the watchdog filter before this returns, and runs for the
+/// life of the process.
+pub(crate) fn ensure_watchdog() -> Result<(), Error> {
+    let w = watchdog();
+    let mut started = w.started.lock().unwrap_or_else(|p| p.into_inner());
+    if *started {
+        return Ok(());
+    }
+    let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
+    std::thread::Builder::new()
+        .name("pvrun-watchdog".into())
+        .spawn(move || {
+            crate::seccomp::confine_or_exit(crate::seccomp::ThreadKind::Watchdog);
+            let _ = ready_tx.send(());
+            watchdog().run()
+        })
+        .map_err(Error::Io)?;
+    // Return only once the thread is confined: no host thread runs unconfined, not even
+    // for the moment after it starts.
+    let _ = ready_rx.recv();
+    *started = true;
+    Ok(())
 }
 
 /// Stops a running guest from another thread.
@@ -277,6 +362,7 @@ static INTERRUPTED: AtomicI32 = AtomicI32::new(0);
 
 /// The terminating signal the process got since [`stop_guest_on_signals`] (0: none), for
 /// host work outside a run that must stop too (reading a call's input from stdin).
+#[cfg(feature = "cli")]
 pub(crate) fn terminating_signal() -> i32 {
     INTERRUPTED.load(Ordering::SeqCst)
 }

@@ -41,7 +41,6 @@ pub struct Vm {
     pub(crate) console: Console,
     pub(crate) control: Arc<RunControl>,
     pub(crate) timeout: Option<Duration>,
-    pub(crate) watchdog: Option<std::thread::JoinHandle<()>>,
     /// The host instant at which the guest's monotonic clock read 0.
     pub(crate) boot_instant: Instant,
     pub(crate) tsc_hz: u64,
@@ -51,15 +50,9 @@ pub struct Vm {
     pub(crate) fns: FnContext,
     /// The guest's state at the crash or panic that ended the last run, if it did.
     pub(crate) crash: Option<backtrace::Crash>,
-}
-
-impl Drop for Vm {
-    fn drop(&mut self) {
-        self.control.quit();
-        if let Some(w) = self.watchdog.take() {
-            let _ = w.join();
-        }
-    }
+    /// Memory slot 0 was removed to give its memory back while the VM is idle (see
+    /// `Vm::release_private_pages`): the next run registers it again, with dirty logging.
+    pub(crate) slot_removed: bool,
 }
 
 impl Vm {

@@ -81,10 +81,7 @@ impl Vm {
     /// Starts the watchdog thread now if it is not running (a confined thread cannot
     /// start it later).
     pub(crate) fn ensure_watchdog(&mut self) -> Result<(), Error> {
-        if self.watchdog.is_none() {
-            self.watchdog = Some(self.control.start_watchdog()?);
-        }
-        Ok(())
+        super::control::ensure_watchdog()
     }
 
     /// A handle that stops this VM's guest from another thread.
@@ -96,6 +93,10 @@ impl Vm {
     pub fn run(&mut self) -> Result<Outcome, Error> {
         let started = Instant::now();
         self.crash = None;
+        if self.slot_removed {
+            crate::vstate::vm::add_slot(&self.vm, &self.ram, true)?;
+            self.slot_removed = false;
+        }
         self.control.enter(self.vcpu.kvm_run_ptr());
         // Deregister on every way out (an early error, an unwinding panic): the kick
         // handler must never see a stale kvm_run pointer.
@@ -107,9 +108,7 @@ impl Vm {
         }
         let _leave = Leave(self.control.clone());
         if let Some(t) = self.timeout {
-            if self.watchdog.is_none() {
-                self.watchdog = Some(self.control.start_watchdog()?);
-            }
+            super::control::ensure_watchdog()?;
             self.control.arm(Some(started + t));
         }
         let r = self.run_loop();

@@ -12,6 +12,15 @@ pub(crate) fn create(kvm: &Kvm, ram: &GuestRam, dirty_log: bool) -> Result<(VmFd
     let vm = kvm
         .create_vm()
         .map_err(|e| Error::Kvm("KVM_CREATE_VM", e))?;
+    add_slot(&vm, ram, dirty_log)?;
+    let fd = vm
+        .create_vcpu(0)
+        .map_err(|e| Error::Kvm("KVM_CREATE_VCPU", e))?;
+    Ok((vm, fd))
+}
+
+/// Registers `ram` as memory slot 0 at guest address 0 (with dirty logging if asked).
+pub(crate) fn add_slot(vm: &VmFd, ram: &GuestRam, dirty_log: bool) -> Result<(), Error> {
     let slot = kvm_userspace_memory_region {
         slot: 0,
         flags: if dirty_log {
@@ -26,11 +35,20 @@ pub(crate) fn create(kvm: &Kvm, ram: &GuestRam, dirty_log: bool) -> Result<(VmFd
     // SAFETY: the region is our own mapping of exactly `ram.size()` bytes, and it outlives
     // the VM (field order of `Vm` and `VmShell`).
     unsafe { vm.set_user_memory_region(slot) }
-        .map_err(|e| Error::Kvm("KVM_SET_USER_MEMORY_REGION", e))?;
-    let fd = vm
-        .create_vcpu(0)
-        .map_err(|e| Error::Kvm("KVM_CREATE_VCPU", e))?;
-    Ok((vm, fd))
+        .map_err(|e| Error::Kvm("KVM_SET_USER_MEMORY_REGION", e))
+}
+
+/// Removes memory slot 0: KVM frees what it keeps per slot (reverse maps, write
+/// tracking, dirty bitmaps: about 3 KiB per MiB of guest memory on a shadow-paging host)
+/// and every mapping of it. The guest must not run until [`add_slot`] puts it back.
+pub(crate) fn remove_slot(vm: &VmFd) -> Result<(), Error> {
+    let slot = kvm_userspace_memory_region {
+        slot: 0,
+        ..Default::default()
+    };
+    // SAFETY: a zero-sized region deletes the slot; no memory is handed to KVM.
+    unsafe { vm.set_user_memory_region(slot) }
+        .map_err(|e| Error::Kvm("KVM_SET_USER_MEMORY_REGION", e))
 }
 
 /// The guest pages written since the last call (bit `i` = 4 KiB page `i`).
