@@ -302,8 +302,21 @@ fn build(kind: ThreadKind, pid: u32) -> Result<Filters, String> {
 }
 
 fn apply(f: &Filters) -> Result<(), String> {
+    // Set first: a thread that has even part of a filter may no longer start threads.
+    CONFINED.with(|c| c.set(true));
     seccompiler::apply_filter(&f.report).map_err(|e| e.to_string())?;
     seccompiler::apply_filter(&f.main).map_err(|e| e.to_string())
+}
+
+thread_local! {
+    /// This thread runs under a filter (of any kind): it cannot start threads.
+    static CONFINED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether the calling thread has confined itself (so it must not try to start a thread:
+/// its filter would kill the process).
+pub(crate) fn thread_confined() -> bool {
+    CONFINED.with(|c| c.get())
 }
 
 fn cached(kind: ThreadKind) -> Result<&'static Filters, String> {

@@ -296,6 +296,13 @@ pub(crate) fn ensure_watchdog() -> Result<(), Error> {
     if *started {
         return Ok(());
     }
+    if crate::seccomp::thread_confined() {
+        return Err(Error::Config(
+            "a timeout needs the watchdog thread, which must be started before the thread \
+             that runs the VM confines itself (set the timeout before confining it)"
+                .into(),
+        ));
+    }
     let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
     std::thread::Builder::new()
         .name("pvrun-watchdog".into())

@@ -71,10 +71,13 @@ impl Vm {
     /// may only run and reset this VM (and others already created), write output, wait
     /// and exit; any other system call kills the process. Permanent for the thread, so
     /// call it on a thread dedicated to running VMs (the `pvrun` runner does, right after
-    /// creating its VM). The watchdog thread is started first, since a confined thread
-    /// cannot start threads.
+    /// creating its VM). If the VM has a timeout, the watchdog thread is started first,
+    /// since a confined thread cannot start threads: set the timeout before this.
     pub fn confine_thread(&mut self) -> Result<(), Error> {
-        self.ensure_watchdog()?;
+        // Only a VM with a timeout needs the watchdog (a run without one costs no thread).
+        if self.timeout.is_some() {
+            self.ensure_watchdog()?;
+        }
         crate::seccomp::confine(crate::seccomp::ThreadKind::Vcpu)
     }
 
