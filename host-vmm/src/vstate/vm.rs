@@ -9,6 +9,7 @@ use crate::memory::GuestRam;
 /// Creates a KVM VM over `ram` (slot 0 at guest address 0, with dirty logging if asked) and
 /// its one vCPU (wrap it in a [`super::vcpu::Vcpu`] once the CPU policy is known).
 pub(crate) fn create(kvm: &Kvm, ram: &GuestRam, dirty_log: bool) -> Result<(VmFd, VcpuFd), Error> {
+    keep_kvm_warm(kvm);
     let vm = kvm
         .create_vm()
         .map_err(|e| Error::Kvm("KVM_CREATE_VM", e))?;
@@ -17,6 +18,31 @@ pub(crate) fn create(kvm: &Kvm, ram: &GuestRam, dirty_log: bool) -> Result<(VmFd
         .create_vcpu(0)
         .map_err(|e| Error::Kvm("KVM_CREATE_VCPU", e))?;
     Ok((vm, fd))
+}
+
+/// From a process's second VM on, one VM with one vCPU (no memory) is kept for the life
+/// of the process. KVM switches some kernel code paths on and off (static keys, patched
+/// into the kernel's text on every CPU) when the first VM or vCPU of the machine appears
+/// and the last one goes: on an otherwise idle host, each VM a long-lived process made
+/// and dropped paid that patching twice (~16% of an in-process boot here). A one-shot
+/// runner makes a single VM and keeps nothing.
+fn keep_kvm_warm(kvm: &Kvm) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static CREATED: AtomicUsize = AtomicUsize::new(0);
+    static KEPT: std::sync::OnceLock<Option<(VmFd, VcpuFd)>> = std::sync::OnceLock::new();
+    // A thread under the vCPU filter may not create VMs (and does not need to: a pool
+    // creates its sandboxes before it confines its callers).
+    if CREATED.fetch_add(1, Ordering::Relaxed) == 0
+        || KEPT.get().is_some()
+        || crate::seccomp::thread_confined()
+    {
+        return;
+    }
+    KEPT.get_or_init(|| {
+        let vm = kvm.create_vm().ok()?;
+        let vcpu = vm.create_vcpu(0).ok()?;
+        Some((vm, vcpu))
+    });
 }
 
 /// Registers `ram` as memory slot 0 at guest address 0 (with dirty logging if asked).
