@@ -473,6 +473,29 @@ impl Sandbox {
         Ok(n)
     }
 
+    /// Turns this sandbox into a [`WarmSandbox`](super::warm::WarmSandbox): it keeps its
+    /// state between calls, as [`Sandbox::call_keep_state`] does, and takes calls through
+    /// the guest's exitless mailbox instead of a VM exit each (docs/ABI.md §5 "Exitless
+    /// calls"). Needs a guest that declared a mailbox (SDK of ABI v4); the sandbox goes on
+    /// from the state its last call left (reset first if that call crashed). Starts the
+    /// sandbox's vCPU thread, so the calling thread must not be confined.
+    pub fn into_warm(
+        mut self,
+        options: super::warm::WarmOptions,
+    ) -> Result<super::warm::WarmSandbox, Error> {
+        if !self.resumable {
+            self.reset()?;
+        }
+        let parts = super::warm::WarmParts {
+            exports: self.template.snapshot.exports.clone(),
+            max_output: self.template.max_output,
+            call_timeout: self.template.call_timeout,
+            template: self.template,
+            vm: self.vm,
+        };
+        super::warm::WarmSandbox::start(parts, options)
+    }
+
     /// Calls function `name` with `input`, starting from the clean snapshot state (the
     /// sandbox is reset first if an earlier call ran).
     pub fn call(&mut self, name: &str, input: &[u8]) -> Result<Vec<u8>, CallError> {

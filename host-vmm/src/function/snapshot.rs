@@ -244,6 +244,8 @@ impl Vm {
                 host_writes: Vec::new(),
                 entropy,
                 clean_exit: false,
+                mailbox: snap.exports.mailbox,
+                warm: None,
             },
             crash: None,
         })
