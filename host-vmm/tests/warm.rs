@@ -501,3 +501,86 @@ fn a_panic_in_a_hand_written_guest_is_reported() {
     }
     assert_stopped(&mut sb);
 }
+
+/// Set in the child process of [`sigterm_stops_a_warm_call_and_its_thread`].
+const SIGNAL_CHILD: &str = "PVRUN_WARM_SIGNAL_CHILD";
+
+#[test]
+fn sigterm_stops_a_warm_call_and_its_thread() {
+    if std::env::var_os(SIGNAL_CHILD).is_some() {
+        // The child: a warm call that never ends, under the process's signal handling.
+        host_vmm::stop_guest_on_signals();
+        let mut sb = warm("badfunctions", WarmOptions::default());
+        assert_eq!(sb.call("counter", b"").unwrap(), b"1");
+        println!("calling");
+        let r = sb.call("spin", b"");
+        println!("call ended: {r:?}");
+        drop(sb);
+        println!("dropped");
+        return;
+    }
+    use std::io::{BufRead, BufReader};
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "sigterm_stops_a_warm_call_and_its_thread",
+            "--nocapture",
+            "--test-threads",
+            "1",
+        ])
+        .env(SIGNAL_CHILD, "1")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        seen.push(line.clone());
+        // libtest's `test NAME ... ` precedes it on the same line.
+        if line.ends_with("calling") {
+            break;
+        }
+    }
+    assert!(
+        seen.last().is_some_and(|l| l.ends_with("calling")),
+        "{seen:?}"
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let t = Instant::now();
+    let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
+    let status = child.wait().unwrap();
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    assert!(
+        rest.iter().any(|l| l == "call ended: Err(Killed)"),
+        "{rest:?}"
+    );
+    assert!(rest.iter().any(|l| l == "dropped"), "{rest:?}");
+    assert!(status.success(), "{status:?} {rest:?}");
+}
+
+#[test]
+fn a_sandbox_from_a_snapshot_file_can_go_warm() {
+    // The mailbox's address is part of the snapshot file.
+    let dir = std::env::temp_dir().join(format!("pvrun-warm-snap-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    struct Cleanup(std::path::PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _cleanup = Cleanup(dir.clone());
+    let file = dir.join("badfunctions.snap");
+    sandbox("badfunctions")
+        .template()
+        .write_snapshot_file(&file)
+        .unwrap();
+    let sb = Sandbox::from_snapshot_file(&file, config()).unwrap();
+    let mut w = sb.into_warm(WarmOptions::default()).unwrap();
+    for i in 1..=20u32 {
+        assert_eq!(w.call("counter", b"").unwrap(), i.to_string().as_bytes());
+    }
+}
