@@ -238,7 +238,7 @@ fn wait_for_call(mb: &Mailbox, served: u64, budget: u64) -> bool {
             return true;
         }
         n = n.wrapping_add(1);
-        if n % 16 == 0 && crate::time::ticks().wrapping_sub(start) >= budget {
+        if n.is_multiple_of(16) && crate::time::ticks().wrapping_sub(start) >= budget {
             break;
         }
         core::hint::spin_loop();

@@ -533,7 +533,7 @@ impl WarmSandbox {
                 return Ok(());
             }
             n = n.wrapping_add(1);
-            if n % 64 == 0 {
+            if n.is_multiple_of(64) {
                 if self.link.ended.load(Ordering::SeqCst) {
                     return Err(NoResult::Ended);
                 }
