@@ -453,6 +453,7 @@ impl WarmSandbox {
         }
         self.seq = seq;
         self.calls += 1;
+        fence(Ordering::SeqCst);
         self.store(mailbox::CALL_SEQ, seq);
         fence(Ordering::SeqCst);
         if self.load::<u32>(mailbox::GUEST_SLEEPING).unwrap_or(0) != 0 {
