@@ -169,6 +169,9 @@ fn main() {
          Load average at the end: {}.",
         idle_cpu,
         w.options().guest_spin,
-        load.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+        load.split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
     );
 }

@@ -449,7 +449,7 @@ impl WarmSandbox {
                     .write_slice(input, GuestAddress(self.exports.inbuf + hsize))
             });
         if let Err(e) = written {
-            return Err(self.stop(format!("cannot write the call's input: {e}"), true));
+            return Err(self.stop(format!("cannot write the call's input: {e}")));
         }
         self.seq = seq;
         self.calls += 1;
@@ -462,7 +462,7 @@ impl WarmSandbox {
         }
         match self.wait_done(seq) {
             Ok(()) => {}
-            Err(NoResult::Protocol(msg)) => return Err(self.stop(msg, true)),
+            Err(NoResult::Protocol(msg)) => return Err(self.stop(msg)),
             Err(NoResult::Ended) => return Err(self.ended(started, true)),
         }
         // The result fields, each read once.
@@ -493,16 +493,14 @@ impl WarmSandbox {
                     format!(
                         "exitless call {seq}: the guest's result names {out_len} bytes at {out:#x}, outside the memory it may read"
                     ),
-                    true,
                 ));
             }
         };
         let mut buf = vec![0u8; out_len as usize];
         if let Err(e) = self.mem.read_user(&range, &mut buf) {
-            return Err(self.stop(
-                format!("exitless call {seq}: cannot read the result: {e:?}"),
-                true,
-            ));
+            return Err(self.stop(format!(
+                "exitless call {seq}: cannot read the result: {e:?}"
+            )));
         }
         if status == 0 {
             Ok(buf)
@@ -577,7 +575,7 @@ impl WarmSandbox {
     }
 
     /// Stops the guest for `why` (a protocol error) and returns the error for the call.
-    fn stop(&mut self, why: String, _in_call: bool) -> CallError {
+    fn stop(&mut self, why: String) -> CallError {
         tracing::warn!(reason = %why, "stopping a warm sandbox");
         self.stopped = Some(why.clone());
         self.kill_handle().kill();
