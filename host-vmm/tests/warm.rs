@@ -459,6 +459,10 @@ fn a_guest_that_spins_between_calls_is_stopped() {
             "{bad}: {:?}",
             t.elapsed()
         );
+        assert!(
+            sb.stopped().is_some(),
+            "{bad}: the stop shows before the next call"
+        );
         protocol_error(sb.call("echo", b"x"), "without sleeping in WAIT");
         assert_stopped(&mut sb);
     }

@@ -295,6 +295,20 @@ impl WarmSandbox {
                 let _ = tx.send(Ok(tid));
                 let outcome = vm.run().map_err(|e| e.to_string());
                 let mut st = thread_link.lock();
+                if !st.in_call {
+                    // Nobody waits for this run: say now why it ended (the next call
+                    // reports it too).
+                    match &outcome {
+                        Ok(Outcome::TimedOut(_)) => tracing::warn!(
+                            "stopped a warm sandbox's guest: it kept running between calls past its spin budget without sleeping in WAIT"
+                        ),
+                        Ok(Outcome::Killed) => {}
+                        other => tracing::warn!(
+                            outcome = ?other,
+                            "a warm sandbox's guest stopped between calls"
+                        ),
+                    }
+                }
                 st.ended = Some(Ended { outcome });
                 thread_link.ended.store(true, Ordering::SeqCst);
                 thread_link.cv.notify_all();
@@ -372,9 +386,17 @@ impl WarmSandbox {
         }
     }
 
-    /// Why the sandbox stopped, if it has (every later call fails).
-    pub fn stopped(&self) -> Option<&str> {
-        self.stopped.as_deref()
+    /// Why the sandbox stopped, if it has (every later call fails). A guest stopped
+    /// between calls (for running past its spin budget, say) shows here at once; the next
+    /// call gets the full report.
+    pub fn stopped(&self) -> Option<String> {
+        if let Some(why) = &self.stopped {
+            return Some(why.clone());
+        }
+        self.link
+            .ended
+            .load(Ordering::SeqCst)
+            .then(|| "the guest stopped between calls; the next call reports why".to_string())
     }
 
     /// The guest's registers and call stack at the panic or crash that stopped the
