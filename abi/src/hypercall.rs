@@ -47,6 +47,16 @@ pub mod call {
     /// [`status::BAD_LENGTH`](crate::status::BAD_LENGTH) (output larger than the buffer),
     /// [`status::HOST_FN_FAILED`](crate::status::HOST_FN_FAILED).
     pub const HOST_CALL: u16 = 8;
+    /// Function sandboxes (ABI v4): declare the exitless-call mailbox; `rdi` is the address
+    /// of the guest's [`FnMailbox`](crate::FnMailbox) itself (64-byte aligned, 128 bytes,
+    /// guest-writable, not overlapping the input buffer). Returns 0. Only the declaration
+    /// in effect at `FN_READY` counts; a guest that never declares one gets exit-based
+    /// calls only.
+    pub const FN_MAILBOX: u16 = 9;
+    /// Function sandboxes (ABI v4): wake the host, which sleeps waiting for an exitless
+    /// call's result (`FnMailbox::host_sleeping` is 1). No arguments (`rdi` ignored).
+    /// Returns 0.
+    pub const FN_NOTIFY: u16 = 10;
 }
 
 /// Hypercall status values returned in `rax`.
@@ -201,6 +211,8 @@ mod tests {
             (call::FN_READY, 6),
             (call::FN_RETURN, 7),
             (call::HOST_CALL, 8),
+            (call::FN_MAILBOX, 9),
+            (call::FN_NOTIFY, 10),
         ];
         for (nr, want) in calls {
             assert_eq!(nr, want);

@@ -57,7 +57,11 @@ pub use ring::*;
 
 /// The ABI version this crate describes. A guest carries it in its `.note.pvrun` ELF note;
 /// the host refuses a guest whose version it does not speak.
-pub const ABI_VERSION: u32 = 3;
+pub const ABI_VERSION: u32 = 4;
+
+/// The oldest ABI version a host of this crate still runs: version 3 guests (no exitless
+/// mailbox) boot and serve exit-based calls unchanged; their boot info says version 3.
+pub const ABI_VERSION_OLDEST: u32 = 3;
 
 /// The size of a field, for `assert_layout!`.
 #[cfg(test)]
@@ -68,7 +72,8 @@ fn field_size<T, F>(_: fn(&T) -> &F) -> usize {
 #[cfg(test)]
 mod tests {
     #[test]
-    fn abi_version_is_2() {
-        assert_eq!(super::ABI_VERSION, 3);
+    fn abi_version_is_4() {
+        assert_eq!(super::ABI_VERSION, 4);
+        assert_eq!(super::ABI_VERSION_OLDEST, 3);
     }
 }

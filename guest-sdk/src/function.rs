@@ -29,13 +29,24 @@
 //! A function returns `Ok(output)`, or `Err(message)`, which the host receives as an error
 //! (status 1 with the message as output). A panic or a CPU fault inside a function stops
 //! the guest; the host reports it for that call and resets the sandbox.
+//!
+//! **Exitless calls (ABI v4).** [`serve`] also declares a mailbox (`FN_MAILBOX`) before
+//! `FN_READY`. A host that keeps the guest's state between calls may switch it to exitless
+//! calls (the host library's `WarmSandbox`): calls then arrive through the mailbox, and
+//! results go back through it, without a VM exit. After each call the guest spins on the
+//! mailbox for at most the host's `spin_ns`, then sleeps in `WAIT`: an idle sandbox costs
+//! no CPU. The budget adapts: after a gap between calls longer than `spin_ns` it halves
+//! (down to 1/16), and it is back to `spin_ns` as soon as a call comes within `spin_ns`.
 
 use alloc::string::String;
 use alloc::vec;
 use alloc::vec::Vec;
 use core::fmt;
+use core::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering, fence};
 
-use pvrun_abi::{FnCall, FnReady, FnReturn, HYPERCALL_PORT_BASE, HostCall, call, status};
+use pvrun_abi::{
+    FnCall, FnReady, FnReturn, HYPERCALL_PORT_BASE, HostCall, Wait, call, mailbox, status,
+};
 
 use crate::hypercall::hypercall;
 
@@ -74,6 +85,11 @@ pub fn serve_with_max_input(exports: &[(&str, Function)], max_input: usize) -> !
     let mut inbuf: Vec<u64> = Vec::with_capacity(words);
     let inbuf_ptr = inbuf.as_mut_ptr().cast::<u8>();
     let inbuf_len = words * 8;
+    // The exitless mailbox; a host that does not know FN_MAILBOX answers UNKNOWN_CALL and
+    // never switches to exitless calls, so the status does not matter.
+    // SAFETY: MAILBOX is a 64-aligned static of 128 bytes that lives forever; the host only
+    // records its address.
+    let _ = unsafe { hypercall(call::FN_MAILBOX, &MAILBOX as *const Mailbox as u64) };
     let ready = FnReady {
         exports: names.as_ptr() as u64,
         exports_len: names.len() as u64,
@@ -88,6 +104,11 @@ pub fn serve_with_max_input(exports: &[(&str, Function)], max_input: usize) -> !
         if st != status::OK {
             crate::eprintln!("pvrun: {what} failed: {}", status_name(st));
             crate::process::exit(1);
+        }
+        if MAILBOX.exitless.load(Ordering::SeqCst) != 0 {
+            // SAFETY: as for run_call below; from now on the host posts calls only through
+            // the mailbox.
+            unsafe { serve_exitless(exports, inbuf_ptr, inbuf_len) }
         }
         // SAFETY: the host wrote a call into the buffer before resuming the guest, and the
         // buffer is `inbuf_len` bytes of live memory that nothing else references.
@@ -106,6 +127,136 @@ pub fn serve_with_max_input(exports: &[(&str, Function)], max_input: usize) -> !
         what = "FN_RETURN";
         drop(output);
     }
+}
+
+/// The exitless-call mailbox ([`pvrun_abi::FnMailbox`], docs/ABI.md §5), as atomics: the
+/// host reads and writes it while the guest runs.
+#[repr(C, align(64))]
+struct Mailbox {
+    call_seq: AtomicU64,
+    spin_ns: AtomicU64,
+    host_sleeping: AtomicU32,
+    exitless: AtomicU32,
+    _reserved_host: [AtomicU64; 5],
+    done_seq: AtomicU64,
+    status: AtomicI64,
+    out: AtomicU64,
+    out_len: AtomicU64,
+    guest_sleeping: AtomicU32,
+    _reserved_guest0: AtomicU32,
+    _reserved_guest: [AtomicU64; 3],
+}
+
+const _: () = {
+    assert!(size_of::<Mailbox>() as u64 == mailbox::SIZE);
+    assert!(core::mem::offset_of!(Mailbox, call_seq) as u64 == mailbox::CALL_SEQ);
+    assert!(core::mem::offset_of!(Mailbox, spin_ns) as u64 == mailbox::SPIN_NS);
+    assert!(core::mem::offset_of!(Mailbox, host_sleeping) as u64 == mailbox::HOST_SLEEPING);
+    assert!(core::mem::offset_of!(Mailbox, exitless) as u64 == mailbox::EXITLESS);
+    assert!(core::mem::offset_of!(Mailbox, done_seq) as u64 == mailbox::DONE_SEQ);
+    assert!(core::mem::offset_of!(Mailbox, status) as u64 == mailbox::STATUS);
+    assert!(core::mem::offset_of!(Mailbox, out) as u64 == mailbox::OUT);
+    assert!(core::mem::offset_of!(Mailbox, out_len) as u64 == mailbox::OUT_LEN);
+    assert!(core::mem::offset_of!(Mailbox, guest_sleeping) as u64 == mailbox::GUEST_SLEEPING);
+};
+
+/// The mailbox (in `.bss`: all zero until the host writes it).
+static MAILBOX: Mailbox = Mailbox {
+    call_seq: AtomicU64::new(0),
+    spin_ns: AtomicU64::new(0),
+    host_sleeping: AtomicU32::new(0),
+    exitless: AtomicU32::new(0),
+    _reserved_host: [const { AtomicU64::new(0) }; 5],
+    done_seq: AtomicU64::new(0),
+    status: AtomicI64::new(0),
+    out: AtomicU64::new(0),
+    out_len: AtomicU64::new(0),
+    guest_sleeping: AtomicU32::new(0),
+    _reserved_guest0: AtomicU32::new(0),
+    _reserved_guest: [const { AtomicU64::new(0) }; 3],
+};
+
+/// Serves calls through the mailbox forever (the host set `exitless`).
+///
+/// # Safety
+/// As for [`run_call`]: `inbuf` is the `inbuf_len`-byte input buffer declared at
+/// `FN_READY`, which only the host writes.
+unsafe fn serve_exitless(exports: &[(&str, Function)], inbuf: *const u8, inbuf_len: usize) -> ! {
+    let mb = &MAILBOX;
+    let mut served = mb.done_seq.load(Ordering::SeqCst);
+    let full = crate::time::ns_to_ticks(mb.spin_ns.load(Ordering::SeqCst));
+    let mut budget = full;
+    // The last output stays alive until the next call arrives: the host copies it before
+    // it posts another call.
+    let mut output: Vec<u8> = Vec::new();
+    loop {
+        // Adaptive: the full budget while calls come within it (also when one came just
+        // after a sleep began), halved after each longer gap, down to 1/16.
+        let done_at = crate::time::ticks();
+        let spun = wait_for_call(mb, served, budget);
+        let gap = crate::time::ticks().wrapping_sub(done_at);
+        budget = if spun || gap <= full {
+            full
+        } else {
+            (budget / 2).max(full / 16)
+        };
+        let seq = mb.call_seq.load(Ordering::SeqCst);
+        drop(core::mem::take(&mut output));
+        // SAFETY: the host wrote the call before it stored `call_seq` (caller's contract).
+        let result = unsafe { run_call(exports, inbuf, inbuf_len) };
+        let code = match result {
+            Ok(out) => {
+                output = out;
+                0
+            }
+            Err(msg) => {
+                output = msg.into_bytes();
+                1
+            }
+        };
+        mb.status.store(code, Ordering::Relaxed);
+        mb.out.store(output.as_ptr() as u64, Ordering::Relaxed);
+        mb.out_len.store(output.len() as u64, Ordering::Relaxed);
+        mb.done_seq.store(seq, Ordering::SeqCst);
+        served = seq;
+        // Dekker with the host's `host_sleeping` store: one of us sees the other.
+        fence(Ordering::SeqCst);
+        if mb.host_sleeping.load(Ordering::SeqCst) != 0 {
+            // SAFETY: FN_NOTIFY takes no arguments and touches no guest memory.
+            unsafe { hypercall(call::FN_NOTIFY, 0) };
+        }
+    }
+}
+
+/// Waits until `call_seq` moves past `served`: spins for `budget` TSC ticks, then sleeps in
+/// `WAIT`. True if the call arrived while spinning.
+fn wait_for_call(mb: &Mailbox, served: u64, budget: u64) -> bool {
+    let start = crate::time::ticks();
+    let mut n = 0u32;
+    loop {
+        if mb.call_seq.load(Ordering::Acquire) != served {
+            return true;
+        }
+        n = n.wrapping_add(1);
+        if n.is_multiple_of(16) && crate::time::ticks().wrapping_sub(start) >= budget {
+            break;
+        }
+        core::hint::spin_loop();
+    }
+    mb.guest_sleeping.store(1, Ordering::SeqCst);
+    // Dekker with the host's `call_seq` store: flag, full fence, look again.
+    fence(Ordering::SeqCst);
+    while mb.call_seq.load(Ordering::SeqCst) == served {
+        let st = crate::hypercall::call(&Wait {
+            deadline_ns: u64::MAX,
+        });
+        if st < 0 {
+            // The host refused to wait: poll instead of a hot loop of exits.
+            core::hint::spin_loop();
+        }
+    }
+    mb.guest_sleeping.store(0, Ordering::SeqCst);
+    false
 }
 
 /// Builds the NUL-separated export list the host reads at `FN_READY`.

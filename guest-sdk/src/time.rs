@@ -37,6 +37,18 @@ fn rdtsc() -> u64 {
     }
 }
 
+/// The raw TSC, for loops that compare ticks (see [`ns_to_ticks`]).
+#[inline]
+pub(crate) fn ticks() -> u64 {
+    rdtsc()
+}
+
+/// `ns` nanoseconds in TSC ticks.
+pub(crate) fn ns_to_ticks(ns: u64) -> u64 {
+    let t = ns as u128 * TSC_HZ.load(Ordering::Relaxed) as u128 / 1_000_000_000;
+    t.min(u64::MAX as u128) as u64
+}
+
 /// Nanoseconds of the guest monotonic clock (0 at the boot instant).
 pub fn monotonic_ns() -> u64 {
     let ticks = rdtsc().saturating_sub(TSC_AT_BOOT.load(Ordering::Relaxed));

@@ -10,7 +10,7 @@
 //! Programs: [`Vm`] boots a guest from a [`GuestImage`] and a [`VmConfig`] and runs it to
 //! an [`Outcome`]. Function guests: [`Sandbox`] calls functions in a guest reset to its
 //! initialised state between calls; [`Template`] makes more of them; [`SandboxPool`] serves
-//! concurrent callers.
+//! concurrent callers; [`WarmSandbox`] keeps its state and takes calls without VM exits.
 //!
 //! ```no_run
 //! use host_vmm::{VmConfig, run_file};
@@ -55,6 +55,7 @@ pub use function::sandbox::{
 };
 pub use function::snapfile::{FORMAT_VERSION as SNAPSHOT_FORMAT_VERSION, SnapshotFileInfo};
 pub use function::snapshot::{Snapshot, VmShell};
+pub use function::warm::{WarmOptions, WarmSandbox, WarmStats};
 pub use function::{Exports, FN_DATA_MAX, HostFn};
 pub use loader::{GuestImage, Segment};
 pub use output::{StdStream, eprint_line, escape_controls};

@@ -171,6 +171,8 @@ struct Layout {
     segments: usize,
     /// Offset of inbuf, inbuf_len.
     inbuf: usize,
+    /// Offset of the exitless mailbox's address.
+    mailbox: usize,
     /// Offset of the XSAVE area and its length (0: none).
     xsave: (usize, usize),
     /// (guest address, length) of the stored pages.
@@ -200,6 +202,8 @@ fn layout(b: &[u8]) -> Layout {
     at += 8; // console consumed
     let inbuf = at;
     at += 16;
+    let mailbox = at;
+    at += 8;
     let nnames = u32_at(b, at);
     at += 4;
     for _ in 0..nnames {
@@ -220,6 +224,7 @@ fn layout(b: &[u8]) -> Layout {
         selectors,
         segments,
         inbuf,
+        mailbox,
         xsave,
         extents,
     }
@@ -344,7 +349,7 @@ fn every_damaged_or_tampered_file_is_refused_with_one_line() {
         reseal(&mut b);
         b
     };
-    refused(&dir, "format", &edit(&|b| b[8] = 2), "format version 2");
+    refused(&dir, "format", &edit(&|b| b[8] = 1), "format version 1");
     refused(&dir, "abi", &edit(&|b| b[12] = 2), "ABI v2");
     refused(&dir, "memsize", &edit(&|b| b[18] ^= 0x10), "truncated");
 
@@ -453,6 +458,32 @@ fn every_damaged_or_tampered_file_is_refused_with_one_line() {
         "inbuf-len",
         &edit(&|b| set64(b, l.inbuf + 8, 1 << 40)),
         "input buffer",
+    );
+    // The exitless mailbox (ABI v4): unaligned, in read-only memory, over the input buffer.
+    assert_ne!(u64_at(&good, l.mailbox), 0, "the SDK declares a mailbox");
+    refused(
+        &dir,
+        "mailbox-unaligned",
+        &edit(&|b| {
+            let m = u64_at(b, l.mailbox);
+            set64(b, l.mailbox, m + 8)
+        }),
+        "exitless mailbox",
+    );
+    refused(
+        &dir,
+        "mailbox-bootinfo",
+        &edit(&|b| set64(b, l.mailbox, 0x1_0000)),
+        "exitless mailbox",
+    );
+    refused(
+        &dir,
+        "mailbox-inbuf",
+        &edit(&|b| {
+            let i = u64_at(b, l.inbuf);
+            set64(b, l.mailbox, i & !63)
+        }),
+        "exitless mailbox",
     );
     // Host structures changed (an extra PML4 entry mapping the tables' own memory, a stub
     // rewritten, a descriptor's privilege level): the page checksum is recomputed, the

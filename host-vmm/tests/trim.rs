@@ -126,3 +126,17 @@ fn the_booted_sandbox_is_reset_but_not_trimmed() {
     assert_eq!(text(sb.call_keep_state("counter", b"")), "1");
     assert_eq!(text(sb.call("init-state", b"")), "42");
 }
+
+#[test]
+fn a_trimmed_sandbox_can_go_warm() {
+    // Its warm vCPU thread runs under the vCPU filter and registers the memory slot again
+    // there.
+    let first = Sandbox::new(&guest("badfunctions"), config()).expect("needs /dev/kvm");
+    let mut sb = Sandbox::from_template(first.template()).unwrap();
+    assert_eq!(text(sb.call_keep_state("counter", b"")), "1");
+    assert!(sb.trim().unwrap());
+    let mut warm = sb.into_warm(host_vmm::WarmOptions::default()).unwrap();
+    assert_eq!(text(warm.call("counter", b"")), "1");
+    assert_eq!(text(warm.call("counter", b"")), "2");
+    assert_eq!(text(warm.call("init-state", b"")), "42");
+}

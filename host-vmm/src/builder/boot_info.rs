@@ -2,7 +2,7 @@
 //! (ABI version, memory map, heap and stack, argv, environment, clock calibration, a random
 //! seed, feature bits), written into the user read-only region at [`BOOT_INFO_ADDR`].
 
-use pvrun_abi::{ABI_VERSION, BOOT_INFO_MAGIC, BootInfo, DeviceInfo, MAX_REGIONS, MemRegion, Str};
+use pvrun_abi::{BOOT_INFO_MAGIC, BootInfo, DeviceInfo, MAX_REGIONS, MemRegion, Str};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::error::Error;
@@ -21,6 +21,8 @@ pub struct BootFacts {
     pub wall_ns_at_boot: u64,
     /// Feature bits.
     pub features: u64,
+    /// The ABI version the guest was built for (its ELF note).
+    pub abi_version: u32,
 }
 
 /// Bump allocator over the boot-info region, after the fixed struct.
@@ -77,7 +79,9 @@ pub fn write(
 ) -> Result<(), Error> {
     let mut info = BootInfo::zeroed();
     info.magic = BOOT_INFO_MAGIC;
-    info.abi_version = ABI_VERSION;
+    // The guest's own version (3 or 4): the boot info is the same in both, and a v3
+    // guest's SDK refuses any other number.
+    info.abi_version = facts.abi_version;
     info.size = size_of::<BootInfo>() as u32;
     info.features = facts.features;
     info.mem_size = ram.size();

@@ -272,6 +272,7 @@ pub(crate) fn build(image: Arc<GuestImage>, config: VmConfig) -> Result<Vm, Erro
         tsc_at_boot,
         wall_ns_at_boot: wall,
         features: cpu.features,
+        abi_version: image.abi_version,
     };
     boot_info::write(
         &ram,

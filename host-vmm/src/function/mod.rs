@@ -9,11 +9,12 @@ pub(crate) mod console;
 pub(crate) mod sandbox;
 pub(crate) mod snapfile;
 pub(crate) mod snapshot;
+pub(crate) mod warm;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use pvrun_abi::{FnCall, FnReady, FnReturn, HostCall, status};
+use pvrun_abi::{FnCall, FnReady, FnReturn, HostCall, mailbox, status};
 
 use crate::hypercall::{Action, GuestView};
 use crate::memory::UserMemory;
@@ -27,6 +28,10 @@ pub struct Exports {
     pub inbuf: u64,
     /// Size of the input buffer.
     pub inbuf_len: u64,
+    /// Guest address of the exitless-call mailbox declared with `FN_MAILBOX` before
+    /// `FN_READY` (validated: 64-byte aligned, guest-writable, apart from the input
+    /// buffer), or 0 when the guest declared none (ABI v3 guests never do).
+    pub mailbox: u64,
 }
 
 /// A function the host offers to guests by name: bytes in, bytes out.
@@ -51,6 +56,11 @@ pub struct FnContext {
     /// make): no exception, NMI or interrupt shadow can be pending, so a reset need not
     /// load the snapshot's vCPU events.
     pub clean_exit: bool,
+    /// The mailbox the guest declared with `FN_MAILBOX` (0: none), which `FN_READY` puts
+    /// into the [`Exports`].
+    pub mailbox: u64,
+    /// Set while a [`warm::WarmSandbox`] runs this VM: `FN_NOTIFY` and `WAIT` report to it.
+    pub warm: Option<Arc<warm::Link>>,
 }
 
 /// `FN_RETURN`: the call's status and output (or the output's length when it is over the
@@ -72,8 +82,31 @@ pub(crate) fn fn_return(arg: u64, guest: &GuestView<'_>, fns: &FnContext) -> Act
     }
 }
 
+/// `FN_MAILBOX`: the exitless-call mailbox, `arg` being its address. Checked here (64-byte
+/// aligned, the whole 128 bytes guest-writable) and again against the input buffer at
+/// `FN_READY`; only recorded, nothing in it is read now.
+pub(crate) fn fn_mailbox(arg: u64, guest: &GuestView<'_>, fns: &mut FnContext) -> Result<i64, i64> {
+    if arg == 0 {
+        return Err(status::BAD_ADDRESS);
+    }
+    if !arg.is_multiple_of(mailbox::ALIGN) {
+        return Err(status::UNALIGNED);
+    }
+    guest.check(arg, mailbox::SIZE, true)?;
+    fns.mailbox = arg;
+    Ok(0)
+}
+
+/// `FN_NOTIFY`: wakes the caller of a warm sandbox waiting for a result; 0 elsewhere.
+pub(crate) fn fn_notify(fns: &FnContext) -> i64 {
+    if let Some(link) = &fns.warm {
+        link.notified();
+    }
+    status::OK
+}
+
 /// `FN_READY`: the export list and the input buffer the host writes each call into.
-pub(crate) fn fn_ready(arg: u64, guest: &GuestView<'_>) -> Result<Exports, i64> {
+pub(crate) fn fn_ready(arg: u64, guest: &GuestView<'_>, fns: &FnContext) -> Result<Exports, i64> {
     let a: FnReady = guest.read_args(arg)?;
     let mut list = Vec::new();
     guest.read_buf(a.exports, a.exports_len, 64 * 1024, &mut list)?;
@@ -90,10 +123,21 @@ pub(crate) fn fn_ready(arg: u64, guest: &GuestView<'_>) -> Result<Exports, i64> 
         .map
         .check_user(a.inbuf, a.inbuf_len, true)
         .map_err(|_| status::BAD_ADDRESS)?;
+    let mailbox = fns.mailbox;
+    if mailbox != 0 {
+        // The host writes the input buffer and the mailbox's host line independently: they
+        // must not overlap (inbuf_len fits guest memory, checked above).
+        let apart =
+            mailbox + pvrun_abi::mailbox::SIZE <= a.inbuf || a.inbuf + a.inbuf_len <= mailbox;
+        if !apart {
+            return Err(status::BAD_ARGUMENT);
+        }
+    }
     Ok(Exports {
         names,
         inbuf: a.inbuf,
         inbuf_len: a.inbuf_len,
+        mailbox,
     })
 }
 

@@ -474,13 +474,38 @@ impl Sandbox {
     }
 
     /// Resets the sandbox and gives back the memory it holds of its own: the pages its
-    /// calls wrote and the host page tables over them (KVM's own structures stay). For a
-    /// sandbox that will sit idle; its next call pays a page fault for each page it
-    /// touches again. Returns false, after the reset, for a sandbox whose memory is not a
-    /// copy-on-write view of its template (the one [`Sandbox::new`] booted).
+    /// calls wrote, the host page tables over them, and KVM's memory slot (its reverse
+    /// maps, write tracking and shadow page tables, about 3 KiB per MiB of guest memory).
+    /// For a sandbox that will sit idle: its next call registers the slot again and pays
+    /// a page fault for each page it touches (see `benches/density.rs`). Returns false,
+    /// after the reset, for a sandbox whose memory is not a copy-on-write view of its
+    /// template (the one [`Sandbox::new`] booted).
     pub fn trim(&mut self) -> Result<bool, Error> {
         self.reset()?;
         self.vm.release_private_pages()
+    }
+
+    /// Turns this sandbox into a [`WarmSandbox`](super::warm::WarmSandbox): it keeps its
+    /// state between calls, as [`Sandbox::call_keep_state`] does, and takes calls through
+    /// the guest's exitless mailbox instead of a VM exit each (docs/ABI.md §5 "Exitless
+    /// calls"). Needs a guest that declared a mailbox (SDK of ABI v4); the sandbox goes on
+    /// from the state its last call left (reset first if that call crashed). Starts the
+    /// sandbox's vCPU thread, so the calling thread must not be confined.
+    pub fn into_warm(
+        mut self,
+        options: super::warm::WarmOptions,
+    ) -> Result<super::warm::WarmSandbox, Error> {
+        if !self.resumable {
+            self.reset()?;
+        }
+        let parts = super::warm::WarmParts {
+            exports: self.template.snapshot.exports.clone(),
+            max_output: self.template.max_output,
+            call_timeout: self.template.call_timeout,
+            template: self.template,
+            vm: self.vm,
+        };
+        super::warm::WarmSandbox::start(parts, options)
     }
 
     /// Calls function `name` with `input`, starting from the clean snapshot state (the

@@ -41,7 +41,7 @@ use crate::vstate::kvm::{cpu_policy, kvm};
 /// The file's first eight bytes.
 pub const MAGIC: [u8; 8] = *b"PVRUNSNP";
 /// The format version this host writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 /// Bytes of the fixed header.
 const HEADER_LEN: usize = 128;
 /// Offset of the digest in the header (it covers the bytes before it and the metadata).
@@ -264,6 +264,7 @@ struct Meta {
     console_consumed: u64,
     inbuf: u64,
     inbuf_len: u64,
+    mailbox: u64,
     names: Vec<String>,
     guest_tsc: u64,
     tsc_hz: u64,
@@ -303,6 +304,7 @@ fn encode_meta(snap: &Snapshot, extents: &[(u64, u64)], taken_wall_ns: u64) -> V
     o.u64(snap.console_consumed);
     o.u64(snap.exports.inbuf);
     o.u64(snap.exports.inbuf_len);
+    o.u64(snap.exports.mailbox);
     o.u32(snap.exports.names.len() as u32);
     for n in &snap.exports.names {
         o.u32(n.len() as u32);
@@ -358,6 +360,7 @@ fn decode_meta(data: &[u8]) -> Result<Meta, String> {
     let console_consumed = i.u64()?;
     let inbuf = i.u64()?;
     let inbuf_len = i.u64()?;
+    let mailbox = i.u64()?;
     let nnames = i.u32()?;
     let mut names = Vec::new();
     let mut table = 0u64;
@@ -408,6 +411,7 @@ fn decode_meta(data: &[u8]) -> Result<Meta, String> {
         console_consumed,
         inbuf,
         inbuf_len,
+        mailbox,
         names,
         guest_tsc,
         tsc_hz,
@@ -741,6 +745,23 @@ fn check(path: &Path, sized: impl FnOnce(u64)) -> Result<Checked, Error> {
             "has an input buffer outside the guest's writable memory; {again}"
         )));
     }
+    // The exitless mailbox, as FN_MAILBOX and FN_READY check it.
+    if meta.mailbox != 0 {
+        let size = pvrun_abi::mailbox::SIZE;
+        let apart = meta
+            .mailbox
+            .checked_add(size)
+            .is_some_and(|e| e <= meta.inbuf)
+            || meta.inbuf + meta.inbuf_len <= meta.mailbox;
+        if !meta.mailbox.is_multiple_of(pvrun_abi::mailbox::ALIGN)
+            || map.check_user(meta.mailbox, size, true).is_err()
+            || !apart
+        {
+            return Err(bad(format!(
+                "has an exitless mailbox outside the guest's writable memory; {again}"
+            )));
+        }
+    }
 
     // Stored pages: sorted, aligned, inside memory, as many bytes as the header says, and
     // their CRC.
@@ -882,6 +903,7 @@ pub(crate) fn load(
                 names: c.meta.names,
                 inbuf: c.meta.inbuf,
                 inbuf_len: c.meta.inbuf_len,
+                mailbox: c.meta.mailbox,
             },
             guest_tsc: c.meta.guest_tsc,
             tsc_hz: c.meta.tsc_hz,

@@ -243,6 +243,8 @@ impl Vm {
                 host_writes: Vec::new(),
                 entropy,
                 clean_exit: false,
+                mailbox: snap.exports.mailbox,
+                warm: None,
             },
             crash: None,
             slot_removed: false,

@@ -50,12 +50,14 @@ pub(crate) fn dispatch(
     fns: &mut FnContext,
 ) -> Action {
     let r = match nr {
-        call::FN_READY => match function::fn_ready(arg, guest) {
+        call::FN_READY => match function::fn_ready(arg, guest, fns) {
             Ok(e) => return Action::Ready(e),
             Err(e) => Err(e),
         },
         call::FN_RETURN => return function::fn_return(arg, guest, fns),
         call::HOST_CALL => function::host_call(arg, guest, fns),
+        call::FN_MAILBOX => function::fn_mailbox(arg, guest, fns),
+        call::FN_NOTIFY => Ok(function::fn_notify(fns)),
         call::CONSOLE_WRITE => console::console_write(arg, guest, console),
         call::EXIT => match guest.read_args::<Exit>(arg) {
             Ok(a) if a.reserved != 0 => Err(status::BAD_ARGUMENT),

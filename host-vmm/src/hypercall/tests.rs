@@ -279,6 +279,42 @@ fn fn_ready_needs_a_writable_aligned_input_buffer() {
 }
 
 #[test]
+fn fn_mailbox_needs_aligned_writable_memory_apart_from_the_input_buffer() {
+    let mut f = fixture();
+    // Null, unaligned, read-only (text), host-only, and running off the end of memory.
+    assert_eq!(f.status(call::FN_MAILBOX, 0), status::BAD_ADDRESS);
+    assert_eq!(f.status(call::FN_MAILBOX, DATA + 8), status::UNALIGNED);
+    assert_eq!(f.status(call::FN_MAILBOX, TEXT), status::BAD_ADDRESS);
+    assert_eq!(f.status(call::FN_MAILBOX, HOST), status::BAD_ADDRESS);
+    assert_eq!(
+        f.status(call::FN_MAILBOX, DATA + 0x20_0000 - 64),
+        status::BAD_ADDRESS
+    );
+    assert_eq!(f.fns.mailbox, 0, "nothing recorded for a refused mailbox");
+    assert_eq!(f.status(call::FN_MAILBOX, DATA + 0x3000), status::OK);
+    assert_eq!(f.fns.mailbox, DATA + 0x3000);
+    // FN_READY carries it into the exports, unless it overlaps the input buffer.
+    f.put_bytes(DATA + 0x1000, b"one\0");
+    let ready = |inbuf| FnReady {
+        exports: DATA + 0x1000,
+        exports_len: 4,
+        inbuf,
+        inbuf_len: 4096,
+    };
+    f.put(DATA, ready(DATA + 0x2000));
+    match f.call(call::FN_READY, DATA) {
+        Action::Ready(e) => assert_eq!(e.mailbox, DATA + 0x3000),
+        other => panic!("{other:?}"),
+    }
+    for inbuf in [DATA + 0x3000 - 4096 + 8, DATA + 0x3000 + 120] {
+        f.put(DATA, ready(inbuf));
+        assert_eq!(f.status(call::FN_READY, DATA), status::BAD_ARGUMENT);
+    }
+    // FN_NOTIFY without a warm sandbox is harmless.
+    assert_eq!(f.status(call::FN_NOTIFY, 0), status::OK);
+}
+
+#[test]
 fn fn_return_copies_the_output_or_reports_its_size() {
     let mut f = fixture();
     f.put_bytes(DATA + 0x1000, b"result");

@@ -263,7 +263,9 @@ pub(super) fn check<'d>(
             "is not a pvrun guest: it has no `pvrun` ABI note (build it with `cargo pvrun` from a crate that uses guest-sdk)",
         )
     })?;
-    if abi_version != ABI_VERSION {
+    // Version 3 guests differ only in lacking the exitless mailbox (FN_MAILBOX): they run
+    // unchanged, and their boot info says 3.
+    if !(pvrun_abi::ABI_VERSION_OLDEST..=ABI_VERSION).contains(&abi_version) {
         return Err(Error::AbiMismatch {
             path: path.display().to_string(),
             guest: abi_version,

@@ -268,7 +268,7 @@ impl Vm {
             Action::Fault(msg) => Some(Outcome::Fault(Fault::protocol(msg))),
             Action::Ready(exports) => Some(Outcome::Ready(exports)),
             Action::Returned { status, output } => Some(Outcome::Returned { status, output }),
-            Action::Wait(deadline_ns) => match self.wait(deadline_ns, debug) {
+            Action::Wait(deadline_ns) => match self.wait_warm(deadline_ns, debug) {
                 Waited::Stopped(o) => Some(o),
                 Waited::Break => return Ok(Some(Event::BreakInWait(deadline_ns))),
                 Waited::Done => {
@@ -295,6 +295,18 @@ impl Vm {
                 Ok(None)
             }
         }
+    }
+
+    /// [`Vm::wait`], telling a warm sandbox ([`crate::function::warm`]) that its guest
+    /// sleeps, so its idle deadline is off meanwhile.
+    fn wait_warm(&mut self, deadline_ns: u64, debug: bool) -> Waited {
+        let Some(link) = self.fns.warm.clone() else {
+            return self.wait(deadline_ns, debug);
+        };
+        link.guest_sleeps();
+        let waited = self.wait(deadline_ns, debug);
+        link.guest_wakes();
+        waited
     }
 
     /// Sleeps until the guest deadline, a device event, or a stop (with `debug`, also a

@@ -7,7 +7,7 @@ use super::Vm;
 use crate::devices::DeviceCounters;
 
 /// Hypercall numbers counted one by one (the rest are counted as unknown).
-const NAMED: [(u16, &str); 8] = [
+const NAMED: [(u16, &str); 10] = [
     (call::CONSOLE_WRITE, "console_write"),
     (call::EXIT, "exit"),
     (call::ABORT, "abort"),
@@ -16,6 +16,8 @@ const NAMED: [(u16, &str); 8] = [
     (call::FN_READY, "fn_ready"),
     (call::FN_RETURN, "fn_return"),
     (call::HOST_CALL, "host_call"),
+    (call::FN_MAILBOX, "fn_mailbox"),
+    (call::FN_NOTIFY, "fn_notify"),
 ];
 
 /// What the run loop counts as it goes.

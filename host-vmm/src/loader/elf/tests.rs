@@ -189,6 +189,30 @@ fn no_abi_note() {
 }
 
 #[test]
+fn version_3_guests_are_still_accepted_and_keep_their_version() {
+    // ABI v4 only added the exitless mailbox: a v3 guest runs unchanged (and its boot info
+    // says 3, since its SDK refuses anything else).
+    let c = checked(&with(RawElf {
+        abi_version: Some(3),
+        ..ok()
+    }))
+    .expect("a v3 guest");
+    assert_eq!(c.abi_version, 3);
+    for v in [2, ABI_VERSION + 1] {
+        assert!(
+            matches!(
+                checked(&with(RawElf {
+                    abi_version: Some(v),
+                    ..ok()
+                })),
+                Err(Error::AbiMismatch { guest, .. }) if guest == v
+            ),
+            "version {v} accepted"
+        );
+    }
+}
+
+#[test]
 fn wrong_abi_version() {
     match checked(&with(RawElf {
         abi_version: Some(99),
