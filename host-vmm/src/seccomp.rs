@@ -38,6 +38,10 @@ pub(crate) enum ThreadKind {
     /// Creates VMs ahead of time for new sandboxes (`Template::keep_shells_ready`): the
     /// KVM requests that create a VM, its memory slot and vCPU, and set its CPUID.
     Shells,
+    /// Grows and shrinks an elastic sandbox pool (`SandboxPool::elastic`'s `pvrun-grow`
+    /// thread): what `Shells` may, plus loading a snapshot's vCPU state into the new VM
+    /// (the `KVM_SET_*` requests, never `KVM_RUN`); dropping VMs needs nothing more.
+    Grower,
     /// Writes queued output to a descriptor it already holds: the sandboxes' console
     /// writer and the gateway's log writer.
     Writer,
@@ -45,12 +49,13 @@ pub(crate) enum ThreadKind {
 
 /// Every kind (for tests and filter caches).
 #[cfg(test)]
-const ALL_KINDS: [ThreadKind; 6] = [
+const ALL_KINDS: [ThreadKind; 7] = [
     ThreadKind::Vcpu,
     ThreadKind::Io,
     ThreadKind::Watchdog,
     ThreadKind::Gateway,
     ThreadKind::Shells,
+    ThreadKind::Grower,
     ThreadKind::Writer,
 ];
 
@@ -183,6 +188,20 @@ fn shell_ioctls() -> Vec<u64> {
     ]
 }
 
+/// The KVM requests that make a sandbox from a snapshot in a new VM (`VmShell::new`,
+/// then loading the snapshot's vCPU state): a shell's, and setting (never running) a vCPU.
+fn grower_ioctls() -> Vec<u64> {
+    use kvm_bindings::*;
+    let mut v = shell_ioctls();
+    v.extend(
+        vcpu_ioctls()
+            .into_iter()
+            .filter(|&nr| nr != io(0x80) && nr != iow::<kvm_dirty_log>(0x42)),
+    );
+    v.push(iow::<kvm_xcrs>(0xa7)); // KVM_SET_XCRS
+    v
+}
+
 fn cond(
     arg: u8,
     len: SeccompCmpArgLen,
@@ -217,7 +236,9 @@ fn build(kind: ThreadKind, pid: u32) -> Result<Filters, String> {
         ThreadKind::Vcpu => VCPU_EXTRA,
         ThreadKind::Io => IO_EXTRA,
         ThreadKind::Gateway => GATEWAY_EXTRA,
-        ThreadKind::Watchdog | ThreadKind::Shells | ThreadKind::Writer => &[],
+        ThreadKind::Watchdog | ThreadKind::Shells | ThreadKind::Grower | ThreadKind::Writer => {
+            &[]
+        }
     };
     allow.extend(extra.iter().map(|&nr| (nr, vec![])));
     // Memory may be mapped, never executable.
@@ -249,6 +270,7 @@ fn build(kind: ThreadKind, pid: u32) -> Result<Filters, String> {
     let ioctls = match kind {
         ThreadKind::Vcpu => vcpu_ioctls(),
         ThreadKind::Shells => shell_ioctls(),
+        ThreadKind::Grower => grower_ioctls(),
         _ => vec![],
     };
     if !ioctls.is_empty() {
@@ -309,6 +331,7 @@ fn cached(kind: ThreadKind) -> Result<&'static Filters, String> {
     static WATCHDOG: OnceLock<Result<Filters, String>> = OnceLock::new();
     static GATEWAY: OnceLock<Result<Filters, String>> = OnceLock::new();
     static SHELLS: OnceLock<Result<Filters, String>> = OnceLock::new();
+    static GROWER: OnceLock<Result<Filters, String>> = OnceLock::new();
     static WRITER: OnceLock<Result<Filters, String>> = OnceLock::new();
     let cell = match kind {
         ThreadKind::Vcpu => &VCPU,
@@ -316,6 +339,7 @@ fn cached(kind: ThreadKind) -> Result<&'static Filters, String> {
         ThreadKind::Watchdog => &WATCHDOG,
         ThreadKind::Gateway => &GATEWAY,
         ThreadKind::Shells => &SHELLS,
+        ThreadKind::Grower => &GROWER,
         ThreadKind::Writer => &WRITER,
     };
     cell.get_or_init(|| build(kind, std::process::id()))
@@ -500,6 +524,21 @@ mod tests {
             killed(in_child(ThreadKind::Shells, kvm_run)),
             "shells: KVM_RUN"
         );
+        // The grower creates VMs and loads vCPU state, and never runs a vCPU either.
+        assert!(exited_ok(in_child(ThreadKind::Grower, create_vm)));
+        let set_xcrs = || unsafe {
+            libc::syscall(
+                libc::SYS_ioctl,
+                -1,
+                iow::<kvm_bindings::kvm_xcrs>(0xa7),
+            );
+        };
+        assert!(exited_ok(in_child(ThreadKind::Grower, set_xcrs)));
+        assert!(
+            killed(in_child(ThreadKind::Grower, kvm_run)),
+            "grower: KVM_RUN"
+        );
+        assert!(killed(in_child(ThreadKind::Shells, set_xcrs)));
         // Sockets: the gateway serves the ones it has; no other kind touches one.
         let accept = || unsafe {
             libc::syscall(libc::SYS_accept4, -1, 0, 0, 0);
@@ -512,7 +551,12 @@ mod tests {
         };
         for body in [&accept as &dyn Fn(), &send, &epoll] {
             assert!(exited_ok(in_child(ThreadKind::Gateway, body)));
-            for kind in [ThreadKind::Vcpu, ThreadKind::Writer, ThreadKind::Shells] {
+            for kind in [
+                ThreadKind::Vcpu,
+                ThreadKind::Writer,
+                ThreadKind::Shells,
+                ThreadKind::Grower,
+            ] {
                 assert!(killed(in_child(kind, body)), "{kind:?}: a socket call");
             }
         }

@@ -189,6 +189,21 @@ impl Vm {
         stderr: Box<dyn Write + Send>,
         timeout: Option<Duration>,
     ) -> Result<Vm, Error> {
+        Self::from_snapshot_with(shell, &mut None, snap, stdout, stderr, timeout)
+    }
+
+    /// Like [`Vm::from_snapshot_in`], with the stop state and watchdog of `spare` when one
+    /// is given (then nothing here creates a descriptor or starts a thread: a pool's
+    /// confined grower thread makes sandboxes this way). `spare` is taken only when the VM
+    /// is made.
+    pub(crate) fn from_snapshot_with(
+        shell: Option<VmShell>,
+        spare: &mut Option<crate::runtime::control::SpareControl>,
+        snap: &Arc<Snapshot>,
+        stdout: Box<dyn Write + Send>,
+        stderr: Box<dyn Write + Send>,
+        timeout: Option<Duration>,
+    ) -> Result<Vm, Error> {
         let kvm = kvm()?;
         let policy = cpu_policy(kvm)?;
         let (ram, vm, mut vcpu) = match shell {
@@ -222,6 +237,13 @@ impl Vm {
         boot_info::new_generation(&ram, &mut entropy)?;
         let mut console = Console::new(stdout, stderr);
         console.set_consumed(snap.console_consumed);
+        let (control, watchdog) = match spare.take() {
+            Some(s) => {
+                s.control.reset_for_reuse();
+                (s.control, Some(s.watchdog))
+            }
+            None => (RunControl::new(Arc::new(Notify::new()?)), None),
+        };
         Ok(Vm {
             devices: Devices::default(),
             vcpu,
@@ -230,9 +252,9 @@ impl Vm {
             map: snap.map.clone(),
             image: snap.image.clone(),
             console,
-            control: RunControl::new(Arc::new(Notify::new()?)),
+            control,
             timeout,
-            watchdog: None,
+            watchdog,
             boot_instant,
             tsc_hz: snap.tsc_hz,
             tsc_at_boot: snap.tsc_at_boot,

@@ -83,6 +83,11 @@ impl RunControl {
         &self.notify
     }
 
+    /// The same, shared.
+    pub fn notify_arc(&self) -> Arc<Notify> {
+        self.notify.clone()
+    }
+
     fn stop(&self, reason: u8) {
         let _ = self
             .reason
@@ -186,6 +191,15 @@ impl RunControl {
         // even for the moment after it starts.
         let _ = ready_rx.recv();
         Ok(handle)
+    }
+
+    /// Makes this stop state fit for a new VM: no stop request, no deadline, no debugger
+    /// break, no pending wake-up (the watchdog thread, if any, keeps serving it).
+    pub fn reset_for_reuse(&self) {
+        self.clear();
+        self.debug_break.store(false, Ordering::SeqCst);
+        self.arm(None);
+        self.notify.clear();
     }
 
     /// Ends the watchdog thread (the caller joins it).
@@ -358,4 +372,29 @@ fn install_kick_handler() {
         // Without SA_RESTART, so KVM_RUN returns EINTR.
         let _ = vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick);
     });
+}
+
+/// A VM's stop state with its watchdog thread already running, kept apart from any VM so
+/// a pool can give it to a sandbox it creates later on a confined thread (which cannot
+/// start the watchdog thread or create the eventfd itself). See
+/// `SandboxPool::confine_callers`.
+pub(crate) struct SpareControl {
+    pub control: Arc<RunControl>,
+    pub watchdog: JoinHandle<()>,
+}
+
+impl SpareControl {
+    /// A new stop state and its watchdog (on an unconfined thread: it creates an eventfd
+    /// and starts a thread).
+    pub fn new() -> Result<SpareControl, Error> {
+        let control = RunControl::new(Arc::new(Notify::new()?));
+        let watchdog = control.start_watchdog()?;
+        Ok(SpareControl { control, watchdog })
+    }
+
+    /// Ends the watchdog thread and waits for it.
+    pub fn end(self) {
+        self.control.quit();
+        let _ = self.watchdog.join();
+    }
 }

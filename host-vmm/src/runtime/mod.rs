@@ -63,6 +63,19 @@ impl Drop for Vm {
 }
 
 impl Vm {
+    /// Takes this VM's stop state and watchdog thread away from it (for a later VM, see
+    /// [`control::SpareControl`]); the VM must not run again. None if it has no watchdog.
+    pub(crate) fn take_control(&mut self) -> Option<control::SpareControl> {
+        let watchdog = self.watchdog.take()?;
+        // A stop state of its own, never run: dropping the VM quits this one.
+        let own = RunControl::new(self.control.notify_arc());
+        let control = std::mem::replace(&mut self.control, own);
+        control.reset_for_reuse();
+        Some(control::SpareControl { control, watchdog })
+    }
+}
+
+impl Vm {
     /// The guest's registers and call stack at the crash, panic or SIGQUIT stop
     /// ([`crate::stop_guest_on_quit`]) that ended the last [`Vm::run`] (`None` if it did
     /// not end that way).
