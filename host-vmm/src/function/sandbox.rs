@@ -903,7 +903,9 @@ impl PoolInner {
             }
             // A failed creation is retried after a second (the pool serves meanwhile).
             let may_grow = failed_at.is_none_or(|t| t.elapsed() >= Duration::from_secs(1));
-            if st.waiting > 0 && st.idle.is_empty() && st.size < self.limits.max && may_grow {
+            // Callers beyond the idle sandboxes (which waiting callers are about to take) need
+            // another one.
+            if st.waiting > st.idle.len() && st.size < self.limits.max && may_grow {
                 if let Some(spare) = st.spares.pop() {
                     st.size += 1;
                     drop(st);

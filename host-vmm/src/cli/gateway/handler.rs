@@ -388,6 +388,7 @@ async fn route(shared: &Arc<Shared>, id: &str, req: Request<Incoming>, facts: &m
         Route::Unknown(g, name) => {
             let guest = &shared.guests[g];
             facts.guest = Some(guest.name.clone());
+            facts.function = Some(name.to_string());
             shared.metrics.call(&guest.name, "-", "unknown", None, 0);
             let fns = guest.pool.get().map_or(&[][..], |r| r.pool.functions());
             return text(404, "unknown", unknown_message(name, fns));

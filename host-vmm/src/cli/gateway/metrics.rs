@@ -7,11 +7,10 @@
 //! | `pvrun_call_duration_seconds` | histogram | `guest`, `function` |
 //! | `pvrun_pool_sandboxes` | gauge (sandboxes now) | `guest` |
 //! | `pvrun_pool_busy_sandboxes` | gauge (running a call or being reset) | `guest` |
-//! | `pvrun_pool_waiting_calls` | gauge (calls waiting for a sandbox) | `guest` |
 //! | `pvrun_pool_min_sandboxes`, `pvrun_pool_max_sandboxes` | gauge | `guest` |
 //! | `pvrun_pool_grown_total`, `pvrun_pool_shrunk_total` | counter (sandboxes made under load, dropped after their idle time) | `guest` |
 //! | `pvrun_pool_grow_failures_total` | counter | `guest` |
-//! | `pvrun_calls_in_flight`, `pvrun_concurrency_limit` | gauge (calls admitted now, and the limit beyond which calls get 429) | `guest` (only guests with a limit) |
+//! | `pvrun_calls_in_flight`, `pvrun_concurrency_limit` | gauge (calls admitted now, running or queued for a sandbox, and the limit beyond which calls get 429; in flight minus busy sandboxes is the queue) | `guest` (only guests with a limit) |
 //! | `pvrun_resets_total` | counter | `guest` |
 //! | `pvrun_reset_dirty_pages` | histogram (pages copied back per reset) | `guest` |
 //! | `pvrun_vm_exits_total` | counter (exits of the calls made) | `guest`, `kind`: `hypercall`, `doorbell`, `exception`, `interrupted`, `other` |
@@ -45,7 +44,6 @@ pub(super) struct Metrics {
     latency: Family<Labels, Histogram>,
     pool_size: Family<Labels, Gauge>,
     pool_busy: Family<Labels, Gauge>,
-    pool_waiting: Family<Labels, Gauge>,
     pool_min: Family<Labels, Gauge>,
     pool_max: Family<Labels, Gauge>,
     grown: Family<Labels, Counter>,
@@ -93,11 +91,6 @@ impl Metrics {
             &mut registry,
             "pool_busy_sandboxes",
             "Sandboxes running a call or being reset",
-        );
-        let pool_waiting = gauge(
-            &mut registry,
-            "pool_waiting_calls",
-            "Calls waiting for a sandbox of the guest",
         );
         let pool_min = gauge(&mut registry, "pool_min_sandboxes", "The pool's least size");
         let pool_max = gauge(&mut registry, "pool_max_sandboxes", "The pool's largest size");
@@ -153,7 +146,6 @@ impl Metrics {
             latency,
             pool_size,
             pool_busy,
-            pool_waiting,
             pool_min,
             pool_max,
             grown,
@@ -219,7 +211,6 @@ impl Metrics {
             let p = ready.pool.stats();
             self.pool_size.get_or_create(&l).set(p.size as i64);
             self.pool_busy.get_or_create(&l).set(p.busy as i64);
-            self.pool_waiting.get_or_create(&l).set(p.waiting as i64);
             self.pool_min.get_or_create(&l).set(p.min as i64);
             self.pool_max.get_or_create(&l).set(p.max as i64);
             for (family, n) in [
