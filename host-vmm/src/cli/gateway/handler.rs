@@ -155,6 +155,10 @@ pub(super) async fn handle(
         .then(|| (req.method().to_string(), req.uri().path().to_string()));
     let mut facts = Facts::default();
     let mut resp = route(&shared, &id, req, &mut facts).await;
+    if !shared.multi && facts.guest.is_none() {
+        // The single guest serves every request.
+        facts.guest = shared.guests.first().map(|g| g.name.clone());
+    }
     if let Ok(v) = HeaderValue::from_str(&id) {
         resp.headers_mut().insert("x-request-id", v);
     }
@@ -730,7 +734,7 @@ mod tests {
                     assert!(!n.starts_with('/'), "{p:?} -> {n:?}");
                     assert!(p.ends_with(n) && p[..p.len() - n.len()].bytes().all(|b| b == b'/'));
                     let known = fns.iter().any(|f| f == n);
-                    assert_eq!(known, matches!(r, Route::Call(_)), "{p:?} -> {r:?}");
+                    assert_eq!(known, matches!(r, Route::Call(..)), "{p:?} -> {r:?}");
                 }
             }
             if !ready && !(get && (p == "/healthz" || p == "/readyz" || p == "/metrics")) {
