@@ -236,9 +236,7 @@ fn build(kind: ThreadKind, pid: u32) -> Result<Filters, String> {
         ThreadKind::Vcpu => VCPU_EXTRA,
         ThreadKind::Io => IO_EXTRA,
         ThreadKind::Gateway => GATEWAY_EXTRA,
-        ThreadKind::Watchdog | ThreadKind::Shells | ThreadKind::Grower | ThreadKind::Writer => {
-            &[]
-        }
+        ThreadKind::Watchdog | ThreadKind::Shells | ThreadKind::Grower | ThreadKind::Writer => &[],
     };
     allow.extend(extra.iter().map(|&nr| (nr, vec![])));
     // Memory may be mapped, never executable.
@@ -527,11 +525,7 @@ mod tests {
         // The grower creates VMs and loads vCPU state, and never runs a vCPU either.
         assert!(exited_ok(in_child(ThreadKind::Grower, create_vm)));
         let set_xcrs = || unsafe {
-            libc::syscall(
-                libc::SYS_ioctl,
-                -1,
-                iow::<kvm_bindings::kvm_xcrs>(0xa7),
-            );
+            libc::syscall(libc::SYS_ioctl, -1, iow::<kvm_bindings::kvm_xcrs>(0xa7));
         };
         assert!(exited_ok(in_child(ThreadKind::Grower, set_xcrs)));
         assert!(

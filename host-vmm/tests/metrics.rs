@@ -125,13 +125,19 @@ fn metrics_parse_and_count_the_calls_made() {
     assert_eq!(m.types["pvrun_calls"], "counter");
     assert_eq!(m.types["pvrun_call_duration_seconds"], "histogram");
     assert_eq!(m.types["pvrun_pool_sandboxes"], "gauge");
-    assert_eq!(m.get("pvrun_calls_total{function=upper,guest=functions,outcome=ok}"), 5.0);
+    assert_eq!(
+        m.get("pvrun_calls_total{function=upper,guest=functions,outcome=ok}"),
+        5.0
+    );
     assert_eq!(
         m.get("pvrun_calls_total{function=json-transform,guest=functions,outcome=failed}"),
         2.0
     );
     // Unknown names share one label value: a client cannot add series.
-    assert_eq!(m.get("pvrun_calls_total{function=-,guest=functions,outcome=unknown}"), 2.0);
+    assert_eq!(
+        m.get("pvrun_calls_total{function=-,guest=functions,outcome=unknown}"),
+        2.0
+    );
     let calls: f64 = m
         .samples
         .iter()
@@ -145,7 +151,11 @@ fn metrics_parse_and_count_the_calls_made() {
     );
     let sum = m.get("pvrun_call_duration_seconds_sum{function=upper,guest=functions}");
     assert!(sum > 0.0 && sum < 50.0, "latency sum {sum}");
-    let b = buckets(&m, "pvrun_call_duration_seconds", "function=upper,guest=functions");
+    let b = buckets(
+        &m,
+        "pvrun_call_duration_seconds",
+        "function=upper,guest=functions",
+    );
     assert!(b.len() > 5, "{b:?}");
     assert!(
         b.windows(2).all(|w| w[0].1 <= w[1].1),
@@ -159,7 +169,10 @@ fn metrics_parse_and_count_the_calls_made() {
     assert_eq!(m.get("pvrun_pool_busy_sandboxes{guest=functions}"), 0.0);
     // Each call that ran ended with an FN_RETURN hypercall exit; none crashed.
     assert!(m.get("pvrun_vm_exits_total{guest=functions,kind=hypercall}") >= 7.0);
-    assert_eq!(m.get("pvrun_vm_exits_total{guest=functions,kind=exception}"), 0.0);
+    assert_eq!(
+        m.get("pvrun_vm_exits_total{guest=functions,kind=exception}"),
+        0.0
+    );
     assert_eq!(m.get("pvrun_sandbox_creations_total{source=elf}"), 1.0);
 }
 
@@ -194,6 +207,9 @@ fn metrics_of_a_server_started_from_a_snapshot_file() {
     // The first sandbox uses the VM the file's registers were checked in.
     assert_eq!(m.get("pvrun_sandbox_creations_total{source=shell}"), 1.0);
     assert_eq!(m.get("pvrun_sandbox_creations_total{source=snapshot}"), 2.0);
-    assert_eq!(m.get("pvrun_calls_total{function=upper,guest=functions,outcome=ok}"), 1.0);
+    assert_eq!(
+        m.get("pvrun_calls_total{function=upper,guest=functions,outcome=ok}"),
+        1.0
+    );
     assert_eq!(m.get("pvrun_pool_sandboxes{guest=functions}"), 3.0);
 }

@@ -244,12 +244,27 @@ fn two_guests_are_routed_to_their_own_functions_and_counted_apart() {
     assert_eq!((get.status, get.header("allow")), (405, "POST"));
 
     let m = s.metrics();
-    assert_eq!(m.get("pvrun_calls_total{function=upper,guest=fns,outcome=ok}"), 1.0);
-    assert_eq!(m.get("pvrun_calls_total{function=sha256,guest=fns,outcome=ok}"), 1.0);
-    assert_eq!(m.get("pvrun_calls_total{function=echo,guest=bad,outcome=ok}"), 3.0);
-    assert_eq!(m.get("pvrun_calls_total{function=-,guest=bad,outcome=unknown}"), 1.0);
+    assert_eq!(
+        m.get("pvrun_calls_total{function=upper,guest=fns,outcome=ok}"),
+        1.0
+    );
+    assert_eq!(
+        m.get("pvrun_calls_total{function=sha256,guest=fns,outcome=ok}"),
+        1.0
+    );
+    assert_eq!(
+        m.get("pvrun_calls_total{function=echo,guest=bad,outcome=ok}"),
+        3.0
+    );
+    assert_eq!(
+        m.get("pvrun_calls_total{function=-,guest=bad,outcome=unknown}"),
+        1.0
+    );
     // POST /nobody/upper, GET /nobody and POST /upper name no guest.
-    assert_eq!(m.get("pvrun_calls_total{function=-,guest=-,outcome=unknown}"), 3.0);
+    assert_eq!(
+        m.get("pvrun_calls_total{function=-,guest=-,outcome=unknown}"),
+        3.0
+    );
     let calls: f64 = m
         .samples
         .iter()
@@ -296,11 +311,18 @@ fn two_guests_are_routed_to_their_own_functions_and_counted_apart() {
         ("fns", "upper", "200"),
         "{l}"
     );
-    assert_eq!((field(l, "input_bytes"), field(l, "output_bytes")), ("5", "5"));
+    assert_eq!(
+        (field(l, "input_bytes"), field(l, "output_bytes")),
+        ("5", "5")
+    );
     let l = line("/nobody/upper");
     assert_eq!((field(l, "guest"), field(l, "function")), ("-", "-"), "{l}");
     let l = line("/bad/upper");
-    assert_eq!((field(l, "guest"), field(l, "outcome")), ("bad", "unknown"), "{l}");
+    assert_eq!(
+        (field(l, "guest"), field(l, "outcome")),
+        ("bad", "unknown"),
+        "{l}"
+    );
 }
 
 #[test]
@@ -318,17 +340,38 @@ fn a_pool_grows_under_load_and_shrinks_back_after_its_idle_time() {
     let mut busy: Vec<_> = (0..3)
         .map(|_| s.call_in_background("/bad/wait", b"2000"))
         .collect();
-    let m = s.wait_metric("pvrun_pool_sandboxes{guest=bad}", 3.0, Duration::from_millis(1800));
+    let m = s.wait_metric(
+        "pvrun_pool_sandboxes{guest=bad}",
+        3.0,
+        Duration::from_millis(1800),
+    );
     assert_eq!(m.get("pvrun_pool_grown_total{guest=bad}"), 2.0);
-    s.wait_metric("pvrun_pool_busy_sandboxes{guest=bad}", 3.0, Duration::from_secs(1));
+    s.wait_metric(
+        "pvrun_pool_busy_sandboxes{guest=bad}",
+        3.0,
+        Duration::from_secs(1),
+    );
     busy.push(s.call_in_background("/bad/wait", b"100"));
-    let m = s.wait_metric("pvrun_calls_in_flight{guest=bad}", 4.0, Duration::from_secs(1));
-    assert_eq!(m.get("pvrun_pool_sandboxes{guest=bad}"), 3.0, "never beyond max");
+    let m = s.wait_metric(
+        "pvrun_calls_in_flight{guest=bad}",
+        4.0,
+        Duration::from_secs(1),
+    );
+    assert_eq!(
+        m.get("pvrun_pool_sandboxes{guest=bad}"),
+        3.0,
+        "never beyond max"
+    );
     assert_eq!(m.get("pvrun_pool_busy_sandboxes{guest=bad}"), 3.0);
     assert_eq!(m.get("pvrun_sandbox_creations_total{source=shell}"), 2.0);
     for b in busy {
         let r = b.join().unwrap();
-        assert_eq!((r.status, r.header("x-pvrun-outcome")), (200, "ok"), "{}", r.text());
+        assert_eq!(
+            (r.status, r.header("x-pvrun-outcome")),
+            (200, "ok"),
+            "{}",
+            r.text()
+        );
         assert!(r.text().starts_with("waited "), "{}", r.text());
     }
     let idle_since = Instant::now();
@@ -337,9 +380,16 @@ fn a_pool_grows_under_load_and_shrinks_back_after_its_idle_time() {
     assert_eq!(m.get("pvrun_pool_sandboxes{guest=bad}"), 3.0);
     assert_eq!(m.get("pvrun_pool_shrunk_total{guest=bad}"), 0.0);
     assert_eq!(m.get("pvrun_pool_grown_total{guest=bad}"), 2.0);
-    assert_eq!(m.get("pvrun_calls_total{function=wait,guest=bad,outcome=ok}"), 4.0);
+    assert_eq!(
+        m.get("pvrun_calls_total{function=wait,guest=bad,outcome=ok}"),
+        4.0
+    );
     // ...and back to min once it is.
-    let m = s.wait_metric("pvrun_pool_sandboxes{guest=bad}", 1.0, Duration::from_secs(6));
+    let m = s.wait_metric(
+        "pvrun_pool_sandboxes{guest=bad}",
+        1.0,
+        Duration::from_secs(6),
+    );
     assert_eq!(m.get("pvrun_pool_shrunk_total{guest=bad}"), 2.0);
     assert!(
         idle_since.elapsed() >= Duration::from_millis(1200),
@@ -355,14 +405,21 @@ fn a_pool_grows_under_load_and_shrinks_back_after_its_idle_time() {
     let again: Vec<_> = (0..2)
         .map(|_| s.call_in_background("/bad/wait", b"1500"))
         .collect();
-    let m = s.wait_metric("pvrun_pool_sandboxes{guest=bad}", 2.0, Duration::from_millis(1400));
+    let m = s.wait_metric(
+        "pvrun_pool_sandboxes{guest=bad}",
+        2.0,
+        Duration::from_millis(1400),
+    );
     assert_eq!(m.get("pvrun_pool_grown_total{guest=bad}"), 3.0);
     for b in again {
         assert_eq!(b.join().unwrap().status, 200);
     }
     let m = s.metrics();
     assert_eq!(m.get("pvrun_pool_grow_failures_total{guest=bad}"), 0.0);
-    assert_eq!(m.get("pvrun_calls_total{function=wait,guest=bad,outcome=ok}"), 6.0);
+    assert_eq!(
+        m.get("pvrun_calls_total{function=wait,guest=bad,outcome=ok}"),
+        6.0
+    );
 }
 
 #[test]
@@ -379,7 +436,10 @@ fn grown_sandboxes_stop_calls_at_the_timeout_and_recover() {
     }
     let m = s.metrics();
     assert_eq!(m.get("pvrun_pool_grown_total{guest=bad}"), 2.0);
-    assert_eq!(m.get("pvrun_calls_total{function=spin,guest=bad,outcome=timeout}"), 3.0);
+    assert_eq!(
+        m.get("pvrun_calls_total{function=spin,guest=bad,outcome=timeout}"),
+        3.0
+    );
     // Every sandbox is reset and serves again.
     let echoes: Vec<_> = (0..3)
         .map(|i| s.call_in_background("/bad/echo", format!("e{i}").as_bytes()))
@@ -398,7 +458,11 @@ fn calls_beyond_a_guests_concurrency_limit_get_429_and_other_guests_go_on() {
     let held: Vec<_> = (0..2)
         .map(|_| s.call_in_background("/bad/wait", b"1500"))
         .collect();
-    s.wait_metric("pvrun_calls_in_flight{guest=bad}", 2.0, Duration::from_secs(1));
+    s.wait_metric(
+        "pvrun_calls_in_flight{guest=bad}",
+        2.0,
+        Duration::from_secs(1),
+    );
     let r = s.request("POST", "/bad/echo", b"one too many");
     assert_eq!(r.status, 429, "{}", r.text());
     assert_eq!(r.header("retry-after"), "1");
@@ -411,16 +475,29 @@ fn calls_beyond_a_guests_concurrency_limit_get_429_and_other_guests_go_on() {
     let t = Instant::now();
     let up = s.request("POST", "/fns/upper", b"free");
     assert_eq!((up.status, up.text().as_str()), (200, "FREE"));
-    assert!(t.elapsed() < Duration::from_millis(1000), "{:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_millis(1000),
+        "{:?}",
+        t.elapsed()
+    );
     for h in held {
         assert_eq!(h.join().unwrap().status, 200);
     }
     // Below the limit again.
     assert_eq!(s.request("POST", "/bad/echo", b"ok").text(), "ok");
     let m = s.metrics();
-    assert_eq!(m.get("pvrun_calls_total{function=echo,guest=bad,outcome=limited}"), 1.0);
-    assert_eq!(m.get("pvrun_calls_total{function=echo,guest=bad,outcome=ok}"), 1.0);
-    assert_eq!(m.get("pvrun_calls_total{function=wait,guest=bad,outcome=ok}"), 2.0);
+    assert_eq!(
+        m.get("pvrun_calls_total{function=echo,guest=bad,outcome=limited}"),
+        1.0
+    );
+    assert_eq!(
+        m.get("pvrun_calls_total{function=echo,guest=bad,outcome=ok}"),
+        1.0
+    );
+    assert_eq!(
+        m.get("pvrun_calls_total{function=wait,guest=bad,outcome=ok}"),
+        2.0
+    );
     assert_eq!(m.get("pvrun_calls_in_flight{guest=bad}"), 0.0);
     assert!(
         s.log().iter().any(|l| l.contains("429 limited")),
@@ -439,7 +516,11 @@ fn a_config_file_serves_elf_and_snapshot_guests() {
         .arg(guest("functions"))
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let config = dir.0.join("guests.toml");
     std::fs::write(
         &config,
@@ -472,7 +553,10 @@ max = 1
     assert_eq!(m.get("pvrun_pool_max_sandboxes{guest=bad}"), 2.0);
     assert_eq!(m.get("pvrun_concurrency_limit{guest=bad}"), 3.0);
     assert_eq!(m.get("pvrun_concurrency_limit{guest=fns.snap}"), 4.0);
-    assert_eq!(m.get("pvrun_calls_total{function=upper,guest=fns.snap,outcome=ok}"), 1.0);
+    assert_eq!(
+        m.get("pvrun_calls_total{function=upper,guest=fns.snap,outcome=ok}"),
+        1.0
+    );
 }
 
 /// Runs `pvrun serve --listen 127.0.0.1:0 ARGS`, which must fail at once.
@@ -501,11 +585,17 @@ fn bad_config_files_and_guest_options_are_one_line_errors_with_status_125() {
     let ok_guest = format!("[[guest]]\nname = \"a\"\nelf = \"{functions}\"\n");
     let cases: Vec<(Vec<String>, &str)> = vec![
         (
-            vec!["--config".into(), dir.0.join("missing.toml").display().to_string()],
+            vec![
+                "--config".into(),
+                dir.0.join("missing.toml").display().to_string(),
+            ],
             "cannot read the config file",
         ),
         (
-            vec!["--config".into(), write("syntax.toml", "[[guest]\nname = 1\n")],
+            vec![
+                "--config".into(),
+                write("syntax.toml", "[[guest]\nname = 1\n"),
+            ],
             "syntax.toml, line 1:",
         ),
         (
@@ -585,7 +675,10 @@ fn bad_config_files_and_guest_options_are_one_line_errors_with_status_125() {
         let lines: Vec<&str> = stderr.lines().collect();
         assert_eq!(lines.len(), 1, "{args:?}: not one line: {stderr}");
         assert!(lines[0].starts_with("pvrun: error: "), "{args:?}: {stderr}");
-        assert!(lines[0].contains(want), "{args:?}: want `{want}` in {stderr}");
+        assert!(
+            lines[0].contains(want),
+            "{args:?}: want `{want}` in {stderr}"
+        );
     }
     // A guest ELF with --guest is a clap usage error (125 too).
     let (status, stderr) = serve_fails(&["--guest", &format!("a={functions}"), &functions]);
@@ -622,7 +715,11 @@ fn every_thread_of_a_multi_guest_server_is_confined() {
     let busy: Vec<_> = (0..3)
         .map(|_| s.call_in_background("/bad/wait", b"800"))
         .collect();
-    s.wait_metric("pvrun_pool_sandboxes{guest=bad}", 3.0, Duration::from_secs(1));
+    s.wait_metric(
+        "pvrun_pool_sandboxes{guest=bad}",
+        3.0,
+        Duration::from_secs(1),
+    );
     let seen = our_threads(s.pid());
     for b in busy {
         assert_eq!(b.join().unwrap().status, 200);
@@ -644,9 +741,18 @@ fn single_guest_form_is_unchanged() {
     // `pvrun serve GUEST`: `POST /FN`, `GET /` lists functions, no 429.
     let s = Server::start(&["--pool", "1", &elf("functions")], None);
     assert_eq!(s.request("POST", "/upper", b"one").text(), "ONE");
-    assert!(s.request("GET", "/", b"").text().lines().any(|l| l == "upper"));
+    assert!(
+        s.request("GET", "/", b"")
+            .text()
+            .lines()
+            .any(|l| l == "upper")
+    );
     assert_eq!(s.request("POST", "/functions/upper", b"x").status, 404);
     let m = s.metrics();
     assert_eq!(m.get("pvrun_pool_sandboxes{guest=functions}"), 1.0);
-    assert!(!m.samples.keys().any(|k| k.starts_with("pvrun_concurrency_limit")));
+    assert!(
+        !m.samples
+            .keys()
+            .any(|k| k.starts_with("pvrun_concurrency_limit"))
+    );
 }

@@ -7,9 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::gateway;
-use super::guests::{
-    Defaults, GuestSource, GuestSpec, check_unique, parse_guest_arg, read_config,
-};
+use super::guests::{Defaults, GuestSource, GuestSpec, check_unique, parse_guest_arg, read_config};
 use super::hostfn::{HostCommand, HostFnLimits, HostFnRunner, LogFn};
 use super::{parse_env, parse_mem, parse_timeout};
 use crate::{

@@ -370,7 +370,15 @@ mod tests {
         for ok in ["a", "fns-1", "A_b.c", &"x".repeat(64)] {
             check_name(ok).unwrap();
         }
-        for bad in ["", ".hidden", "a/b", "a%2f", "é", "healthz", &"x".repeat(65)] {
+        for bad in [
+            "",
+            ".hidden",
+            "a/b",
+            "a%2f",
+            "é",
+            "healthz",
+            &"x".repeat(65),
+        ] {
             assert!(check_name(bad).is_err(), "{bad}");
         }
     }

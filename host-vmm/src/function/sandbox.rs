@@ -845,7 +845,11 @@ impl Drop for SandboxPool {
 }
 
 impl PoolInner {
-    fn call(&self, name: &str, input: &[u8]) -> Result<(Result<Vec<u8>, CallError>, usize), CallError> {
+    fn call(
+        &self,
+        name: &str,
+        input: &[u8],
+    ) -> Result<(Result<Vec<u8>, CallError>, usize), CallError> {
         if self.confine.load(std::sync::atomic::Ordering::Relaxed) {
             confine_caller().map_err(|e| CallError::Host(e.to_string()))?;
         }
@@ -936,7 +940,10 @@ impl PoolInner {
             let now = std::time::Instant::now();
             let mut expired = Vec::new();
             while st.size > self.limits.min
-                && st.idle.first().is_some_and(|(_, t)| now.duration_since(*t) >= idle_time)
+                && st
+                    .idle
+                    .first()
+                    .is_some_and(|(_, t)| now.duration_since(*t) >= idle_time)
             {
                 expired.push(st.idle.remove(0).0);
                 st.size -= 1;

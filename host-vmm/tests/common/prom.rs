@@ -168,4 +168,3 @@ pub fn buckets(m: &Metrics, name: &str, labels: &str) -> Vec<(f64, f64)> {
     b.sort_by(|a, b| a.0.partial_cmp(&b.0).unwrap());
     b
 }
-

@@ -183,14 +183,7 @@ pub(super) const ACCESS: &str = "pvrun::access";
 
 /// One access-log event: every text a client or guest chose is escaped (and cut at 200
 /// characters) before it reaches the log.
-fn access_event(
-    id: &str,
-    method: &str,
-    path: &str,
-    resp: &Resp,
-    facts: &Facts,
-    started: Instant,
-) {
+fn access_event(id: &str, method: &str, path: &str, resp: &Resp, facts: &Facts, started: Instant) {
     let outcome = resp
         .headers()
         .get("x-pvrun-outcome")
@@ -276,7 +269,10 @@ fn route_of<'a>(
     if method != Method::POST {
         return Route::NotPost;
     }
-    if guests.get(g).is_some_and(|(_, fns)| fns.iter().any(|f| f == name)) {
+    if guests
+        .get(g)
+        .is_some_and(|(_, fns)| fns.iter().any(|f| f == name))
+    {
         Route::Call(g, name)
     } else {
         Route::Unknown(g, name)
@@ -342,7 +338,12 @@ async fn route(shared: &Arc<Shared>, id: &str, req: Request<Incoming>, facts: &m
             })
             .collect()
     });
-    let route = route_of(req.method(), req.uri().path(), views.as_deref(), shared.multi);
+    let route = route_of(
+        req.method(),
+        req.uri().path(),
+        views.as_deref(),
+        shared.multi,
+    );
     let ready_of = |g: usize| shared.guests.get(g).and_then(|x| x.pool.get());
     let (g, name) = match route {
         Route::Health => return text(200, "ok", "live\n"),
@@ -775,7 +776,10 @@ mod tests {
                 }
                 Route::NotPost => assert!(m != Method::POST && names.contains(&guest)),
                 Route::Unknown(g, n) | Route::Call(g, n) => {
-                    assert!(m == Method::POST && names[g] == guest && n == function, "{p:?}");
+                    assert!(
+                        m == Method::POST && names[g] == guest && n == function,
+                        "{p:?}"
+                    );
                     let known = views[g].1.iter().any(|f| f == n);
                     assert_eq!(known, matches!(r, Route::Call(..)), "{p:?} -> {r:?}");
                 }

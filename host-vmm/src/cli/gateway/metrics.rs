@@ -86,14 +86,22 @@ impl Metrics {
             registry.register(name, help, c.clone());
             c
         };
-        let pool_size = gauge(&mut registry, "pool_sandboxes", "Sandboxes in the guest's pool");
+        let pool_size = gauge(
+            &mut registry,
+            "pool_sandboxes",
+            "Sandboxes in the guest's pool",
+        );
         let pool_busy = gauge(
             &mut registry,
             "pool_busy_sandboxes",
             "Sandboxes running a call or being reset",
         );
         let pool_min = gauge(&mut registry, "pool_min_sandboxes", "The pool's least size");
-        let pool_max = gauge(&mut registry, "pool_max_sandboxes", "The pool's largest size");
+        let pool_max = gauge(
+            &mut registry,
+            "pool_max_sandboxes",
+            "The pool's largest size",
+        );
         let grown = counter(
             &mut registry,
             "pool_grown",
@@ -133,7 +141,11 @@ impl Metrics {
             "sandbox_creations",
             "Sandboxes created in this process, by source (elf, snapshot, shell)",
         );
-        let exits = counter(&mut registry, "vm_exits", "VM exits of the calls made, by kind");
+        let exits = counter(
+            &mut registry,
+            "vm_exits",
+            "VM exits of the calls made, by kind",
+        );
         let files_loaded = Counter::default();
         registry.register(
             "snapshot_files_loaded",
@@ -264,7 +276,10 @@ mod tests {
         assert!(t.contains(r#"pvrun_calls_total{guest="-",function="-",outcome="unknown"} 1"#));
         assert!(t.contains(r#"pvrun_call_duration_seconds_count{guest="g",function="upper"} 3"#));
         assert!(t.contains(r#"pvrun_resets_total{guest="g"} 3"#), "{t}");
-        assert!(t.contains(r#"pvrun_reset_dirty_pages_sum{guest="g"} 9.0"#), "{t}");
+        assert!(
+            t.contains(r#"pvrun_reset_dirty_pages_sum{guest="g"} 9.0"#),
+            "{t}"
+        );
         assert!(t.trim_end().ends_with("# EOF"));
     }
 
@@ -273,7 +288,13 @@ mod tests {
         // Export names are the guest's: quotes, backslashes and newlines are escaped, so a
         // name can never end its label or start a sample of its own.
         let m = Metrics::new();
-        m.call("g", "x\"} 999\npvrun_resets_total 7\n\\", "ok", Some(0.001), 0);
+        m.call(
+            "g",
+            "x\"} 999\npvrun_resets_total 7\n\\",
+            "ok",
+            Some(0.001),
+            0,
+        );
         let t = m.render(&[]);
         assert!(
             !t.lines().any(|l| l.starts_with("pvrun_resets_total 7")),
