@@ -909,32 +909,34 @@ impl PoolInner {
             let may_grow = failed_at.is_none_or(|t| t.elapsed() >= Duration::from_secs(1));
             // Callers beyond the idle sandboxes (which waiting callers are about to take) need
             // another one.
-            if st.waiting > st.idle.len() && st.size < self.limits.max && may_grow {
-                if let Some(spare) = st.spares.pop() {
-                    st.size += 1;
-                    drop(st);
-                    let mut spare = Some(spare);
-                    let made = Sandbox::grown(&self.template, &mut spare);
-                    st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-                    match made {
-                        Ok(sb) => {
-                            st.idle.push((sb, std::time::Instant::now()));
-                            st.grown += 1;
-                            failed_at = None;
-                            self.available.notify_one();
-                        }
-                        Err(e) => {
-                            st.size -= 1;
-                            st.grow_failures += 1;
-                            failed_at = Some(std::time::Instant::now());
-                            tracing::warn!(target: "pvrun::pool", error = %e, "cannot make another sandbox; serving with {}", st.size);
-                        }
+            if st.waiting > st.idle.len()
+                && st.size < self.limits.max
+                && may_grow
+                && let Some(spare) = st.spares.pop()
+            {
+                st.size += 1;
+                drop(st);
+                let mut spare = Some(spare);
+                let made = Sandbox::grown(&self.template, &mut spare);
+                st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+                match made {
+                    Ok(sb) => {
+                        st.idle.push((sb, std::time::Instant::now()));
+                        st.grown += 1;
+                        failed_at = None;
+                        self.available.notify_one();
                     }
-                    if let Some(s) = spare {
-                        st.spares.push(s);
+                    Err(e) => {
+                        st.size -= 1;
+                        st.grow_failures += 1;
+                        failed_at = Some(std::time::Instant::now());
+                        tracing::warn!(target: "pvrun::pool", error = %e, "cannot make another sandbox; serving with {}", st.size);
                     }
-                    continue;
                 }
+                if let Some(s) = spare {
+                    st.spares.push(s);
+                }
+                continue;
             }
             // Shrink: the oldest idle sandboxes beyond `min` whose idle time is over.
             let now = std::time::Instant::now();

@@ -747,7 +747,7 @@ mod tests {
     #[test]
     fn fuzz_route_of_several_guests() {
         let fns = functions();
-        let other = vec!["upper".to_string(), "x".to_string()];
+        let other = ["upper".to_string(), "x".to_string()];
         let names = ["upper", "b-1"];
         run("gateway route_of (several guests)", 20_000, |rng| {
             let m = method(rng);
