@@ -175,26 +175,15 @@ pub(crate) fn serve_source_and_exit(
         shutdown_timeout: opts.shutdown_timeout,
     };
     let path = source.to_path_buf();
-    let guest = gateway::GuestBuild {
-        // The file's name: what metrics and the access log call the single guest.
-        name: source
-            .file_stem()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "guest".into()),
-        from: source.display().to_string(),
-        concurrency: None,
-        build: Box::new(move || {
-            let first = if snapshot {
-                Sandbox::from_snapshot_file(&path, config)?
-            } else {
-                Sandbox::new(&path, config)?
-            };
-            // Calls run on the gateway's call threads, which then only run calls: confine
-            // them.
-            SandboxPool::new(first, pool_size)?.confine_callers()
-        }),
-    };
-    gateway::serve(gw, false, vec![guest])
+    gateway::serve(gw, source.display().to_string(), move || {
+        let first = if snapshot {
+            Sandbox::from_snapshot_file(&path, config)?
+        } else {
+            Sandbox::new(&path, config)?
+        };
+        // Calls run on the gateway's call threads, which then only run calls: confine them.
+        SandboxPool::new(first, pool_size)?.confine_callers()
+    })
 }
 
 /// The options of a `pvrun serve` of several guests (`pvrun serve --guest ...` or
@@ -310,7 +299,7 @@ pub fn serve_guests_and_exit(guests: GuestsOptions, opts: ServeOptions) -> ! {
             }
         })
         .collect();
-    gateway::serve(gw, true, builds)
+    gateway::serve_guests(gw, true, builds)
 }
 
 /// Where `call` takes its input from.

@@ -103,6 +103,28 @@ pub struct GuestBuild {
     pub build: Box<dyn FnOnce() -> Result<SandboxPool, Error> + Send>,
 }
 
+/// [`serve_guests`] of one guest (`POST /FN`): `guest` is its path (the banner's), its
+/// file name the guest name of metrics and the access log.
+pub fn serve<F>(opts: Options, guest: String, build: F) -> !
+where
+    F: FnOnce() -> Result<SandboxPool, Error> + Send + 'static,
+{
+    let name = std::path::Path::new(&guest)
+        .file_stem()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "guest".into());
+    serve_guests(
+        opts,
+        false,
+        vec![GuestBuild {
+            name,
+            from: guest,
+            concurrency: None,
+            build: Box::new(build),
+        }],
+    )
+}
+
 /// Binds `opts.listen`, then builds each guest's sandbox pool (the port answers
 /// `/healthz` meanwhile), prints `pvrun: serving ... on http://ADDR/ ...` when all are
 /// ready, and serves until SIGTERM or SIGINT. With `multi`, calls are `POST /GUEST/FN`;
@@ -110,7 +132,7 @@ pub struct GuestBuild {
 /// calls in flight finish (up to `opts.shutdown_timeout`) and exits 0 (1 if calls were
 /// still running). Failing to bind or to build a pool is one `pvrun: error:` line and
 /// status 125.
-pub fn serve(opts: Options, multi: bool, guests: Vec<GuestBuild>) -> ! {
+pub fn serve_guests(opts: Options, multi: bool, guests: Vec<GuestBuild>) -> ! {
     let fail = |e: &dyn std::fmt::Display| -> ! {
         log::line(format_args!("pvrun: error: {e}"));
         log::exit(EXIT_HOST_ERROR, Duration::from_secs(1))
