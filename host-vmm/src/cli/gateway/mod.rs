@@ -1,11 +1,14 @@
 //! The HTTP gateway of `pvrun serve`: `POST /NAME` with the input as body calls function
-//! NAME in a pooled, snapshot-reset sandbox and answers with its output.
+//! NAME in a pooled, snapshot-reset sandbox and answers with its output. Serving several
+//! guests ([`serve_guests`] with `multi`), the paths are `POST /GUEST/NAME`, `GET /GUEST`
+//! lists a guest's functions and `GET /` the guests; each guest has its own pool, call
+//! threads and queue, and its own concurrency limit.
 //!
 //! | outcome | status | `X-Pvrun-Outcome` |
 //! |---|---|---|
 //! | output | 200, the output as `application/octet-stream` | `ok` |
 //! | the function returned an error | 422, its message | `failed` |
-//! | no such function | 404 | `unknown` |
+//! | no such function (or, serving several, no such guest) | 404 | `unknown` |
 //! | input too large (refused by `Content-Length` before it is read) | 413 | `too-large` |
 //! | output too large | 502 | `too-large` |
 //! | the guest panicked (its message) or crashed (no addresses: see the log) | 500 | `panic`, `fault` |
@@ -13,6 +16,7 @@
 //! | not `POST` (`GET /` lists the functions) | 405 | `error` |
 //! | malformed request or body | 400 | `bad-request` (or no header: hyper's own 400) |
 //! | the body did not arrive within `--body-timeout` | 408 | `body-timeout` |
+//! | the guest has its `concurrency` calls in flight (running or queued) | 429 + `Retry-After` | `limited` |
 //! | too many calls in flight, too many connections, too many bytes buffered (`--max-buffered`), or still starting | 503 + `Retry-After` | `busy`, `starting` |
 //!
 //! Every response carries `X-Request-Id`; the log line of a failed call (with the crash
