@@ -500,7 +500,9 @@ fn calls_beyond_a_guests_concurrency_limit_get_429_and_other_guests_go_on() {
     );
     assert_eq!(m.get("pvrun_calls_in_flight{guest=bad}"), 0.0);
     assert!(
-        s.log().iter().any(|l| l.contains("429 limited")),
+        s.log()
+            .iter()
+            .any(|l| l.contains("POST /bad/echo: 429 limited")),
         "{:?}",
         s.log()
     );

@@ -523,9 +523,9 @@ async fn call(
             Ok(p) => Some(p),
             Err(_) => {
                 shared.busy_log.line(format_args!(
-                    "pvrun: request {id}: POST {}: 429 limited ({limit} calls of guest {} in flight)",
+                    "pvrun: request {id}: POST /{}/{}: 429 limited ({limit} calls of the guest in flight)",
+                    guest.name,
                     log::escape(&name, 100),
-                    guest.name
                 ));
                 let mut r = text(
                     429,
