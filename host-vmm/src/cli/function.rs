@@ -69,7 +69,8 @@ pub struct ServeOptions {
     /// Address to listen on, e.g. 127.0.0.1:8080 (port 0 picks a free port).
     #[arg(long, value_name = "ADDR")]
     pub listen: String,
-    /// Sandboxes kept ready (and concurrent calls served).
+    /// Sandboxes kept ready (and concurrent calls served); with `pvrun serve --guest` or
+    /// `--config`, a guest's default `max`.
     #[arg(long, value_name = "N", default_value_t = 4)]
     pub pool: usize,
     /// Guest memory size per sandbox.
