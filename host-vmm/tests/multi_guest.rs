@@ -561,6 +561,71 @@ max = 1
     );
 }
 
+#[test]
+fn nothing_is_ready_until_every_guest_is_built() {
+    // The second guest's initialisation calls a host function that takes 2 s.
+    let dir = TempDir::new("slow");
+    let config = dir.0.join("guests.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[guest]]\nname = \"fns\"\nelf = \"{}\"\n\n[[guest]]\nname = \"slow\"\nelf = \"{}\"\nenv = {{ PVRUN_INIT_HOST_CALL = \"1\" }}\n",
+            elf("functions"),
+            elf("badfunctions")
+        ),
+    )
+    .unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut child = Command::new(pvrun_bin())
+        .args(["serve", "--listen", &addr, "--config"])
+        .arg(&config)
+        .args(["--host-fn", "init-probe=sh -c 'sleep 2; printf probed'"])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    struct Kill<'a>(&'a mut Child);
+    impl Drop for Kill<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _kill = Kill(&mut child);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(&addr).is_err() {
+        assert!(Instant::now() < deadline, "the port never opened");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Live, not ready: calls to the guest that is already built wait for the other one.
+    assert_eq!(request(&addr, "GET", "/healthz", b"").status, 200);
+    let r = request(&addr, "GET", "/readyz", b"");
+    assert_eq!((r.status, r.header("retry-after")), (503, "1"));
+    let early = request(&addr, "POST", "/fns/upper", b"early");
+    assert_eq!(
+        (early.status, early.header("x-pvrun-outcome")),
+        (503, "starting")
+    );
+    let started = Instant::now();
+    while request(&addr, "GET", "/readyz", b"").status != 200 {
+        assert!(Instant::now() < deadline, "never ready");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        started.elapsed() > Duration::from_millis(500),
+        "ready too soon"
+    );
+    assert_eq!(request(&addr, "POST", "/fns/upper", b"late").text(), "LATE");
+    assert_eq!(
+        request(&addr, "POST", "/slow/init-host", b"").text(),
+        "probed"
+    );
+}
+
 /// Runs `pvrun serve --listen 127.0.0.1:0 ARGS`, which must fail at once.
 fn serve_fails(args: &[&str]) -> (i32, String) {
     let out = Command::new(pvrun_bin())
@@ -669,12 +734,27 @@ fn bad_config_files_and_guest_options_are_one_line_errors_with_status_125() {
             vec!["--guest".into(), "a=/no/such/guest".into()],
             "guest `a`:",
         ),
+        // A guest that boots but is no function guest stops the server before it serves,
+        // naming the guest.
+        (
+            vec![
+                "--guest".into(),
+                format!("fns={functions}"),
+                "--guest".into(),
+                format!("prog={}", elf("hello")),
+            ],
+            "guest `prog`: ",
+        ),
     ];
     for (args, want) in cases {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let (status, stderr) = serve_fails(&args);
         assert_eq!(status, 125, "{args:?}: {stderr}");
-        let lines: Vec<&str> = stderr.lines().collect();
+        // (Besides what a guest printed while it booted, as `guest NAME: ` lines.)
+        let lines: Vec<&str> = stderr
+            .lines()
+            .filter(|l| !l.starts_with("guest "))
+            .collect();
         assert_eq!(lines.len(), 1, "{args:?}: not one line: {stderr}");
         assert!(lines[0].starts_with("pvrun: error: "), "{args:?}: {stderr}");
         assert!(
