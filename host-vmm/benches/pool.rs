@@ -23,6 +23,22 @@ fn main() {
     };
     let floor = exit_floor();
     let first = Sandbox::new(&guest("badfunctions"), config()).unwrap();
+    let template = first.template().clone();
+    // The parts of growing, apart: a sandbox from the snapshot into a VM created ahead of
+    // time (what the grower does for a waiting call), and the first call in it.
+    let mut create = Vec::new();
+    let mut first_call = Vec::new();
+    for _ in 0..grows {
+        template.prepare_shells(1).unwrap();
+        let t = Instant::now();
+        let mut sb = Sandbox::from_template(&template).unwrap();
+        create.push(t.elapsed());
+        let t = Instant::now();
+        sb.call("echo", b"x").unwrap();
+        first_call.push(t.elapsed());
+    }
+    let create = median(create);
+    let first_call = median(first_call);
     let idle = Duration::from_millis(20);
     let pool = Arc::new(
         SandboxPool::elastic(
@@ -111,6 +127,18 @@ fn main() {
         us(grow_call.saturating_sub(idle_call)),
         us(floor),
         grow_call.saturating_sub(idle_call).as_secs_f64() / f
+    );
+    println!(
+        "| its parts: a sandbox from the snapshot into a VM created ahead of time | {} | {} | {:.0} exits |",
+        us(create),
+        us(floor),
+        create.as_secs_f64() / f
+    );
+    println!(
+        "| its parts: the first call in a new sandbox (`echo`, no reset) | {} | {} | {:.0} exits |",
+        us(first_call),
+        us(floor),
+        first_call.as_secs_f64() / f
     );
     println!(
         "| shrink: from the extra sandbox's last call to its drop (idle time {} ms) | {} | - | - |",

@@ -614,6 +614,9 @@ struct PoolState {
     shrunk: u64,
     /// Creations that failed (the pool then serves with the sandboxes it has).
     grow_failures: u64,
+    /// A VM the grower created ahead of time for the next sandbox it makes (while the
+    /// pool is below `max`), so a waiting caller does not wait for KVM to create one.
+    shell: Option<VmShell>,
     /// The pool is being dropped: the grower ends.
     quit: bool,
 }
@@ -723,6 +726,7 @@ impl SandboxPool {
                     grown: 0,
                     shrunk: 0,
                     grow_failures: 0,
+                    shell: None,
                     quit: false,
                 }),
                 available: Condvar::new(),
@@ -915,9 +919,10 @@ impl PoolInner {
                 && let Some(spare) = st.spares.pop()
             {
                 st.size += 1;
+                let shell = st.shell.take();
                 drop(st);
                 let mut spare = Some(spare);
-                let made = Sandbox::grown(&self.template, &mut spare);
+                let made = Sandbox::grown(&self.template, shell, &mut spare);
                 st = self.state.lock().unwrap_or_else(|p| p.into_inner());
                 match made {
                     Ok(sb) => {
@@ -962,6 +967,20 @@ impl PoolInner {
                 st.spares.extend(spares);
                 continue;
             }
+            // Have a VM ready for the next growth (nobody waits for this one).
+            if st.shell.is_none() && st.size < self.limits.max && may_grow {
+                drop(st);
+                let shell = VmShell::new(self.template.snapshot.mem_size());
+                st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+                match shell {
+                    Ok(shell) => st.shell = Some(shell),
+                    Err(e) => {
+                        failed_at = Some(std::time::Instant::now());
+                        tracing::warn!(target: "pvrun::pool", error = %e, "cannot create a VM ahead of time");
+                    }
+                }
+                continue;
+            }
             // Sleep until the next idle sandbox's time is over (or a caller waits).
             let next = if st.size > self.limits.min {
                 st.idle
@@ -983,14 +1002,18 @@ impl PoolInner {
 }
 
 impl Sandbox {
-    /// A sandbox for an elastic pool's grower: a new VM (created here, not taken from the
-    /// template's shells), the snapshot mapped, and the stop state and watchdog of `spare`
-    /// (taken only on success).
+    /// A sandbox for an elastic pool's grower: in `shell` (the VM it created ahead of
+    /// time) or a VM created now (never one of the template's shells), the snapshot
+    /// mapped, and the stop state and watchdog of `spare` (taken only on success).
     fn grown(
         template: &Arc<Template>,
+        shell: Option<VmShell>,
         spare: &mut Option<crate::runtime::control::SpareControl>,
     ) -> Result<Sandbox, Error> {
-        let shell = VmShell::new(template.snapshot.mem_size())?;
+        let shell = match shell {
+            Some(s) => s,
+            None => VmShell::new(template.snapshot.mem_size())?,
+        };
         let vm = Vm::from_snapshot_with(
             Some(shell),
             spare,
