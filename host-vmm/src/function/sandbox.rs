@@ -573,8 +573,9 @@ impl PoolLimits {
 /// Sandboxes of one template, ready for concurrent callers: each call takes an idle
 /// sandbox, runs, resets it and puts it back. A caller that finds none idle waits for one;
 /// an elastic pool ([`SandboxPool::elastic`]) meanwhile makes another from the template
-/// (up to its `max`), on its own `pvrun-grow` thread, which also drops sandboxes beyond
-/// `min` that stayed idle for the pool's idle time.
+/// (up to its `max`), on its own `pvrun-grow` thread, which keeps one VM created ahead of
+/// time for that while the pool is below `max`, and drops sandboxes beyond `min` that
+/// stayed idle for the pool's idle time.
 pub struct SandboxPool {
     inner: Arc<PoolInner>,
     /// The `pvrun-grow` thread (elastic pools only).
