@@ -51,7 +51,8 @@ pub use devices::net::NetConfig;
 pub use devices::{DeviceCounters, DeviceStats};
 pub use error::Error;
 pub use function::sandbox::{
-    CallError, PoolStats, Sandbox, SandboxConfig, SandboxCreations, SandboxPool, Template,
+    CallError, PoolLimits, PoolStats, Sandbox, SandboxConfig, SandboxCreations, SandboxPool,
+    Template,
 };
 pub use function::snapfile::{FORMAT_VERSION as SNAPSHOT_FORMAT_VERSION, SnapshotFileInfo};
 pub use function::snapshot::{Snapshot, VmShell};

@@ -38,6 +38,11 @@ pub(crate) enum ThreadKind {
     /// Creates VMs ahead of time for new sandboxes (`Template::keep_shells_ready`): the
     /// KVM requests that create a VM, its memory slot and vCPU, and set its CPUID.
     Shells,
+    /// Grows and shrinks an elastic sandbox pool (`SandboxPool::elastic`'s `pvrun-grow`
+    /// thread): what `Shells` may, plus loading a snapshot's vCPU state into the new VM
+    /// (the `KVM_SET_*` requests, never `KVM_RUN`) and its wake-up eventfd; dropping VMs
+    /// needs nothing more.
+    Grower,
     /// Writes queued output to a descriptor it already holds: the sandboxes' console
     /// writer and the gateway's log writer.
     Writer,
@@ -45,12 +50,13 @@ pub(crate) enum ThreadKind {
 
 /// Every kind (for tests and filter caches).
 #[cfg(test)]
-const ALL_KINDS: [ThreadKind; 6] = [
+const ALL_KINDS: [ThreadKind; 7] = [
     ThreadKind::Vcpu,
     ThreadKind::Io,
     ThreadKind::Watchdog,
     ThreadKind::Gateway,
     ThreadKind::Shells,
+    ThreadKind::Grower,
     ThreadKind::Writer,
 ];
 
@@ -95,6 +101,9 @@ const IO_EXTRA: &[i64] = &[
 /// Extra calls of a vCPU thread: the deferred-teardown child (`close_range`, waiting for
 /// the parent) and `fcntl(F_GETFD)` below.
 const VCPU_EXTRA: &[i64] = &[libc::SYS_close_range, libc::SYS_getppid];
+
+/// Extra calls of a pool's grower thread: the wake-up eventfd of each VM it makes.
+const GROWER_EXTRA: &[i64] = &[libc::SYS_eventfd2];
 
 /// Extra calls of a gateway thread: sockets it already has, and epoll. It creates no
 /// socket (the listener exists before it is confined) and starts no thread.
@@ -186,6 +195,20 @@ fn shell_ioctls() -> Vec<u64> {
     ]
 }
 
+/// The KVM requests that make a sandbox from a snapshot in a new VM (`VmShell::new`,
+/// then loading the snapshot's vCPU state): a shell's, and setting (never running) a vCPU.
+fn grower_ioctls() -> Vec<u64> {
+    use kvm_bindings::*;
+    let mut v = shell_ioctls();
+    v.extend(
+        vcpu_ioctls()
+            .into_iter()
+            .filter(|&nr| nr != io(0x80) && nr != iow::<kvm_dirty_log>(0x42)),
+    );
+    v.push(iow::<kvm_xcrs>(0xa7)); // KVM_SET_XCRS
+    v
+}
+
 fn cond(
     arg: u8,
     len: SeccompCmpArgLen,
@@ -220,6 +243,8 @@ fn build(kind: ThreadKind, pid: u32) -> Result<Filters, String> {
         ThreadKind::Vcpu => VCPU_EXTRA,
         ThreadKind::Io => IO_EXTRA,
         ThreadKind::Gateway => GATEWAY_EXTRA,
+        // The grower makes whole sandboxes: each VM's wake-up eventfd too.
+        ThreadKind::Grower => GROWER_EXTRA,
         ThreadKind::Watchdog | ThreadKind::Shells | ThreadKind::Writer => &[],
     };
     allow.extend(extra.iter().map(|&nr| (nr, vec![])));
@@ -252,6 +277,7 @@ fn build(kind: ThreadKind, pid: u32) -> Result<Filters, String> {
     let ioctls = match kind {
         ThreadKind::Vcpu => vcpu_ioctls(),
         ThreadKind::Shells => shell_ioctls(),
+        ThreadKind::Grower => grower_ioctls(),
         _ => vec![],
     };
     if !ioctls.is_empty() {
@@ -325,6 +351,7 @@ fn cached(kind: ThreadKind) -> Result<&'static Filters, String> {
     static WATCHDOG: OnceLock<Result<Filters, String>> = OnceLock::new();
     static GATEWAY: OnceLock<Result<Filters, String>> = OnceLock::new();
     static SHELLS: OnceLock<Result<Filters, String>> = OnceLock::new();
+    static GROWER: OnceLock<Result<Filters, String>> = OnceLock::new();
     static WRITER: OnceLock<Result<Filters, String>> = OnceLock::new();
     let cell = match kind {
         ThreadKind::Vcpu => &VCPU,
@@ -332,6 +359,7 @@ fn cached(kind: ThreadKind) -> Result<&'static Filters, String> {
         ThreadKind::Watchdog => &WATCHDOG,
         ThreadKind::Gateway => &GATEWAY,
         ThreadKind::Shells => &SHELLS,
+        ThreadKind::Grower => &GROWER,
         ThreadKind::Writer => &WRITER,
     };
     cell.get_or_init(|| build(kind, std::process::id()))
@@ -516,6 +544,22 @@ mod tests {
             killed(in_child(ThreadKind::Shells, kvm_run)),
             "shells: KVM_RUN"
         );
+        // The grower creates VMs and loads vCPU state, and never runs a vCPU either.
+        assert!(exited_ok(in_child(ThreadKind::Grower, create_vm)));
+        let set_xcrs = || unsafe {
+            libc::syscall(libc::SYS_ioctl, -1, iow::<kvm_bindings::kvm_xcrs>(0xa7));
+        };
+        assert!(exited_ok(in_child(ThreadKind::Grower, set_xcrs)));
+        let eventfd = || unsafe {
+            libc::syscall(libc::SYS_eventfd2, 0, libc::EFD_CLOEXEC);
+        };
+        assert!(exited_ok(in_child(ThreadKind::Grower, eventfd)));
+        assert!(killed(in_child(ThreadKind::Watchdog, eventfd)));
+        assert!(
+            killed(in_child(ThreadKind::Grower, kvm_run)),
+            "grower: KVM_RUN"
+        );
+        assert!(killed(in_child(ThreadKind::Shells, set_xcrs)));
         // Sockets: the gateway serves the ones it has; no other kind touches one.
         let accept = || unsafe {
             libc::syscall(libc::SYS_accept4, -1, 0, 0, 0);
@@ -528,7 +572,12 @@ mod tests {
         };
         for body in [&accept as &dyn Fn(), &send, &epoll] {
             assert!(exited_ok(in_child(ThreadKind::Gateway, body)));
-            for kind in [ThreadKind::Vcpu, ThreadKind::Writer, ThreadKind::Shells] {
+            for kind in [
+                ThreadKind::Vcpu,
+                ThreadKind::Writer,
+                ThreadKind::Shells,
+                ThreadKind::Grower,
+            ] {
                 assert!(killed(in_child(kind, body)), "{kind:?}: a socket call");
             }
         }

@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::prom::{Metrics, buckets, parse};
 use common::{guest, pvrun_bin};
 
 struct Server {
@@ -98,183 +99,17 @@ impl Drop for Server {
     }
 }
 
-/// Samples by `name{sorted labels}`, and the declared type of each metric family.
-struct Metrics {
-    samples: HashMap<String, f64>,
-    types: HashMap<String, String>,
-}
-
-impl Metrics {
-    fn get(&self, key: &str) -> f64 {
-        *self
-            .samples
-            .get(key)
-            .unwrap_or_else(|| panic!("no sample {key}; have {:?}", self.samples.keys()))
-    }
-}
-
-fn is_name(s: &str) -> bool {
-    let mut c = s.chars();
-    matches!(c.next(), Some(ch) if ch.is_ascii_alphabetic() || ch == '_' || ch == ':')
-        && c.all(|ch| ch.is_ascii_alphanumeric() || ch == '_' || ch == ':')
-}
-
-/// Parses `k="v",k2="v2"` strictly (escapes `\\`, `\"`, `\n`), returning sorted pairs.
-fn parse_labels(s: &str) -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    let mut rest = s;
-    while !rest.is_empty() {
-        let (k, after) = rest
-            .split_once("=\"")
-            .unwrap_or_else(|| panic!("bad labels `{s}`"));
-        assert!(is_name(k), "bad label name `{k}` in `{s}`");
-        let mut v = String::new();
-        let mut chars = after.char_indices();
-        let end = loop {
-            match chars.next() {
-                Some((_, '\\')) => match chars.next() {
-                    Some((_, 'n')) => v.push('\n'),
-                    Some((_, c @ ('\\' | '"'))) => v.push(c),
-                    other => panic!("bad escape {other:?} in `{s}`"),
-                },
-                Some((i, '"')) => break i,
-                Some((_, c)) => v.push(c),
-                None => panic!("unterminated label value in `{s}`"),
-            }
-        };
-        out.push((k.to_string(), v));
-        rest = &after[end + 1..];
-        rest = rest.strip_prefix(',').unwrap_or(rest);
-        if !rest.is_empty() {
-            assert!(!rest.starts_with(','), "empty label in `{s}`");
-        }
-    }
-    out.sort();
-    out
-}
-
-fn parse(text: &str) -> Metrics {
-    let lines: Vec<&str> = text.lines().collect();
-    assert_eq!(
-        lines.last(),
-        Some(&"# EOF"),
-        "the exposition must end with # EOF"
-    );
-    let mut samples = HashMap::new();
-    let mut types = HashMap::new();
-    for line in &lines[..lines.len() - 1] {
-        if let Some(c) = line.strip_prefix("# ") {
-            let mut parts = c.splitn(3, ' ');
-            let kind = parts.next().unwrap();
-            let name = parts.next().expect("comment names a metric");
-            assert!(is_name(name), "bad metric name in `{line}`");
-            match kind {
-                "HELP" | "UNIT" => {}
-                "TYPE" => {
-                    let t = parts.next().expect("a type");
-                    assert!(
-                        [
-                            "counter",
-                            "gauge",
-                            "histogram",
-                            "summary",
-                            "info",
-                            "stateset",
-                            "unknown",
-                            "gaugehistogram"
-                        ]
-                        .contains(&t),
-                        "unknown type in `{line}`"
-                    );
-                    assert!(
-                        types.insert(name.to_string(), t.to_string()).is_none(),
-                        "{name} typed twice"
-                    );
-                }
-                _ => panic!("unknown comment `{line}`"),
-            }
-            continue;
-        }
-        let (series, value) = line
-            .rsplit_once(' ')
-            .unwrap_or_else(|| panic!("bad line `{line}`"));
-        let value: f64 = match value {
-            "+Inf" => f64::INFINITY,
-            "-Inf" => f64::NEG_INFINITY,
-            v => v
-                .parse()
-                .unwrap_or_else(|_| panic!("bad value in `{line}`")),
-        };
-        let (name, labels) = match series.split_once('{') {
-            Some((n, l)) => (
-                n,
-                parse_labels(l.strip_suffix('}').expect("labels end with }")),
-            ),
-            None => (series, Vec::new()),
-        };
-        assert!(is_name(name), "bad sample name in `{line}`");
-        let family = ["_total", "_bucket", "_count", "_sum", "_created"]
-            .iter()
-            .find_map(|s| name.strip_suffix(s).filter(|f| types.contains_key(*f)))
-            .unwrap_or(name);
-        assert!(
-            types.contains_key(family),
-            "sample `{name}` before its # TYPE"
-        );
-        let key = if labels.is_empty() {
-            name.to_string()
-        } else {
-            let l: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-            format!("{name}{{{}}}", l.join(","))
-        };
-        assert!(
-            samples.insert(key, value).is_none(),
-            "duplicate sample `{line}`"
-        );
-    }
-    Metrics { samples, types }
-}
-
-/// Buckets of histogram `name` with `labels` (`k=v,...` or empty), by upper bound.
-fn buckets(m: &Metrics, name: &str, labels: &str) -> Vec<(f64, f64)> {
-    let prefix = format!("{name}_bucket{{");
-    let mut b: Vec<(f64, f64)> = m
-        .samples
-        .iter()
-        .filter_map(|(k, v)| {
-            let inner = k.strip_prefix(&prefix)?.strip_suffix('}')?;
-            let mut le = None;
-            let mut rest = Vec::new();
-            for kv in inner.split(',') {
-                match kv.strip_prefix("le=") {
-                    Some(x) => {
-                        le = Some(if x == "+Inf" {
-                            f64::INFINITY
-                        } else {
-                            x.parse().unwrap()
-                        })
-                    }
-                    None => rest.push(kv),
-                }
-            }
-            (rest.join(",") == labels).then(|| (le.unwrap(), *v))
-        })
-        .collect();
-    b.sort_by(|a, b| a.0.partial_cmp(&b.0).unwrap());
-    b
-}
-
 #[test]
 fn metrics_parse_and_count_the_calls_made() {
     let s = Server::start(&["--pool", "2"], &[guest("functions")]);
     let before = s.metrics();
-    assert_eq!(before.get("pvrun_pool_sandboxes"), 2.0);
+    assert_eq!(before.get("pvrun_pool_sandboxes{guest=functions}"), 2.0);
     assert_eq!(before.get("pvrun_sandbox_creations_total{source=elf}"), 1.0);
     assert_eq!(
         before.get("pvrun_sandbox_creations_total{source=snapshot}"),
         1.0
     );
-    assert_eq!(before.get("pvrun_resets_total"), 0.0);
+    assert_eq!(before.get("pvrun_resets_total{guest=functions}"), 0.0);
 
     for i in 0..5 {
         let (st, _, body) = s.request("POST", "/upper", format!("call {i}").as_bytes());
@@ -290,13 +125,19 @@ fn metrics_parse_and_count_the_calls_made() {
     assert_eq!(m.types["pvrun_calls"], "counter");
     assert_eq!(m.types["pvrun_call_duration_seconds"], "histogram");
     assert_eq!(m.types["pvrun_pool_sandboxes"], "gauge");
-    assert_eq!(m.get("pvrun_calls_total{function=upper,outcome=ok}"), 5.0);
     assert_eq!(
-        m.get("pvrun_calls_total{function=json-transform,outcome=failed}"),
+        m.get("pvrun_calls_total{function=upper,guest=functions,outcome=ok}"),
+        5.0
+    );
+    assert_eq!(
+        m.get("pvrun_calls_total{function=json-transform,guest=functions,outcome=failed}"),
         2.0
     );
     // Unknown names share one label value: a client cannot add series.
-    assert_eq!(m.get("pvrun_calls_total{function=-,outcome=unknown}"), 2.0);
+    assert_eq!(
+        m.get("pvrun_calls_total{function=-,guest=functions,outcome=unknown}"),
+        2.0
+    );
     let calls: f64 = m
         .samples
         .iter()
@@ -305,12 +146,16 @@ fn metrics_parse_and_count_the_calls_made() {
         .sum();
     assert_eq!(calls, 9.0);
     assert_eq!(
-        m.get("pvrun_call_duration_seconds_count{function=upper}"),
+        m.get("pvrun_call_duration_seconds_count{function=upper,guest=functions}"),
         5.0
     );
-    let sum = m.get("pvrun_call_duration_seconds_sum{function=upper}");
+    let sum = m.get("pvrun_call_duration_seconds_sum{function=upper,guest=functions}");
     assert!(sum > 0.0 && sum < 50.0, "latency sum {sum}");
-    let b = buckets(&m, "pvrun_call_duration_seconds", "function=upper");
+    let b = buckets(
+        &m,
+        "pvrun_call_duration_seconds",
+        "function=upper,guest=functions",
+    );
     assert!(b.len() > 5, "{b:?}");
     assert!(
         b.windows(2).all(|w| w[0].1 <= w[1].1),
@@ -318,13 +163,16 @@ fn metrics_parse_and_count_the_calls_made() {
     );
     assert_eq!(b.last().unwrap(), &(f64::INFINITY, 5.0));
     // Every call that ran was followed by a reset that copied pages back.
-    assert_eq!(m.get("pvrun_resets_total"), 7.0);
-    assert_eq!(m.get("pvrun_reset_dirty_pages_count"), 7.0);
-    assert!(m.get("pvrun_reset_dirty_pages_sum") >= 7.0);
-    assert_eq!(m.get("pvrun_pool_busy_sandboxes"), 0.0);
+    assert_eq!(m.get("pvrun_resets_total{guest=functions}"), 7.0);
+    assert_eq!(m.get("pvrun_reset_dirty_pages_count{guest=functions}"), 7.0);
+    assert!(m.get("pvrun_reset_dirty_pages_sum{guest=functions}") >= 7.0);
+    assert_eq!(m.get("pvrun_pool_busy_sandboxes{guest=functions}"), 0.0);
     // Each call that ran ended with an FN_RETURN hypercall exit; none crashed.
-    assert!(m.get("pvrun_vm_exits_total{kind=hypercall}") >= 7.0);
-    assert_eq!(m.get("pvrun_vm_exits_total{kind=exception}"), 0.0);
+    assert!(m.get("pvrun_vm_exits_total{guest=functions,kind=hypercall}") >= 7.0);
+    assert_eq!(
+        m.get("pvrun_vm_exits_total{guest=functions,kind=exception}"),
+        0.0
+    );
     assert_eq!(m.get("pvrun_sandbox_creations_total{source=elf}"), 1.0);
 }
 
@@ -359,6 +207,9 @@ fn metrics_of_a_server_started_from_a_snapshot_file() {
     // The first sandbox uses the VM the file's registers were checked in.
     assert_eq!(m.get("pvrun_sandbox_creations_total{source=shell}"), 1.0);
     assert_eq!(m.get("pvrun_sandbox_creations_total{source=snapshot}"), 2.0);
-    assert_eq!(m.get("pvrun_calls_total{function=upper,outcome=ok}"), 1.0);
-    assert_eq!(m.get("pvrun_pool_sandboxes"), 3.0);
+    assert_eq!(
+        m.get("pvrun_calls_total{function=upper,guest=functions,outcome=ok}"),
+        1.0
+    );
+    assert_eq!(m.get("pvrun_pool_sandboxes{guest=functions}"), 3.0);
 }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use common::guest;
 use host_vmm::HostFn;
-use host_vmm::{CallError, Sandbox, SandboxConfig, SandboxPool};
+use host_vmm::{CallError, PoolLimits, Sandbox, SandboxConfig, SandboxPool};
 
 fn config() -> SandboxConfig {
     let lookup: HostFn = Arc::new(|input: &[u8]| {
@@ -225,6 +225,95 @@ fn a_pool_serves_eight_concurrent_callers() {
     for t in threads {
         t.join().unwrap();
     }
+}
+
+/// Threads of this process named `name`.
+fn threads_named(name: &str) -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter(|t| {
+            let comm = t.as_ref().unwrap().path().join("comm");
+            std::fs::read_to_string(comm).unwrap_or_default().trim() == name
+        })
+        .count()
+}
+
+fn wait_until(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !f() {
+        assert!(Instant::now() < deadline, "{what} within {within:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn an_elastic_pool_grows_while_callers_wait_and_shrinks_when_idle() {
+    let limits = PoolLimits {
+        min: 1,
+        max: 3,
+        idle: Duration::from_millis(300),
+    };
+    let pool = Arc::new(SandboxPool::elastic(sandbox("badfunctions"), limits).unwrap());
+    assert_eq!((pool.size(), pool.limits()), (1, limits));
+    assert_eq!(threads_named("pvrun-grow"), 1);
+    // Four callers that each hold a sandbox for 600 ms: the pool grows to 3, not beyond.
+    let callers: Vec<_> = (0..4)
+        .map(|_| {
+            let pool = pool.clone();
+            std::thread::spawn(move || pool.call("wait", b"600").unwrap())
+        })
+        .collect();
+    wait_until("three busy sandboxes", Duration::from_secs(2), || {
+        pool.stats().busy == 3
+    });
+    let st = pool.stats();
+    assert_eq!((st.size, st.grown, st.waiting), (3, 2, 1), "{st:?}");
+    for c in callers {
+        assert!(
+            String::from_utf8(c.join().unwrap())
+                .unwrap()
+                .starts_with("waited ")
+        );
+    }
+    // Grown sandboxes start from the snapshot like the first.
+    let counts: Vec<_> = (0..3)
+        .map(|_| {
+            let pool = pool.clone();
+            std::thread::spawn(move || pool.call("counter", b"").unwrap())
+        })
+        .collect();
+    for c in counts {
+        assert_eq!(c.join().unwrap(), b"1");
+    }
+    wait_until("the pool back at min", Duration::from_secs(3), || {
+        pool.size() == 1
+    });
+    let st = pool.stats();
+    assert_eq!((st.shrunk, st.grow_failures), (2, 0), "{st:?}");
+    assert_eq!(pool.call("echo", b"after").unwrap(), b"after");
+    // Dropping the pool ends its grower.
+    drop(Arc::into_inner(pool).unwrap());
+    assert_eq!(threads_named("pvrun-grow"), 0);
+}
+
+#[test]
+fn a_fixed_pool_never_grows() {
+    let pool =
+        Arc::new(SandboxPool::elastic(sandbox("badfunctions"), PoolLimits::fixed(2)).unwrap());
+    let callers: Vec<_> = (0..3)
+        .map(|_| {
+            let pool = pool.clone();
+            std::thread::spawn(move || pool.call("wait", b"300").unwrap())
+        })
+        .collect();
+    wait_until("a caller waiting", Duration::from_secs(2), || {
+        pool.stats().waiting == 1
+    });
+    for c in callers {
+        c.join().unwrap();
+    }
+    let st = pool.stats();
+    assert_eq!((st.size, st.min, st.max, st.grown), (2, 2, 2, 0), "{st:?}");
 }
 
 /// One HTTP/1.1 request on `stream` (kept alive); returns (status, outcome header, body).

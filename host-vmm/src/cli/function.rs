@@ -7,11 +7,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::gateway;
+use super::guests::{Defaults, GuestSource, GuestSpec, check_unique, parse_guest_arg, read_config};
 use super::hostfn::{HostCommand, HostFnLimits, HostFnRunner, LogFn};
 use super::{parse_env, parse_mem, parse_timeout};
 use crate::{
-    CallError, EXIT_FAULT, EXIT_HOST_ERROR, EXIT_KILLED, EXIT_PANIC, EXIT_TIMEOUT, HostFn, Sandbox,
-    SandboxConfig, SandboxPool,
+    CallError, EXIT_FAULT, EXIT_HOST_ERROR, EXIT_KILLED, EXIT_PANIC, EXIT_TIMEOUT, HostFn,
+    PoolLimits, Sandbox, SandboxConfig, SandboxPool,
 };
 
 /// `pvrun call` exit status when the function returned an error (its message is on stderr).
@@ -68,7 +69,8 @@ pub struct ServeOptions {
     /// Address to listen on, e.g. 127.0.0.1:8080 (port 0 picks a free port).
     #[arg(long, value_name = "ADDR")]
     pub listen: String,
-    /// Sandboxes kept ready (and concurrent calls served).
+    /// Sandboxes kept ready (and concurrent calls served); with `pvrun serve --guest` or
+    /// `--config`, a guest's default `max`.
     #[arg(long, value_name = "N", default_value_t = 4)]
     pub pool: usize,
     /// Guest memory size per sandbox.
@@ -180,9 +182,125 @@ pub(crate) fn serve_source_and_exit(
         } else {
             Sandbox::new(&path, config)?
         };
-        // Calls run on tokio's blocking threads, which then only run calls: confine them.
+        // Calls run on the gateway's call threads, which then only run calls: confine them.
         SandboxPool::new(first, pool_size)?.confine_callers()
     })
+}
+
+/// The options of a `pvrun serve` of several guests (`pvrun serve --guest ...` or
+/// `--config FILE`), besides [`ServeOptions`].
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct GuestsOptions {
+    /// Serve guest NAME (repeatable): `NAME=PATH[,KEY=VALUE...]` with the guest ELF, or
+    /// `NAME=snapshot=FILE[,...]`; keys: mem, min, max (pool sizes; default 1 and
+    /// --pool), pool (min = max), idle (seconds an extra sandbox may stay idle; default
+    /// --idle-timeout), timeout, concurrency (calls in flight, running or waiting for a
+    /// sandbox, beyond which calls get 429; default 4 x max). Calls are then
+    /// `POST /NAME/FUNCTION`.
+    #[arg(long = "guest", value_name = "NAME=PATH[,KEY=VALUE...]")]
+    pub guests: Vec<String>,
+    /// Serve the guests a TOML file lists (`[[guest]]` tables with the same keys, plus
+    /// `elf`/`snapshot`, `args` and `env`; see README "Serving several guests").
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<std::path::PathBuf>,
+    /// Seconds a sandbox beyond a pool's min may stay idle before it is dropped.
+    #[arg(long, value_name = "SECS", default_value = "60", value_parser = parse_timeout)]
+    pub idle_timeout: Duration,
+}
+
+impl GuestsOptions {
+    /// Whether several-guest serving was asked for.
+    pub fn any(&self) -> bool {
+        !self.guests.is_empty() || self.config.is_some()
+    }
+
+    /// The guests, validated (every error is one line).
+    pub fn specs(&self, opts: &ServeOptions) -> Result<Vec<GuestSpec>, String> {
+        let d = Defaults {
+            mem: opts.mem,
+            timeout: opts.timeout,
+            idle: self.idle_timeout,
+            max: opts.pool.clamp(1, super::guests::MAX_POOL),
+        };
+        let mut specs = Vec::new();
+        if let Some(file) = &self.config {
+            specs.extend(read_config(file, &d)?);
+        }
+        for g in &self.guests {
+            specs.push(parse_guest_arg(g, &d)?);
+        }
+        check_unique(&specs)?;
+        Ok(specs)
+    }
+}
+
+/// Serves several guests (`POST /GUEST/FUNCTION`), each with its own elastic pool and
+/// concurrency limit; a bad `--guest` or `--config` is one line and status 125. `opts.env`
+/// applies to every ELF guest before its own `env`. Never returns.
+pub fn serve_guests_and_exit(guests: GuestsOptions, opts: ServeOptions) -> ! {
+    let specs = match guests.specs(&opts) {
+        Ok(s) => s,
+        Err(e) => usage_exit(&e),
+    };
+    let log: LogFn = Arc::new(|l: &str| gateway::log_line(l));
+    let host_functions = match opts.host.functions(log, opts.timeout) {
+        Ok(f) => f,
+        Err(e) => usage_exit(&e),
+    };
+    let gw = gateway::Options {
+        listen: opts.listen.clone(),
+        header_timeout: opts.header_timeout,
+        body_timeout: opts.body_timeout,
+        max_connections: opts.max_connections,
+        max_inflight: opts
+            .max_inflight
+            .unwrap_or_else(|| specs.iter().map(|g| g.concurrency).sum()),
+        max_buffered: opts.max_buffered,
+        shutdown_timeout: opts.shutdown_timeout,
+    };
+    let builds = specs
+        .into_iter()
+        .map(|g| {
+            let (path, snapshot) = match &g.source {
+                GuestSource::Elf(p) => (p.clone(), false),
+                GuestSource::Snapshot(p) => (p.clone(), true),
+            };
+            let mut args = vec![path.display().to_string()];
+            args.extend(g.args.iter().cloned());
+            let mut env = opts.env.clone();
+            env.extend(g.env.iter().cloned());
+            let config = SandboxConfig {
+                mem_size: g.mem,
+                args,
+                env,
+                host_functions: host_functions.clone(),
+                call_timeout: Some(g.timeout),
+                max_output: opts.max_output,
+                console: Arc::new(Mutex::new(Box::new(gateway::GuestConsole::named(&g.name)))),
+                confine_init: true,
+                ..SandboxConfig::default()
+            };
+            let limits = PoolLimits {
+                min: g.min,
+                max: g.max,
+                idle: g.idle,
+            };
+            gateway::GuestBuild {
+                name: g.name.clone(),
+                from: path.display().to_string(),
+                concurrency: Some(g.concurrency),
+                build: Box::new(move || {
+                    let first = if snapshot {
+                        Sandbox::from_snapshot_file(&path, config)?
+                    } else {
+                        Sandbox::new(&path, config)?
+                    };
+                    SandboxPool::elastic(first, limits)?.confine_callers()
+                }),
+            }
+        })
+        .collect();
+    gateway::serve_guests(gw, true, builds)
 }
 
 /// Where `call` takes its input from.

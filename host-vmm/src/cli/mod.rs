@@ -6,6 +6,7 @@
 
 pub mod function;
 pub mod gateway;
+pub mod guests;
 pub mod hostfn;
 pub mod logging;
 pub mod package;
@@ -13,8 +14,8 @@ pub mod snapshot;
 pub mod test_runner;
 
 pub use function::{
-    CallInput, CallOptions, EXIT_CALL_FAILED, HostFnOptions, ServeOptions, call_and_exit,
-    serve_and_exit,
+    CallInput, CallOptions, EXIT_CALL_FAILED, GuestsOptions, HostFnOptions, ServeOptions,
+    call_and_exit, serve_and_exit, serve_guests_and_exit,
 };
 
 use std::path::{Path, PathBuf};

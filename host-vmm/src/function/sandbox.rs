@@ -582,20 +582,76 @@ impl Sandbox {
     }
 }
 
-/// Several sandboxes of one template, ready for concurrent callers: each call takes an
-/// idle sandbox (waiting if none is idle), runs, resets it and puts it back.
+/// How a [`SandboxPool`] grows and shrinks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PoolLimits {
+    /// Sandboxes made when the pool is built and kept however idle they are (at least 1).
+    pub min: usize,
+    /// Sandboxes the pool grows to when every one is busy and callers wait (at least
+    /// `min`).
+    pub max: usize,
+    /// A sandbox beyond `min` that took no call for this long is dropped.
+    pub idle: Duration,
+}
+
+impl PoolLimits {
+    /// A pool of exactly `n` sandboxes (it never grows or shrinks).
+    pub fn fixed(n: usize) -> PoolLimits {
+        PoolLimits {
+            min: n.max(1),
+            max: n.max(1),
+            idle: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Sandboxes of one template, ready for concurrent callers: each call takes an idle
+/// sandbox, runs, resets it and puts it back. A caller that finds none idle waits for one;
+/// an elastic pool ([`SandboxPool::elastic`]) meanwhile makes another from the template
+/// (up to its `max`), on its own `pvrun-grow` thread, which keeps one VM created ahead of
+/// time for that while the pool is below `max`, and drops sandboxes beyond `min` that
+/// stayed idle for the pool's idle time.
 pub struct SandboxPool {
+    inner: Arc<PoolInner>,
+    /// The `pvrun-grow` thread (elastic pools only).
+    grower: Option<std::thread::JoinHandle<()>>,
+}
+
+struct PoolInner {
     template: Arc<Template>,
-    idle: Mutex<Vec<Sandbox>>,
+    state: Mutex<PoolState>,
+    /// A sandbox went back to the idle list (callers wait on it).
     available: Condvar,
-    size: usize,
+    /// A caller started waiting, or the pool is dropped (the grower waits on it).
+    wanted: Condvar,
+    limits: PoolLimits,
     /// Confine each thread that makes a call (see [`SandboxPool::confine_callers`]).
-    confine: bool,
+    confine: std::sync::atomic::AtomicBool,
     /// Resets done, and pages they copied.
     resets: std::sync::atomic::AtomicU64,
     reset_pages: std::sync::atomic::AtomicU64,
     /// VM exits of the calls made, by kind (see [`PoolStats::exits`]).
     exits: [std::sync::atomic::AtomicU64; 5],
+}
+
+struct PoolState {
+    /// Idle sandboxes, each with the moment it went idle (the last one is the most
+    /// recently used, and the next one taken: the oldest age out first).
+    idle: Vec<(Sandbox, std::time::Instant)>,
+    /// Sandboxes that exist (idle or busy).
+    size: usize,
+    /// Callers waiting for an idle sandbox.
+    waiting: usize,
+    /// Sandboxes made by growing, and dropped after their idle time.
+    grown: u64,
+    shrunk: u64,
+    /// Creations that failed (the pool then serves with the sandboxes it has).
+    grow_failures: u64,
+    /// A VM the grower created ahead of time for the next sandbox it makes (while the
+    /// pool is below `max`), so a waiting caller does not wait for KVM to create one.
+    shell: Option<VmShell>,
+    /// The pool is being dropped: the grower ends.
+    quit: bool,
 }
 
 /// What a [`SandboxPool`] has done so far.
@@ -605,6 +661,18 @@ pub struct PoolStats {
     pub size: usize,
     /// Sandboxes running a call (or being reset) now.
     pub busy: usize,
+    /// Callers waiting for a sandbox now.
+    pub waiting: usize,
+    /// The pool's least and largest size.
+    pub min: usize,
+    /// See `min`.
+    pub max: usize,
+    /// Sandboxes made because every sandbox was busy, and dropped after their idle time.
+    pub grown: u64,
+    /// See `grown`.
+    pub shrunk: u64,
+    /// Sandboxes the pool failed to make while growing.
+    pub grow_failures: u64,
     /// Resets after calls.
     pub resets: u64,
     /// Pages those resets copied back.
@@ -632,67 +700,139 @@ pub(crate) fn confine_caller() -> Result<(), Error> {
 impl SandboxPool {
     /// A pool of `size` sandboxes: `first` and `size - 1` more made from its template.
     pub fn new(first: Sandbox, size: usize) -> Result<SandboxPool, Error> {
+        Self::build(first, PoolLimits::fixed(size))
+    }
+
+    /// A pool that starts with `limits.min` sandboxes (`first` and more from its
+    /// template), grows up to `limits.max` while callers wait for a sandbox, and drops
+    /// sandboxes beyond `min` idle for `limits.idle`. Growing and shrinking happen on a
+    /// `pvrun-grow` thread started here, under its own seccomp filter (it may create VMs
+    /// and load a vCPU's state, never run one), and the process's watchdog thread is
+    /// started too, so call this on a thread that is not confined. With `max == min` it
+    /// is [`SandboxPool::new`].
+    pub fn elastic(first: Sandbox, limits: PoolLimits) -> Result<SandboxPool, Error> {
+        let mut limits = limits;
+        limits.min = limits.min.max(1);
+        limits.max = limits.max.max(limits.min);
+        let mut pool = Self::build(first, limits)?;
+        if limits.max == limits.min {
+            return Ok(pool);
+        }
+        // Grown sandboxes' timeouts need the watchdog, which the confined grower cannot
+        // start.
+        crate::runtime::control::ensure_watchdog()?;
+        let inner = pool.inner.clone();
+        let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
+        let grower = std::thread::Builder::new()
+            .name("pvrun-grow".into())
+            .spawn(move || {
+                crate::seccomp::confine_or_exit(crate::seccomp::ThreadKind::Grower);
+                let _ = ready_tx.send(());
+                inner.grow_and_shrink()
+            })
+            .map_err(Error::Io)?;
+        // Return once the thread is confined (it never runs unconfined, not even briefly).
+        let _ = ready_rx.recv();
+        pool.grower = Some(grower);
+        Ok(pool)
+    }
+
+    fn build(first: Sandbox, limits: PoolLimits) -> Result<SandboxPool, Error> {
         let template = first.template.clone();
-        let mut idle = vec![first];
-        for _ in 1..size.max(1) {
-            idle.push(Sandbox::from_template(&template)?);
+        let now = std::time::Instant::now();
+        let mut idle = vec![(first, now)];
+        for _ in 1..limits.min.max(1) {
+            idle.push((Sandbox::from_template(&template)?, now));
         }
         Ok(SandboxPool {
-            template,
-            size: idle.len(),
-            idle: Mutex::new(idle),
-            available: Condvar::new(),
-            confine: false,
-            resets: Default::default(),
-            reset_pages: Default::default(),
-            exits: Default::default(),
+            inner: Arc::new(PoolInner {
+                template,
+                state: Mutex::new(PoolState {
+                    size: idle.len(),
+                    idle,
+                    waiting: 0,
+                    grown: 0,
+                    shrunk: 0,
+                    grow_failures: 0,
+                    shell: None,
+                    quit: false,
+                }),
+                available: Condvar::new(),
+                wanted: Condvar::new(),
+                limits,
+                confine: false.into(),
+                resets: Default::default(),
+                reset_pages: Default::default(),
+                exits: Default::default(),
+            }),
+            grower: None,
         })
     }
 
     /// Makes every thread that calls [`SandboxPool::call`] run under the vCPU thread's
     /// seccomp filter from its first call on (permanent for the thread: use it where
     /// threads are dedicated to calls, as `pvrun serve`'s blocking threads are). The
-    /// sandboxes' watchdogs are started now, since a confined thread cannot start threads.
-    pub fn confine_callers(mut self) -> Result<SandboxPool, Error> {
-        for sb in self
-            .idle
-            .get_mut()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter_mut()
+    /// process's watchdog thread is started now, since a confined thread cannot start
+    /// threads.
+    pub fn confine_callers(self) -> Result<SandboxPool, Error> {
         {
-            sb.vm.ensure_watchdog()?;
+            let mut st = self.inner.state.lock().unwrap_or_else(|p| p.into_inner());
+            for (sb, _) in st.idle.iter_mut() {
+                sb.vm.ensure_watchdog()?;
+            }
         }
-        self.confine = true;
+        self.inner
+            .confine
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         Ok(self)
     }
 
     /// The exported function names.
     pub fn functions(&self) -> &[String] {
-        self.template.functions()
+        self.inner.template.functions()
     }
 
-    /// Number of sandboxes.
+    /// Number of sandboxes now.
     pub fn size(&self) -> usize {
-        self.size
+        self.inner
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .size
+    }
+
+    /// How the pool grows and shrinks.
+    pub fn limits(&self) -> PoolLimits {
+        self.inner.limits
     }
 
     /// The largest input a call takes: the guest's input buffer minus the call header.
     /// Larger inputs fail with [`CallError::InputTooLarge`].
     pub fn max_input(&self) -> u64 {
-        self.template.snapshot.exports.inbuf_len.saturating_sub(16)
+        self.inner
+            .template
+            .snapshot
+            .exports
+            .inbuf_len
+            .saturating_sub(16)
     }
 
     /// Sizes and counters, for metrics.
     pub fn stats(&self) -> PoolStats {
-        let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner()).len();
+        let i = &self.inner;
+        let st = i.state.lock().unwrap_or_else(|p| p.into_inner());
         PoolStats {
-            size: self.size,
-            busy: self.size.saturating_sub(idle),
-            resets: self.resets.load(std::sync::atomic::Ordering::Relaxed),
-            reset_pages: self.reset_pages.load(std::sync::atomic::Ordering::Relaxed),
-            exits: std::array::from_fn(|i| {
-                self.exits[i].load(std::sync::atomic::Ordering::Relaxed)
-            }),
+            size: st.size,
+            busy: st.size.saturating_sub(st.idle.len()),
+            waiting: st.waiting,
+            min: i.limits.min,
+            max: i.limits.max,
+            grown: st.grown,
+            shrunk: st.shrunk,
+            grow_failures: st.grow_failures,
+            resets: i.resets.load(std::sync::atomic::Ordering::Relaxed),
+            reset_pages: i.reset_pages.load(std::sync::atomic::Ordering::Relaxed),
+            exits: std::array::from_fn(|k| i.exits[k].load(std::sync::atomic::Ordering::Relaxed)),
         }
     }
 
@@ -704,27 +844,48 @@ impl SandboxPool {
     /// Like [`SandboxPool::call`], and also says how many pages the reset after the call
     /// copied back (0 if nothing ran).
     pub fn call_and_reset(&self, name: &str, input: &[u8]) -> (Result<Vec<u8>, CallError>, usize) {
-        match self.call_inner(name, input) {
+        match self.inner.call(name, input) {
             Ok((r, pages)) => (r, pages),
             Err(e) => (Err(e), 0),
         }
     }
+}
 
-    fn call_inner(
+impl Drop for SandboxPool {
+    fn drop(&mut self) {
+        self.inner
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .quit = true;
+        self.inner.wanted.notify_all();
+        if let Some(g) = self.grower.take() {
+            let _ = g.join();
+        }
+    }
+}
+
+impl PoolInner {
+    fn call(
         &self,
         name: &str,
         input: &[u8],
     ) -> Result<(Result<Vec<u8>, CallError>, usize), CallError> {
-        if self.confine {
+        if self.confine.load(std::sync::atomic::Ordering::Relaxed) {
             confine_caller().map_err(|e| CallError::Host(e.to_string()))?;
         }
         let mut sb = {
-            let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+            let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
             loop {
-                if let Some(sb) = idle.pop() {
+                if let Some((sb, _)) = st.idle.pop() {
                     break sb;
                 }
-                idle = self.available.wait(idle).unwrap_or_else(|p| p.into_inner());
+                st.waiting += 1;
+                if st.size < self.limits.max {
+                    self.wanted.notify_one();
+                }
+                st = self.available.wait(st).unwrap_or_else(|p| p.into_inner());
+                st.waiting -= 1;
             }
         };
         let before = sb.vm.exit_kinds();
@@ -738,7 +899,11 @@ impl SandboxPool {
         }
         // Reset before the sandbox goes back, so the next caller does not wait for it.
         let reset = sb.reset();
-        self.idle.lock().unwrap_or_else(|p| p.into_inner()).push(sb);
+        self.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .idle
+            .push((sb, std::time::Instant::now()));
         self.available.notify_one();
         let pages = reset.map_err(|e| CallError::Host(e.to_string()))?;
         if pages > 0 {
@@ -748,5 +913,120 @@ impl SandboxPool {
                 .fetch_add(pages as u64, std::sync::atomic::Ordering::Relaxed);
         }
         Ok((r, pages))
+    }
+
+    /// The `pvrun-grow` thread: makes a sandbox whenever callers wait and none is idle
+    /// (up to `max`), and drops those beyond `min` idle for the idle time, until the pool
+    /// is dropped.
+    fn grow_and_shrink(&self) {
+        let idle_time = self.limits.idle;
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut failed_at: Option<std::time::Instant> = None;
+        loop {
+            if st.quit {
+                return;
+            }
+            // A failed creation is retried after a second (the pool serves meanwhile).
+            let may_grow = failed_at.is_none_or(|t| t.elapsed() >= Duration::from_secs(1));
+            // Callers beyond the idle sandboxes (which waiting callers are about to take) need
+            // another one.
+            if st.waiting > st.idle.len() && st.size < self.limits.max && may_grow {
+                st.size += 1;
+                let shell = st.shell.take();
+                drop(st);
+                let made = Sandbox::grown(&self.template, shell);
+                st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+                match made {
+                    Ok(sb) => {
+                        st.idle.push((sb, std::time::Instant::now()));
+                        st.grown += 1;
+                        failed_at = None;
+                        self.available.notify_one();
+                    }
+                    Err(e) => {
+                        st.size -= 1;
+                        st.grow_failures += 1;
+                        failed_at = Some(std::time::Instant::now());
+                        tracing::warn!(target: "pvrun::pool", error = %e, "cannot make another sandbox; serving with {}", st.size);
+                    }
+                }
+                continue;
+            }
+            // Shrink: the oldest idle sandboxes beyond `min` whose idle time is over.
+            let now = std::time::Instant::now();
+            let mut expired = Vec::new();
+            while st.size > self.limits.min
+                && st
+                    .idle
+                    .first()
+                    .is_some_and(|(_, t)| now.duration_since(*t) >= idle_time)
+            {
+                expired.push(st.idle.remove(0).0);
+                st.size -= 1;
+                st.shrunk += 1;
+            }
+            if !expired.is_empty() {
+                drop(st);
+                drop(expired);
+                st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+                continue;
+            }
+            // Have a VM ready for the next growth (nobody waits for this one).
+            if st.shell.is_none() && st.size < self.limits.max && may_grow {
+                drop(st);
+                let shell = VmShell::new(self.template.snapshot.mem_size());
+                st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+                match shell {
+                    Ok(shell) => st.shell = Some(shell),
+                    Err(e) => {
+                        failed_at = Some(std::time::Instant::now());
+                        tracing::warn!(target: "pvrun::pool", error = %e, "cannot create a VM ahead of time");
+                    }
+                }
+                continue;
+            }
+            // Sleep until the next idle sandbox's time is over (or a caller waits).
+            let next = if st.size > self.limits.min {
+                st.idle
+                    .first()
+                    .map(|(_, t)| (*t + idle_time).saturating_duration_since(now))
+            } else {
+                None
+            };
+            let nap = next
+                .unwrap_or(Duration::from_secs(1))
+                .clamp(Duration::from_millis(10), Duration::from_secs(1));
+            st = self
+                .wanted
+                .wait_timeout(st, nap)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+}
+
+impl Sandbox {
+    /// A sandbox for an elastic pool's grower: in `shell` (the VM it created ahead of
+    /// time) or a VM created now (never one of the template's shells), the snapshot
+    /// mapped.
+    fn grown(template: &Arc<Template>, shell: Option<VmShell>) -> Result<Sandbox, Error> {
+        let shell = match shell {
+            Some(s) => s,
+            None => VmShell::new(template.snapshot.mem_size())?,
+        };
+        let vm = Vm::from_snapshot_in(
+            Some(shell),
+            &template.snapshot,
+            Box::new(template.console.sandbox_console()),
+            Box::new(template.console.sandbox_console()),
+            template.call_timeout,
+        )?;
+        count_creation(2);
+        Ok(Sandbox {
+            vm,
+            template: template.clone(),
+            dirty: false,
+            resumable: true,
+        })
     }
 }

@@ -1,6 +1,8 @@
 //! Shared test support: builds the example guests once per test binary and runs them.
 #![allow(dead_code)]
 
+pub mod prom;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

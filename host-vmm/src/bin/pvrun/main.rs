@@ -58,8 +58,15 @@ mod cli_main {
         /// initialised state, and answers with the output (200), or 404 (no such function),
         /// 413 (input too large), 422 (the function returned an error), 500 (it panicked or
         /// crashed), 502 (output too large), 504 (timeout), 503 with Retry-After
-        /// (overloaded). `GET /healthz` and `GET /readyz` report liveness and readiness.
+        /// (overloaded). `GET /healthz` and `GET /readyz` report liveness and readiness,
+        /// `GET /metrics` the counters (Prometheus text format).
         /// SIGTERM or SIGINT stops accepting, lets calls in flight finish and exits 0.
+        ///
+        /// Several guests: `--guest NAME=PATH[,KEY=VALUE...]` (repeatable) or `--config
+        /// FILE`; calls are then `POST /NAME/FUNCTION`, `GET /NAME` lists a guest's
+        /// functions and `GET /` the guests; each guest's pool grows under load up to its
+        /// max and shrinks back after its idle time, and calls beyond its concurrency get
+        /// 429 with Retry-After.
         Serve(ServeArgs),
         /// Call one function of a function guest and print its output.
         ///
@@ -111,12 +118,14 @@ mod cli_main {
     struct ServeArgs {
         #[command(flatten)]
         opts: ServeOptions,
+        #[command(flatten)]
+        several: cli::GuestsOptions,
         /// Serve from a snapshot file written by `pvrun snapshot` instead of booting a guest
         /// ELF (its memory size, arguments and environment are the file's).
-        #[arg(long, value_name = "FILE", conflicts_with_all = ["guest", "args", "mem", "env"])]
+        #[arg(long, value_name = "FILE", conflicts_with_all = ["guest", "args", "mem", "env", "guests", "config"])]
         snapshot: Option<PathBuf>,
-        /// The function guest ELF.
-        #[arg(required_unless_present = "snapshot")]
+        /// The function guest ELF (one guest: calls are `POST /FUNCTION`).
+        #[arg(required_unless_present_any = ["snapshot", "guests", "config"], conflicts_with_all = ["guests", "config"])]
         guest: Option<PathBuf>,
         /// Arguments for the guest's initialisation (after `--`).
         #[arg(last = true)]
@@ -171,6 +180,14 @@ mod cli_main {
                 args.extend(r.args);
                 let (config, debug) = r.vm.into_parts(args);
                 run_and_exit(&r.guest, config, &debug)
+            }
+            Command::Serve(s) if s.several.any() => {
+                if !s.args.is_empty() {
+                    cli::usage_error(
+                        "arguments after `--` are for one guest; with --guest or --config give each guest's `args` in the config file",
+                    )
+                }
+                cli::serve_guests_and_exit(s.several, s.opts)
             }
             Command::Serve(s) => match (s.snapshot, s.guest) {
                 (Some(file), _) => cli::snapshot::serve_snapshot_and_exit(&file, s.opts),

@@ -18,8 +18,14 @@ use crate::{CallError, SandboxPool};
 
 /// What every connection's requests share.
 pub(super) struct Shared {
-    /// Set once the pool is built (`/readyz` is 200 from then on).
-    pub pool: OnceLock<Ready>,
+    /// The guests served, in the order given.
+    pub guests: Vec<Guest>,
+    /// Routes of several guests (`POST /GUEST/FN`) rather than the single guest's
+    /// (`POST /FN`).
+    pub multi: bool,
+    /// Set once every guest's pool is built (`/readyz` is 200 from then on): `GET /` of a
+    /// multi-guest gateway (the guests, one per line).
+    pub ready: OnceLock<Bytes>,
     /// Calls admitted (running or waiting for a sandbox); each holds a permit.
     pub inflight: Arc<Semaphore>,
     pub max_inflight: usize,
@@ -32,8 +38,26 @@ pub(super) struct Shared {
     pub call_log: RateLimited,
     pub busy_log: RateLimited,
     pub metrics: super::metrics::Metrics,
-    /// The guest served (its path or snapshot file, as given), for the access log.
-    pub guest: String,
+}
+
+/// One guest of the gateway.
+pub(super) struct Guest {
+    /// Its name in URLs (multi-guest), metrics and the access log.
+    pub name: String,
+    /// Set once its pool is built.
+    pub pool: OnceLock<Ready>,
+    /// Its calls in flight (running or waiting for a sandbox) and their limit; calls
+    /// beyond get 429.
+    pub limit: Option<(Arc<Semaphore>, usize)>,
+}
+
+impl Guest {
+    /// Calls in flight and the limit, for metrics.
+    pub fn occupancy(&self) -> Option<(usize, usize)> {
+        self.limit
+            .as_ref()
+            .map(|(sem, n)| (n.saturating_sub(sem.available_permits()), *n))
+    }
 }
 
 /// The built pool and what requests need from it.
@@ -42,7 +66,7 @@ pub(super) struct Ready {
     /// The largest input a call takes: the guest's input buffer minus the call header.
     pub max_input: u64,
     pub listing: Bytes,
-    /// The queue of the call threads.
+    /// The queue of the guest's call threads.
     pub calls: std::sync::mpsc::Sender<super::Job>,
 }
 
@@ -129,15 +153,28 @@ pub(super) async fn handle(
     // someone listens: a quiet server pays one relaxed load).
     let access = tracing::enabled!(target: ACCESS, tracing::Level::INFO)
         .then(|| (req.method().to_string(), req.uri().path().to_string()));
-    let mut input_bytes = 0u64;
-    let mut resp = route(&shared, &id, req, &mut input_bytes).await;
+    let mut facts = Facts::default();
+    let mut resp = route(&shared, &id, req, &mut facts).await;
+    if !shared.multi && facts.guest.is_none() {
+        // The single guest serves every request.
+        facts.guest = shared.guests.first().map(|g| g.name.clone());
+    }
     if let Ok(v) = HeaderValue::from_str(&id) {
         resp.headers_mut().insert("x-request-id", v);
     }
     if let Some((method, path)) = access {
-        access_event(&shared, &id, &method, &path, &resp, input_bytes, started);
+        access_event(&id, &method, &path, &resp, &facts, started);
     }
     Ok(resp)
+}
+
+/// What routing and the call learnt about a request, for the access log.
+#[derive(Default)]
+struct Facts {
+    /// The guest and function it named (if it named one the gateway serves).
+    guest: Option<String>,
+    function: Option<String>,
+    input_bytes: u64,
 }
 
 /// The `tracing` target of the per-request access log (`RUST_LOG=pvrun::access=info`,
@@ -146,19 +183,7 @@ pub(super) const ACCESS: &str = "pvrun::access";
 
 /// One access-log event: every text a client or guest chose is escaped (and cut at 200
 /// characters) before it reaches the log.
-fn access_event(
-    shared: &Shared,
-    id: &str,
-    method: &str,
-    path: &str,
-    resp: &Resp,
-    input_bytes: u64,
-    started: Instant,
-) {
-    let function = match path.strip_prefix('/') {
-        Some(f) if method == "POST" && !f.is_empty() => f,
-        _ => "-",
-    };
+fn access_event(id: &str, method: &str, path: &str, resp: &Resp, facts: &Facts, started: Instant) {
     let outcome = resp
         .headers()
         .get("x-pvrun-outcome")
@@ -170,14 +195,14 @@ fn access_event(
     tracing::info!(
         target: ACCESS,
         request_id = %id,
-        guest = %log::escape(&shared.guest, 200),
+        guest = %log::escape(facts.guest.as_deref().unwrap_or("-"), 200),
         method = %log::escape(method, 20),
         path = %log::escape(path, 200),
-        function = %log::escape(function, 200),
+        function = %log::escape(facts.function.as_deref().unwrap_or("-"), 200),
         status = resp.status().as_u16(),
         outcome = %log::escape(outcome, 40),
         latency_us = started.elapsed().as_micros() as u64,
-        input_bytes,
+        input_bytes = facts.input_bytes,
         output_bytes,
         "request"
     );
@@ -187,21 +212,32 @@ fn access_event(
 #[derive(Debug, PartialEq, Eq)]
 enum Route<'a> {
     Health,
-    /// `/readyz` (200 once the pool is built, 503 before).
+    /// `/readyz` (200 once the pools are built, 503 before).
     Readiness,
-    /// `/metrics` (Prometheus text, also before the pool is built).
+    /// `/metrics` (Prometheus text, also before the pools are built).
     Metrics,
-    /// Anything but the health routes before the pool is built.
+    /// Anything but the health routes before the pools are built.
     Starting,
+    /// `GET /`: the single guest's functions, or the guests.
     Listing,
+    /// `GET /GUEST` of a multi-guest gateway: that guest's functions.
+    GuestListing(usize),
     NotPost,
-    /// `POST` of a name the guest does not export.
-    Unknown(&'a str),
-    Call(&'a str),
+    /// A path that names no guest served (multi-guest only).
+    UnknownGuest(&'a str),
+    /// `POST` of a name guest `.0` does not export.
+    Unknown(usize, &'a str),
+    Call(usize, &'a str),
 }
 
-/// Routes a request. `functions` is `None` while the pool is being built.
-fn route_of<'a>(method: &Method, path: &'a str, functions: Option<&[String]>) -> Route<'a> {
+/// Routes a request. `guests` (names and functions) is `None` while the pools are being
+/// built; with `multi`, paths are `/GUEST/FN`, otherwise `/FN` of guest 0.
+fn route_of<'a>(
+    method: &Method,
+    path: &'a str,
+    guests: Option<&[(&str, &[String])]>,
+    multi: bool,
+) -> Route<'a> {
     let is_get = method == Method::GET || method == Method::HEAD;
     if is_get {
         match path {
@@ -211,20 +247,35 @@ fn route_of<'a>(method: &Method, path: &'a str, functions: Option<&[String]>) ->
             _ => {}
         }
     }
-    let Some(functions) = functions else {
+    let Some(guests) = guests else {
         return Route::Starting;
     };
     if is_get && path == "/" {
         return Route::Listing;
     }
+    let (g, name) = if multi {
+        let rest = path.trim_start_matches('/');
+        let (guest, function) = rest.split_once('/').unwrap_or((rest, ""));
+        let Some(g) = guests.iter().position(|(n, _)| *n == guest) else {
+            return Route::UnknownGuest(guest);
+        };
+        if is_get && function.is_empty() {
+            return Route::GuestListing(g);
+        }
+        (g, function)
+    } else {
+        (0, path.trim_start_matches('/'))
+    };
     if method != Method::POST {
         return Route::NotPost;
     }
-    let name = path.trim_start_matches('/');
-    if functions.iter().any(|f| f == name) {
-        Route::Call(name)
+    if guests
+        .get(g)
+        .is_some_and(|(_, fns)| fns.iter().any(|f| f == name))
+    {
+        Route::Call(g, name)
     } else {
-        Route::Unknown(name)
+        Route::Unknown(g, name)
     }
 }
 
@@ -234,6 +285,16 @@ fn unknown_message(name: &str, functions: &[String]) -> String {
         "no function named `{}`; this guest exports: {}\n",
         log::escape(name, 100),
         functions.join(", ")
+    )
+}
+
+/// The 404 text for a path that names no guest served.
+fn unknown_guest_message(name: &str, guests: &[Guest]) -> String {
+    let names: Vec<&str> = guests.iter().map(|g| g.name.as_str()).collect();
+    format!(
+        "no guest named `{}`; this server serves: {} (POST /GUEST/FUNCTION)\n",
+        log::escape(name, 100),
+        names.join(", ")
     )
 }
 
@@ -263,20 +324,31 @@ fn body_share(declared: Option<u64>, max_input: u64, max_buffered: usize) -> Sha
     Share::Reserve(want)
 }
 
-async fn route(
-    shared: &Arc<Shared>,
-    id: &str,
-    req: Request<Incoming>,
-    input_bytes: &mut u64,
-) -> Resp {
-    let ready = shared.pool.get();
-    let functions = ready.map(|r| r.pool.functions());
-    let route = route_of(req.method(), req.uri().path(), functions);
-    let (ready, name) = match (route, ready) {
-        (Route::Health, _) => return text(200, "ok", "live\n"),
-        (Route::Metrics, ready) => {
-            let stats = ready.map(|r| r.pool.stats());
-            let mut r = text(200, "ok", shared.metrics.render(stats));
+async fn route(shared: &Arc<Shared>, id: &str, req: Request<Incoming>, facts: &mut Facts) -> Resp {
+    let all_ready = shared.ready.get();
+    let views: Option<Vec<(&str, &[String])>> = all_ready.map(|_| {
+        shared
+            .guests
+            .iter()
+            .map(|g| {
+                (
+                    g.name.as_str(),
+                    g.pool.get().map_or(&[][..], |r| r.pool.functions()),
+                )
+            })
+            .collect()
+    });
+    let route = route_of(
+        req.method(),
+        req.uri().path(),
+        views.as_deref(),
+        shared.multi,
+    );
+    let ready_of = |g: usize| shared.guests.get(g).and_then(|x| x.pool.get());
+    let (g, name) = match route {
+        Route::Health => return text(200, "ok", "live\n"),
+        Route::Metrics => {
+            let mut r = text(200, "ok", shared.metrics.render(&shared.guests));
             r.headers_mut().insert(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static(
@@ -285,44 +357,86 @@ async fn route(
             );
             return r;
         }
-        (Route::Readiness, Some(_)) => return text(200, "ok", "ready\n"),
-        (Route::Readiness | Route::Starting, _) | (_, None) => {
+        Route::Readiness if all_ready.is_some() => return text(200, "ok", "ready\n"),
+        Route::Readiness | Route::Starting => {
             return unavailable("starting", "starting: the sandboxes are being built\n");
         }
-        (Route::Listing, Some(ready)) => return text(200, "ok", ready.listing.clone()),
-        (Route::NotPost, _) => {
-            let mut r = text(405, "error", "use POST /FUNCTION with the input as body\n");
+        Route::Listing => {
+            return match (shared.multi, all_ready, ready_of(0)) {
+                (true, Some(list), _) => text(200, "ok", list.clone()),
+                (false, _, Some(ready)) => text(200, "ok", ready.listing.clone()),
+                _ => unavailable("starting", "starting: the sandboxes are being built\n"),
+            };
+        }
+        Route::GuestListing(g) => {
+            facts.guest = Some(shared.guests[g].name.clone());
+            return match ready_of(g) {
+                Some(ready) => text(200, "ok", ready.listing.clone()),
+                None => unavailable("starting", "starting: the sandboxes are being built\n"),
+            };
+        }
+        Route::NotPost => {
+            let msg = if shared.multi {
+                "use POST /GUEST/FUNCTION with the input as body\n"
+            } else {
+                "use POST /FUNCTION with the input as body\n"
+            };
+            let mut r = text(405, "error", msg);
             r.headers_mut()
                 .insert(header::ALLOW, HeaderValue::from_static("POST"));
             return r;
         }
-        (Route::Unknown(name), Some(ready)) => {
-            shared.metrics.call("-", "unknown", None, 0);
-            return text(
-                404,
-                "unknown",
-                unknown_message(name, ready.pool.functions()),
-            );
+        Route::UnknownGuest(name) => {
+            shared.metrics.call("-", "-", "unknown", None, 0);
+            return text(404, "unknown", unknown_guest_message(name, &shared.guests));
         }
-        (Route::Call(name), Some(ready)) => (ready, name.to_string()),
+        Route::Unknown(g, name) => {
+            let guest = &shared.guests[g];
+            facts.guest = Some(guest.name.clone());
+            facts.function = Some(name.to_string());
+            shared.metrics.call(&guest.name, "-", "unknown", None, 0);
+            let fns = guest.pool.get().map_or(&[][..], |r| r.pool.functions());
+            return text(404, "unknown", unknown_message(name, fns));
+        }
+        Route::Call(g, name) => (g, name.to_string()),
     };
-    let mut facts = (None, 0);
-    let resp = call(shared, id, ready, &name, req, &mut facts, input_bytes).await;
+    let guest = &shared.guests[g];
+    facts.guest = Some(guest.name.clone());
+    facts.function = Some(name.clone());
+    let Some(ready) = guest.pool.get() else {
+        return unavailable("starting", "starting: the sandboxes are being built\n");
+    };
+    let mut call_facts = (None, 0);
+    let resp = call(
+        shared,
+        id,
+        guest,
+        ready,
+        &name,
+        req,
+        &mut call_facts,
+        &mut facts.input_bytes,
+    )
+    .await;
     // The outcome header is set on every response below.
     let outcome = resp
         .headers()
         .get("x-pvrun-outcome")
         .and_then(|v| v.to_str().ok())
         .unwrap_or("error");
-    shared.metrics.call(&name, outcome, facts.0, facts.1);
+    shared
+        .metrics
+        .call(&guest.name, &name, outcome, call_facts.0, call_facts.1);
     resp
 }
 
 /// A call to a known function: body, admission, the call, its response. `facts` gets the
 /// call's latency (if it ran) and the pages its reset copied back.
+#[allow(clippy::too_many_arguments)]
 async fn call(
     shared: &Arc<Shared>,
     id: &str,
+    guest: &Guest,
     ready: &Ready,
     name: &str,
     req: Request<Incoming>,
@@ -400,7 +514,33 @@ async fn call(
         }
     };
 
-    // Admission: at most `max_inflight` calls running or queued for a sandbox.
+    // Admission: at most the guest's `concurrency` calls of it in flight (429 beyond:
+    // this guest is at its limit), and at most `max_inflight` calls of all guests running
+    // or queued for a sandbox (503 beyond: the server is).
+    let guest_permit = match &guest.limit {
+        None => None,
+        Some((sem, limit)) => match sem.clone().try_acquire_owned() {
+            Ok(p) => Some(p),
+            Err(_) => {
+                shared.busy_log.line(format_args!(
+                    "pvrun: request {id}: POST /{}/{}: 429 limited ({limit} calls of the guest in flight)",
+                    guest.name,
+                    log::escape(&name, 100),
+                ));
+                let mut r = text(
+                    429,
+                    "limited",
+                    format!(
+                        "too many calls: guest `{}` has its limit of {limit} calls in flight; retry later\n",
+                        guest.name
+                    ),
+                );
+                r.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                return r;
+            }
+        },
+    };
     let Ok(permit) = shared.inflight.clone().try_acquire_owned() else {
         shared.busy_log.line(format_args!(
             "pvrun: request {id}: POST /{name}: 503 busy ({} calls in flight)",
@@ -422,6 +562,7 @@ async fn call(
         drop(input);
         drop(body_held);
         drop(permit);
+        drop(guest_permit);
         let _ = answer.send(r);
     });
     let (result, pages) = match ready.calls.send(job) {
@@ -569,7 +710,8 @@ mod tests {
             let m = method(rng);
             let p = path(rng);
             let ready = rng.below(5) != 0;
-            let r = route_of(&m, &p, ready.then_some(&fns[..]));
+            let views = [("g", &fns[..])];
+            let r = route_of(&m, &p, ready.then_some(&views[..]), false);
             let get = m == Method::GET || m == Method::HEAD;
             match r {
                 Route::Health => assert!(get && p == "/healthz", "{m} {p:?}"),
@@ -583,17 +725,64 @@ mod tests {
                         && !(get && ["/", "/healthz", "/readyz", "/metrics"].contains(&p.as_str())),
                     "{m} {p:?}"
                 ),
-                Route::Unknown(n) | Route::Call(n) => {
+                Route::GuestListing(_) | Route::UnknownGuest(_) => {
+                    panic!("a multi-guest route for one guest: {m} {p:?} -> {r:?}")
+                }
+                Route::Unknown(g, n) | Route::Call(g, n) => {
+                    assert_eq!(g, 0);
                     assert!(ready && m == Method::POST, "{m} {p:?}");
                     // The name is the path without its leading slashes, nothing else.
                     assert!(!n.starts_with('/'), "{p:?} -> {n:?}");
                     assert!(p.ends_with(n) && p[..p.len() - n.len()].bytes().all(|b| b == b'/'));
                     let known = fns.iter().any(|f| f == n);
-                    assert_eq!(known, matches!(r, Route::Call(_)), "{p:?} -> {r:?}");
+                    assert_eq!(known, matches!(r, Route::Call(..)), "{p:?} -> {r:?}");
                 }
             }
             if !ready && !(get && (p == "/healthz" || p == "/readyz" || p == "/metrics")) {
                 assert_eq!(r, Route::Starting, "{m} {p:?}");
+            }
+        });
+    }
+
+    #[test]
+    fn fuzz_route_of_several_guests() {
+        let fns = functions();
+        let other = ["upper".to_string(), "x".to_string()];
+        let names = ["upper", "b-1"];
+        run("gateway route_of (several guests)", 20_000, |rng| {
+            let m = method(rng);
+            let mut p = path(rng);
+            if rng.below(3) == 0 {
+                // A path that names a guest, often followed by one of its functions.
+                let g = names[rng.below(2) as usize];
+                let f = fns[rng.below(fns.len() as u64) as usize].clone();
+                p = format!("/{g}/{f}");
+            }
+            let views = [(names[0], &fns[..]), (names[1], &other[..])];
+            let r = route_of(&m, &p, Some(&views[..]), true);
+            let get = m == Method::GET || m == Method::HEAD;
+            let rest = p.trim_start_matches('/');
+            let (guest, function) = rest.split_once('/').unwrap_or((rest, ""));
+            match r {
+                Route::Health | Route::Readiness | Route::Metrics => assert!(get),
+                Route::Starting => panic!("ready"),
+                Route::Listing => assert!(get && p == "/"),
+                Route::GuestListing(g) => {
+                    assert!(get && names[g] == guest && function.is_empty(), "{p:?}")
+                }
+                Route::UnknownGuest(n) => {
+                    assert_eq!(n, guest);
+                    assert!(!names.contains(&n), "{p:?}");
+                }
+                Route::NotPost => assert!(m != Method::POST && names.contains(&guest)),
+                Route::Unknown(g, n) | Route::Call(g, n) => {
+                    assert!(
+                        m == Method::POST && names[g] == guest && n == function,
+                        "{p:?}"
+                    );
+                    let known = views[g].1.iter().any(|f| f == n);
+                    assert_eq!(known, matches!(r, Route::Call(..)), "{p:?} -> {r:?}");
+                }
             }
         });
     }

@@ -181,12 +181,24 @@ impl RequestIds {
 /// characters other than the newline escaped, write errors ignored.
 pub struct GuestConsole {
     at_line_start: bool,
+    prefix: String,
 }
 
 impl GuestConsole {
+    /// Lines start with `guest: `.
     pub fn new() -> Self {
         GuestConsole {
             at_line_start: true,
+            prefix: "guest: ".into(),
+        }
+    }
+
+    /// Lines start with `guest NAME: ` (a multi-guest gateway's guests; NAME is checked
+    /// URL-safe).
+    pub fn named(name: &str) -> Self {
+        GuestConsole {
+            at_line_start: true,
+            prefix: format!("guest {}: ", escape(name, 64)),
         }
     }
 }
@@ -203,7 +215,7 @@ impl Write for GuestConsole {
         let mut out = String::with_capacity(buf.len() + 16);
         for piece in text.split_inclusive('\n') {
             if self.at_line_start {
-                out.push_str("guest: ");
+                out.push_str(&self.prefix);
             }
             let (body, newline) = match piece.strip_suffix('\n') {
                 Some(b) => (b, true),

@@ -1,11 +1,14 @@
 //! The HTTP gateway of `pvrun serve`: `POST /NAME` with the input as body calls function
-//! NAME in a pooled, snapshot-reset sandbox and answers with its output.
+//! NAME in a pooled, snapshot-reset sandbox and answers with its output. Serving several
+//! guests ([`serve_guests`] with `multi`), the paths are `POST /GUEST/NAME`, `GET /GUEST`
+//! lists a guest's functions and `GET /` the guests; each guest has its own pool, call
+//! threads and queue, and its own concurrency limit.
 //!
 //! | outcome | status | `X-Pvrun-Outcome` |
 //! |---|---|---|
 //! | output | 200, the output as `application/octet-stream` | `ok` |
 //! | the function returned an error | 422, its message | `failed` |
-//! | no such function | 404 | `unknown` |
+//! | no such function (or, serving several, no such guest) | 404 | `unknown` |
 //! | input too large (refused by `Content-Length` before it is read) | 413 | `too-large` |
 //! | output too large | 502 | `too-large` |
 //! | the guest panicked (its message) or crashed (no addresses: see the log) | 500 | `panic`, `fault` |
@@ -13,6 +16,7 @@
 //! | not `POST` (`GET /` lists the functions) | 405 | `error` |
 //! | malformed request or body | 400 | `bad-request` (or no header: hyper's own 400) |
 //! | the body did not arrive within `--body-timeout` | 408 | `body-timeout` |
+//! | the guest has its `concurrency` calls in flight (running or queued) | 429 + `Retry-After` | `limited` |
 //! | too many calls in flight, too many connections, too many bytes buffered (`--max-buffered`), or still starting | 503 + `Retry-After` | `busy`, `starting` |
 //!
 //! Every response carries `X-Request-Id`; the log line of a failed call (with the crash
@@ -91,15 +95,48 @@ const OVERFLOW_LINGER: Duration = Duration::from_secs(1);
 /// File descriptors the process needs besides connections (KVM, eventfds, stdio, ...).
 const FD_RESERVE: u64 = 64;
 
-/// Binds `opts.listen`, then builds the sandbox pool with `build` (the port answers
-/// `/healthz` meanwhile), prints `pvrun: serving ... on http://ADDR/ ...` when ready, and
-/// serves until SIGTERM or SIGINT. Then it stops accepting, lets calls in flight finish
-/// (up to `opts.shutdown_timeout`) and exits 0 (1 if calls were still running).
-/// Failing to bind or to build the pool is one `pvrun: error:` line and status 125.
+/// One guest for [`serve`]: its name, how to build its pool, and its concurrency limit.
+pub struct GuestBuild {
+    /// Its name in URLs (several guests), metrics and the access log.
+    pub name: String,
+    /// What the banner says it serves from (its path).
+    pub from: String,
+    /// Calls in flight beyond which calls get 429 (None: only `--max-inflight`).
+    pub concurrency: Option<usize>,
+    /// Builds its pool (on a thread that is not confined yet).
+    pub build: Box<dyn FnOnce() -> Result<SandboxPool, Error> + Send>,
+}
+
+/// [`serve_guests`] of one guest (`POST /FN`): `guest` is its path (the banner's), its
+/// file name the guest name of metrics and the access log.
 pub fn serve<F>(opts: Options, guest: String, build: F) -> !
 where
     F: FnOnce() -> Result<SandboxPool, Error> + Send + 'static,
 {
+    let name = std::path::Path::new(&guest)
+        .file_stem()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "guest".into());
+    serve_guests(
+        opts,
+        false,
+        vec![GuestBuild {
+            name,
+            from: guest,
+            concurrency: None,
+            build: Box::new(build),
+        }],
+    )
+}
+
+/// Binds `opts.listen`, then builds each guest's sandbox pool (the port answers
+/// `/healthz` meanwhile), prints `pvrun: serving ... on http://ADDR/ ...` when all are
+/// ready, and serves until SIGTERM or SIGINT. With `multi`, calls are `POST /GUEST/FN`;
+/// otherwise there is one guest and calls are `POST /FN`. Then it stops accepting, lets
+/// calls in flight finish (up to `opts.shutdown_timeout`) and exits 0 (1 if calls were
+/// still running). Failing to bind or to build a pool is one `pvrun: error:` line and
+/// status 125.
+pub fn serve_guests(opts: Options, multi: bool, guests: Vec<GuestBuild>) -> ! {
     let fail = |e: &dyn std::fmt::Display| -> ! {
         log::line(format_args!("pvrun: error: {e}"));
         log::exit(EXIT_HOST_ERROR, Duration::from_secs(1))
@@ -136,8 +173,20 @@ where
             (Ok(t), Ok(i)) => (t, i),
             _ => fail(&"cannot install the SIGTERM/SIGINT handlers"),
         };
+        let mut builds = Vec::new();
+        let mut entries = Vec::new();
+        for g in guests {
+            entries.push(handler::Guest {
+                name: g.name.clone(),
+                pool: OnceLock::new(),
+                limit: g.concurrency.map(|n| (Arc::new(Semaphore::new(n.max(1))), n.max(1))),
+            });
+            builds.push((g.from, g.build));
+        }
         let shared = Arc::new(Shared {
-            pool: OnceLock::new(),
+            guests: entries,
+            multi,
+            ready: OnceLock::new(),
             inflight: Arc::new(Semaphore::new(max_inflight)),
             max_inflight,
             body_timeout: opts.body_timeout,
@@ -147,34 +196,69 @@ where
             call_log: RateLimited::new(20),
             busy_log: RateLimited::new(1),
             metrics: metrics::Metrics::new(),
-            guest: guest.clone(),
         });
-        // The pool is built on a thread of its own (the port answers `/healthz`
-        // meanwhile), which then becomes the first of the call threads.
+        // The pools are built on a thread of its own (the port answers `/healthz`
+        // meanwhile), which then becomes one of the first guest's call threads.
         let building = shared.clone();
         let started = std::thread::Builder::new()
             .name("pvrun-call".into())
             .spawn(move || {
-                let pool = Arc::new(build().unwrap_or_else(|e| fail(&e)));
-                let calls = Callers::start(pool.size())
-                    .unwrap_or_else(|e| fail(&format!("cannot start the call threads: {e}")));
+                let mut first_calls = None;
+                let mut banner = Vec::new();
+                for (i, (from, build)) in builds.into_iter().enumerate() {
+                    let guest = &building.guests[i];
+                    let pool = Arc::new(build().unwrap_or_else(|e| {
+                        if multi {
+                            fail(&format!("guest `{}`: {e}", guest.name))
+                        } else {
+                            fail(&e)
+                        }
+                    }));
+                    // One call thread per sandbox the pool may have: calls beyond wait in
+                    // this guest's own queue, never holding a thread another guest needs.
+                    let limits = pool.limits();
+                    let calls = Callers::start(limits.max, i == 0)
+                        .unwrap_or_else(|e| fail(&format!("cannot start the call threads: {e}")));
+                    let functions = pool.functions().join(", ");
+                    banner.push(if multi {
+                        let sizes = if limits.min == limits.max {
+                            format!("{} sandboxes", limits.max)
+                        } else {
+                            format!("{}-{} sandboxes", limits.min, limits.max)
+                        };
+                        format!("{} ({functions} from {from}, {sizes})", guest.name)
+                    } else {
+                        format!("{functions} from {from} on http://{addr}/ with {} sandboxes", limits.min)
+                    });
+                    let listing = Bytes::from(pool.functions().join("\n") + "\n");
+                    let max_input = pool.max_input();
+                    let _ = guest.pool.set(Ready {
+                        pool,
+                        max_input,
+                        listing,
+                        calls: calls.sender(),
+                    });
+                    if i == 0 {
+                        first_calls = Some(calls);
+                    }
+                }
                 if let Err(e) = crate::function::sandbox::confine_caller() {
                     fail(&e)
                 }
-                let functions = pool.functions().join(", ");
-                let size = pool.size();
-                let listing = Bytes::from(pool.functions().join("\n") + "\n");
-                let max_input = pool.max_input();
-                let _ = building.pool.set(Ready {
-                    pool,
-                    max_input,
-                    listing,
-                    calls: calls.sender(),
-                });
-                log::line(format_args!(
-                    "pvrun: serving {functions} from {guest} on http://{addr}/ with {size} sandboxes"
-                ));
-                calls.serve();
+                let names: Vec<&str> = building.guests.iter().map(|g| g.name.as_str()).collect();
+                let _ = building.ready.set(Bytes::from(names.join("\n") + "\n"));
+                if multi {
+                    log::line(format_args!(
+                        "pvrun: serving {} guests on http://{addr}/: {}",
+                        banner.len(),
+                        banner.join("; ")
+                    ));
+                } else {
+                    log::line(format_args!("pvrun: serving {}", banner.join("")));
+                }
+                if let Some(calls) = first_calls {
+                    calls.serve();
+                }
             });
         if let Err(e) = started {
             fail(&format!("cannot start the call threads: {e}"))
@@ -303,14 +387,15 @@ struct Callers {
 }
 
 impl Callers {
-    /// Starts `n - 1` call threads (the caller is the n-th, see [`Callers::serve`]).
-    fn start(n: usize) -> std::io::Result<Callers> {
+    /// Starts `n` call threads, or `n - 1` with `caller_serves` (the caller is the n-th,
+    /// see [`Callers::serve`]).
+    fn start(n: usize, caller_serves: bool) -> std::io::Result<Callers> {
         let (tx, rx) = std::sync::mpsc::channel::<Job>();
         let callers = Callers {
             tx,
             rx: Arc::new(std::sync::Mutex::new(rx)),
         };
-        for _ in 1..n.max(1) {
+        for _ in usize::from(caller_serves)..n.max(1) {
             let rx = callers.rx.clone();
             std::thread::Builder::new()
                 .name("pvrun-call".into())
