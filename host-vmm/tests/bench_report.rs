@@ -148,7 +148,8 @@ fn the_chart_is_an_svg_with_one_bar_per_figure_and_readable_labels() {
             "no text with {s:?} in {t:#?}"
         )
     };
-    has("sample: pvrun sample benchmark (medians)");
+    has("sample benchmark");
+    has("pvrun sample benchmark (medians)");
     has("warm call (`echo`, 1 byte, no reset)   (target: <= 1.3x floor)");
     has("create sandbox from ELF (boot + init + snapshot)");
     has("whole process `pvrun hello`   (target: <= 3 ms)");
@@ -206,6 +207,11 @@ fn bar_lengths_follow_the_figures_on_both_scales() {
     }
     let t = texts(&doc);
     assert!(t.iter().any(|x| x == "3.00 GB/s   = 2.00x"), "{t:#?}");
+    // Axis ticks: powers of ten on the log axis (the first one at its left end), round
+    // figures without trailing zeros on the linear one.
+    for tick in ["10 µs", "100 µs", "1 ms", "0", "1 GB/s", "2 GB/s", "4 GB/s"] {
+        assert!(t.iter().any(|x| x == tick), "no tick {tick:?} in {t:#?}");
+    }
     assert!(
         t.iter()
             .any(|x| x.contains("GB/s (linear scale, higher is better)"))
@@ -263,4 +269,42 @@ fn save_writes_the_chart_into_every_directory() {
     let e = r.save(&[file.join("x")]).unwrap_err();
     assert!(e.starts_with(&file.join("x").display().to_string()), "{e}");
     assert!(!e.contains('\n'), "{e}");
+}
+
+#[test]
+fn figures_are_written_with_three_significant_digits_and_their_unit() {
+    let cases = [
+        (Unit::Seconds, 25.24e-6, "25.2 µs"),
+        (Unit::Seconds, 976.2e-6, "976 µs"),
+        (Unit::Seconds, 2.5729e-3, "2.57 ms"),
+        (Unit::Seconds, 0.1218, "122 ms"),
+        (Unit::Seconds, 850e-9, "850 ns"),
+        (Unit::Seconds, 3.5, "3.50 s"),
+        (Unit::KiB, 641.0, "641 KiB"),
+        (Unit::KiB, 20480.0, "20.0 MiB"),
+        (Unit::Rate("GB/s"), 12.13, "12.1 GB/s"),
+        (Unit::Rate("IOPS"), 233_003.0, "233k IOPS"),
+        (Unit::Rate("requests/s"), 1_203_530.0, "1.20M requests/s"),
+        (Unit::Rate("Gbit/s"), f64::NAN, "no result"),
+    ];
+    for (unit, v, want) in cases {
+        assert_eq!(unit.format(v), want, "{unit:?} {v}");
+    }
+    assert!(Unit::Seconds.lower_is_better() && Unit::KiB.lower_is_better());
+    assert!(!Unit::Rate("IOPS").lower_is_better());
+}
+
+#[test]
+fn a_long_title_is_wrapped_inside_the_chart() {
+    let words = "a benchmark title that goes on and on about what was measured ".repeat(5);
+    let r = Report::with_columns("long", words.trim(), &["a"]);
+    let svg = r.svg().unwrap();
+    let doc = roxmltree::Document::parse(&svg).unwrap();
+    let lines: Vec<String> = texts(&doc)
+        .into_iter()
+        .filter(|t| !t.is_empty() && words.contains(t.as_str()))
+        .collect();
+    assert!(lines.len() >= 3, "{lines:#?}");
+    assert!(lines.iter().all(|l| l.chars().count() <= 110), "{lines:#?}");
+    assert_eq!(lines.join(" "), words.trim());
 }

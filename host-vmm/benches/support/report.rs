@@ -95,7 +95,7 @@ impl Unit {
             }
             Unit::KiB if v >= 10240.0 => format!("{} MiB", sig3(v / 1024.0)),
             Unit::KiB => format!("{} KiB", sig3(v)),
-            Unit::Rate(name) if v >= 1e7 => format!("{}M {name}", sig3(v / 1e6)),
+            Unit::Rate(name) if v >= 1e6 => format!("{}M {name}", sig3(v / 1e6)),
             Unit::Rate(name) if v >= 1e4 => format!("{}k {name}", sig3(v / 1e3)),
             Unit::Rate(name) => format!("{} {name}", sig3(v)),
         }
@@ -113,7 +113,10 @@ impl Unit {
 
 /// A tick label: `10 µs` rather than `10.0 µs`, `0` rather than `0.000 KiB`.
 fn tick_text(s: String) -> String {
-    let (num, unit) = s.split_once(' ').unwrap_or((&s, ""));
+    let end = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
+    let (num, rest) = s.split_at(end);
     let num = if num.contains('.') {
         num.trim_end_matches('0').trim_end_matches('.')
     } else {
@@ -122,7 +125,7 @@ fn tick_text(s: String) -> String {
     if num == "0" {
         "0".into()
     } else {
-        format!("{num} {unit}")
+        format!("{num}{rest}")
     }
 }
 
@@ -479,7 +482,8 @@ impl Report {
                 (PANEL_TOP + bars.iter().map(|b| b.height()).sum::<f64>() + PANEL_AXIS) as u32
             })
             .collect();
-        let height = HEADER + heights.iter().sum::<u32>() + if panels.is_empty() { 30 } else { 0 };
+        let header = header_height(&self.title);
+        let height = header + heights.iter().sum::<u32>() + if panels.is_empty() { 30 } else { 0 };
         let mut out = String::new();
         {
             let root = SVGBackend::with_string(&mut out, (WIDTH, height)).into_drawing_area();
@@ -491,8 +495,10 @@ impl Report {
 }
 
 const WIDTH: u32 = 1100;
-const HEADER: u32 = 74;
-const MARGIN: i32 = 24;
+/// Characters of the title per line (16 px sans-serif over the chart's width).
+const TITLE_CHARS: usize = 110;
+const TITLE_LINE: u32 = 22;
+const MARGIN: i32 = 40;
 const PANEL_TOP: f64 = 34.0;
 const PANEL_AXIS: f64 = 54.0;
 const LABEL_H: f64 = 24.0;
@@ -511,15 +517,19 @@ fn draw_chart<DB: DrawingBackend>(
     heights: &[u32],
 ) -> DrawResult<(), DB> {
     root.fill(&WHITE)?;
-    let title = format!("{}: {}", report.name, report.title);
+    // The benchmark's name, then its title line (wrapped), then the legend.
     root.draw(&Text::new(
-        title,
+        format!("{} benchmark", report.name),
         (MARGIN, 10),
         ("sans-serif", 22).into_font().style(FontStyle::Bold),
     ))?;
-    // The legend.
     let small = ("sans-serif", 16).into_font();
-    let y = 44;
+    let mut y = 40;
+    for line in wrap(&report.title, TITLE_CHARS) {
+        root.draw(&Text::new(line, (MARGIN, y), small.clone()))?;
+        y += TITLE_LINE as i32;
+    }
+    let y = y + 8;
     root.draw(&Rectangle::new(
         [(MARGIN, y), (MARGIN + 14, y + 12)],
         OURS_COLOR.filled(),
@@ -540,16 +550,38 @@ fn draw_chart<DB: DrawingBackend>(
         small.clone(),
     ))?;
     if panels.is_empty() {
-        root.draw(&Text::new("(no figures)", (MARGIN, HEADER as i32), small))?;
+        root.draw(&Text::new("(no figures)", (MARGIN, y + 30), small))?;
         return Ok(());
     }
-    let (_, mut rest) = root.split_vertically(HEADER);
+    let (_, mut rest) = root.split_vertically(header_height(&report.title));
     for ((unit, bars), h) in panels.iter().zip(heights) {
         let (area, below) = rest.split_vertically(*h);
         rest = below;
         draw_panel(&area, *unit, bars)?;
     }
     Ok(())
+}
+
+/// The title, the wrapped title line and the legend.
+fn header_height(title: &str) -> u32 {
+    40 + TITLE_LINE * wrap(title, TITLE_CHARS).len() as u32 + 42
+}
+
+/// Lines of at most `width` characters, broken at spaces (a longer word stays whole).
+fn wrap(text: &str, width: usize) -> Vec<String> {
+    let mut lines = vec![String::new()];
+    for word in text.split(' ') {
+        let last = lines.last_mut().unwrap();
+        if !last.is_empty() && last.chars().count() + 1 + word.chars().count() > width {
+            lines.push(word.to_string());
+        } else {
+            if !last.is_empty() {
+                last.push(' ');
+            }
+            last.push_str(word);
+        }
+    }
+    lines
 }
 
 /// One panel: the bars of one unit on one axis.
@@ -592,7 +624,8 @@ fn draw_panel<DB: DrawingBackend>(
     .x_label_area_size(24);
     if log {
         // From the power of ten under the smallest value; room for text on the right.
-        let lo = 10f64.powf(min.log10().floor());
+        // (A hair under it, so that the power of ten itself gets a tick.)
+        let lo = 10f64.powf(min.log10().floor()) * 0.999;
         let span = (max / lo).ln();
         let hi = max * (span * TEXT_ROOM / (1.0 - TEXT_ROOM)).exp();
         let chart = cb.build_cartesian_2d((lo..hi).log_scale(), 0.0..total)?;
