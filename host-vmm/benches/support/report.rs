@@ -14,7 +14,8 @@
 //! r.floor_row("raw KVM exit floor (CPL3 `out` round trip)", &floor); // no bar
 //! r.compare("console-write hypercall round trip", hc, &floor, Ratio::Times, "<= 1.1x floor");
 //! r.compare("boot-to-exit `hello`", boot, &floor, Ratio::Exits, "<= 1 ms");
-//! r.alone("host memory per idle sandbox", "641 KiB", Bar::alone("...", Unit::KiB, 641.0), "<= 1 MiB");
+//! // A figure compared with nothing: its table cell, its bar (label, unit, value), target.
+//! r.alone("641 KiB", Bar::alone("host memory per idle sandbox", Unit::KiB, 641.0), "<= 1 MiB");
 //! r.finish();
 //! ```
 //!
