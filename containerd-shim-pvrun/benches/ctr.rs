@@ -7,10 +7,15 @@
 #[path = "../tests/support/mod.rs"]
 mod support;
 
+// The table and chart every benchmark prints and writes (host-vmm's benchmark support).
+#[path = "../../host-vmm/benches/support/report.rs"]
+mod report;
+
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use report::{Baseline, Ratio, Report, ms};
 use support::{Containerd, RUNTIME, hello, text};
 
 const RUNC: &str = "io.containerd.runc.v2";
@@ -29,10 +34,6 @@ void _start(void) {
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:.1} ms", d.as_secs_f64() * 1000.0)
 }
 
 fn main() {
@@ -94,18 +95,20 @@ fn main() {
         rc.push(once(RUNC, &runc_image, "Hello from runc!"));
     }
     let (pv, rc) = (median(pv), median(rc));
-    println!("ctr run --rm to exit (medians of 11 alternating runs, same containerd)");
-    println!();
-    println!("| measurement | median | runc | ratio | target |");
-    println!("|---|---|---|---|---|");
-    println!(
-        "| runc, static hello (io.containerd.runc.v2) | {} | - | 1.00x | - |",
-        ms(rc)
+    let runc = Baseline::new("runc", rc, ms(rc));
+    let mut r = Report::with_columns(
+        "ctr",
+        "ctr run --rm to exit (medians of 11 alternating runs, same containerd)",
+        &["measurement", "median", "runc", "ratio", "target"],
+    )
+    .time_cells(ms);
+    r.floor_row("runc, static hello (io.containerd.runc.v2)", &runc);
+    r.compare(
+        "pvrun shim, hello guest (io.containerd.pvrun.v1)",
+        pv,
+        &runc,
+        Ratio::Times,
+        "<= 1.2x runc",
     );
-    println!(
-        "| pvrun shim, hello guest (io.containerd.pvrun.v1) | {} | {} | {:.2}x | <= 1.2x runc |",
-        ms(pv),
-        ms(rc),
-        pv.as_secs_f64() / rc.as_secs_f64()
-    );
+    r.finish();
 }

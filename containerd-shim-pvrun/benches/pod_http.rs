@@ -12,10 +12,15 @@
 #[path = "../tests/support/mod.rs"]
 mod support;
 
+// The table and chart every benchmark prints and writes (host-vmm's benchmark support).
+#[path = "../../host-vmm/benches/support/report.rs"]
+mod report;
+
 use std::io::Write;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use report::{Bar, Report, Unit};
 use support::{Containerd, RUNTIME, guest, shim_bin, text};
 
 fn ip(args: &[&str]) {
@@ -199,17 +204,37 @@ fn main() {
     let _ = c.ctr(&["tasks", "kill", "-s", "SIGTERM", "web"]);
     drop(web);
 
-    println!(
-        "http-hello, wrk -t2 -c50 -d{secs}s keep-alive, GET /: medians of {ROUNDS} alternating runs per path (same run; higher is better)"
+    let mut r = Report::with_columns(
+        "pod_http",
+        format!(
+            "http-hello, wrk -t2 -c50 -d{secs}s keep-alive, GET /: medians of {ROUNDS} alternating runs per path (same run; higher is better)"
+        ),
+        &["path", "requests/s", "direct TAP", "ratio"],
     );
-    println!();
-    println!("| path | requests/s | direct TAP | ratio |");
-    println!("|---|---|---|---|");
-    println!(
-        "| direct TAP (`pvrun --net eth0=tap:tap0`, client on the TAP's host side) | {direct:.0} | - | 1.00x |"
+    r.row(
+        vec![
+            "direct TAP (`pvrun --net eth0=tap:tap0`, client on the TAP's host side)".into(),
+            format!("{direct:.0}"),
+            "-".into(),
+            "1.00x".into(),
+        ],
+        Vec::new(),
     );
-    println!(
-        "| pod: node veth -> pod eth0 -> tc redirect -> TAP (containerd + pvrun shim) | {via_pod:.0} | {direct:.0} | {:.2}x |",
-        via_pod / direct
+    let label = "pod: node veth -> pod eth0 -> tc redirect -> TAP (containerd + pvrun shim)";
+    r.row(
+        vec![
+            label.into(),
+            format!("{via_pod:.0}"),
+            format!("{direct:.0}"),
+            format!("{:.2}x", via_pod / direct),
+        ],
+        vec![Bar::vs(
+            label,
+            Unit::Rate("requests/s"),
+            via_pod,
+            "direct TAP",
+            direct,
+        )],
     );
+    r.finish();
 }

@@ -4,7 +4,7 @@
 
 mod support;
 
-use support::{Capture, exit_floor, guest};
+use support::{Bar, Capture, Report, Unit, exit_floor, guest};
 
 use std::path::Path;
 use std::sync::Arc;
@@ -92,48 +92,87 @@ fn main() {
     let gbs = |r: &Result| r.bytes / r.ns; // bytes per ns = GB/s
     let iops = |r: &Result| r.reqs / r.ns * 1e9;
     let us = |r: &Result| r.ns / r.reqs / 1e3;
-    println!(
-        "pvrun block benchmark ({mib} MiB image in the page cache; raw KVM exit floor {:.1} µs in this run)",
-        floor.as_nanos() as f64 / 1e3
+    let floor_us = floor.as_nanos() as f64 / 1e3;
+    let mut report = Report::with_columns(
+        "block",
+        format!(
+            "pvrun block benchmark ({mib} MiB image in the page cache; raw KVM exit floor {floor_us:.1} µs in this run)"
+        ),
+        &[
+            "measurement",
+            "result",
+            "per request",
+            "exits/request",
+            "floor",
+            "target",
+        ],
     );
-    println!();
-    println!("| measurement | result | per request | exits/request | floor | target |");
-    println!("|---|---|---|---|---|---|");
-    println!(
-        "| sequential read, 1 MiB requests | {:.2} GB/s | {:.1} µs | {:.3} | {:.1} µs | >= 1 GB/s |",
-        gbs(&seq_r),
-        us(&seq_r),
-        seq_r.exits_per_req,
-        floor.as_nanos() as f64 / 1e3
+    // Each row: its throughput (GB/s or IOPS) alone, and its time per request beside
+    // the exit floor.
+    let mut row = |label: &str, r: &Result, throughput: bool, floor_cell: &str, target: &str| {
+        let (result, bar) = if throughput {
+            (
+                format!("{:.2} GB/s", gbs(r)),
+                Bar::alone(label, Unit::Rate("GB/s"), gbs(r)),
+            )
+        } else {
+            (
+                format!("{:.0} IOPS", iops(r)),
+                Bar::alone(label, Unit::Rate("IOPS"), iops(r)),
+            )
+        };
+        let per_request = Bar::vs(
+            &format!(
+                "{label}: time per request ({:.3} exits/request)",
+                r.exits_per_req
+            ),
+            Unit::Seconds,
+            us(r) / 1e6,
+            "raw KVM exit floor",
+            floor.as_secs_f64(),
+        );
+        report.row(
+            vec![
+                label.into(),
+                result,
+                format!("{:.1} µs", us(r)),
+                format!("{:.3}", r.exits_per_req),
+                floor_cell.into(),
+                target.into(),
+            ],
+            vec![bar.target(target), per_request],
+        );
+    };
+    let f = format!("{floor_us:.1} µs");
+    row(
+        "sequential read, 1 MiB requests",
+        &seq_r,
+        true,
+        &f,
+        ">= 1 GB/s",
     );
-    println!(
-        "| sequential write, 1 MiB requests | {:.2} GB/s | {:.1} µs | {:.3} | | - |",
-        gbs(&seq_w),
-        us(&seq_w),
-        seq_w.exits_per_req
+    row("sequential write, 1 MiB requests", &seq_w, true, "", "-");
+    row("4 KiB random read, QD1", &qd1, false, "", "-");
+    row(
+        "4 KiB random read, QD32",
+        &qd32,
+        false,
+        "",
+        ">= 50,000 IOPS, <= 0.1 exits/req",
     );
-    println!(
-        "| 4 KiB random read, QD1 | {:.0} IOPS | {:.1} µs | {:.3} | | - |",
-        iops(&qd1),
-        us(&qd1),
-        qd1.exits_per_req
+    row(
+        "same, QD1, doorbells as exits (no ioeventfd)",
+        &qd1_exit,
+        false,
+        "",
+        "-",
     );
-    println!(
-        "| 4 KiB random read, QD32 | {:.0} IOPS | {:.1} µs | {:.3} | | >= 50,000 IOPS, <= 0.1 exits/req |",
-        iops(&qd32),
-        us(&qd32),
-        qd32.exits_per_req
+    row(
+        "same, QD32, doorbells as exits (no ioeventfd)",
+        &qd32_exit,
+        false,
+        "",
+        "-",
     );
-    println!(
-        "| same, QD1, doorbells as exits (no ioeventfd) | {:.0} IOPS | {:.1} µs | {:.3} | | - |",
-        iops(&qd1_exit),
-        us(&qd1_exit),
-        qd1_exit.exits_per_req
-    );
-    println!(
-        "| same, QD32, doorbells as exits (no ioeventfd) | {:.0} IOPS | {:.1} µs | {:.3} | | - |",
-        iops(&qd32_exit),
-        us(&qd32_exit),
-        qd32_exit.exits_per_req
-    );
+    report.finish();
 }

@@ -6,7 +6,7 @@
 
 mod support;
 
-use support::{Netns, NsGuest, exit_floor, guest};
+use support::{Bar, Netns, NsGuest, Report, Unit, exit_floor, guest};
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -117,20 +117,56 @@ fn main() {
     );
     let from_guest = from_guest.join().unwrap();
 
-    println!(
-        "pvrun network benchmark (TAP in a network namespace; raw KVM exit floor {:.1} µs in this run)",
-        floor.as_nanos() as f64 / 1e3
+    let floor_us = floor.as_nanos() as f64 / 1e3;
+    let mut r = Report::with_columns(
+        "net",
+        format!(
+            "pvrun network benchmark (TAP in a network namespace; raw KVM exit floor {floor_us:.1} µs in this run)"
+        ),
+        &["measurement", "result", "floor", "target"],
     );
-    println!();
-    println!("| measurement | result | floor | target |");
-    println!("|---|---|---|---|");
-    println!(
-        "| ping RTT (median of {count}) | {ping_us:.0} µs | {:.1} µs | <= 150 µs |",
-        floor.as_nanos() as f64 / 1e3
+    let label = format!("ping RTT (median of {count})");
+    r.row(
+        vec![
+            label.clone(),
+            format!("{ping_us:.0} µs"),
+            format!("{floor_us:.1} µs"),
+            "<= 150 µs".into(),
+        ],
+        vec![
+            Bar::vs(
+                &label,
+                Unit::Seconds,
+                ping_us / 1e6,
+                "raw KVM exit floor",
+                floor.as_secs_f64(),
+            )
+            .target("<= 150 µs"),
+        ],
     );
-    println!("| TCP host -> guest ({mb} MiB) | {to_guest:.2} Gbit/s | | >= 1 Gbit/s |");
-    println!("| TCP guest -> host ({mb} MiB) | {from_guest:.2} Gbit/s | | >= 1 Gbit/s |");
-    println!(
-        "| HTTP `GET /` with wrk, 50 connections, keep-alive | {rps:.0} requests/s | | >= 10,000/s |"
+    for (label, gbits) in [
+        (format!("TCP host -> guest ({mb} MiB)"), to_guest),
+        (format!("TCP guest -> host ({mb} MiB)"), from_guest),
+    ] {
+        r.row(
+            vec![
+                label.clone(),
+                format!("{gbits:.2} Gbit/s"),
+                String::new(),
+                ">= 1 Gbit/s".into(),
+            ],
+            vec![Bar::alone(&label, Unit::Rate("Gbit/s"), gbits).target(">= 1 Gbit/s")],
+        );
+    }
+    let label = "HTTP `GET /` with wrk, 50 connections, keep-alive";
+    r.row(
+        vec![
+            label.into(),
+            format!("{rps:.0} requests/s"),
+            String::new(),
+            ">= 10,000/s".into(),
+        ],
+        vec![Bar::alone(label, Unit::Rate("requests/s"), rps).target(">= 10,000/s")],
     );
+    r.finish();
 }

@@ -4,7 +4,7 @@
 
 mod support;
 
-use support::{exit_floor, guest, median, us};
+use support::{Bar, Baseline, Ratio, Report, Unit, exit_floor, guest, median};
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -169,82 +169,92 @@ fn main() {
     let per_rss = rss1.saturating_sub(rss0) as f64 / n as f64;
     drop(many);
 
-    let f = floor.as_secs_f64();
-    println!("pvrun sandbox benchmark (medians; raw KVM exit floor measured in this run)");
-    println!();
-    println!("| measurement | median | floor | ratio | target |");
-    println!("|---|---|---|---|---|");
-    println!(
-        "| raw KVM exit floor (CPL3 `out` round trip) | {} | - | 1.00x | - |",
-        us(floor)
+    let floor = Baseline::floor(floor);
+    let mut r = Report::new(
+        "sandbox",
+        "pvrun sandbox benchmark (medians; raw KVM exit floor measured in this run)",
     );
-    println!(
-        "| create sandbox from ELF (boot + init + snapshot) | {} | {} | {:.0} exits | - |",
-        us(create_elf),
-        us(floor),
-        create_elf.as_secs_f64() / f
+    r.floor_row("raw KVM exit floor (CPL3 `out` round trip)", &floor);
+    r.compare(
+        "create sandbox from ELF (boot + init + snapshot)",
+        create_elf,
+        &floor,
+        Ratio::Exits,
+        "-",
     );
-    println!(
-        "| create sandbox from snapshot | {} | {} | {:.0} exits | <= 300 µs |",
-        us(create_snap),
-        us(floor),
-        create_snap.as_secs_f64() / f
+    r.compare(
+        "create sandbox from snapshot",
+        create_snap,
+        &floor,
+        Ratio::Exits,
+        "<= 300 µs",
     );
-    println!(
-        "| create sandbox from snapshot into a pre-created VM (`prepare_shells`) | {} | {} | {:.0} exits | <= 300 µs |",
-        us(create_shell),
-        us(floor),
-        create_shell.as_secs_f64() / f
+    r.compare(
+        "create sandbox from snapshot into a pre-created VM (`prepare_shells`)",
+        create_shell,
+        &floor,
+        Ratio::Exits,
+        "<= 300 µs",
     );
-    println!(
-        "| create from a snapshot file, cold: first sandbox of a new process ({} KiB stored) | {} | {} | {:.0} exits | <= 300 µs |",
-        info.data_bytes >> 10,
-        us(file_cold),
-        us(floor),
-        file_cold.as_secs_f64() / f
+    r.compare(
+        &format!(
+            "create from a snapshot file, cold: first sandbox of a new process ({} KiB stored)",
+            info.data_bytes >> 10
+        ),
+        file_cold,
+        &floor,
+        Ratio::Exits,
+        "<= 300 µs",
     );
-    println!(
-        "| create from a snapshot file, file checked again (`Sandbox::from_snapshot_file`, warm process) | {} | {} | {:.0} exits | - |",
-        us(file_load),
-        us(floor),
-        file_load.as_secs_f64() / f
+    r.compare(
+        "create from a snapshot file, file checked again (`Sandbox::from_snapshot_file`, warm process)",
+        file_load,
+        &floor,
+        Ratio::Exits,
+        "-",
     );
-    println!(
-        "| create from a snapshot file's template into a pre-created VM | {} | {} | {:.0} exits | <= 60 µs |",
-        us(file_shell),
-        us(floor),
-        file_shell.as_secs_f64() / f
+    r.compare(
+        "create from a snapshot file's template into a pre-created VM",
+        file_shell,
+        &floor,
+        Ratio::Exits,
+        "<= 60 µs",
     );
-    println!(
-        "| warm call (`echo`, 1 byte, no reset) | {} | {} | {:.2}x | <= 1.3x floor |",
-        us(warm),
-        us(floor),
-        warm.as_secs_f64() / f
+    r.compare(
+        "warm call (`echo`, 1 byte, no reset)",
+        warm,
+        &floor,
+        Ratio::Times,
+        "<= 1.3x floor",
     );
-    println!(
-        "| call + reset | {} | {} | {:.2}x | - |",
-        us(call_reset),
-        us(floor),
-        call_reset.as_secs_f64() / f
+    r.compare("call + reset", call_reset, &floor, Ratio::Times, "-");
+    r.compare(
+        &format!("reset after a call that dirtied 16 pages ({pages} pages copied)"),
+        reset16,
+        &floor,
+        Ratio::Times,
+        "<= 20 µs",
     );
-    println!(
-        "| reset after a call that dirtied 16 pages ({pages} pages copied) | {} | {} | {:.2}x | <= 20 µs |",
-        us(reset16),
-        us(floor),
-        reset16.as_secs_f64() / f
+    r.compare(
+        "call that makes one host-function call",
+        host_call,
+        &floor,
+        Ratio::Times,
+        "-",
     );
-    println!(
-        "| call that makes one host-function call | {} | {} | {:.2}x | - |",
-        us(host_call),
-        us(floor),
-        host_call.as_secs_f64() / f
+    r.alone(
+        format!("{per_total:.0} KiB"),
+        Bar::alone(
+            &format!("host memory per idle sandbox ({n} sandboxes; whole machine)"),
+            Unit::KiB,
+            per_total,
+        ),
+        "<= 1 MiB",
     );
-    println!(
-        "| host memory per idle sandbox ({n} sandboxes; whole machine) | {:.0} KiB | - | - | <= 1 MiB |",
-        per_total
+    r.alone(
+        format!("{per_rss:.0} KiB"),
+        Bar::alone("of which this process's RSS", Unit::KiB, per_rss),
+        "-",
     );
-    println!(
-        "| of which this process's RSS | {:.0} KiB | - | - | - |",
-        per_rss
-    );
+    r.finish();
 }

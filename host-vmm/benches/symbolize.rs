@@ -5,19 +5,17 @@
 //! profile's full debug info). Target: at most 50 ms for the 10 MB ELF. Median of N runs.
 //! `cargo bench -p host-vmm --bench symbolize`.
 
+mod support;
+
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use host_vmm::{Backtrace, GuestImage};
+use support::{Bar, Report, median};
 
 const RUNS: usize = 21;
 /// The target for the 10 MB debug ELF.
 const TARGET_MS: f64 = 50.0;
-
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
-}
 
 fn build(dir: &Path, name: &str, release: bool) -> PathBuf {
     let req = guest_build::BuildRequest {
@@ -34,8 +32,9 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-/// Prints the table rows of one guest; returns the render median in ms.
-fn measure(elf: &Path, what: &str) -> f64 {
+/// Adds the table rows of one guest (load and symbolize beside reading the file);
+/// returns the render median in ms.
+fn measure(report: &mut Report, elf: &Path, what: &str, target: &str) -> f64 {
     let size = std::fs::metadata(elf).unwrap().len();
     let image = GuestImage::from_file(elf).unwrap();
     // Ten return addresses spread over the text segment.
@@ -64,20 +63,30 @@ fn measure(elf: &Path, what: &str) -> f64 {
         located = out.lines().filter(|l| l.contains(" at ")).count();
     }
     let name = elf.file_name().unwrap().to_string_lossy();
-    println!(
-        "| {name} ({what}, {:.1} MB) | baseline: read the ELF file | {:.2} ms |",
-        size as f64 / 1e6,
-        ms(median(read))
+    let (read, load, render) = (median(read), median(load), median(render));
+    let cell = |d: Duration| format!("{:.2} ms", ms(d));
+    let base = "read the ELF file";
+    report.row(
+        vec![
+            format!("{name} ({what}, {:.1} MB)", size as f64 / 1e6),
+            format!("baseline: {base}"),
+            cell(read),
+        ],
+        Vec::new(),
     );
-    println!(
-        "| {name} | load and validate the image (boot path, no DWARF) | {:.2} ms |",
-        ms(median(load))
+    let op = "load and validate the image (boot path, no DWARF)";
+    report.row(
+        vec![name.to_string(), op.into(), cell(load)],
+        vec![Bar::times(&format!("{name}: {op}"), load, base, read)],
     );
-    let r = ms(median(render));
-    println!(
-        "| {name} | symbolize a 10-frame crash report ({lines} lines, {located} with file:line; DWARF parsed from scratch) | {r:.2} ms |"
+    let op = format!(
+        "symbolize a 10-frame crash report ({lines} lines, {located} with file:line; DWARF parsed from scratch)"
     );
-    r
+    report.row(
+        vec![name.to_string(), op.clone(), cell(render)],
+        vec![Bar::times(&format!("{name}: {op}"), render, base, read).target(target)],
+    );
+    ms(render)
 }
 
 fn main() {
@@ -100,14 +109,22 @@ fn main() {
     let (_, release_elf) = biggest.unwrap();
     // The 10 MB case: a dependency-heavy guest with the dev profile's full debug info.
     let debug_elf = build(&dir, "ecosystem", false);
-    println!("median of {RUNS} runs");
-    println!("| guest | operation | time |");
-    println!("|---|---|---|");
-    measure(&release_elf, "release, line tables");
-    let big = measure(&debug_elf, "dev profile, full DWARF");
+    let mut report = Report::with_columns(
+        "symbolize",
+        format!("median of {RUNS} runs"),
+        &["guest", "operation", "time"],
+    );
+    measure(&mut report, &release_elf, "release, line tables", "-");
+    let big = measure(
+        &mut report,
+        &debug_elf,
+        "dev profile, full DWARF",
+        &format!("<= {TARGET_MS} ms"),
+    );
     let size = std::fs::metadata(&debug_elf).unwrap().len() as f64 / 1e6;
-    println!(
+    report.note(format!(
         "target: symbolizing a report of a {size:.1} MB debug ELF in <= {TARGET_MS} ms: {big:.2} ms ({})",
         if big <= TARGET_MS { "met" } else { "MISSED" }
-    );
+    ));
+    report.finish();
 }

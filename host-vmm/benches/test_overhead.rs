@@ -5,7 +5,7 @@
 
 mod support;
 
-use support::{exit_floor, median, us};
+use support::{Bar, Baseline, Ratio, Report, Unit, exit_floor, median};
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -168,54 +168,64 @@ fn main() {
     let bare_first = bare_in(&mut first);
     let per1 = all1.saturating_sub(one) / (TESTS as u32 - 1);
     let per2 = all2.saturating_sub(one) / (TESTS as u32 - 1);
-    let f = floor.as_secs_f64();
+    let floor = Baseline::floor(floor);
+    let total = |d: Duration| format!("{:.1} ms", d.as_secs_f64() * 1e3);
 
-    println!(
-        "cargo pvrun test overhead ({TESTS} trivial tests; medians of {runs} runs; raw KVM exit floor measured in this run)"
+    let mut r = Report::new(
+        "test_overhead",
+        format!(
+            "cargo pvrun test overhead ({TESTS} trivial tests; medians of {runs} runs; raw KVM exit floor measured in this run)"
+        ),
     );
-    println!();
-    println!("| measurement | median | floor | ratio | target |");
-    println!("|---|---|---|---|---|");
-    println!(
-        "| raw KVM exit floor (CPL3 `out` round trip) | {} | - | 1.00x | - |",
-        us(floor)
+    r.floor_row("raw KVM exit floor (CPL3 `out` round trip)", &floor);
+    r.compare(
+        "first boot: load, boot + init + snapshot, list, 1 test",
+        one,
+        &floor,
+        Ratio::Exits,
+        "-",
     );
-    println!(
-        "| first boot: load, boot + init + snapshot, list, 1 test | {} | {} | {:.0} exits | - |",
-        us(one),
-        us(floor),
-        one.as_secs_f64() / f
+    let label = format!("run phase, {TESTS} tests, 1 thread (total)");
+    r.alone(
+        total(all1),
+        Bar::alone(&label, Unit::Seconds, all1.as_secs_f64()),
+        "-",
     );
-    println!(
-        "| run phase, {TESTS} tests, 1 thread (total) | {:.1} ms | - | - | - |",
-        all1.as_secs_f64() * 1e3
+    r.compare(
+        "per trivial test beyond the first boot, 1 thread (call + reset + report)",
+        per1,
+        &floor,
+        Ratio::Times,
+        "<= 100 µs",
     );
-    println!(
-        "| per trivial test beyond the first boot, 1 thread (call + reset + report) | {} | {} | {:.2}x | <= 100 µs |",
-        us(per1),
-        us(floor),
-        per1.as_secs_f64() / f
+    r.compare(
+        &format!(
+            "of which a bare sandbox call + reset of the same test (no runner; {pages} pages copied per reset)"
+        ),
+        bare,
+        &floor,
+        Ratio::Times,
+        "-",
     );
-    println!(
-        "| of which a bare sandbox call + reset of the same test (no runner; {pages} pages copied per reset) | {} | {} | {:.2}x | - |",
-        us(bare),
-        us(floor),
-        bare.as_secs_f64() / f
+    r.compare(
+        "the same in the sandbox booted from the ELF (not a template copy)",
+        bare_first,
+        &floor,
+        Ratio::Times,
+        "-",
     );
-    println!(
-        "| the same in the sandbox booted from the ELF (not a template copy) | {} | {} | {:.2}x | - |",
-        us(bare_first),
-        us(floor),
-        bare_first.as_secs_f64() / f
+    let label = format!("run phase, {TESTS} tests, 2 threads (total)");
+    r.alone(
+        total(all2),
+        Bar::alone(&label, Unit::Seconds, all2.as_secs_f64()),
+        "-",
     );
-    println!(
-        "| run phase, {TESTS} tests, 2 threads (total) | {:.1} ms | - | - | - |",
-        all2.as_secs_f64() * 1e3
+    r.compare(
+        "per trivial test beyond the first boot, 2 threads (wall time)",
+        per2,
+        &floor,
+        Ratio::Times,
+        "<= 100 µs",
     );
-    println!(
-        "| per trivial test beyond the first boot, 2 threads (wall time) | {} | {} | {:.2}x | <= 100 µs |",
-        us(per2),
-        us(floor),
-        per2.as_secs_f64() / f
-    );
+    r.finish();
 }

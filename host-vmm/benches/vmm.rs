@@ -4,7 +4,7 @@
 
 mod support;
 
-use support::{Capture, exit_floor, guest, median, us};
+use support::{Baseline, Capture, Ratio, Report, exit_floor, guest, median, us};
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -167,54 +167,65 @@ fn main() {
     let fork_exec = spawn::<&str>(Path::new("/bin/true"), &[], runs);
     let (call_snap, call_boot) = call_processes(pvrun, &guest("functions"), runs);
 
-    println!("pvrun benchmark (medians; floors measured in this run)");
-    println!();
-    println!("| measurement | median | floor | ratio | target |");
-    println!("|---|---|---|---|---|");
-    println!(
-        "| raw KVM exit floor (CPL3 `out` round trip) | {} | - | 1.00x | - |",
-        us(floor)
+    let floor = Baseline::floor(floor);
+    let fork_exec = Baseline::new(
+        "fork+exec /bin/true",
+        fork_exec,
+        format!("{} (fork+exec /bin/true)", us(fork_exec)),
     );
-    println!(
-        "| console-write hypercall round trip | {} | {} | {:.2}x | <= 1.1x floor |",
-        us(hc),
-        us(floor),
-        hc.as_secs_f64() / floor.as_secs_f64()
+    let mut r = Report::new(
+        "vmm",
+        "pvrun benchmark (medians; floors measured in this run)",
     );
-    println!(
-        "| boot-to-exit `hello`, in-process (VM create .. exit) | {} | {} | {:.0} exits | <= 1 ms |",
-        us(boot),
-        us(floor),
-        boot.as_secs_f64() / floor.as_secs_f64()
+    r.floor_row("raw KVM exit floor (CPL3 `out` round trip)", &floor);
+    r.compare(
+        "console-write hypercall round trip",
+        hc,
+        &floor,
+        Ratio::Times,
+        "<= 1.1x floor",
     );
-    println!(
-        "| same, including reading + validating the ELF | {} | {} | {:.0} exits | - |",
-        us(boot_elf),
-        us(floor),
-        boot_elf.as_secs_f64() / floor.as_secs_f64()
+    r.compare(
+        "boot-to-exit `hello`, in-process (VM create .. exit)",
+        boot,
+        &floor,
+        Ratio::Exits,
+        "<= 1 ms",
     );
-    println!(
-        "| VM teardown after exit (KVM VM destroy; not part of boot) | {} | {} | {:.0} exits | - |",
-        us(teardown),
-        us(floor),
-        teardown.as_secs_f64() / floor.as_secs_f64()
+    r.compare(
+        "same, including reading + validating the ELF",
+        boot_elf,
+        &floor,
+        Ratio::Exits,
+        "-",
     );
-    println!(
-        "| whole process `pvrun hello` | {} | {} (fork+exec /bin/true) | {:.2}x | <= 3 ms |",
-        us(whole),
-        us(fork_exec),
-        whole.as_secs_f64() / fork_exec.as_secs_f64()
+    r.compare(
+        "VM teardown after exit (KVM VM destroy; not part of boot)",
+        teardown,
+        &floor,
+        Ratio::Exits,
+        "-",
     );
-    println!(
-        "| whole process `pvrun call --snapshot FILE upper hello` (`functions`) | {} | {} (fork+exec /bin/true) | {:.2}x | <= 3 ms |",
-        us(call_snap),
-        us(fork_exec),
-        call_snap.as_secs_f64() / fork_exec.as_secs_f64()
+    r.compare(
+        "whole process `pvrun hello`",
+        whole,
+        &fork_exec,
+        Ratio::Times,
+        "<= 3 ms",
     );
-    println!(
-        "| whole process `pvrun call functions upper hello` (fresh boot + init) | {} | {} (fork+exec /bin/true) | {:.2}x | - |",
-        us(call_boot),
-        us(fork_exec),
-        call_boot.as_secs_f64() / fork_exec.as_secs_f64()
+    r.compare(
+        "whole process `pvrun call --snapshot FILE upper hello` (`functions`)",
+        call_snap,
+        &fork_exec,
+        Ratio::Times,
+        "<= 3 ms",
     );
+    r.compare(
+        "whole process `pvrun call functions upper hello` (fresh boot + init)",
+        call_boot,
+        &fork_exec,
+        Ratio::Times,
+        "-",
+    );
+    r.finish();
 }

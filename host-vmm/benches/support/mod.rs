@@ -1,5 +1,6 @@
 //! What every benchmark needs: the example guests, the raw KVM exit floor measured in
-//! the same run, medians, and a console sink that keeps what a guest printed.
+//! the same run, medians, a console sink that keeps what a guest printed, and the
+//! [`Report`] that prints a benchmark's table and writes its SVG chart (`report.rs`).
 #![allow(dead_code)]
 
 use std::path::Path;
@@ -14,6 +15,11 @@ use host_vmm::{GuestImage, Vm, VmConfig};
 mod common;
 #[allow(unused_imports)] // each benchmark uses a part
 pub use common::{Netns, NsGuest, guest};
+
+// The table and the chart of a benchmark's results.
+mod report;
+#[allow(unused_imports)]
+pub use report::{Bar, Baseline, Ratio, Report, Unit, ms, us};
 
 /// The median.
 pub fn median(mut v: Vec<Duration>) -> Duration {
@@ -38,11 +44,6 @@ pub fn exit_floor() -> Duration {
             .map(|_| vm.raw_exit_loop(2000).unwrap() / 2000)
             .collect(),
     )
-}
-
-/// Microseconds with one decimal.
-pub fn us(d: Duration) -> String {
-    format!("{:.1} µs", d.as_nanos() as f64 / 1000.0)
 }
 
 /// A console sink that keeps what the guest printed.
