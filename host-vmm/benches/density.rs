@@ -11,7 +11,7 @@
 
 mod support;
 
-use support::{exit_floor, guest, median, us};
+use support::{Bar, Baseline, Ratio, Report, Unit, exit_floor, guest, median, us};
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -91,14 +91,10 @@ fn maps() -> usize {
         .unwrap_or(0)
 }
 
-/// Lets the memory numbers settle (RCU-freed objects, a busy allocator).
+/// Lets the memory numbers settle: KVM frees a memory slot's structures after an RCU
+/// grace period, and they showed in MemFree only seconds later (300 ms was too short).
 fn settle() {
-    std::thread::sleep(Duration::from_millis(300));
-}
-
-fn row(label: &str, v: &[f64], target: &str) {
-    let cells: Vec<String> = v.iter().map(|x| format!("{x:.0}")).collect();
-    println!("| {label} | {} | {target} |", cells.join(" | "));
+    std::thread::sleep(Duration::from_millis(3000));
 }
 
 /// Environment variable that makes this binary a worker: `FILE,COUNT` (sandboxes from a
@@ -304,64 +300,74 @@ fn main() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 
-    println!(
-        "pvrun density benchmark: {n} idle sandboxes of one snapshot file ({mem_mib} MiB guest memory each) \
-         in {workers} process(es), made in {:.1} s; KiB per VM from /proc/meminfo (whole machine: run it quiet)",
-        made.as_secs_f64()
+    let mut cols = vec!["per VM, KiB"];
+    cols.extend_from_slice(FIELDS);
+    cols.push("target");
+    let mut r = Report::with_columns(
+        "density",
+        format!(
+            "pvrun density benchmark: {n} idle sandboxes of one snapshot file ({mem_mib} MiB guest memory each) \
+             in {workers} process(es), made in {:.1} s; KiB per VM from /proc/meminfo (whole machine: run it quiet)",
+            made.as_secs_f64()
+        ),
+        &cols,
     );
-    println!();
-    println!("| per VM, KiB | {} | target |", FIELDS.join(" | "));
-    println!("|---|{}---|", "---|".repeat(FIELDS.len()));
-    row(
-        &format!("bare KVM VM + vCPU ({bare_n}; kernel only: no memory, never run)"),
-        &bare_cost,
+    let cells = |label: &str, v: &[f64], target: &str| {
+        let mut c = vec![label.to_string()];
+        c.extend(v.iter().map(|x| format!("{x:.0}")));
+        c.push(target.into());
+        c
+    };
+    let bare_label = format!("bare KVM VM + vCPU ({bare_n}; kernel only: no memory, never run)");
+    // The chart: MemAvailable per sandbox beside what KVM alone keeps per VM.
+    let bar = |label: &str, v: &[f64]| {
+        Bar::vs(label, Unit::KiB, v[0], "bare KVM VM + vCPU", bare_cost[0]).target("<= 512 KiB")
+    };
+    r.row(cells(&bare_label, &bare_cost, "-"), Vec::new());
+    let idle_label = "idle sandbox (after one call and its reset)";
+    r.row(
+        cells(idle_label, &idle_cost, "<= 512 (MemAvailable)"),
+        vec![bar(idle_label, &idle_cost)],
+    );
+    let trim_label = "idle sandbox, trimmed (`Sandbox::trim`)";
+    r.row(
+        cells(trim_label, &trimmed_cost, "<= 512 (MemAvailable)"),
+        vec![bar(trim_label, &trimmed_cost)],
+    );
+    let trim_each = Duration::from_nanos(trim_ns.iter().sum::<u64>() / trim_ns.len() as u64);
+    r.note(format!(
+        "\n| per sandbox | value |\n|---|---|\n\
+         | its process's anonymous memory (RssAnon), untrimmed | {} KiB |\n\
+         | descriptors | {} |\n| mappings | {} |\n\
+         | host threads added for {} sandboxes | {} |\n| trim | {} |",
+        stat(0),
+        stat(1),
+        stat(2),
+        per_process.min(n),
+        stat(3),
+        us(trim_each)
+    ));
+    r.finish();
+
+    let base = Baseline::floor(floor);
+    let mut c = Report::new(
+        "density-calls",
+        "pvrun density benchmark: what a trim costs the next call (medians; raw KVM exit floor measured in this run)",
+    );
+    c.floor_row("raw KVM exit floor (CPL3 `out` round trip)", &base);
+    c.compare(
+        "first call after a trim (slot registered again, pages faulted back)",
+        first_call,
+        &base,
+        Ratio::Times,
         "-",
     );
-    row(
-        "idle sandbox (after one call and its reset)",
-        &idle_cost,
-        "<= 512 (MemAvailable)",
+    c.compare(
+        "the call after it (warm)",
+        next_call,
+        &base,
+        Ratio::Times,
+        "-",
     );
-    row(
-        "idle sandbox, trimmed (`Sandbox::trim`)",
-        &trimmed_cost,
-        "<= 512 (MemAvailable)",
-    );
-    println!();
-    println!("| per sandbox | value |\n|---|---|");
-    println!(
-        "| its process's anonymous memory (RssAnon), untrimmed | {} KiB |",
-        stat(0)
-    );
-    println!("| descriptors | {} |", stat(1));
-    println!("| mappings | {} |", stat(2));
-    println!(
-        "| host threads added for {} sandboxes | {} |",
-        per_process.min(n),
-        stat(3)
-    );
-    println!(
-        "| trim | {} |",
-        us(Duration::from_nanos(
-            trim_ns.iter().sum::<u64>() / trim_ns.len() as u64
-        ))
-    );
-    println!();
-    println!("| call | median | floor | ratio |\n|---|---|---|---|");
-    println!(
-        "| raw KVM exit floor (CPL3 `out` round trip) | {} | - | 1.00x |",
-        us(floor)
-    );
-    println!(
-        "| first call after a trim (slot registered again, pages faulted back) | {} | {} | {:.1}x |",
-        us(first_call),
-        us(floor),
-        first_call.as_secs_f64() / floor.as_secs_f64()
-    );
-    println!(
-        "| the call after it (warm) | {} | {} | {:.1}x |",
-        us(next_call),
-        us(floor),
-        next_call.as_secs_f64() / floor.as_secs_f64()
-    );
+    c.finish();
 }

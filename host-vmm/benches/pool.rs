@@ -6,7 +6,7 @@
 
 mod support;
 
-use support::{exit_floor, guest, median, us};
+use support::{Bar, Baseline, Ratio, Report, Unit, exit_floor, guest, median, us};
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -99,55 +99,64 @@ fn main() {
     let shrink = median(shrink);
     let stats = pool.stats();
 
-    let f = floor.as_secs_f64();
-    println!(
-        "pvrun elastic-pool benchmark (medians; raw KVM exit floor measured in this run; {grows} growths)"
+    let base = Baseline::floor(floor);
+    let mut r = Report::new(
+        "pool",
+        format!(
+            "pvrun elastic-pool benchmark (medians; raw KVM exit floor measured in this run; {grows} growths)"
+        ),
     );
-    println!();
-    println!("| measurement | median | floor | ratio |");
-    println!("|---|---|---|---|");
-    println!(
-        "| raw KVM exit floor (CPL3 `out` round trip) | {} | - | 1.00x |",
-        us(floor)
+    r.floor_row("raw KVM exit floor (CPL3 `out` round trip)", &base);
+    r.compare(
+        "pool call (`echo`, 1 byte) with an idle sandbox, reset included",
+        idle_call,
+        &base,
+        Ratio::Times,
+        "-",
     );
-    println!(
-        "| pool call (`echo`, 1 byte) with an idle sandbox, reset included | {} | {} | {:.2}x |",
-        us(idle_call),
-        us(floor),
-        idle_call.as_secs_f64() / f
+    r.compare(
+        "pool call while every sandbox is busy: waits for the grower's new sandbox (new VM + snapshot mapped), then runs",
+        grow_call,
+        &base,
+        Ratio::Exits,
+        "-",
     );
-    println!(
-        "| pool call while every sandbox is busy: waits for the grower's new sandbox (new VM + snapshot mapped), then runs | {} | {} | {:.0} exits |",
-        us(grow_call),
-        us(floor),
-        grow_call.as_secs_f64() / f
+    r.compare(
+        "of which growing (minus the idle-sandbox call)",
+        grow_call.saturating_sub(idle_call),
+        &base,
+        Ratio::Exits,
+        "-",
     );
-    println!(
-        "| of which growing (minus the idle-sandbox call) | {} | {} | {:.0} exits |",
-        us(grow_call.saturating_sub(idle_call)),
-        us(floor),
-        grow_call.saturating_sub(idle_call).as_secs_f64() / f
+    r.compare(
+        "its parts: a sandbox from the snapshot into a VM created ahead of time",
+        create,
+        &base,
+        Ratio::Exits,
+        "-",
     );
-    println!(
-        "| its parts: a sandbox from the snapshot into a VM created ahead of time | {} | {} | {:.0} exits |",
-        us(create),
-        us(floor),
-        create.as_secs_f64() / f
+    r.compare(
+        "its parts: the first call in a new sandbox (`echo`, no reset)",
+        first_call,
+        &base,
+        Ratio::Exits,
+        "-",
     );
-    println!(
-        "| its parts: the first call in a new sandbox (`echo`, no reset) | {} | {} | {:.0} exits |",
-        us(first_call),
-        us(floor),
-        first_call.as_secs_f64() / f
+    r.alone(
+        us(shrink),
+        Bar::alone(
+            &format!(
+                "shrink: from the extra sandbox's last call to its drop (idle time {} ms)",
+                idle.as_millis()
+            ),
+            Unit::Seconds,
+            shrink.as_secs_f64(),
+        ),
+        "-",
     );
-    println!(
-        "| shrink: from the extra sandbox's last call to its drop (idle time {} ms) | {} | - | - |",
-        idle.as_millis(),
-        us(shrink)
-    );
-    println!();
-    println!(
+    r.note(format!(
         "pool after the run: {} grown, {} shrunk, {} failures",
         stats.grown, stats.shrunk, stats.grow_failures
-    );
+    ));
+    r.finish();
 }

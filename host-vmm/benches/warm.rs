@@ -5,7 +5,7 @@
 
 mod support;
 
-use support::{exit_floor, guest, median, us};
+use support::{Baseline, Ratio, Report, exit_floor, guest, median};
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -102,68 +102,73 @@ fn main() {
     std::thread::sleep(Duration::from_secs(1));
     let idle_cpu = thread_cpu(tid) - c0;
 
-    let f = floor.as_secs_f64();
     let calls = s1.calls - s0.calls;
     let exits = (s1.guest_waits - s0.guest_waits) + (s1.notifies - s0.notifies);
-    println!("pvrun warm-call benchmark (medians; raw KVM exit floor measured in this run)");
-    println!();
-    println!("| measurement | median | floor | ratio to floor | target |");
-    println!("|---|---|---|---|---|");
-    println!(
-        "| raw KVM exit floor (CPL3 `out` round trip) | {} | - | 1.00x | - |",
-        us(floor)
+    let base = Baseline::floor(floor);
+    let mut r = Report::new(
+        "warm",
+        "pvrun warm-call benchmark (medians; raw KVM exit floor measured in this run)",
     );
-    println!(
-        "| exit-based keep-state call (`call_keep_state`, `echo` 1 byte; batch average) | {} | {} | {:.2}x | - |",
-        us(exit_based),
-        us(floor),
-        exit_based.as_secs_f64() / f
+    r.floor_row("raw KVM exit floor (CPL3 `out` round trip)", &base);
+    let t = Ratio::Times;
+    r.compare(
+        "exit-based keep-state call (`call_keep_state`, `echo` 1 byte; batch average)",
+        exit_based,
+        &base,
+        t,
+        "-",
     );
-    println!(
-        "| exit-based keep-state call, each timed alone | {} | {} | {:.2}x | - |",
-        us(exit_single),
-        us(floor),
-        exit_single.as_secs_f64() / f
+    r.compare(
+        "exit-based keep-state call, each timed alone",
+        exit_single,
+        &base,
+        t,
+        "-",
     );
-    println!(
-        "| **exitless warm keep-state call** (`WarmSandbox::call`, `echo` 1 byte; batch average) | {} | {} | {:.3}x | <= 2 µs, <= 0.1x |",
-        us(warm),
-        us(floor),
-        warm.as_secs_f64() / f
+    r.compare(
+        "**exitless warm keep-state call** (`WarmSandbox::call`, `echo` 1 byte; batch average)",
+        warm,
+        &base,
+        t,
+        "<= 2 µs, <= 0.1x",
     );
-    println!(
-        "| exitless warm keep-state call, each timed alone | {} | {} | {:.3}x | <= 2 µs, <= 0.1x |",
-        us(warm_single),
-        us(floor),
-        warm_single.as_secs_f64() / f
+    r.compare(
+        "exitless warm keep-state call, each timed alone",
+        warm_single,
+        &base,
+        t,
+        "<= 2 µs, <= 0.1x",
     );
-    println!(
-        "| exit-based keep-state call, each timed alone, 90th percentile | {} | {} | {:.2}x | - |",
-        us(exit_p90),
-        us(floor),
-        exit_p90.as_secs_f64() / f
+    r.compare(
+        "exit-based keep-state call, each timed alone, 90th percentile",
+        exit_p90,
+        &base,
+        t,
+        "-",
     );
-    println!(
-        "| exitless warm keep-state call, each timed alone, 90th percentile | {} | {} | {:.3}x | - |",
-        us(warm_p90),
-        us(floor),
-        warm_p90.as_secs_f64() / f
+    r.compare(
+        "exitless warm keep-state call, each timed alone, 90th percentile",
+        warm_p90,
+        &base,
+        t,
+        "-",
     );
-    println!(
-        "| exitless warm call, `counter` (keeps state; batch average) | {} | {} | {:.3}x | - |",
-        us(counter),
-        us(floor),
-        counter.as_secs_f64() / f
+    r.compare(
+        "exitless warm call, `counter` (keeps state; batch average)",
+        counter,
+        &base,
+        t,
+        "-",
     );
-    println!(
-        "| exitless call to a sleeping guest (50 ms idle: WAIT woken) | {} | {} | {:.2}x | - |",
-        us(woken),
-        us(floor),
-        woken.as_secs_f64() / f
+    r.compare(
+        "exitless call to a sleeping guest (50 ms idle: WAIT woken)",
+        woken,
+        &base,
+        t,
+        "-",
     );
-    println!();
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    println!(
+    r.note(format!(
         "Exits during the {calls} timed exitless `echo` calls: {exits} (guest WAITs + FN_NOTIFYs). \
          CPU of the idle warm sandbox's vCPU thread over 1 s: {:?} (spin budget {:?} after each call). \
          Load average at the end: {}.",
@@ -173,5 +178,6 @@ fn main() {
             .take(3)
             .collect::<Vec<_>>()
             .join(" ")
-    );
+    ));
+    r.finish();
 }
