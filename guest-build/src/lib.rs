@@ -309,6 +309,11 @@ fn guest_cargo(p: &Prepared, subcommand: &[&str], req: &BuildRequest) -> Command
     if req.quiet {
         cmd.arg("--quiet");
     }
+    // Cargo's stderr comes through a pipe (see `relay_stderr`): keep its colours for a
+    // terminal.
+    if std::io::stderr().is_terminal() {
+        cmd.arg("--color").arg("always");
+    }
     cmd.args(&req.extra_cargo_args);
     cmd.env(
         "CARGO_ENCODED_RUSTFLAGS",
@@ -316,8 +321,28 @@ fn guest_cargo(p: &Prepared, subcommand: &[&str], req: &BuildRequest) -> Command
     )
     .env_remove("RUSTFLAGS")
     .stdout(Stdio::piped())
-    .stderr(Stdio::inherit());
+    .stderr(Stdio::piped());
     cmd
+}
+
+/// Copies cargo's stderr to ours a whole line at a time, under the stderr lock, on a thread
+/// (joined once cargo exits). Inherited, cargo's own lines (written in pieces: `error`,
+/// then `: could not compile ...`) interleaved mid-line with the diagnostics this process
+/// relays from cargo's JSON.
+fn relay_stderr(child: &mut std::process::Child) -> Option<std::thread::JoinHandle<()>> {
+    use std::io::BufRead;
+    let err = child.stderr.take()?;
+    std::thread::Builder::new()
+        .name("cargo-stderr".into())
+        .spawn(move || {
+            let mut r = BufReader::new(err);
+            let mut line = Vec::new();
+            while matches!(r.read_until(b'\n', &mut line), Ok(n) if n > 0) {
+                let _ = std::io::stderr().lock().write_all(&line);
+                line.clear();
+            }
+        })
+        .ok()
 }
 
 /// Builds the guest and returns the path of its ELF. Cargo's progress and diagnostics go to
@@ -358,6 +383,7 @@ pub fn build(req: &BuildRequest) -> Result<BuiltGuest> {
 
     let mut cmd = guest_cargo(&prepared, &["build", kind_flag, &target_name], req);
     let mut child = cmd.spawn().context("cannot run cargo")?;
+    let relay = relay_stderr(&mut child);
     let stdout = child.stdout.take().expect("piped stdout");
     let mut elf = None;
     let mut rlibs = Vec::new();
@@ -385,7 +411,7 @@ pub fn build(req: &BuildRequest) -> Result<BuiltGuest> {
             }
             Message::CompilerMessage(m) => {
                 if let Some(r) = &m.message.rendered {
-                    let _ = std::io::stderr().write_all(r.as_bytes());
+                    let _ = std::io::stderr().lock().write_all(r.as_bytes());
                 }
                 hints.observe(&m.message, &m.target.name.replace('-', "_"), &guest_crate);
             }
@@ -398,6 +424,9 @@ pub fn build(req: &BuildRequest) -> Result<BuiltGuest> {
         }
     }
     let status = child.wait().context("cannot wait for cargo")?;
+    if let Some(t) = relay {
+        let _ = t.join();
+    }
     if !status.success() {
         // After cargo's own output, one line per recognised mistake.
         let mut err = std::io::stderr().lock();
@@ -495,6 +524,7 @@ pub fn build_tests(req: &BuildRequest, sel: &TestSelection) -> Result<Vec<BuiltT
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut cmd = guest_cargo(&prepared, &argv, req);
     let mut child = cmd.spawn().context("cannot run cargo")?;
+    let relay = relay_stderr(&mut child);
     let stdout = child.stdout.take().expect("piped stdout");
     let pkg_dir = pkg
         .manifest_path
@@ -545,6 +575,9 @@ pub fn build_tests(req: &BuildRequest, sel: &TestSelection) -> Result<Vec<BuiltT
         }
     }
     let status = child.wait().context("cannot wait for cargo")?;
+    if let Some(t) = relay {
+        let _ = t.join();
+    }
     if !status.success() {
         let hint = if duplicate_lang_item {
             "; a test target of a pvrun guest needs `harness = false` in Cargo.toml (libtest needs std; see the README, \"Testing a guest\")"
