@@ -138,7 +138,8 @@ fn help_lists_the_subcommands_and_help_serve_describes_serve() {
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
     for l in [
         "pvrun [run] [OPTIONS] GUEST",
-        "pvrun serve [OPTIONS] --listen ADDR (GUEST [-- ARGS...] | --snapshot FILE)",
+        "pvrun serve [OPTIONS] --listen ADDR (GUEST [-- ARGS...] | --snapshot FILE",
+        "| (--guest NAME=PATH[,KEY=VALUE...])... [--config FILE]",
         "pvrun call [OPTIONS] GUEST NAME [INPUT|-]",
         "pvrun snapshot -o FILE",
     ] {
