@@ -446,6 +446,8 @@ impl Fuzz {
                 | nr::FN_READY
                 | nr::FN_RETURN
                 | nr::HOST_CALL
+                | nr::FN_MAILBOX
+                | nr::FN_NOTIFY
         );
         if !known && s != status::UNKNOWN_CALL {
             self.violation(format_args!("unknown call {n:#x} returned {s}"));
