@@ -138,12 +138,7 @@ fn metrics_parse_and_count_the_calls_made() {
         m.get("pvrun_calls_total{function=-,guest=functions,outcome=unknown}"),
         2.0
     );
-    let calls: f64 = m
-        .samples
-        .iter()
-        .filter(|(k, _)| k.starts_with("pvrun_calls_total{"))
-        .map(|(_, v)| v)
-        .sum();
+    let calls = m.sum("pvrun_calls_total");
     assert_eq!(calls, 9.0);
     assert_eq!(
         m.get("pvrun_call_duration_seconds_count{function=upper,guest=functions}"),

@@ -9,31 +9,12 @@ mod common;
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::prom::{Metrics, parse};
-use common::{guest, pvrun_bin};
-
-/// A temporary directory, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        let p = std::env::temp_dir().join(format!("pvrun-multi-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use common::{TempDir, guest, pvrun_bin};
 
 struct Server {
     child: Child,
@@ -265,12 +246,7 @@ fn two_guests_are_routed_to_their_own_functions_and_counted_apart() {
         m.get("pvrun_calls_total{function=-,guest=-,outcome=unknown}"),
         3.0
     );
-    let calls: f64 = m
-        .samples
-        .iter()
-        .filter(|(k, _)| k.starts_with("pvrun_calls_total{"))
-        .map(|(_, v)| v)
-        .sum();
+    let calls = m.sum("pvrun_calls_total");
     assert_eq!(calls, 9.0);
     assert_eq!(
         m.get("pvrun_call_duration_seconds_count{function=echo,guest=bad}"),
@@ -509,7 +485,7 @@ fn calls_beyond_a_guests_concurrency_limit_get_429_and_other_guests_go_on() {
 
 #[test]
 fn a_config_file_serves_elf_and_snapshot_guests() {
-    let dir = TempDir::new("config");
+    let dir = TempDir::new("multi-config");
     let snap = dir.0.join("fns.snap");
     let out = Command::new(pvrun_bin())
         .args(["snapshot", "-o"])
@@ -563,7 +539,7 @@ max = 1
 #[test]
 fn nothing_is_ready_until_every_guest_is_built() {
     // The second guest's initialisation calls a host function that takes 2 s.
-    let dir = TempDir::new("slow");
+    let dir = TempDir::new("multi-slow");
     let config = dir.0.join("guests.toml");
     std::fs::write(
         &config,
@@ -641,7 +617,7 @@ fn serve_fails(args: &[&str]) -> (i32, String) {
 
 #[test]
 fn bad_config_files_and_guest_options_are_one_line_errors_with_status_125() {
-    let dir = TempDir::new("errors");
+    let dir = TempDir::new("multi-errors");
     let functions = elf("functions");
     let write = |name: &str, text: &str| -> String {
         let p = dir.0.join(name);

@@ -5,30 +5,13 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
-use common::{guest, pvrun_bin};
+use common::{TempDir, guest, pvrun_bin};
 use sha2::{Digest, Sha256};
 
 /// A temporary directory removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        let p = std::env::temp_dir().join(format!("pvrun-package-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 struct Out {
     status: i32,
     stdout: String,
@@ -116,7 +99,7 @@ fn dir_files(root: &Path) -> BTreeMap<String, Vec<u8>> {
 #[test]
 fn oci_dir_has_one_layer_with_the_elf_and_labels_from_the_elf() {
     let elf = guest("hello");
-    let tmp = TempDir::new("dir");
+    let tmp = TempDir::new("package-dir");
     let out = tmp.0.join("img");
     let r = package(
         &elf,
@@ -207,7 +190,7 @@ fn oci_dir_has_one_layer_with_the_elf_and_labels_from_the_elf() {
 #[test]
 fn same_elf_gives_the_same_digest_and_bytes_whatever_its_path_or_mtime() {
     let elf = guest("hello");
-    let tmp = TempDir::new("repro");
+    let tmp = TempDir::new("package-repro");
     // A copy elsewhere, with another mtime.
     let copy_dir = tmp.0.join("elsewhere");
     std::fs::create_dir_all(&copy_dir).unwrap();
@@ -266,7 +249,7 @@ fn same_elf_gives_the_same_digest_and_bytes_whatever_its_path_or_mtime() {
 #[test]
 fn docker_archive_has_docker_manifest_over_the_same_blobs() {
     let elf = guest("hello");
-    let tmp = TempDir::new("docker");
+    let tmp = TempDir::new("package-docker");
     let out = tmp.0.join("img.tar");
     let r = package(
         &elf,
@@ -292,7 +275,7 @@ fn docker_archive_has_docker_manifest_over_the_same_blobs() {
 
 #[test]
 fn declared_devices_and_function_guests_are_labelled() {
-    let tmp = TempDir::new("kinds");
+    let tmp = TempDir::new("package-kinds");
     let labels = |name: &str, opts: &[&str]| {
         let out = tmp.0.join(name);
         let r = package(&guest(name), &out, opts);
@@ -315,7 +298,7 @@ fn declared_devices_and_function_guests_are_labelled() {
 
 #[test]
 fn the_kind_defaults_to_what_the_elf_says() {
-    let tmp = TempDir::new("kind-default");
+    let tmp = TempDir::new("package-kind-default");
     let kind = |elf: &Path, name: &str, opts: &[&str]| {
         let out = tmp.0.join(name);
         let r = package(elf, &out, opts);
@@ -366,7 +349,7 @@ fn the_kind_defaults_to_what_the_elf_says() {
 
 #[test]
 fn elfs_pvrun_would_refuse_are_not_packaged() {
-    let tmp = TempDir::new("refuse");
+    let tmp = TempDir::new("package-refuse");
     let out = tmp.0.join("img.tar");
     // A host program: not a pvrun guest.
     let r = package(Path::new("/bin/true"), &out, &[]);

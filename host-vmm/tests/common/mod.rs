@@ -46,6 +46,24 @@ pub fn guest(name: &str) -> PathBuf {
     elf
 }
 
+/// A fresh temporary directory (`pvrun-TAG-PID` under the system's), removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        let p = std::env::temp_dir().join(format!("pvrun-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// Output of one `pvrun` process.
 pub struct Run {
     pub status: i32,

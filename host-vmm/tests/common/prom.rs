@@ -16,6 +16,16 @@ impl Metrics {
             .get(key)
             .unwrap_or_else(|| panic!("no sample {key}; have {:?}", self.samples.keys()))
     }
+
+    /// The sum of every sample of metric `name` (all its label sets).
+    pub fn sum(&self, name: &str) -> f64 {
+        let prefix = format!("{name}{{");
+        self.samples
+            .iter()
+            .filter(|(k, _)| k.starts_with(&prefix) || k.as_str() == name)
+            .map(|(_, v)| v)
+            .sum()
+    }
 }
 
 fn is_name(s: &str) -> bool {
